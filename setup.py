@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="txrdsproxy",
+    version="0.1.0",
+    description="A self-hosted database proxy in the manner of Amazon RDS Proxy, on Twisted",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/txrdsproxy_plugin.py"]},
+    install_requires=[
+        "Twisted>=22.10",
+        "PyYAML>=5.4",
+        "pyOpenSSL>=22.0",
+        "service_identity>=21.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "psycopg[binary]>=3.1",
+            "asyncpg>=0.27",
+            "PyMySQL>=1.0",
+            "mysql-connector-python>=8.0",
+        ],
+    },
+    entry_points={"console_scripts": ["rdsproxy = txrdsproxy.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Topic :: Database",
+        "Programming Language :: Python :: 3",
+    ],
+)
