@@ -1,0 +1,23 @@
+# txrdsproxy developer targets.  All setup logic lives in scripts/setup.sh.
+PYTHON := .venv/bin/python
+
+.PHONY: setup test demo bench clean distclean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PYTHON) -m pytest tests
+
+demo: setup
+	$(PYTHON) scripts/demo.py
+
+bench: setup
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf .pytest_cache build dist *.egg-info .state .venv/.setup-stamp twisted/plugins/dropin.cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf .venv
