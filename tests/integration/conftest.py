@@ -1,0 +1,93 @@
+"""Session fixtures that start real PostgreSQL 15 and MariaDB servers.
+
+Servers live under pytest's temp dirs on free ports of 127.0.0.1 and are
+stopped when the session (or, for factories, the test) ends, even on failure.
+Missing binaries skip the dependent tests, unless CI=true, where they fail.
+"""
+
+import pytest
+
+try:  # rootdir-relative "prepend" import (no __init__.py in tests/)
+    from servers import (MARIADB_BINARIES, PG_BINARIES, MariaDBServer, PostgresServer,
+                         require_binaries)
+except ImportError:  # tests/ became a package
+    from tests.integration.servers import (MARIADB_BINARIES, PG_BINARIES, MariaDBServer,
+                                           PostgresServer, require_binaries)
+
+PG_USERS = {
+    # name: (password, pg_hba method)
+    "app_scram": ("scram-pass-4f2a", "scram-sha-256"),
+    "app_md5": ("md5-pass-9c1e", "md5"),
+}
+MARIADB_USERS = {
+    # name: (password, auth plugin)
+    "app_native": ("native-pass-7b3d", "mysql_native_password"),
+}
+APP_DB = "appdb"
+
+
+def _skip_unless(*binaries):
+    reason = require_binaries(*binaries)
+    if reason:
+        pytest.skip(reason)
+
+
+def _stopping(server, request):
+    request.addfinalizer(server.stop)
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory, request):
+    """A PostgreSQL 15 server with users app_scram (scram-sha-256) and app_md5 (md5).
+
+    ``pg_server.users`` maps user name -> password; ``pg_server.auth_methods``
+    maps user name -> pg_hba method.  Both users belong to the NOLOGIN role
+    ``appdb_owner`` that owns database "appdb", so both have owner rights on it.
+    """
+    _skip_unless(*PG_BINARIES)
+    server = _stopping(PostgresServer(tmp_path_factory.mktemp("pg"), max_connections=100),
+                       request)
+    server.start()
+    for name, (password, method) in PG_USERS.items():
+        server.create_user(name, password, method=method)
+    server.psql("CREATE ROLE appdb_owner NOLOGIN; GRANT appdb_owner TO %s"
+                % ", ".join(PG_USERS))
+    server.create_database(APP_DB, owner="appdb_owner")
+    server.app_db = APP_DB
+    return server
+
+
+@pytest.fixture
+def pg_server_factory(tmp_path_factory, request):
+    """Start dedicated PostgreSQL servers: ``pg_server_factory(max_connections=20, settings=None)``.
+
+    Returns started PostgresServer objects (superuser only; call create_user
+    as needed); all are stopped after the test.
+    """
+    _skip_unless(*PG_BINARIES)
+
+    def make(max_connections=20, settings=None):
+        server = _stopping(PostgresServer(tmp_path_factory.mktemp("pgf"),
+                                          max_connections=max_connections,
+                                          settings=settings), request)
+        return server.start()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mariadb_server(tmp_path_factory, request):
+    """A MariaDB server with user app_native (mysql_native_password) and database "appdb".
+
+    ``mariadb_server.users`` maps user name -> password; the user has ALL on *.*.
+    """
+    _skip_unless(*MARIADB_BINARIES)
+    server = _stopping(MariaDBServer(tmp_path_factory.mktemp("mariadb"), max_connections=100),
+                       request)
+    server.start()
+    for name, (password, plugin) in MARIADB_USERS.items():
+        server.create_user(name, password, plugin=plugin)
+    server.create_database(APP_DB)
+    server.app_db = APP_DB
+    return server
