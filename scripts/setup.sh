@@ -72,7 +72,7 @@ setup_venv() {
         return 0
     fi
     log "installing txrdsproxy[test] into $VENV"
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    "$VENV/bin/python" -m pip install -q -e '.[test]' --config-settings editable_mode=compat
     touch "$STAMP"
 }
 

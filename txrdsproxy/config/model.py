@@ -1,0 +1,98 @@
+"""The validated configuration: frozen dataclasses named after the RDS API's shapes.
+
+Field names are snake_case here; `load.py` maps them from the RDS API's PascalCase keys
+(`DBProxyName` -> `name` and so on) so that the YAML file and `describe-*` output read the same.
+Everything in this module is immutable: a reload builds a new tree.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+ENGINE_POSTGRESQL = "POSTGRESQL"
+ENGINE_MYSQL = "MYSQL"
+ENGINE_FAMILIES = (ENGINE_POSTGRESQL, ENGINE_MYSQL)
+
+PG_SCRAM = "POSTGRES_SCRAM_SHA_256"
+PG_MD5 = "POSTGRES_MD5"
+MYSQL_NATIVE = "MYSQL_NATIVE_PASSWORD"
+MYSQL_CACHING_SHA2 = "MYSQL_CACHING_SHA2_PASSWORD"
+CLIENT_AUTH_TYPES = {
+    ENGINE_POSTGRESQL: (PG_SCRAM, PG_MD5),
+    ENGINE_MYSQL: (MYSQL_NATIVE, MYSQL_CACHING_SHA2),
+}
+DEFAULT_CLIENT_AUTH_TYPE = {ENGINE_POSTGRESQL: PG_SCRAM, ENGINE_MYSQL: MYSQL_NATIVE}
+
+EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
+
+
+@dataclass(frozen=True)
+class UserAuthConfig:
+    """One `Auth` entry: which secret holds the credentials of one database user."""
+
+    secret_arn: str
+    auth_scheme: str = "SECRETS"
+    iam_auth: str = "DISABLED"
+    client_password_auth_type: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ConnectionPoolConfig:
+    max_connections_percent: int = 100
+    max_idle_connections_percent: int = 50
+    connection_borrow_timeout: float = 120.0
+    session_pinning_filters: Tuple[str, ...] = ()
+    init_query: str = ""
+
+    @property
+    def exclude_variable_sets(self) -> bool:
+        return EXCLUDE_VARIABLE_SETS in self.session_pinning_filters
+
+
+@dataclass(frozen=True)
+class DBProxyTarget:
+    rds_resource_id: str
+    endpoint: str
+    port: int
+    role: str = ""  # "" = discovered; READ_WRITE or READ_ONLY when given
+
+
+@dataclass(frozen=True)
+class DBProxyTargetGroup:
+    name: str
+    connection_pool_config: ConnectionPoolConfig
+    targets: Tuple[DBProxyTarget, ...]
+
+
+@dataclass(frozen=True)
+class DBProxy:
+    name: str
+    engine_family: str
+    listen: str
+    auth: Tuple[UserAuthConfig, ...]
+    target_group: DBProxyTargetGroup
+    require_tls: bool = False
+    idle_client_timeout: float = 1800.0
+    debug_logging: bool = False
+    max_client_connections: int = 10000
+    max_connection_rate: float = 0.0  # new client connections per second; 0 = unlimited
+    max_message_size: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    backend: str = "file"
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    proxies: Tuple[DBProxy, ...]
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)

@@ -1,0 +1,28 @@
+"""A Lease: one session's hold on one database connection, from borrow to release."""
+
+
+class Lease:
+    """Given out by `BackendPool.borrow`; `release` is idempotent so every exit path may call it."""
+
+    __slots__ = ("conn", "_pool", "borrowed_at", "_released")
+
+    def __init__(self, pool, conn, now):
+        self.conn = conn
+        self._pool = pool
+        self.borrowed_at = now
+        self._released = False
+
+    @property
+    def released(self):
+        return self._released
+
+    def release(self, clean=True, needs_reset=False, reason=None):
+        """Give the connection back.
+
+        *clean*=False means its state is unknown: it is closed.  *needs_reset*: the session left
+        state behind (pinned, or an open transaction); the connection is reset before reuse.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._pool._release(self.conn, clean, needs_reset, reason)

@@ -1,0 +1,288 @@
+"""BackendPool: the database connections of one proxy's target group, handed out per transaction.
+
+Engine-neutral.  A connector (one per engine family) opens authenticated connections for a key
+(user, database); the pool decides how many may exist, who gets one, and what happens on return.
+
+Limits (RDS Proxy's ConnectionPoolConfiguration):
+- all connections of the pool, over every key, stay within MaxConnectionsPercent of the database's
+  `max_connections`, which each new connection reports (so a change on the server is followed);
+- idle connections above MaxIdleConnectionsPercent of `max_connections` are closed on return;
+- a borrow that cannot be served waits in one FIFO queue for up to ConnectionBorrowTimeout.
+Until the first connection has reported `max_connections`, one connection may be opening.
+"""
+
+import collections
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from txrdsproxy.pool.lease import Lease
+from txrdsproxy.pool.policy import Disposition, on_release
+
+
+class BorrowTimeout(Exception):
+    """No database connection became available within ConnectionBorrowTimeout."""
+
+
+class PoolClosed(Exception):
+    """The pool was shut down while the borrow waited."""
+
+
+class _Waiter:
+    __slots__ = ("key", "deferred", "timer", "since")
+
+    def __init__(self, key, since):
+        self.key, self.since = key, since
+        self.deferred = self.timer = None
+
+
+class BackendPool:
+    log = Logger()
+
+    def __init__(self, name, connector, pool_config, clock, metrics=None):
+        self.name = name
+        self.connector = connector
+        self.config = pool_config
+        self.clock = clock
+        self.metrics = metrics
+        self.db_max_connections = None
+        self._all = set()
+        self._idle = collections.defaultdict(list)  # key -> [conn], most recently used last
+        self._connecting = collections.Counter()  # key -> connections being opened
+        self._waiters = collections.deque()
+        self._closed = False
+
+    # -- limits -----------------------------------------------------------------------------
+    @property
+    def max_connections(self):
+        """The cap over every key, or None before the database has told its max_connections."""
+        if self.db_max_connections is None:
+            return None
+        return max(1, self.db_max_connections * self.config.max_connections_percent // 100)
+
+    @property
+    def max_idle_connections(self):
+        if self.db_max_connections is None:
+            return 0
+        return self.db_max_connections * self.config.max_idle_connections_percent // 100
+
+    def connections(self):
+        """Every connection the pool holds, in any state (for metrics and the admin API)."""
+        return list(self._all)
+
+    @property
+    def waiting(self):
+        return len(self._waiters)
+
+    # -- borrowing -----------------------------------------------------------------------------
+    def borrow(self, key):
+        """Deferred[Lease] for a connection of *key*.
+
+        Fails with BorrowTimeout after ConnectionBorrowTimeout, with the connector's error when
+        the database refuses a new connection, or PoolClosed.  Cancelling removes the waiter; a
+        connection that arrives later goes to the next waiter or back to idle, never lost.
+        """
+        if self._closed:
+            return defer.fail(PoolClosed(self.name))
+        idle = self._idle.get(key)
+        if idle and not self._waiters:
+            conn = idle.pop()
+            return defer.succeed(self._lend(conn, self.clock.seconds()))
+        waiter = _Waiter(key, self.clock.seconds())
+
+        def cancel(d):
+            self._drop_waiter(waiter)
+
+        waiter.deferred = defer.Deferred(cancel)
+        timeout = self.config.connection_borrow_timeout
+        waiter.timer = self.clock.callLater(timeout, self._timed_out, waiter)
+        self._waiters.append(waiter)
+        self._dispatch()
+        return waiter.deferred
+
+    def _drop_waiter(self, waiter):
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+
+    def _timed_out(self, waiter):
+        waiter.timer = None
+        self._drop_waiter(waiter)
+        if self.metrics is not None:
+            self.metrics.borrow_timeouts.inc(self.name)
+        waiter.deferred.errback(BorrowTimeout("Timed-out waiting to acquire database connection"))
+
+    def _lend(self, conn, since):
+        conn.state = "borrowed"
+        now = self.clock.seconds()
+        if self.metrics is not None:
+            self.metrics.borrow_latency.observe(self.name, (now - since) * 1e6)
+        return Lease(self, conn, now)
+
+    def _serve(self, waiter, conn):
+        self._drop_waiter(waiter)
+        waiter.deferred.callback(self._lend(conn, waiter.since))
+
+    def _dispatch(self):
+        """Serve waiters in FIFO order: idle connections first, then new ones within the cap."""
+        if self._closed:
+            return
+        coming = collections.Counter(self._connecting)
+        for waiter in list(self._waiters):
+            key = waiter.key
+            idle = self._idle.get(key)
+            if idle:
+                self._serve(waiter, idle.pop())
+                continue
+            if coming[key] > 0:  # a connection being opened will serve this waiter
+                coming[key] -= 1
+                continue
+            if not self._room_for_one():
+                if not self._evict_idle_other_than(key):
+                    continue
+            self._open(key)
+
+    def _room_for_one(self):
+        limit = self.max_connections
+        if limit is None:
+            return not self._all  # learn max_connections from the first connection
+        return len(self._all) < limit
+
+    def _evict_idle_other_than(self, key):
+        """At the cap with waiters for *key*: close the longest-idle connection of another key."""
+        oldest = None
+        for other, conns in self._idle.items():
+            if other != key and conns and (oldest is None or conns[0].idle_since < oldest.idle_since):
+                oldest = conns[0]
+        if oldest is None:
+            return False
+        self._close(oldest, "evicted for a waiter of another user/database")
+        return True
+
+    def _open(self, key):
+        placeholder = _Opening(key)
+        self._all.add(placeholder)
+        self._connecting[key] += 1
+        d = self.connector.connect(key)
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(placeholder,), errbackArgs=(placeholder,))
+
+    def _opened(self, conn, placeholder):
+        self._all.discard(placeholder)
+        self._connecting[placeholder.key] -= 1
+        if conn.server_max_connections:
+            self.db_max_connections = conn.server_max_connections
+        self._all.add(conn)
+        conn.pool_listener = self._lost
+        if self._closed:
+            self._close(conn, "pool closed")
+            return
+        self._make_idle(conn)
+
+    def _open_failed(self, failure, placeholder):
+        self._all.discard(placeholder)
+        key = placeholder.key
+        self._connecting[key] -= 1
+        self.log.warn("pool {pool}: cannot open a database connection for {key}: {error}",
+                      pool=self.name, key=key, error=failure.getErrorMessage())
+        for waiter in self._waiters:
+            if waiter.key == key:
+                self._drop_waiter(waiter)
+                waiter.deferred.errback(failure)
+                break
+        self._dispatch()
+
+    # -- return -------------------------------------------------------------------------------
+    def _release(self, conn, clean, needs_reset, reason):
+        decision, why = on_release(conn.state, clean, needs_reset, len(self._all), self.max_connections)
+        if decision is Disposition.CLOSE or self._closed:
+            self._close(conn, reason or why or "pool closed")
+        elif decision is Disposition.RESET:
+            conn.state = "resetting"
+            d = conn.reset()
+            d.addCallbacks(lambda _: self._make_idle(conn) if conn.state == "resetting" else None,
+                           lambda f: self._close(conn, f"reset failed: {f.getErrorMessage()}"))
+        else:
+            self._make_idle(conn)
+        self._dispatch()
+
+    def _make_idle(self, conn):
+        conn.state = "idle"
+        conn.idle_since = self.clock.seconds()
+        for waiter in self._waiters:
+            if waiter.key == conn.key:
+                self._serve(waiter, conn)
+                return
+        if self._waiters and not self._room_for_one():
+            self._close(conn, "making room for a waiter of another user/database")
+            self._dispatch()
+            return
+        idle_total = sum(len(c) for c in self._idle.values())
+        if idle_total >= self.max_idle_connections:
+            self._close(conn, "above MaxIdleConnectionsPercent")
+            return
+        self._idle[conn.key].append(conn)
+        if self._waiters:
+            self._dispatch()
+
+    def _close(self, conn, reason):
+        self._forget(conn)
+        if conn.state != "closed":
+            self.log.info("pool {pool}: closing database connection {conn}: {reason}",
+                          pool=self.name, conn=conn, reason=reason)
+            conn.close(reason)
+
+    def _forget(self, conn):
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _lost(self, conn, reason):
+        """The connection went away on its own (server closed it, network error)."""
+        was_tracked = conn in self._all
+        self._forget(conn)
+        if was_tracked:
+            self.log.info("pool {pool}: database connection {conn} lost: {reason}",
+                          pool=self.name, conn=conn, reason=reason)
+            self._dispatch()
+
+    # -- maintenance ----------------------------------------------------------------------------
+    def trim_idle(self, max_idle_time=None):
+        """Close idle connections above the idle cap, and those idle longer than *max_idle_time*."""
+        now = self.clock.seconds()
+        idle = sorted((c for conns in self._idle.values() for c in conns), key=lambda c: c.idle_since)
+        excess = len(idle) - self.max_idle_connections
+        for conn in idle:
+            if excess > 0:
+                excess -= 1
+                self._close(conn, "above MaxIdleConnectionsPercent")
+            elif max_idle_time is not None and now - conn.idle_since > max_idle_time:
+                self._close(conn, "idle too long")
+
+    def close_all(self, reason):
+        """Close every idle connection now; borrowed ones close when they are returned."""
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                self._close(conn, reason)
+
+    def shutdown(self):
+        self._closed = True
+        for waiter in list(self._waiters):
+            self._drop_waiter(waiter)
+            waiter.deferred.errback(PoolClosed(self.name))
+        self.close_all("proxy stopping")
+
+
+class _Opening:
+    """Stands for a connection being opened, so it counts against the cap."""
+
+    state = "connecting"
+    idle_since = 0.0
+
+    def __init__(self, key):
+        self.key = key
+

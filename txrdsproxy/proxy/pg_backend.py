@@ -1,0 +1,448 @@
+"""One database connection to PostgreSQL, as the pool holds it and a session borrows it.
+
+Two ways of reading the server:
+- *internal* (not lent to a session): whole messages are decoded; used for the login, InitQuery,
+  `SHOW max_connections`, bringing session parameters in line, and the reset after a pinned
+  session (ROLLBACK / DISCARD ALL).  One internal operation runs at a time and fires a Deferred.
+- *forwarding* (lent): bytes go straight to the session's client transport.  Only message headers
+  are walked, with an offset; ReadyForQuery and ParameterStatus are the only messages looked at.
+  A large DataRow is forwarded as it arrives without being buffered.
+"""
+
+import struct
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+
+from txrdsproxy.wire.pg import auth as pgauth
+from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring, split_messages
+
+_unpack_len = struct.Struct("!I").unpack_from
+_Z = ord("Z")
+_S = ord("S")
+
+# Runtime parameters each client session owns.  None means "the server's default".
+SESSION_PARAMS = ("application_name", "client_encoding", "DateStyle", "TimeZone", "extra_float_digits")
+# extra_float_digits is not GUC_REPORT: the server sends no ParameterStatus for it.
+REPORTED_PARAMS = frozenset(SESSION_PARAMS) - {"extra_float_digits"}
+
+
+class DatabaseError(Exception):
+    """The database answered with an ErrorResponse; `fields` holds its S/C/M... fields."""
+
+    def __init__(self, fields):
+        self.fields = fields
+        super().__init__(fields.get("M", "database error"))
+
+    @property
+    def sqlstate(self):
+        return self.fields.get("C", "XX000")
+
+
+class BackendGone(Exception):
+    """The database connection closed or broke."""
+
+
+def quote_literal(value):
+    return "'" + value.replace("'", "''") + "'"
+
+
+def param_sync_sql(current, desired):
+    """SQL that brings a connection's session parameters from *current* to *desired*, or b''."""
+    parts = []
+    for name in SESSION_PARAMS:
+        want = desired.get(name)
+        if current.get(name) != want:
+            if want is None:
+                parts.append(f"RESET {name}")
+            else:
+                parts.append(f"SET {name} = {quote_literal(want)}")
+    return "; ".join(parts).encode()
+
+
+class PgBackendConnection(protocol.Protocol):
+    log = Logger()
+
+    def __init__(self, key, target, credentials, init_query, max_message_size, on_connection_made=None):
+        self.key = key
+        self.target = target
+        self.credentials = credentials
+        self.init_query = init_query
+        self.max_message_size = max_message_size
+        self.state = "connecting"
+        self.idle_since = 0.0
+        self.pool_listener = None
+        self.server_params = {}
+        self.initial_params = {}  # as reported at login: what a new client is told
+        self.client_params = dict.fromkeys(SESSION_PARAMS)  # what *we* set; None = default
+        self.server_max_connections = None
+        self.backend_pid = self.backend_secret = None
+        self.txn_status = b"I"
+        self.session_dirty = False  # a pinned session ran here: DISCARD ALL before reuse
+        self.ready = defer.Deferred()  # fires with self once logged in and initialised
+        self._buf = bytearray()
+        self._op = None  # (Deferred, collected rows, first error) of the running internal op
+        self._scram = None
+        self._sink = None
+        self._skip = 0
+        self._partial = b""
+        self._closing_reason = None
+        self._on_made = on_connection_made
+
+    def __repr__(self):
+        return f"<pg {self.target.rds_resource_id} {self.key[0]}@{self.key[1]} pid={self.backend_pid} {self.state}>"
+
+    # -- login ----------------------------------------------------------------------------------
+    def connectionMade(self):
+        user, database = self.key
+        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
+        self.transport.write(msg.startup_message({"user": user, "database": database}))
+
+    def _login_message(self, kind, payload):
+        if kind == b"R":
+            code, data = msg.parse_auth_request(payload)
+            if code == msg.AUTH_OK:
+                return
+            if code == msg.AUTH_CLEARTEXT:
+                self.transport.write(msg.password_message(self.credentials.password.encode()))
+            elif code == msg.AUTH_MD5:
+                self.transport.write(msg.password_message(
+                    pgauth.md5_response(self.credentials.username, self.credentials.password, data[:4])))
+            elif code == msg.AUTH_SASL:
+                mechanisms = data.split(b"\0")
+                if b"SCRAM-SHA-256" not in mechanisms:
+                    raise ProtocolViolation(f"database offers no supported SASL mechanism: {mechanisms!r}")
+                self._scram = pgauth.ScramClient(self.credentials.username, self.credentials.password)
+                self.transport.write(msg.sasl_initial("SCRAM-SHA-256", self._scram.client_first()))
+            elif code == msg.AUTH_SASL_CONTINUE:
+                self.transport.write(msg.message(b"p", self._scram.server_first(data)))
+            elif code == msg.AUTH_SASL_FINAL:
+                self._scram.server_final(data)
+            else:
+                raise ProtocolViolation(f"unsupported authentication request {code} from the database")
+        elif kind == b"S":
+            name, value = msg.parse_parameter_status(payload)
+            self.server_params[name] = value
+        elif kind == b"K":
+            self.backend_pid, self.backend_secret = msg.parse_backend_key_data(payload)
+        elif kind == b"E":
+            self._fail_login(DatabaseError(msg.parse_error_fields(payload)))
+        elif kind == b"Z":
+            self.txn_status = payload[:1]
+            self.initial_params = dict(self.server_params)
+            self.state = "initialising"
+            self._initialise()
+        # NoticeResponse and others during login are ignored.
+
+    @defer.inlineCallbacks
+    def _initialise(self):
+        try:
+            rows = yield self.run_internal(b"SHOW max_connections")
+            self.server_max_connections = int(rows[0][0])
+            if self.init_query.strip():
+                yield self.run_internal(self.init_query.encode())
+        except Exception as e:
+            self._fail_login(e)
+            return
+        self.state = "idle"
+        d, self.ready = self.ready, None
+        d.callback(self)
+
+    def _fail_login(self, error):
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(error)
+        self.close(f"login failed: {error}")
+
+    # -- internal operations ------------------------------------------------------------------
+    def run_internal(self, sql):
+        """Run *sql* as a simple query on this (not lent) connection.
+
+        Fires with the DataRows' first columns as [[bytes,...]] or fails with DatabaseError (the
+        first error) / BackendGone.  The connection is idle again when it fires.
+        """
+        if self._op is not None:
+            return defer.fail(RuntimeError("internal operation already running"))
+        d = defer.Deferred()
+        self._op = [d, [], None]
+        self.transport.write(msg.query(sql))
+        return d
+
+    def _internal_message(self, kind, payload):
+        op = self._op
+        if kind == b"S":
+            name, value = msg.parse_parameter_status(payload)
+            self.server_params[name] = value
+            return
+        if op is None:
+            if kind == b"E":
+                fields = msg.parse_error_fields(payload)
+                self.close(f"database error on an idle connection: {fields.get('M')}")
+            return  # notices on an idle connection
+        if kind == b"D":
+            op[1].append(_data_row(payload))
+        elif kind == b"E":
+            if op[2] is None:
+                op[2] = DatabaseError(msg.parse_error_fields(payload))
+        elif kind == b"Z":
+            self.txn_status = payload[:1]
+            self._op = None
+            if op[2] is not None:
+                op[0].errback(op[2])
+            else:
+                op[0].callback(op[1])
+
+    def sync_params(self, desired):
+        """Bring this connection's session parameters to *desired*; Deferred fires when done."""
+        sql = param_sync_sql(self.client_params, desired)
+        if not sql:
+            return defer.succeed(None)
+        d = self.run_internal(sql)
+
+        def done(result):
+            for name in SESSION_PARAMS:
+                self.client_params[name] = desired.get(name)
+            return result
+
+        def failed(f):
+            # Part of the batch may have applied: forget what we knew, so the next borrower
+            # sets every value it needs.
+            self.client_params = dict.fromkeys(SESSION_PARAMS, "?")
+            return f
+
+        return d.addCallbacks(done, failed)
+
+    def reset(self):
+        """Make the connection fit for another session: ROLLBACK if in a transaction, DISCARD ALL
+        if a pinned session ran here.  Fires when done; fails (and the pool closes it) if not."""
+        d = defer.succeed(None)
+        if self.txn_status != b"I":
+            d.addCallback(lambda _: self.run_internal(b"ROLLBACK"))
+        if self.session_dirty:
+            d.addCallback(lambda _: self.run_internal(b"DISCARD ALL"))
+
+            def clean(_):
+                self.session_dirty = False
+                self.client_params = dict.fromkeys(SESSION_PARAMS)
+
+            d.addCallback(clean)
+        return d
+
+    # -- lending --------------------------------------------------------------------------------
+    def attach(self, sink):
+        """Forward everything the server sends to *sink* (a session) until `detach`."""
+        self._sink = sink
+        self._partial = b""
+        self._skip = 0
+
+    def detach(self):
+        self._sink = None
+
+    def write(self, data):
+        self.transport.write(data)
+
+    # -- reading --------------------------------------------------------------------------------
+    def dataReceived(self, data):
+        if self._sink is not None:
+            try:
+                self._forward(data)
+            except ProtocolViolation as e:
+                self.close(f"protocol violation from the database: {e}")
+            return
+        buf = self._buf
+        buf += data
+        try:
+            msgs, used = split_messages(buf, self.max_message_size)
+            del buf[:used]
+            handler = self._login_message if self.state == "connecting" else self._internal_message
+            for kind, payload in msgs:
+                handler(kind, payload)
+                if self.state == "connecting":
+                    handler = self._login_message
+                else:
+                    handler = self._internal_message
+                if self._sink is not None:  # lent during this call: can't happen before Z
+                    break
+        except (ProtocolViolation, pgauth.AuthError) as e:
+            if self.ready is not None:
+                self._fail_login(e)
+            else:
+                self.close(f"protocol violation from the database: {e}")
+
+    def _forward(self, data):
+        """Relay *data* to the sink, noticing ReadyForQuery and ParameterStatus."""
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            self._sink.backend_data(data)
+            return
+        self._skip = 0
+        start = 0
+        unpack = _unpack_len
+        while n - pos >= 5:
+            kind = data[pos]
+            (length,) = unpack(data, pos + 1)
+            stop = pos + 1 + length
+            if kind == _Z or kind == _S:
+                if length < 4 or length > 65536:
+                    raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
+                if stop > n:
+                    break
+                if kind == _S:
+                    name, value = msg.parse_parameter_status(data[pos + 5:stop])
+                    self.server_params[name] = value
+                    if name in REPORTED_PARAMS:
+                        self.client_params[name] = value
+                        self._sink.parameter_changed(name, value)
+                    pos = stop
+                    continue
+                self.txn_status = data[pos + 5:pos + 6]
+                sink = self._sink
+                sink.backend_data(data[start:stop] if start or stop != n else data)
+                start = pos = stop
+                sink.ready_for_query(self.txn_status)
+                if self._sink is None:  # released: what follows belongs to no session
+                    if pos < n:
+                        self._buf += data[pos:]
+                        self.dataReceived(b"")
+                    return
+                continue
+            if length < 4:
+                raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
+            if stop > n:
+                self._skip = stop - n
+                pos = n
+                break
+            pos = stop
+        if pos < n:
+            self._partial = data[pos:]
+        if pos > start:
+            self._sink.backend_data(data[start:pos] if start or pos != n else data)
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, reason):
+        if self.state == "closed":
+            return
+        self._closing_reason = reason
+        self.state = "closed"
+        if self.transport is not None:
+            if self.transport.connected if hasattr(self.transport, "connected") else True:
+                self.transport.write(msg.TERMINATE)
+            self.transport.loseConnection()
+        self._notify_lost(reason)
+
+    def connectionLost(self, reason):
+        why = self._closing_reason or f"database closed the connection ({reason.getErrorMessage()})"
+        self.state = "closed"
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(BackendGone(why))
+        if self._op is not None:
+            op, self._op = self._op, None
+            op[0].errback(BackendGone(why))
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.backend_lost(self, why)
+        self._notify_lost(why)
+
+    def _notify_lost(self, reason):
+        listener, self.pool_listener = self.pool_listener, None
+        if listener is not None:
+            listener(self, reason)
+
+
+def _data_row(payload):
+    """DataRow body -> list of column values (bytes or None); internal queries only."""
+    (count,) = struct.unpack_from("!H", payload)
+    pos = 2
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack_from("!i", payload, pos)
+        pos += 4
+        if n < 0:
+            out.append(None)
+        else:
+            out.append(payload[pos:pos + n].decode())
+            pos += n
+    return out
+
+
+class PgBackendFactory(protocol.ClientFactory):
+    """Opens one connection; `connector.connect` waits on the protocol's `ready` Deferred."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def buildProtocol(self, addr):
+        return self.conn
+
+
+class PgConnector:
+    """Opens authenticated, initialised PostgreSQL connections for a pool key (user, database)."""
+
+    log = Logger()
+
+    def __init__(self, reactor, topology, secrets_for_user, init_query, max_message_size,
+                 connect_timeout=30.0, metrics=None, proxy_name=""):
+        self.reactor = reactor
+        self.topology = topology
+        self.secrets_for_user = secrets_for_user
+        self.init_query = init_query
+        self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
+        self.metrics = metrics
+        self.proxy_name = proxy_name
+
+    def connect(self, key):
+        """Deferred[PgBackendConnection] ready for use, or failing with DatabaseError/BackendGone."""
+        target = self.topology.writer()
+        creds = self.secrets_for_user(key[0])
+        if creds is None:
+            return defer.fail(DatabaseError({"C": "28000", "M": f"no credentials for role {key[0]}"}))
+        conn = PgBackendConnection(key, target, creds, self.init_query, self.max_message_size)
+        endpoint = HostnameEndpoint(self.reactor, target.endpoint, target.port, timeout=self.connect_timeout)
+        if self.metrics is not None:
+            self.metrics.db_connection_requests.inc(self.proxy_name, target.rds_resource_id)
+        d = endpoint.connect(PgBackendFactory(conn))
+
+        def connected(_):
+            return conn.ready
+
+        def failed(f):
+            if self.metrics is not None:
+                self.metrics.db_connections_setup_failed.inc(self.proxy_name, target.rds_resource_id)
+            if not f.check(DatabaseError):
+                return defer.fail(BackendGone(f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
+            return f
+
+        def succeeded(c):
+            if self.metrics is not None:
+                self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, target.rds_resource_id)
+            return c
+
+        return d.addCallback(connected).addCallbacks(succeeded, failed)
+
+    def send_cancel(self, conn):
+        """Ask the database to cancel what *conn* is running (a CancelRequest on a new socket)."""
+        if conn.backend_pid is None:
+            return
+        packet = msg.cancel_request(conn.backend_pid, conn.backend_secret)
+        target = conn.target
+
+        class _Cancel(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(packet)
+
+            def dataReceived(self, data):
+                pass
+
+        endpoint = HostnameEndpoint(self.reactor, target.endpoint, target.port, timeout=10)
+        d = endpoint.connect(protocol.Factory.forProtocol(_Cancel))
+        d.addErrback(lambda f: self.log.warn("cancel request to {t} failed: {e}", t=target.endpoint, e=f.getErrorMessage()))
+        return d

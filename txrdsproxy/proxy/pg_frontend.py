@@ -1,0 +1,595 @@
+"""The client-facing side of a PostgreSQL proxy: one protocol instance per client session.
+
+Phases: startup (SSLRequest/GSSENCRequest/CancelRequest/StartupMessage), authentication against
+the secrets store, then the session, where client messages are relayed to a borrowed database
+connection.  The connection is borrowed when the client sends something and returned when the
+database's ReadyForQuery says idle with nothing outstanding and the session is not pinned.
+
+Counting what is outstanding: every Query, Sync and FunctionCall gets exactly one ReadyForQuery;
+extended-protocol messages after the last Sync mean a batch is still open.
+"""
+
+import os
+import struct
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
+from txrdsproxy.proxy.pg_backend import (
+    REPORTED_PARAMS, SESSION_PARAMS, BackendGone, DatabaseError,
+)
+from txrdsproxy.proxy.session import SessionState
+from txrdsproxy.wire.pg import auth as pgauth
+from txrdsproxy.wire.pg import errors
+from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.wire.pg import pinning
+from txrdsproxy.wire.pg.framing import (
+    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, ProtocolViolation,
+    split_messages, split_startup,
+)
+
+_unpack_len = struct.Struct("!I").unpack_from
+_Q, _P, _B, _X, _S, _F = (ord(c) for c in "QPBXSF")
+_EXTENDED = frozenset(ord(c) for c in "PBDECH")  # open a batch that a Sync closes
+_WHOLE = frozenset((_Q, _P, _B))  # looked inside (pinning)
+PENDING_PAUSE = 4 * 1024 * 1024
+AUTH_TIMEOUT = 60.0
+ACCEPTED_STARTUP = frozenset(("user", "database", "replication") + SESSION_PARAMS)
+
+
+class PgFrontend(protocol.Protocol):
+    log = Logger()
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.clock = ctx.clock
+        self.state = SessionState.AUTHENTICATING
+        self.id = ctx.next_id()
+        self.user = self.database = None
+        self.key = None
+        self.desired = {}
+        self.lease = None
+        self.pin_reason = None
+        self.outstanding = 0
+        self.unsynced = False
+        self.last_active = self.clock.seconds()
+        self._phase = "startup"
+        self._buf = bytearray()
+        self._pending = bytearray()
+        self._partial = b""
+        self._skip = 0
+        self._borrow_d = None
+        self._discard_until_sync = False
+        self._timer = None
+        self._cancel_key = None
+        self._auth = None
+        self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
+        self._max = ctx.config.max_message_size
+        self._paused = False
+
+    def __repr__(self):
+        return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
+
+    def set_state(self, state):
+        self.state = state
+
+    # -- connection -----------------------------------------------------------------------------
+    def connectionMade(self):
+        self.ctx.sessions.add(self)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.client_connections_received.inc(self.ctx.name)
+        self._timer = self.clock.callLater(AUTH_TIMEOUT, self._check_idle)
+
+    def _check_idle(self):
+        self._timer = None
+        if self.state is SessionState.CLOSED:
+            return
+        if self._phase != "session":
+            self.log.info("{s}: authentication timed out", s=self)
+            self._fatal(errors.AUTH_TIMEOUT)
+            return
+        timeout = self.ctx.config.idle_client_timeout
+        idle_for = self.clock.seconds() - self.last_active
+        if idle_for >= timeout and self.outstanding == 0:
+            self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
+            self._close_client()
+            return
+        self._timer = self.clock.callLater(max(1.0, timeout - idle_for), self._check_idle)
+
+    def dataReceived(self, data):
+        try:
+            if self._phase == "session":
+                self.last_active = self.clock.seconds()
+                self._session_data(data)
+            elif self._phase == "startup":
+                self._buf += data
+                self._startup()
+            elif self._phase == "auth":
+                self._buf += data
+                self._auth_data()
+            # "closing": ignore
+        except ProtocolViolation as e:
+            self.log.warn("{s}: protocol violation from client: {e}", s=self, e=e)
+            self._fatal(errors.protocol_violation(str(e)))
+
+    # -- startup -----------------------------------------------------------------------------------
+    def _startup(self):
+        while self._phase == "startup":
+            packet = split_startup(self._buf)
+            if packet is None:
+                return
+            code, payload, used = packet
+            del self._buf[:used]
+            if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
+                if self._buf:
+                    raise ProtocolViolation("data after SSLRequest")
+                self.transport.write(b"N")
+            elif code == CANCEL_REQUEST_CODE:
+                self._cancel(payload)
+                return
+            elif code >> 16 == 3:
+                self._startup_message(code, payload)
+            else:
+                self._fatal(errors.PROTOCOL_VERSION)
+                return
+
+    def _cancel(self, payload):
+        self._phase = "closing"
+        try:
+            key = msg.parse_cancel(payload)
+        except ProtocolViolation:
+            key = None
+        session = self.ctx.cancel_registry.get(key)
+        if session is not None and session.lease is not None and session.ctx.connector is not None:
+            self.log.info("cancel request for {s}", s=session)
+            session.ctx.connector.send_cancel(session.lease.conn)
+        self.transport.loseConnection()
+
+    def _startup_message(self, code, payload):
+        params = msg.parse_startup_params(payload)
+        ignored = [k for k in params if k.startswith("_pq_.")]
+        if code != PROTOCOL_3_0 or ignored:
+            # A newer minor version or protocol options: say what we speak, as PostgreSQL does.
+            self.transport.write(msg.negotiate_protocol_version(0, ignored))
+        replication = params.get("replication", "false").lower()
+        if replication not in ("false", "off", "no", "0"):
+            return self._fatal(errors.REPLICATION)
+        user = params.get("user")
+        if not user:
+            return self._fatal(errors.MISSING_USER)
+        for name in params:
+            if name not in ACCEPTED_STARTUP and not name.startswith("_pq_."):
+                return self._fatal(errors.unsupported_option(name))
+        ctx = self.ctx
+        if len(ctx.sessions) > ctx.config.max_client_connections:
+            return self._fatal(errors.too_many_clients(ctx.config.max_client_connections))
+        if not ctx.rate_limiter.admit():
+            return self._fatal(errors.connection_rate(ctx.config.max_connection_rate))
+        self.user = user
+        self.database = params.get("database") or user
+        self.key = (self.user, self.database)
+        self.desired = {name: params.get(name) for name in SESSION_PARAMS}
+        self._begin_auth()
+
+    # -- authentication ---------------------------------------------------------------------------
+    def _begin_auth(self):
+        found = self.ctx.find_user(self.user)
+        if found is None:
+            self._auth_failed("no credentials")
+            return self._fatal(errors.no_credentials(self.user))
+        entry, creds = found
+        self._phase = "auth"
+        if entry.client_password_auth_type == "POSTGRES_MD5":
+            salt = os.urandom(4)
+            self._auth = ["md5", creds, salt]
+            self.transport.write(msg.auth_request(msg.AUTH_MD5, salt))
+        else:
+            verifier = creds.derived("pg-scram", pgauth.ScramVerifier.from_password)
+            self._auth = ["scram-first", creds, pgauth.ScramServer(verifier)]
+            self.transport.write(msg.auth_sasl(["SCRAM-SHA-256"]))
+
+    def _auth_data(self):
+        msgs, used = split_messages(self._buf, 65536)
+        del self._buf[:used]
+        for kind, payload in msgs:
+            if self._phase != "auth":
+                return
+            if kind != b"p":
+                raise ProtocolViolation(f"expected a password message, got {kind!r}")
+            self._auth_message(payload)
+
+    def _auth_message(self, payload):
+        method, creds, state = self._auth
+        try:
+            if method == "md5":
+                ok = pgauth.md5_check(creds.username, creds.password, state, payload)
+            elif method == "scram-first":
+                mech, data = msg.parse_sasl_initial(payload)
+                if mech != "SCRAM-SHA-256":
+                    raise pgauth.AuthError(f"unsupported SASL mechanism {mech}")
+                self._auth[0] = "scram-final"
+                self.transport.write(msg.auth_request(msg.AUTH_SASL_CONTINUE, state.client_first(data)))
+                return
+            else:
+                final = state.client_final(payload)
+                self.transport.write(msg.auth_request(msg.AUTH_SASL_FINAL, final))
+                ok = True
+        except pgauth.AuthError:
+            ok = False
+        if not ok:
+            self._auth_failed("wrong password")
+            return self._fatal(errors.wrong_password(self.user))
+        self._auth = None
+        self._phase = "login"
+        self.transport.write(msg.auth_request(msg.AUTH_OK))
+        self._login()
+
+    def _auth_failed(self, why):
+        self.log.info("{s}: authentication failed: {why}", s=self, why=why)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.client_connections_setup_failed_auth.inc(self.ctx.name)
+
+    # -- login: learn the server's parameters, check the database --------------------------------
+    def _login(self):
+        ctx = self.ctx
+        welcome = ctx.welcome.get(self.key)
+        requested = [(k, v) for k, v in self.desired.items() if v is not None]
+        if welcome is not None and all(kv in ctx.normalized for kv in requested):
+            self._finish_login(welcome)
+            return
+        self._borrow_d = d = ctx.pool.borrow(self.key)
+        d.addCallback(self._login_lease)
+        d.addErrback(self._login_failed)
+
+    @defer.inlineCallbacks
+    def _login_lease(self, lease):
+        self._borrow_d = None
+        conn = lease.conn
+        try:
+            yield conn.sync_params(self.desired)
+        except Exception:
+            lease.release(clean=conn.state == "idle" or conn.state == "borrowed", needs_reset=True)
+            raise
+        for name, value in self.desired.items():
+            if value is not None:
+                got = conn.server_params.get(name, value) if name in REPORTED_PARAMS else value
+                self.ctx.normalized[(name, value)] = got
+        welcome = {k: v for k, v in conn.initial_params.items()}
+        self.ctx.welcome[self.key] = welcome
+        lease.release(clean=True)
+        if self.state is not SessionState.CLOSED:
+            self._finish_login(welcome)
+
+    def _login_failed(self, failure):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
+            return
+        self._fatal(self._borrow_error(failure))
+
+    def _finish_login(self, welcome):
+        out = []
+        params = dict(welcome)
+        for name, value in self.desired.items():
+            if value is not None and name in REPORTED_PARAMS:
+                params[name] = self.ctx.normalized.get((name, value), value)
+        for name, value in params.items():
+            out.append(msg.parameter_status(name, value))
+        # The session's parameters as the server spells them, so later comparisons match.
+        for name in REPORTED_PARAMS:
+            if self.desired.get(name) is not None:
+                self.desired[name] = params[name]
+        pid = self.id & 0x7FFFFFFF
+        secret = struct.unpack("!I", os.urandom(4))[0]
+        self._cancel_key = (pid, secret)
+        self.ctx.cancel_registry[self._cancel_key] = self
+        out.append(msg.backend_key_data(pid, secret))
+        out.append(msg.ready_for_query(msg.IDLE))
+        self.transport.write(b"".join(out))
+        self._phase = "session"
+        self.set_state(SessionState.IDLE)
+        self.last_active = self.clock.seconds()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(self.ctx.config.idle_client_timeout, self._check_idle)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.client_connections_setup_succeeded.inc(self.ctx.name)
+        if self._buf:
+            data = bytes(self._buf)
+            del self._buf[:]
+            self._session_data(data)
+
+    # -- the session: client -> database ------------------------------------------------------------
+    def _session_data(self, data):
+        """Walk client message headers; count what will get a ReadyForQuery; classify pinning."""
+        if self._discard_until_sync:
+            data = self._drop_until_sync(data)
+            if not data:
+                return
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            self._to_backend(data)
+            return
+        self._skip = 0
+        start = 0
+        unpack = _unpack_len
+        while n - pos >= 5:
+            kind = data[pos]
+            (length,) = unpack(data, pos + 1)
+            if length < 4 or length > self._max:
+                raise ProtocolViolation(f"invalid length {length} for message {chr(kind)!r}")
+            stop = pos + 1 + length
+            if kind in _WHOLE:
+                if stop > n:
+                    break
+                if self.pin_reason is None:
+                    self._classify(kind, data[pos + 5:stop])
+                if kind == _Q:
+                    self.outstanding += 1
+                else:
+                    self.unsynced = True
+            elif kind == _S:
+                self.outstanding += 1
+                self.unsynced = False
+            elif kind in _EXTENDED:
+                self.unsynced = True
+            elif kind == _F:
+                self.outstanding += 1
+            elif kind == _X:
+                if pos > start:
+                    self._to_backend(data[start:pos])
+                self._close_client()
+                return
+            if stop > n:
+                self._skip = stop - n
+                pos = n
+                break
+            pos = stop
+        if pos < n:
+            self._partial = data[pos:]
+        if pos > start:
+            self._to_backend(data[start:pos] if start or pos != n else data)
+
+    def _classify(self, kind, payload):
+        try:
+            if kind == _Q:
+                reason = pinning.classify_query(msg.query_text(payload), self._exclude_sets)
+            elif kind == _P:
+                name, sql = msg.parse_parse(payload)
+                reason = pinning.classify_parse(name, sql, self._exclude_sets)
+            else:
+                portal, _ = msg.parse_bind_portal(payload)
+                reason = pinning.classify_bind(portal)
+        except ProtocolViolation:
+            raise
+        if reason is not None:
+            self._pin(reason)
+
+    def _pin(self, reason):
+        self.pin_reason = reason
+        self.ctx.count_pin(reason.value)
+        self.log.info("{s}: pinned, reason={reason}", s=self, reason=reason.value)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.pins.inc(self.ctx.name, reason.value)
+        if self.lease is not None:
+            self.lease.conn.session_dirty = True
+            self.set_state(SessionState.PINNED)
+
+    def _to_backend(self, data):
+        lease = self.lease
+        if lease is not None and self._borrow_d is None:
+            lease.conn.transport.write(data)
+            return
+        self._pending += data
+        if len(self._pending) > PENDING_PAUSE and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        if self._borrow_d is None and lease is None:
+            self._borrow()
+
+    def _borrow(self):
+        self.set_state(SessionState.BORROWING)
+        self._borrow_d = d = self.ctx.pool.borrow(self.key)
+        d.addCallbacks(self._got_lease, self._borrow_failed)
+
+    def _got_lease(self, lease):
+        if self.state is SessionState.CLOSED:
+            self._borrow_d = None
+            lease.release(clean=True)
+            return
+        conn = lease.conn
+        self.lease = lease
+        if self.pin_reason is not None:
+            conn.session_dirty = True
+        # Usually already fired (parameters match): then this attaches synchronously.
+        conn.sync_params(self.desired).addCallbacks(
+            lambda _: self._attach(lease), self._sync_failed, errbackArgs=(lease,))
+
+    def _sync_failed(self, failure, lease):
+        self.lease = None
+        self._borrow_d = None
+        lease.release(clean=lease.conn.state == "borrowed", needs_reset=True)
+        self._borrow_failed(failure)
+
+    def _attach(self, lease):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED or lease.released:
+            return
+        conn = lease.conn
+        conn.attach(self)
+        self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
+        ct, bt = self.transport, conn.transport
+        ct.registerProducer(bt, True)
+        bt.registerProducer(ct, True)
+        if self._pending:
+            data = bytes(self._pending)
+            del self._pending[:]
+            bt.write(data)
+        if self._paused:
+            self._paused = False
+            ct.resumeProducing()
+
+    def _borrow_failed(self, failure):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
+            return
+        err = self._borrow_error(failure)
+        self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
+        # Answer everything queued as PostgreSQL would after an error: one error per batch.
+        out = []
+        for _ in range(self.outstanding):
+            out.append(errors.as_error(err))
+            out.append(msg.ready_for_query(msg.IDLE))
+        if self.unsynced:
+            out.append(errors.as_error(err))
+            self._discard_until_sync = True
+        self.outstanding = 0
+        self.unsynced = False
+        del self._pending[:]
+        self._skip = 0
+        self.set_state(SessionState.IDLE)
+        self.transport.write(b"".join(out))
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._partial and self._discard_until_sync:
+            data, self._partial = self._partial, b""
+            self._session_data(data)
+
+    def _drop_until_sync(self, data):
+        """After a failed borrow mid-batch: drop messages up to the Sync, answer it ourselves."""
+        buf = self._partial + data
+        self._partial = b""
+        pos = 0
+        while len(buf) - pos >= 5:
+            kind = buf[pos]
+            (length,) = _unpack_len(buf, pos + 1)
+            if length < 4 or length > self._max:
+                raise ProtocolViolation(f"invalid length {length}")
+            stop = pos + 1 + length
+            if stop > len(buf):
+                break
+            pos = stop
+            if kind == _S:
+                self._discard_until_sync = False
+                self.transport.write(msg.ready_for_query(msg.IDLE))
+                return buf[pos:]
+            if kind == _X:
+                self._close_client()
+                return b""
+        self._partial = buf[pos:]
+        return b""
+
+    def _borrow_error(self, failure):
+        if failure.check(BorrowTimeout):
+            return errors.BORROW_TIMEOUT
+        if failure.check(DatabaseError):
+            return errors.request_error(failure.value.fields)
+        if failure.check(BackendGone):
+            return errors.request_error({"C": "08006", "M": failure.getErrorMessage()})
+        if failure.check(PoolClosed):
+            return errors.SHUTTING_DOWN
+        self.log.failure("{s}: unexpected borrow failure", failure, s=self)
+        return errors.UNKNOWN
+
+    # -- the session: database -> client (called by the backend connection) ------------------------
+    def backend_data(self, data):
+        self.transport.write(data)
+
+    def parameter_changed(self, name, value):
+        self.desired[name] = value
+
+    def ready_for_query(self, status):
+        self.outstanding -= 1
+        if self.outstanding > 0 or self.unsynced:
+            return
+        self.outstanding = 0
+        if status == b"I" and self.pin_reason is None:
+            self._release()
+
+    def _release(self):
+        lease, self.lease = self.lease, None
+        conn = lease.conn
+        self._detach(conn)
+        lease.release(clean=True)
+        self.set_state(SessionState.IDLE)
+
+    def _detach(self, conn):
+        conn.detach()
+        ct, bt = self.transport, conn.transport
+        ct.unregisterProducer()
+        if bt is not None:
+            bt.unregisterProducer()
+            bt.resumeProducing()
+        ct.resumeProducing()
+
+    def backend_lost(self, conn, why):
+        """The database connection broke under this session: the session cannot go on."""
+        if self.lease is not None and self.lease.conn is conn:
+            lease, self.lease = self.lease, None
+            lease.release(clean=False, reason=why)
+        self.log.info("{s}: database connection lost: {why}", s=self, why=why)
+        self._fatal(errors.request_error({"C": "08006", "M": f"the database connection was lost ({why})"}))
+
+    # -- ending -------------------------------------------------------------------------------------
+    def _fatal(self, error):
+        if self.state is SessionState.CLOSED or self._phase == "closing":
+            return
+        self._phase = "closing"
+        self.transport.write(error)
+        self.transport.loseConnection()
+
+    def _close_client(self):
+        self._phase = "closing"
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        ctx = self.ctx
+        prior = self.state
+        self.set_state(SessionState.CLOSED)
+        self._phase = "closing"
+        ctx.sessions.discard(self)
+        if self._cancel_key is not None:
+            ctx.cancel_registry.pop(self._cancel_key, None)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._borrow_d is not None:
+            d, self._borrow_d = self._borrow_d, None
+            d.cancel()
+        lease, self.lease = self.lease, None
+        if lease is not None and not lease.released:
+            conn = lease.conn
+            if conn.state != "closed":
+                self._detach_quietly(conn)
+            clean = self.outstanding == 0 and not self.unsynced and not self._partial and not self._skip
+            if clean:
+                needs_reset = self.pin_reason is not None or conn.txn_status != b"I"
+                lease.release(clean=True, needs_reset=needs_reset)
+            else:
+                self.log.info("{s}: client left mid-request; closing its database connection", s=self)
+                lease.release(clean=False, reason="client disconnected mid-request")
+        if ctx.metrics is not None:
+            ctx.metrics.client_connections_closed.inc(ctx.name)
+        del prior
+
+    def _detach_quietly(self, conn):
+        conn.detach()
+        bt = conn.transport
+        if bt is not None:
+            bt.unregisterProducer()
+            bt.resumeProducing()
+
+
+class PgFrontendFactory(protocol.Factory):
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def buildProtocol(self, addr):
+        return PgFrontend(self.ctx)

@@ -1,0 +1,105 @@
+"""The composition root: every object is built here from the configuration.
+
+This is the only module that imports the global reactor (through `make_service`'s default);
+library classes receive the clock and reactor they use.
+"""
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+
+from txrdsproxy.auth.secrets import FileSecretsStore
+from txrdsproxy.config import model
+from txrdsproxy.failover.topology import Topology
+from txrdsproxy.pool.pool import BackendPool
+from txrdsproxy.proxy.pg_backend import PgConnector
+from txrdsproxy.proxy.pg_frontend import PgFrontendFactory
+from txrdsproxy.proxy.session import ProxyContext
+
+log = Logger()
+
+JANITOR_INTERVAL = 10.0
+
+
+class ProxyService(service.Service):
+    """One proxy: its listener, its pool and the janitor that trims idle connections."""
+
+    def __init__(self, ctx, listen, reactor):
+        self.ctx = ctx
+        self.listen = listen
+        self.reactor = reactor
+        self.port = None
+        self._janitor = None
+
+    def startService(self):
+        super().startService()
+        factory = self._factory()
+        endpoint = strports.service(self.listen, factory, reactor=self.reactor).endpoint
+        d = endpoint.listen(factory)
+
+        def listening(port):
+            self.port = port
+            log.info("proxy {name} ({engine}) listening on {addr}", name=self.ctx.name,
+                     engine=self.ctx.config.engine_family, addr=port.getHost())
+
+        d.addCallback(listening)
+        self._janitor = self.reactor.callLater(JANITOR_INTERVAL, self._tidy)
+        return d
+
+    def _factory(self):
+        if self.ctx.config.engine_family == model.ENGINE_POSTGRESQL:
+            return PgFrontendFactory(self.ctx)
+        from txrdsproxy.proxy.mysql_frontend import MySQLFrontendFactory
+        return MySQLFrontendFactory(self.ctx)
+
+    def _tidy(self):
+        self.ctx.pool.trim_idle()
+        self._janitor = self.reactor.callLater(JANITOR_INTERVAL, self._tidy)
+
+    def stopService(self):
+        super().stopService()
+        if self._janitor is not None and self._janitor.active():
+            self._janitor.cancel()
+        self.ctx.pool.shutdown()
+        for session in list(self.ctx.sessions):
+            session.transport.loseConnection()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
+    """-> ProxyContext for one configured proxy (its pool, connector and shared state)."""
+    topology = Topology(proxy.target_group.targets)
+    pool_config = proxy.target_group.connection_pool_config
+    holder = {}
+
+    def credentials_for(user):
+        return holder["ctx"].credentials_for(user)
+
+    if proxy.engine_family == model.ENGINE_POSTGRESQL:
+        connector = PgConnector(reactor, topology, credentials_for, pool_config.init_query,
+                                proxy.max_message_size, metrics=metrics, proxy_name=proxy.name)
+    else:
+        from txrdsproxy.proxy.mysql_backend import MySQLConnector
+        connector = MySQLConnector(reactor, topology, credentials_for, pool_config.init_query,
+                                   proxy.max_message_size, metrics=metrics, proxy_name=proxy.name)
+    pool = BackendPool(proxy.name, connector, pool_config, reactor, metrics)
+    ctx = ProxyContext(proxy, pool, secrets, reactor, metrics, cancel_registry, connector)
+    ctx.topology = topology
+    holder["ctx"] = ctx
+    return ctx
+
+
+def make_service(config, reactor=None):
+    """-> (MultiService, [ProxyContext]) for a validated Config."""
+    if reactor is None:
+        from twisted.internet import reactor
+    top = service.MultiService()
+    secrets = FileSecretsStore(config.secrets.path)
+    cancel_registry = {}
+    contexts = []
+    for proxy in config.proxies:
+        ctx = build_proxy(proxy, secrets, reactor, cancel_registry)
+        contexts.append(ctx)
+        ProxyService(ctx, proxy.listen, reactor).setServiceParent(top)
+    top.contexts = contexts
+    return top, contexts

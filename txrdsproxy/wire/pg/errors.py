@@ -1,0 +1,58 @@
+"""Every error a PostgreSQL client can get from the proxy itself (see docs/errors.md).
+
+Texts follow the RDS Proxy user guide where it documents one.  Each constant or function returns
+an encoded ErrorResponse with severity FATAL (the connection ends); `as_error` re-encodes one as
+a plain ERROR for errors the session survives (a borrow timeout).
+"""
+
+from txrdsproxy.wire.pg.messages import error_response, parse_error_fields
+
+PROTOCOL_VERSION = error_response(
+    "0A000", "Feature not supported: RDS Proxy supports only version 3.0 of the PostgreSQL messaging protocol.")
+REPLICATION = error_response(
+    "0A000", "Feature not supported: RDS Proxy currently doesn't support streaming replication mode.")
+MISSING_USER = error_response(
+    "28000", "A user name is missing from the connection startup packet. Provide a user name for this connection.")
+BORROW_TIMEOUT = error_response("53300", "Timed-out waiting to acquire database connection.")
+AUTH_TIMEOUT = error_response("08006", "Authentication timed out.")
+SHUTTING_DOWN = error_response("57P01", "The proxy is shutting down.")
+UNKNOWN = error_response("XX000", "Unknown error.")
+
+
+def unsupported_option(name):
+    return error_response("0A000", f"Feature not supported: RDS Proxy currently doesn't support the option {name}.")
+
+
+def no_credentials(role):
+    return error_response(
+        "28000",
+        f"This RDS proxy has no credentials for the role {role}. Check the credentials for this role and try again.")
+
+
+def wrong_password(role):
+    return error_response("28P01", f"The password that was provided for the role {role} is wrong.")
+
+
+def too_many_clients(limit):
+    return error_response("53300", f"The maximum number of client connections to the proxy exceeded {limit}.")
+
+
+def connection_rate(limit):
+    limit = int(limit) if float(limit).is_integer() else limit
+    return error_response("53300", f"Rate of connection to proxy exceeded {limit}.")
+
+
+def protocol_violation(detail):
+    return error_response("08P01", "Invalid message from the client: protocol violation.", detail=detail)
+
+
+def request_error(fields):
+    """A database's error at connection time, wrapped as RDS Proxy does."""
+    text = fields.get("M", "unknown error").rstrip(".")
+    return error_response(fields.get("C", "XX000"), f"Request returned an error: {text}.")
+
+
+def as_error(encoded):
+    """The same error with severity ERROR, for a session that continues."""
+    fields = parse_error_fields(encoded[5:])
+    return error_response(fields.get("C", "XX000"), fields.get("M", ""), severity="ERROR")
