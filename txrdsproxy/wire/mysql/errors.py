@@ -1,0 +1,78 @@
+"""ERR payloads the proxy itself sends to MySQL clients.
+
+Texts and numbers follow the RDS Proxy user guide ("Common Issues and
+Solutions", MySQL table) wherever it documents them; docs/errors.md lists
+them for users.  Each function returns an ERR *payload*; frame it with
+``packets.encode_packet(payload, seq)``.
+
+Compression: the proxy never advertises CLIENT_COMPRESS, so clients started
+with ``--compress``/``-C`` (libmysql/libmariadb, Connector/J, PyMySQL) just
+proceed uncompressed.  A non-conforming client that sets CLIENT_COMPRESS in
+its HandshakeResponse anyway gets :func:`compression_not_supported`
+(ER_NOT_SUPPORTED_YET) and is disconnected, rather than being answered in a
+framing it would not understand.
+"""
+
+from txrdsproxy.wire.mysql.packets import err_packet
+
+ER_CON_COUNT_ERROR = 1040
+ER_ACCESS_DENIED_ERROR = 1045
+ER_UNKNOWN_ERROR = 1105
+ER_WRONG_VALUE_FOR_VAR = 1231
+ER_NOT_SUPPORTED_YET = 1235
+ER_SECURE_TRANSPORT_REQUIRED = 3159
+ER_PROXY_BORROW_TIMEOUT = 9501  # RDS Proxy's own number
+
+
+def access_denied(user, host="%", using_password=True):
+    """1045 (28000): wrong password, unknown user or no secret for the user."""
+    return err_packet(ER_ACCESS_DENIED_ERROR, "28000",
+                      "Access denied for user '%s'@'%s' (using password: %s)"
+                      % (user, host, "YES" if using_password else "NO"))
+
+
+def too_many_connections(limit):
+    """1040 (HY000): simultaneous client connections exceeded the limit."""
+    return err_packet(ER_CON_COUNT_ERROR, "HY000",
+                      "Number simultaneous connections exceeded (%s)" % limit)
+
+
+def rate_limit(limit):
+    """1040 (HY000): the rate of new client connections exceeded the limit."""
+    return err_packet(ER_CON_COUNT_ERROR, "HY000",
+                      "Connections rate limit exceeded (%s)" % limit)
+
+
+def iam_rate_limit():
+    """1040 (HY000): too many simultaneous IAM authentications."""
+    return err_packet(ER_CON_COUNT_ERROR, "HY000", "IAM authentication rate limit exceeded")
+
+
+def borrow_timeout():
+    """9501 (HY000): no database connection within ConnectionBorrowTimeout."""
+    return err_packet(ER_PROXY_BORROW_TIMEOUT, "HY000",
+                      "Timed-out waiting to acquire database connection")
+
+
+def bad_charset_client(value):
+    """1231 (42000): ``SET character_set_client``/NAMES to ucs2, utf16, utf32..."""
+    return err_packet(ER_WRONG_VALUE_FOR_VAR, "42000",
+                      "Variable 'character_set_client' can't be set to the value of '%s'"
+                      % value)
+
+
+def requires_tls():
+    """3159 (HY000): RequireTLS is on and the client did not start TLS."""
+    return err_packet(ER_SECURE_TRANSPORT_REQUIRED, "HY000",
+                      "This RDS Proxy requires TLS connections.")
+
+
+def unknown_error():
+    """1105 (HY000): anything unexpected inside the proxy."""
+    return err_packet(ER_UNKNOWN_ERROR, "HY000", "Unknown error")
+
+
+def compression_not_supported():
+    """1235 (42000): the client insisted on CLIENT_COMPRESS (see module doc)."""
+    return err_packet(ER_NOT_SUPPORTED_YET, "42000",
+                      "This RDS Proxy doesn't yet support 'compressed protocol'")
