@@ -1,0 +1,409 @@
+"""What in a MySQL query pins a client session to its database connection.
+
+Rules follow the RDS Proxy guide ("Avoiding Pinning"): statements over 16 KB,
+prepared statements (SQL PREPARE and COM_STMT_PREPARE), LOCK TABLE(S),
+FLUSH TABLES WITH READ LOCK, user and most system variables, temporary
+tables, and calls to ROW_COUNT / FOUND_ROWS / LAST_INSERT_ID pin.  SET
+statements that only touch the variables RDS Proxy *tracks* (character set,
+collation, time zone, autocommit, SQL mode, session_track_schema) do not pin;
+:func:`classify_query` returns a :class:`TrackedSet` with the new values so
+the proxy can give the session connections with matching settings.  The
+current database (USE / COM_INIT_DB) is tracked from COM_INIT_DB and from
+session-state tracking in OK packets, not here.
+
+Choices beyond the guide, all on the side of pinning when unsure:
+
+* ``SET TRANSACTION ...`` (next transaction only) pins as SET_VARIABLE: if the
+  client releases the connection before starting that transaction the setting
+  would leak to another client.  ``SET GLOBAL``/``PERSIST`` never pin (not
+  session state).  ``SET PASSWORD`` and ``SET DEFAULT ROLE`` don't pin;
+  ``SET ROLE`` does.
+* A tracked variable set to anything but a single literal (an expression, a
+  function, a subquery) pins as SET_VARIABLE: its value is unknown.
+* GET_LOCK(), HANDLER, XA and EXECUTE IMMEDIATE pin (GET_LOCK, HANDLER, XA,
+  PREPARED_STATEMENT).  ``LOCK`` as the first word covers LOCK TABLE(S) and
+  LOCK INSTANCE FOR BACKUP; ``FLUSH ... FOR EXPORT`` holds locks like WITH
+  READ LOCK.
+* Statements defining stored routines/triggers/events end the scan: their
+  bodies run later (calling them doesn't pin, as in RDS Proxy).
+* ``exclude_variable_sets`` (the EXCLUDE_VARIABLE_SETS filter) suppresses the
+  USER_VARIABLE and SET_VARIABLE reasons; tracked values are still returned.
+
+Comments (``#``, ``-- ``, ``/* */``), quoted strings and backticked names
+never trigger; ``/*! ... */`` and MariaDB ``/*M! ... */`` executable comments
+are scanned as code.  Backslash escapes in strings are honoured unless
+``no_backslash_escapes`` (the NO_BACKSLASH_ESCAPES sql_mode) is given.
+Multibyte client charsets whose trailing bytes may be 0x5C (GBK, SJIS, BIG5)
+can fool the string scanner; utf8/latin1 cannot.
+"""
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+from txrdsproxy.wire.mysql import packets as P
+
+MAX_STATEMENT_BYTES = 16 * 1024
+
+
+class PinReason(enum.Enum):
+    STATEMENT_TOO_LARGE = "statement_too_large"
+    PREPARED_STATEMENT = "prepared_statement"
+    LOCK_TABLES = "lock_tables"
+    FLUSH_WITH_READ_LOCK = "flush_with_read_lock"
+    GET_LOCK = "get_lock"
+    USER_VARIABLE = "user_variable"
+    SET_VARIABLE = "set_variable"
+    TEMPORARY_TABLE = "temporary_table"
+    LAST_INSERT_ID = "last_insert_id"
+    FOUND_ROWS = "found_rows"  # includes SQL_CALC_FOUND_ROWS
+    ROW_COUNT = "row_count"
+    HANDLER = "handler"
+    XA = "xa"
+
+
+TRACKED_VARIABLES = frozenset({
+    "character_set_client", "character_set_connection", "character_set_results",
+    "collation_connection", "time_zone", "autocommit", "sql_mode", "session_track_schema",
+})
+INVALID_CLIENT_CHARSETS = frozenset({"ucs2", "utf16", "utf16le", "utf32"})
+
+
+def invalid_charset_client(value):
+    """True for charsets that can't be client charsets (answer ERROR 1231)."""
+    if value is None:
+        return False
+    return value.strip().strip("'\"`").lower() in INVALID_CLIENT_CHARSETS
+
+
+@dataclass(frozen=True)
+class TrackedSet:
+    """A SET that only changed tracked variables: lowercase name -> literal value.
+
+    ``SET NAMES x [COLLATE y]`` yields character_set_client/connection/results
+    (and collation_connection when COLLATE is given: otherwise the server
+    picks x's default collation).  ``SET CHARACTER SET x`` yields
+    character_set_client/results (the server sets character_set_connection
+    to the database's charset, which this scan cannot know).
+    """
+
+    assignments: dict = field(default_factory=dict)
+
+    @property
+    def invalid_charset_client(self):
+        """The offending value if character_set_client is set to ucs2 & co."""
+        value = self.assignments.get("character_set_client")
+        return value if invalid_charset_client(value) else None
+
+
+def classify_command(command):
+    """Pin reason implied by a command byte alone (COM_STMT_PREPARE)."""
+    if command == P.COM_STMT_PREPARE:
+        return PinReason.PREPARED_STATEMENT
+    return None
+
+
+# --- cheap pre-check ---------------------------------------------------------------------------
+_PRECHECK = re.compile(
+    rb"@|(?<![A-Za-z_$])(?:set|prepare|execute|lock|flush|handler|xa|temporary|get_lock"
+    rb"|last_insert_id|found_rows|sql_calc_found_rows|row_count|charset)(?![A-Za-z0-9_$])",
+    re.I)
+
+# --- tokenizer -------------------------------------------------------------------------------------
+_SQ = r"'(?:[^'\\]|\\.|'')*(?:'|\Z)"
+_DQ = r'"(?:[^"\\]|\\.|"")*(?:"|\Z)'
+_SQ_NBE = r"'(?:[^']|'')*(?:'|\Z)"
+_DQ_NBE = r'"(?:[^"]|"")*(?:"|\Z)'
+_BQ = r"`(?:[^`]|``)*(?:`|\Z)"
+
+
+def _token_re(sq, dq):
+    return re.compile(r"""
+      (?P<ws>\s+)
+    | (?P<xc>/\*M?!\d*)
+    | (?P<c>/\*.*?(?:\*/|\Z) | \#[^\n]* | --(?=\s|\Z)[^\n]*)
+    | (?P<s>%(sq)s|%(dq)s)
+    | (?P<q>%(bq)s)
+    | (?P<sv>@@(?:[A-Za-z_][\w$]*\.)?[\w$]+)
+    | (?P<uv>@(?:%(sq)s|%(dq)s|%(bq)s|[\w$.]+)?)
+    | (?P<op>:=)
+    | (?P<n>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$])|\.\d+)
+    | (?P<w>[\w$]+)
+    | (?P<xe>\*/)
+    | (?P<p>.)
+    """ % {"sq": sq, "dq": dq, "bq": _BQ}, re.S | re.X)
+
+
+_TOKENS = _token_re(_SQ, _DQ)
+_TOKENS_NBE = _token_re(_SQ_NBE, _DQ_NBE)
+_UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "Z": "\x1a", "b": "\b"}
+
+
+def _unquote(text, backslashes=True):
+    quote = text[0]
+    body = text[1:-1] if len(text) > 1 and text[-1] == quote else text[1:]
+    body = body.replace(quote * 2, quote)
+    if backslashes and quote != "`" and "\\" in body:
+        body = re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), body)
+    return body
+
+
+def _tokenize(text, no_backslash_escapes):
+    """List of statements, each a list of ``(kind, value, raw)`` tokens.
+
+    kind: w (value upper-cased), n, s (value unquoted), q, sv (value lower),
+    uv, op, p.
+    """
+    statements = [[]]
+    depth = 0  # executable comment nesting
+    regex = _TOKENS_NBE if no_backslash_escapes else _TOKENS
+    for m in regex.finditer(text):
+        kind = m.lastgroup
+        raw = m.group()
+        if kind in ("ws", "c"):
+            continue
+        if kind == "xc":
+            depth += 1
+            continue
+        if kind == "xe":
+            if depth:
+                depth -= 1
+                continue
+            statements[-1].append(("p", "*", "*"))
+            statements[-1].append(("p", "/", "/"))
+            continue
+        if kind == "p" and raw == ";":
+            statements.append([])
+            continue
+        if kind == "w":
+            value = raw.upper()
+        elif kind == "s":
+            value = _unquote(raw, not no_backslash_escapes)
+        elif kind == "q":
+            value = _unquote(raw, False)
+        elif kind == "sv":
+            value = raw[2:].lower()
+        else:
+            value = raw
+        statements[-1].append((kind, value, raw))
+    return [s for s in statements if s]
+
+
+# --- classification -----------------------------------------------------------------------------
+_STOP = object()
+_FUNCTIONS = {
+    "GET_LOCK": PinReason.GET_LOCK,
+    "LAST_INSERT_ID": PinReason.LAST_INSERT_ID,
+    "FOUND_ROWS": PinReason.FOUND_ROWS,
+    "ROW_COUNT": PinReason.ROW_COUNT,
+}
+_ROUTINES = {"PROCEDURE", "FUNCTION", "TRIGGER", "EVENT", "PACKAGE"}
+_SCOPES = {"GLOBAL": "global", "SESSION": "session", "LOCAL": "session",
+           "PERSIST": "global", "PERSIST_ONLY": "global"}
+_VARIABLE_REASONS = (PinReason.USER_VARIABLE, PinReason.SET_VARIABLE)
+
+
+def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False):
+    """Classify the text of a COM_QUERY.
+
+    Returns a :class:`PinReason` (the first found), a :class:`TrackedSet`
+    (only tracked variables changed; values merged over all statements of a
+    multi-statement query), or None.
+    """
+    if isinstance(sql, str):
+        sql = sql.encode("utf-8")
+    if len(sql) > MAX_STATEMENT_BYTES:
+        return PinReason.STATEMENT_TOO_LARGE
+    if not _PRECHECK.search(sql):
+        return None
+    text = bytes(sql).decode("latin-1")  # 1:1 with the bytes; values re-decoded later
+    tracked = {}
+    for stmt in _tokenize(text, no_backslash_escapes):
+        result = _statement(stmt, exclude_variable_sets)
+        if result is _STOP:
+            break
+        if isinstance(result, PinReason):
+            return result
+        if result:
+            tracked.update(result)
+    return TrackedSet(tracked) if tracked else None
+
+
+def _word(toks, i):
+    if i < len(toks) and toks[i][0] == "w":
+        return toks[i][1]
+    return None
+
+
+def _statement(toks, exclude):
+    first = _word(toks, 0)
+    if first == "SET":
+        set_result = _set_statement(toks[1:], exclude)
+        if isinstance(set_result, PinReason) or set_result is _STOP:
+            return set_result
+        generic = _scan(toks, exclude)
+        return generic if generic is not None else set_result
+    if first == "PREPARE" or (first == "EXECUTE" and _word(toks, 1) == "IMMEDIATE"):
+        return PinReason.PREPARED_STATEMENT
+    if first == "LOCK":
+        return PinReason.LOCK_TABLES
+    if first == "FLUSH":
+        words = [t[1] for t in toks if t[0] == "w"]
+        for i in range(len(words) - 1):
+            if words[i:i + 3] == ["WITH", "READ", "LOCK"] or words[i:i + 2] == ["FOR", "EXPORT"]:
+                return PinReason.FLUSH_WITH_READ_LOCK
+        return None
+    if first == "HANDLER":
+        return PinReason.HANDLER
+    if first == "XA":
+        return PinReason.XA
+    if first == "CREATE":
+        for t in toks[1:12]:
+            if t[0] != "w":
+                continue
+            if t[1] == "TEMPORARY":
+                return PinReason.TEMPORARY_TABLE
+            if t[1] in _ROUTINES:
+                return _STOP
+            if t[1] in ("TABLE", "VIEW", "INDEX", "DATABASE", "SCHEMA", "USER"):
+                break
+    return _scan(toks, exclude)
+
+
+def _scan(toks, exclude):
+    """Pins that can appear anywhere: functions, := and INTO @var."""
+    n = len(toks)
+    for i, (kind, value, _raw) in enumerate(toks):
+        if kind == "w":
+            if value in _FUNCTIONS:
+                if (i + 1 < n and toks[i + 1][2] == "("
+                        and not (i > 0 and toks[i - 1][2] == ".")):
+                    return _FUNCTIONS[value]
+            elif value == "SQL_CALC_FOUND_ROWS":
+                return PinReason.FOUND_ROWS
+            elif value == "INTO" and not exclude and i + 1 < n and toks[i + 1][0] == "uv":
+                return PinReason.USER_VARIABLE
+        elif kind == "uv" and not exclude and i + 1 < n and toks[i + 1][0] == "op":
+            return PinReason.USER_VARIABLE
+    return None
+
+
+def _split_items(toks):
+    items, cur, depth = [], [], 0
+    for t in toks:
+        if t[0] == "p":
+            if t[2] == "(":
+                depth += 1
+            elif t[2] == ")":
+                depth -= 1
+            elif t[2] == "," and depth == 0:
+                items.append(cur)
+                cur = []
+                continue
+        cur.append(t)
+    items.append(cur)
+    return items
+
+
+def _literal(toks):
+    """The value of a single-literal expression, or None."""
+    if len(toks) == 2 and toks[0][2] in ("-", "+") and toks[1][0] == "n":
+        return toks[0][2] + toks[1][2]
+    if len(toks) != 1:
+        return None
+    kind, value, raw = toks[0]
+    if kind in ("s", "q"):
+        text = value
+    elif kind in ("w", "n"):
+        text = raw
+    else:
+        return None
+    return text.encode("latin-1", "replace").decode("utf-8", "replace")
+
+
+def _set_statement(toks, exclude):
+    """Classify what follows SET: PinReason, dict of tracked values, or None."""
+    w0, w1 = _word(toks, 0), _word(toks, 1)
+    if w0 == "TRANSACTION":
+        return None if exclude else PinReason.SET_VARIABLE
+    if w0 in _SCOPES and w1 == "TRANSACTION":
+        return None if (exclude or _SCOPES[w0] == "global") else PinReason.SET_VARIABLE
+    if w0 == "PASSWORD" or (w0 == "DEFAULT" and w1 == "ROLE"):
+        return None
+    if w0 == "ROLE":
+        return None if exclude else PinReason.SET_VARIABLE
+    if w0 == "STATEMENT":  # MariaDB: SET STATEMENT v=x[, ...] FOR <statement>
+        depth = 0
+        for i, t in enumerate(toks):
+            depth += t[2] == "("
+            depth -= t[2] == ")"
+            if depth == 0 and t[0] == "w" and t[1] == "FOR":
+                return _statement(toks[i + 1:], exclude)
+        return None
+    tracked = {}
+    reason = None
+    scope = "session"
+    for item in _split_items(toks):
+        j = 0
+        while _word(item, j) in _SCOPES:
+            scope = _SCOPES[_word(item, j)]
+            j += 1
+        if j >= len(item):
+            reason = reason or PinReason.SET_VARIABLE
+            continue
+        kind, value, raw = item[j]
+        head = _word(item, j)
+        if kind == "uv":
+            reason = PinReason.USER_VARIABLE
+            continue
+        if head == "NAMES":
+            rest = item[j + 1:]
+            collate = None
+            for k, t in enumerate(rest):
+                if t[0] == "w" and t[1] == "COLLATE":
+                    collate, rest = _literal(rest[k + 1:]), rest[:k]
+                    break
+            charset = _literal(rest)
+            if charset is None:
+                reason = reason or PinReason.SET_VARIABLE
+                continue
+            for name in ("character_set_client", "character_set_connection",
+                         "character_set_results"):
+                tracked[name] = charset
+            if collate is not None:
+                tracked["collation_connection"] = collate
+            continue
+        if head == "CHARSET" or (head == "CHARACTER" and _word(item, j + 1) == "SET"):
+            charset = _literal(item[j + (1 if head == "CHARSET" else 2):])
+            if charset is None:
+                reason = reason or PinReason.SET_VARIABLE
+                continue
+            tracked["character_set_client"] = charset
+            tracked["character_set_results"] = charset
+            continue
+        var_scope = scope
+        if kind == "sv":
+            name = value
+            if "." in name:
+                prefix, name = name.split(".", 1)
+                var_scope = _SCOPES.get(prefix.upper(), "session")
+            else:
+                var_scope = "session"
+        elif kind in ("w", "q"):
+            name = (raw if kind == "w" else value).lower()
+        else:
+            reason = reason or PinReason.SET_VARIABLE
+            continue
+        if j + 1 >= len(item) or item[j + 1][2] not in ("=", ":="):
+            reason = reason or PinReason.SET_VARIABLE
+            continue
+        if var_scope == "global":
+            continue
+        literal = _literal(item[j + 2:])
+        if name in TRACKED_VARIABLES and literal is not None:
+            tracked[name] = literal
+        else:
+            reason = reason or PinReason.SET_VARIABLE
+    if reason is not None and not exclude:
+        return reason
+    return tracked or None
