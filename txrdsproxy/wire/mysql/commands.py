@@ -275,7 +275,7 @@ class ResponseTracker:
         elif first == -1:
             raise ProtocolError("empty packet at start of response")
         else:
-            count, _ = P.read_lenenc_int(bytes(buf[start:start + 9]), 0)
+            count, _ = P.read_lenenc_int(bytes(buf[start:start + min(length, 9)]), 0)
             if not count:
                 raise ProtocolError("bad column count")
             self._start_defs(count, _RESULTSET)
