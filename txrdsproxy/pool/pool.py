@@ -181,6 +181,8 @@ class BackendPool:
             self._close(conn, "pool closed")
             return
         self._make_idle(conn)
+        # The first connection has just told max_connections: open for the other waiters too.
+        self._dispatch()
 
     def _open_failed(self, failure, placeholder):
         self._all.discard(placeholder)
@@ -203,11 +205,22 @@ class BackendPool:
         elif decision is Disposition.RESET:
             conn.state = "resetting"
             d = conn.reset()
-            d.addCallbacks(lambda _: self._make_idle(conn) if conn.state == "resetting" else None,
-                           lambda f: self._close(conn, f"reset failed: {f.getErrorMessage()}"))
+            d.addCallbacks(self._reset_done, self._reset_failed, callbackArgs=(conn,), errbackArgs=(conn,))
         else:
             self._make_idle(conn)
         self._dispatch()
+
+    def _reset_done(self, _, conn):
+        if conn.state != "resetting":
+            return
+        if self._closed:
+            self._close(conn, "pool closed")
+        else:
+            self._make_idle(conn)
+
+    def _reset_failed(self, failure, conn):
+        self._close(conn, f"reset failed: {failure.getErrorMessage()}")
+        self._dispatch()  # the closed connection made room under the cap
 
     def _make_idle(self, conn):
         conn.state = "idle"
