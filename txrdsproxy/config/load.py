@@ -86,9 +86,11 @@ class _Node:
         if value is None:
             return None
         try:
-            _parseServer(value, None)
+            kind, args, _ = _parseServer(value, None)
         except Exception as e:  # Twisted raises several kinds for a bad description
             self.fail(f"not a Twisted server endpoint description ({e})", key)
+        if kind in ("TCP", "SSL") and not 0 <= args[0] <= 65535:
+            self.fail(f"not a Twisted server endpoint description (port {args[0]} out of range)", key)
         return value
 
 
@@ -208,7 +210,8 @@ def _target_group(node):
         targets.append(m.DBProxyTarget(
             rds_resource_id=t.get("RdsResourceId", str, required=True),
             endpoint=t.get("Endpoint", str, required=True),
-            port=t.ranged("Port", int, None, 1, 65535) if "Port" in t.value else t.fail("is required", "Port"),
+            port=t.ranged("Port", int, None, 1, 65535) if t.value.get("Port") is not None
+            else t.fail("is required", "Port"),
             role=t.choice("Role", ("READ_WRITE", "READ_ONLY"), ""),
         ))
     if not targets:
