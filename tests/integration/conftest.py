@@ -91,3 +91,47 @@ def mariadb_server(tmp_path_factory, request):
     server.create_database(APP_DB)
     server.app_db = APP_DB
     return server
+
+
+# -- the proxy in front of the servers (tests/integration/proxyutil.py) -------------------------
+
+try:
+    from proxyutil import InProcessProxy, write_proxy_config
+except ImportError:
+    from tests.integration.proxyutil import InProcessProxy, write_proxy_config
+
+
+@pytest.fixture
+def pg_proxy_factory(pg_server, tmp_path_factory, request):
+    """Start in-process proxies over ``pg_server`` (or ``server=``) with a fresh config.
+
+    ``pg_proxy_factory(server=None, **overrides)``: overrides named after ConnectionPoolConfig
+    keys (MaxConnectionsPercent, ConnectionBorrowTimeout, ...) go into the pool config, others
+    (IdleClientTimeout, MaxClientConnections, ...) onto the DBProxy.  Stopped after the test.
+    """
+    def make(server=None, **overrides):
+        config = write_proxy_config(tmp_path_factory.mktemp("proxy"), server or pg_server,
+                                    **overrides)
+        proxy = InProcessProxy(config)
+        request.addfinalizer(proxy.stop)
+        return proxy
+
+    return make
+
+
+@pytest.fixture
+def pg_proxy(pg_proxy_factory):
+    """An in-process proxy over ``pg_server`` with the default test config."""
+    return pg_proxy_factory()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run integration tests as plain functions, not in pytest-twisted's reactor greenlet.
+
+    Their clients block the test thread; the proxy runs on its own reactor thread
+    (proxyutil.reactor_thread).
+    """
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    pyfuncitem.obj(**args)
+    return True

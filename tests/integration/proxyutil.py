@@ -1,0 +1,315 @@
+"""Run the proxy for integration tests: in the test process, or as `twistd -n rdsproxy`.
+
+Integration tests drive blocking client drivers (psql, psycopg, asyncpg, pgbench) from the
+test thread, so the proxy cannot share that thread: `InProcessProxy` runs it on the global
+reactor in one daemon thread for the whole pytest session.  Everything that touches proxy
+objects goes through `InProcessProxy.call`, which runs in the reactor thread.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+SCRAM_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_scram"
+MD5_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_md5"
+HOST = "127.0.0.1"
+
+# Keys of ConnectionPoolConfig; any other override goes on the DBProxy itself.
+POOL_KEYS = frozenset(("MaxConnectionsPercent", "MaxIdleConnectionsPercent",
+                       "ConnectionBorrowTimeout", "SessionPinningFilters", "InitQuery"))
+
+
+def find_free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def write_proxy_config(dir, pg_server, listen="tcp:0:interface=127.0.0.1", secrets=None,
+                       name="test-pg", **overrides):
+    """Write secrets.json and proxy.yaml into *dir* for pg_server's app users; -> yaml path.
+
+    Users: app_scram (clients use SCRAM-SHA-256) and app_md5 (clients use MD5).  *secrets*
+    adds/replaces secrets: {arn: (username, password, ClientPasswordAuthType)}.  Overrides named
+    after ConnectionPoolConfig keys go there; others (IdleClientTimeout, MaxClientConnections,
+    MaxConnectionRate, ...) go on the proxy.
+    """
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    if "app_scram" in pg_server.users:
+        entries[SCRAM_ARN] = ("app_scram", pg_server.users["app_scram"], "POSTGRES_SCRAM_SHA_256")
+    if "app_md5" in pg_server.users:
+        entries[MD5_ARN] = ("app_md5", pg_server.users["app_md5"], "POSTGRES_MD5")
+    entries.update(secrets or {})
+    write_secrets(dir / "secrets.json", {arn: (u, p) for arn, (u, p, _) in entries.items()})
+    pool = {"MaxConnectionsPercent": 100, "MaxIdleConnectionsPercent": 50,
+            "ConnectionBorrowTimeout": 30}
+    proxy = {
+        "DBProxyName": name,
+        "EngineFamily": "POSTGRESQL",
+        "Listen": listen,
+        "Auth": [{"SecretArn": arn, "ClientPasswordAuthType": kind}
+                 for arn, (_, _, kind) in entries.items()],
+    }
+    for key, value in overrides.items():
+        (pool if key in POOL_KEYS else proxy)[key] = value
+    if "MaxIdleConnectionsPercent" not in overrides:
+        pool["MaxIdleConnectionsPercent"] = min(50, pool["MaxConnectionsPercent"])
+    proxy["TargetGroups"] = [{
+        "TargetGroupName": "default",
+        "ConnectionPoolConfig": pool,
+        "Targets": [{"RdsResourceId": "pg-1", "Endpoint": pg_server.host, "Port": pg_server.port}],
+    }]
+    config = {"Secrets": {"Backend": "file", "Path": "secrets.json"}, "DBProxies": [proxy]}
+    path = dir / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def write_secrets(path, users):
+    """Atomically write a secrets file: {arn: (username, password)}."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({arn: {"username": u, "password": p} for arn, (u, p) in users.items()}))
+    os.replace(tmp, path)
+
+
+# -- the reactor thread ------------------------------------------------------------------------
+
+_reactor_lock = threading.Lock()
+_reactor = None
+
+
+def reactor_thread():
+    """The proxy's reactor, running in a daemon thread (started once per process).
+
+    A reactor instance of our own rather than the global one: pytest-twisted (installed for the
+    unit tests) owns the global reactor and runs it in a greenlet of the main thread, where the
+    blocking client drivers of these tests would stop it.  Nothing in txrdsproxy uses the
+    global reactor when `make_service` is given one.
+    """
+    global _reactor
+    with _reactor_lock:
+        if _reactor is None:
+            from twisted.internet.epollreactor import EPollReactor
+            reactor = EPollReactor()
+            started = threading.Event()
+            reactor.callWhenRunning(started.set)
+            thread = threading.Thread(
+                target=reactor.run, kwargs={"installSignalHandlers": False},
+                name="proxy-reactor", daemon=True)
+            thread.start()
+            if not started.wait(30):
+                raise RuntimeError("the reactor thread did not start")
+            _reactor = reactor
+    return _reactor
+
+
+class LogCapture:
+    """Formatted Twisted log lines, collected in the reactor thread."""
+
+    def __init__(self):
+        from twisted.logger import formatEvent
+        self._format = formatEvent
+        self.lines = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event):
+        try:
+            text = self._format(event)
+        except Exception:  # never break logging
+            text = repr(event)
+        with self._lock:
+            self.lines.append(text)
+
+    def text(self):
+        with self._lock:
+            return "\n".join(self.lines)
+
+
+class InProcessProxy:
+    """The proxy of a config file, running on the reactor thread of this process.
+
+    `.port` is the bound port, `.ctx` the (first) ProxyContext, `.contexts` all of them.
+    `call(fn, *a)` runs fn in the reactor thread (Deferreds are waited for) and returns its result.
+    """
+
+    def __init__(self, config_path):
+        from twisted.logger import globalLogPublisher
+        from txrdsproxy.config.load import load_config
+
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.reactor = reactor_thread()
+        self.logs = LogCapture()
+        globalLogPublisher.addObserver(self.logs)
+        self._stopped = False
+
+        def start():
+            from txrdsproxy.service import make_service
+            top, contexts = make_service(self.config, self.reactor)
+            top.startService()
+            return top, contexts
+
+        self.service, self.contexts = self.call(start)
+        self.ctx = self.contexts[0]
+        deadline = time.monotonic() + 10
+        ports = []
+        while time.monotonic() < deadline:
+            ports = self.call(lambda: [s.port for s in self.service])
+            if all(p is not None for p in ports):
+                break
+            time.sleep(0.01)
+        else:
+            self.stop()
+            raise RuntimeError("the proxy did not start listening")
+        self.ports = [p.getHost().port for p in ports]
+        self.port = self.ports[0]
+        self.host = HOST
+
+    def call(self, fn, *args, **kwargs):
+        from twisted.internet.threads import blockingCallFromThread
+        return blockingCallFromThread(self.reactor, fn, *args, **kwargs)
+
+    def pool_state(self):
+        """{state: count} over the pool's database connections (connecting, idle, borrowed...)."""
+        def read():
+            out = {}
+            for conn in self.ctx.pool.connections():
+                out[conn.state] = out.get(conn.state, 0) + 1
+            return out
+        return self.call(read)
+
+    def session_states(self):
+        return self.call(lambda: sorted(s.state.value for s in self.ctx.sessions))
+
+    def wait_for(self, predicate, timeout=10, interval=0.05, what="condition"):
+        """Poll predicate() (called in the test thread) until true; AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(interval)
+
+    def dsn(self, pg_server, user="app_scram", password=None, dbname="appdb", **extra):
+        """A libpq DSN for *user* through this proxy."""
+        if password is None:
+            password = pg_server.users[user]
+        parts = {"host": self.host, "port": self.port, "user": user, "password": password,
+                 "dbname": dbname}
+        parts.update(extra)
+        return " ".join(f"{k}={_quote(v)}" for k, v in parts.items() if v is not None)
+
+    def stop(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        from twisted.logger import globalLogPublisher
+        try:
+            self.call(self.service.stopService)
+        finally:
+            globalLogPublisher.removeObserver(self.logs)
+
+
+def _quote(value):
+    value = str(value)
+    if value and not any(c in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class TwistdProxy:
+    """`twistd -n rdsproxy --config FILE` as a subprocess of the venv of sys.executable.
+
+    The config must listen on a fixed port (pass it as *port*); start() waits until it accepts.
+    """
+
+    def __init__(self, config_path, port, log_path=None):
+        self.config_path = config_path
+        self.port = port
+        self.host = HOST
+        self.log_path = log_path or str(Path(config_path).with_name("twistd.log"))
+        self.proc = None
+
+    @staticmethod
+    def twistd():
+        return os.path.join(os.path.dirname(sys.executable), "twistd")
+
+    def start(self, timeout=30):
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.twistd(), "-n", "--pidfile=", "rdsproxy", "--config", self.config_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=os.path.dirname(self.config_path), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                socket.create_connection((HOST, self.port), timeout=1).close()
+                return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"twistd not listening after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self):
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout=15):
+        """SIGTERM and wait; -> exit status (SIGKILL if it outlives *timeout*)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise RuntimeError(f"twistd did not stop on SIGTERM within {timeout}s")
+
+    @staticmethod
+    def check_config(config_path):
+        """-> CompletedProcess of `twistd -n rdsproxy --config FILE --check-config`."""
+        return subprocess.run(
+            [TwistdProxy.twistd(), "-n", "--pidfile=", "rdsproxy", "--config", config_path,
+             "--check-config"], capture_output=True, text=True, timeout=60,
+            cwd=os.path.dirname(os.path.abspath(config_path)))
+
+
+PSQL = "/usr/bin/psql"
+PGBENCH = "/usr/bin/pgbench"
+
+
+def client_env(password, **extra):
+    """Environment for psql/pgbench: no inherited PG* variables, the password, C locale."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update({"PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10", "LC_ALL": "C",
+                "PGSSLMODE": "disable"})
+    env.update(extra)
+    return env
+
+
+def run_psql(proxy, pg_server, args, user="app_scram", dbname="appdb", input=None, timeout=60,
+             **env):
+    """Run psql against the proxy; -> CompletedProcess (text).  *args* follow the connection."""
+    cmd = [PSQL, "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", user, "-d", dbname] + list(args)
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
+                          env=client_env(pg_server.users[user], **env))
