@@ -25,7 +25,7 @@ class ProtocolViolation(Exception):
 
 def split_startup(buf):
     """-> (code, payload, consumed) for one whole startup-phase packet in *buf*, or None."""
-    if len(buf) < 8:
+    if len(buf) < 4:
         return None
     (length,) = unpack_length(buf, 0)
     if length < 8 or length > MAX_STARTUP_PACKET:
