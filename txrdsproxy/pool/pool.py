@@ -100,6 +100,17 @@ class BackendPool:
         self._dispatch()
         return waiter.deferred
 
+    def try_borrow(self, key):
+        """A Lease on an idle connection of *key* right now, or None (then use `borrow`)."""
+        if self._waiters or self._closed:
+            return None
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        conn = idle.pop()
+        conn.state = "borrowed"
+        return Lease(self, conn, self.clock.seconds())
+
     def _drop_waiter(self, waiter):
         try:
             self._waiters.remove(waiter)
@@ -129,7 +140,7 @@ class BackendPool:
 
     def _dispatch(self):
         """Serve waiters in FIFO order: idle connections first, then new ones within the cap."""
-        if self._closed:
+        if self._closed or not self._waiters:
             return
         coming = collections.Counter(self._connecting)
         for waiter in list(self._waiters):

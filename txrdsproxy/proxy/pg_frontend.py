@@ -19,6 +19,7 @@ from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy.pg_backend import (
     REPORTED_PARAMS, SESSION_PARAMS, BackendGone, DatabaseError,
 )
+from txrdsproxy.proxy.relay import couple, direct_write, uncouple
 from txrdsproxy.proxy.session import SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
@@ -60,6 +61,7 @@ class PgFrontend(protocol.Protocol):
         self._partial = b""
         self._skip = 0
         self._borrow_d = None
+        self._attaching = None  # a lease whose parameters are being synced
         self._discard_until_sync = False
         self._timer = None
         self._cancel_key = None
@@ -67,6 +69,7 @@ class PgFrontend(protocol.Protocol):
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
         self._max = ctx.config.max_message_size
         self._paused = False
+        self._coupled = False
 
     def __repr__(self):
         return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
@@ -384,57 +387,71 @@ class PgFrontend(protocol.Protocol):
 
     def _to_backend(self, data):
         lease = self.lease
-        if lease is not None and self._borrow_d is None:
-            lease.conn.transport.write(data)
+        if lease is not None:
+            if not direct_write(lease.conn.transport, data) and not self._coupled:
+                self._couple(lease.conn)
             return
         self._pending += data
         if len(self._pending) > PENDING_PAUSE and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        if self._borrow_d is None and lease is None:
+        if self._borrow_d is None and self._attaching is None:
             self._borrow()
 
     def _borrow(self):
+        lease = self.ctx.pool.try_borrow(self.key)
+        if lease is not None:  # the common case: an idle connection, no Deferred needed
+            self._got_lease(lease)
+            return
         self.set_state(SessionState.BORROWING)
         self._borrow_d = d = self.ctx.pool.borrow(self.key)
         d.addCallbacks(self._got_lease, self._borrow_failed)
 
     def _got_lease(self, lease):
+        self._borrow_d = None
         if self.state is SessionState.CLOSED:
-            self._borrow_d = None
             lease.release(clean=True)
+            return
+        conn = lease.conn
+        if conn.client_params == self.desired:
+            self._attach(lease)
+            return
+        # Bring the connection's session parameters to this session's first; the client's
+        # messages wait in _pending meanwhile.
+        self._attaching = lease
+        conn.sync_params(self.desired).addCallbacks(
+            lambda _: self._attach(lease), self._sync_failed, errbackArgs=(lease,))
+
+    def _sync_failed(self, failure, lease):
+        self._attaching = None
+        lease.release(clean=lease.conn.state == "borrowed", needs_reset=True)
+        self._borrow_failed(failure)
+
+    def _attach(self, lease):
+        """The lease is usable: forward what the client sent meanwhile."""
+        self._attaching = None
+        if self.state is SessionState.CLOSED:
+            lease.release(clean=True, needs_reset=lease.conn.txn_status != b"I")
             return
         conn = lease.conn
         self.lease = lease
         if self.pin_reason is not None:
             conn.session_dirty = True
-        # Usually already fired (parameters match): then this attaches synchronously.
-        conn.sync_params(self.desired).addCallbacks(
-            lambda _: self._attach(lease), self._sync_failed, errbackArgs=(lease,))
-
-    def _sync_failed(self, failure, lease):
-        self.lease = None
-        self._borrow_d = None
-        lease.release(clean=lease.conn.state == "borrowed", needs_reset=True)
-        self._borrow_failed(failure)
-
-    def _attach(self, lease):
-        self._borrow_d = None
-        if self.state is SessionState.CLOSED or lease.released:
-            return
-        conn = lease.conn
         conn.attach(self)
         self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
-        ct, bt = self.transport, conn.transport
-        ct.registerProducer(bt, True)
-        bt.registerProducer(ct, True)
         if self._pending:
             data = bytes(self._pending)
             del self._pending[:]
-            bt.write(data)
+            if not direct_write(conn.transport, data):
+                self._couple(conn)
         if self._paused:
             self._paused = False
-            ct.resumeProducing()
+            self.transport.resumeProducing()
+
+    def _couple(self, conn):
+        """A write had to be queued: from now on a full side pauses the other (backpressure)."""
+        self._coupled = True
+        couple(self.transport, conn.transport)
 
     def _borrow_failed(self, failure):
         self._borrow_d = None
@@ -501,7 +518,8 @@ class PgFrontend(protocol.Protocol):
 
     # -- the session: database -> client (called by the backend connection) ------------------------
     def backend_data(self, data):
-        self.transport.write(data)
+        if not direct_write(self.transport, data) and not self._coupled and self.lease is not None:
+            self._couple(self.lease.conn)
 
     def parameter_changed(self, name, value):
         self.desired[name] = value
@@ -523,12 +541,9 @@ class PgFrontend(protocol.Protocol):
 
     def _detach(self, conn):
         conn.detach()
-        ct, bt = self.transport, conn.transport
-        ct.unregisterProducer()
-        if bt is not None:
-            bt.unregisterProducer()
-            bt.resumeProducing()
-        ct.resumeProducing()
+        if self._coupled:
+            self._coupled = False
+            uncouple(self.transport, conn.transport)
 
     def backend_lost(self, conn, why):
         """The database connection broke under this session: the session cannot go on."""
@@ -581,10 +596,9 @@ class PgFrontend(protocol.Protocol):
 
     def _detach_quietly(self, conn):
         conn.detach()
-        bt = conn.transport
-        if bt is not None:
-            bt.unregisterProducer()
-            bt.resumeProducing()
+        if self._coupled:
+            self._coupled = False
+            uncouple(None, conn.transport)
 
 
 class PgFrontendFactory(protocol.Factory):

@@ -1,0 +1,50 @@
+"""Writing on the relay path without a reactor round trip, and backpressure when it matters.
+
+Twisted's `transport.write` only queues: the bytes leave on the next reactor iteration, after two
+epoll changes.  On the proxy's request/response path that doubles the event-loop work per message.
+`direct_write` sends at once when nothing is queued on a plain TCP transport, and falls back to
+the buffered write for the remainder, for TLS transports, or on any socket error (which the
+transport then reports the usual way).
+"""
+
+import errno
+
+from twisted.internet import tcp
+
+_Connection = tcp.Connection
+_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+
+
+def direct_write(transport, data):
+    """Write *data*; -> True when it all left immediately, False when some was queued."""
+    if (isinstance(transport, _Connection)
+            and not transport._tempDataLen and not transport.dataBuffer
+            and transport.connected and not transport.disconnecting):
+        try:
+            sent = transport.socket.send(data)
+        except OSError as e:
+            if e.errno not in _RETRY:
+                transport.write(data)  # the transport notices the error on its own write
+                return False
+            sent = 0
+        if sent == len(data):
+            return True
+        data = data[sent:]
+    transport.write(data)
+    return False
+
+
+def couple(a, b):
+    """Make each transport the other's streaming producer (pause the reader of a full writer)."""
+    a.registerProducer(b, True)
+    b.registerProducer(a, True)
+
+
+def uncouple(a, b):
+    """Undo `couple`, leaving both transports reading."""
+    for t in (a, b):
+        if t is not None and getattr(t, "producer", None) is not None:
+            t.unregisterProducer()
+    for t in (a, b):
+        if t is not None and t.connected:
+            t.resumeProducing()
