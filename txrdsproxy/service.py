@@ -6,10 +6,14 @@ library classes receive the clock and reactor they use.
 
 from twisted.application import service, strports
 from twisted.logger import Logger
+from twisted.web import server
+
+from txrdsproxy.admin.resources import admin_root
 
 from txrdsproxy.auth.secrets import FileSecretsStore
 from txrdsproxy.config import model
 from txrdsproxy.failover.topology import Topology
+from txrdsproxy.metrics import Metrics
 from txrdsproxy.pool.pool import BackendPool
 from txrdsproxy.proxy.pg_backend import PgConnector
 from txrdsproxy.proxy.pg_frontend import PgFrontendFactory
@@ -95,11 +99,20 @@ def make_service(config, reactor=None):
         from twisted.internet import reactor
     top = service.MultiService()
     secrets = FileSecretsStore(config.secrets.path)
+    metrics = Metrics()
     cancel_registry = {}
     contexts = []
+    services = []
     for proxy in config.proxies:
-        ctx = build_proxy(proxy, secrets, reactor, cancel_registry)
+        ctx = build_proxy(proxy, secrets, reactor, cancel_registry, metrics)
         contexts.append(ctx)
-        ProxyService(ctx, proxy.listen, reactor).setServiceParent(top)
+        svc = ProxyService(ctx, proxy.listen, reactor)
+        svc.setServiceParent(top)
+        services.append(svc)
+    if config.admin.listen:
+        site = server.Site(admin_root(metrics, services))
+        site.noisy = False
+        strports.service(config.admin.listen, site, reactor=reactor).setServiceParent(top)
     top.contexts = contexts
+    top.metrics = metrics
     return top, contexts

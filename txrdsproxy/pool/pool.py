@@ -109,6 +109,8 @@ class BackendPool:
             return None
         conn = idle.pop()
         conn.state = "borrowed"
+        if self.metrics is not None:
+            self.metrics.borrow_latency.observe(self.name, 0.0)
         return Lease(self, conn, self.clock.seconds())
 
     def _drop_waiter(self, waiter):

@@ -37,6 +37,8 @@ _WHOLE = frozenset((_Q, _P, _B))  # looked inside (pinning)
 PENDING_PAUSE = 4 * 1024 * 1024
 AUTH_TIMEOUT = 60.0
 ACCEPTED_STARTUP = frozenset(("user", "database", "replication") + SESSION_PARAMS)
+# Parameter names are case-insensitive (libpq sends PGTZ as "timezone", PGDATESTYLE as "datestyle").
+_CANONICAL = {name.lower(): name for name in ACCEPTED_STARTUP}
 
 
 class PgFrontend(protocol.Protocol):
@@ -54,6 +56,7 @@ class PgFrontend(protocol.Protocol):
         self.pin_reason = None
         self.outstanding = 0
         self.unsynced = False
+        self.queries = 0  # QueryRequests (read by metrics)
         self.last_active = self.clock.seconds()
         self._phase = "startup"
         self._buf = bytearray()
@@ -113,6 +116,8 @@ class PgFrontend(protocol.Protocol):
             elif self._phase == "auth":
                 self._buf += data
                 self._auth_data()
+            elif self._phase == "login":
+                self._buf += data  # pipelined early: replayed once logged in
             # "closing": ignore
         except ProtocolViolation as e:
             self.log.warn("{s}: protocol violation from client: {e}", s=self, e=e)
@@ -152,7 +157,7 @@ class PgFrontend(protocol.Protocol):
         self.transport.loseConnection()
 
     def _startup_message(self, code, payload):
-        params = msg.parse_startup_params(payload)
+        params = {_CANONICAL.get(k.lower(), k): v for k, v in msg.parse_startup_params(payload).items()}
         ignored = [k for k in params if k.startswith("_pq_.")]
         if code != PROTOCOL_3_0 or ignored:
             # A newer minor version or protocol options: say what we speak, as PostgreSQL does.
@@ -195,11 +200,12 @@ class PgFrontend(protocol.Protocol):
             self.transport.write(msg.auth_sasl(["SCRAM-SHA-256"]))
 
     def _auth_data(self):
-        msgs, used = split_messages(self._buf, 65536)
-        del self._buf[:used]
-        for kind, payload in msgs:
-            if self._phase != "auth":
+        while self._phase == "auth":
+            msgs, used = split_messages(self._buf[:5 + 65536], 65536)
+            if not msgs:
                 return
+            kind, payload = msgs[0]
+            del self._buf[:5 + len(payload)]
             if kind != b"p":
                 raise ProtocolViolation(f"expected a password message, got {kind!r}")
             self._auth_message(payload)
@@ -336,10 +342,12 @@ class PgFrontend(protocol.Protocol):
                     self._classify(kind, data[pos + 5:stop])
                 if kind == _Q:
                     self.outstanding += 1
+                    self.queries += 1
                 else:
                     self.unsynced = True
             elif kind == _S:
                 self.outstanding += 1
+                self.queries += 1
                 self.unsynced = False
             elif kind in _EXTENDED:
                 self.unsynced = True
@@ -525,6 +533,7 @@ class PgFrontend(protocol.Protocol):
         self.desired[name] = value
 
     def ready_for_query(self, status):
+        self.last_active = self.clock.seconds()  # IdleClientTimeout counts from the request's end
         self.outstanding -= 1
         if self.outstanding > 0 or self.unsynced:
             return
@@ -571,6 +580,7 @@ class PgFrontend(protocol.Protocol):
         self.set_state(SessionState.CLOSED)
         self._phase = "closing"
         ctx.sessions.discard(self)
+        ctx.queries_closed += self.queries
         if self._cancel_key is not None:
             ctx.cancel_registry.pop(self._cancel_key, None)
         if self._timer is not None and self._timer.active():

@@ -44,6 +44,7 @@ class ProxyContext:
         self.welcome = {}  # pool key -> server parameters reported at login (engine specific)
         self.normalized = {}  # (param, requested value) -> the value the server reports
         self.pin_counts = {}  # PinReason value -> sessions pinned for it
+        self.queries_closed = 0  # QueryRequests of sessions that have ended
 
     def next_id(self):
         return next(self._ids)
