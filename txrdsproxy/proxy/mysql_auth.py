@@ -1,0 +1,114 @@
+"""Client authentication of a MySQL session against the secrets store.
+
+The plugin comes from the user's `Auth` entry (ClientPasswordAuthType): mysql_native_password
+(the default) or caching_sha2_password.  When the client answered the greeting with another
+plugin, or for COM_CHANGE_USER (always, with a fresh scramble), the proxy sends an
+AuthSwitchRequest.  Verifiers (SHA1(SHA1(pw)), SHA256(SHA256(pw))) are derived once per secret
+value.  caching_sha2_password: the proxy knows the verifier, so the scramble (fast path) is
+always checked; full authentication needs TLS or RSA, which this listener does not offer yet.
+"""
+
+from collections import namedtuple
+
+from txrdsproxy.config import model
+from txrdsproxy.wire.mysql import auth as myauth
+from txrdsproxy.wire.mysql import handshake as hs
+from txrdsproxy.wire.mysql import packets as P
+from txrdsproxy.wire.mysql.packets import ProtocolError
+
+ChangeUser = namedtuple("ChangeUser", "user auth_response database charset auth_plugin")
+
+
+def parse_change_user(payload, caps):
+    """COM_CHANGE_USER payload (after the command byte) -> ChangeUser."""
+    try:
+        user, pos = P.read_nul_str(payload, 0)
+        if caps & P.CLIENT_SECURE_CONNECTION:
+            n = payload[pos]
+            auth = payload[pos + 1:pos + 1 + n]
+            if len(auth) != n:
+                raise ProtocolError("truncated COM_CHANGE_USER")
+            pos += 1 + n
+        else:
+            auth, pos = P.read_nul_str(payload, pos)
+        database, pos = P.read_nul_str(payload, pos) if pos < len(payload) else (b"", pos)
+        charset = None
+        if pos + 2 <= len(payload):
+            charset = payload[pos] | (payload[pos + 1] << 8)
+            pos += 2
+        plugin = None
+        if caps & P.CLIENT_PLUGIN_AUTH and pos < len(payload):
+            name, pos = P.read_nul_str(payload, pos)
+            plugin = name.decode("ascii", "replace")
+        return ChangeUser(user.decode("utf-8"), bytes(auth), database.decode("utf-8") or None,
+                          charset, plugin)
+    except (IndexError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed COM_CHANGE_USER: {e}")
+
+
+class ClientAuth:
+    """One authentication exchange with a client; reports to the session.
+
+    The session provides `write_packet(payload, seq)`, `auth_succeeded(user, database,
+    charset_id, next_seq)` and `auth_failed(user, why, next_seq)`.
+    """
+
+    def __init__(self, session):
+        self.session = session
+        self.scramble = hs.make_scramble()
+        self._request = None
+        self._creds = None
+        self._plugin = None
+        self._sha2 = None
+
+    def start(self, user, client_plugin, response, database, charset, seq, switch):
+        """The client's first auth response (HandshakeResponse41 or COM_CHANGE_USER)."""
+        self._request = (user, database, charset)
+        found = self.session.ctx.find_user(user)
+        if found is None:
+            return self.session.auth_failed(user, "no secret for this user", seq)
+        entry, self._creds = found
+        if entry.client_password_auth_type == model.MYSQL_CACHING_SHA2:
+            self._plugin = myauth.CACHING_SHA2_PASSWORD
+        else:
+            self._plugin = myauth.NATIVE_PASSWORD
+        if switch or (client_plugin or myauth.NATIVE_PASSWORD) != self._plugin:
+            self.scramble = hs.make_scramble()
+            self.session.write_packet(hs.auth_switch_request(self._plugin, self.scramble), seq)
+            return
+        self._check(response, seq)
+
+    def feed(self, seq, payload):
+        """A further auth packet from the client (after a switch, or caching_sha2 full auth)."""
+        if self._sha2 is not None:
+            for out in self._sha2.feed(payload):
+                self.session.write_packet(out, seq + 1)
+                seq += 1
+            return self._finish_sha2(seq + 1)
+        self._check(payload, seq + 1)
+
+    def _check(self, response, seq):
+        user = self._request[0]
+        if self._plugin == myauth.NATIVE_PASSWORD:
+            verifier = self._creds.derived("mysql-native", myauth.NativeVerifier.from_password)
+            if verifier.check(self.scramble, response):
+                return self._succeed(seq)
+            return self.session.auth_failed(user, "wrong password", seq)
+        verifier = self._creds.derived("mysql-sha2", myauth.Sha2Verifier.from_password)
+        self._sha2 = myauth.CachingSha2ServerAuth(verifier, self.scramble, cached=True)
+        for out in self._sha2.start(response):
+            self.session.write_packet(out, seq)
+            seq += 1
+        self._finish_sha2(seq)
+
+    def _finish_sha2(self, seq):
+        if not self._sha2.done:
+            return
+        if self._sha2.succeeded:
+            return self._succeed(seq)
+        return self.session.auth_failed(self._request[0], self._sha2.failure_reason, seq)
+
+    def _succeed(self, seq):
+        user, database, charset = self._request
+        self._creds = None
+        self.session.auth_succeeded(user, database, charset, seq)

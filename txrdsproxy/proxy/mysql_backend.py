@@ -1,0 +1,524 @@
+"""One database connection to MySQL/MariaDB, as the pool holds it and a session borrows it.
+
+Pool key: ``(user, capability profile)``.  The profile is the part of the client's negotiated
+capabilities that changes the bytes of responses or the meaning of commands (DEPRECATE_EOF,
+SESSION_TRACK, MULTI_RESULTS, MULTI_STATEMENTS, LOCAL_FILES, FOUND_ROWS, ...): responses are
+relayed unchanged, so a connection must have negotiated exactly what its client did.  The
+current database and the tracked session variables are *not* in the key: before a session's
+command is forwarded, `sync()` brings the connection to the session's values (COM_INIT_DB and one
+``SET``), see `mysql_state`.
+
+Two ways of reading the server, as for PostgreSQL:
+- *internal* (not lent): logical packets are decoded (login, ``SELECT @@max_connections``,
+  InitQuery, sync, reset); one internal command at a time, each fires a Deferred;
+- *forwarding* (lent): `ResponseTracker.consume` walks packet headers in place and the bytes
+  go to the session's client unchanged; only OK/ERR/EOF are decoded.
+"""
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+
+from txrdsproxy.proxy import mysql_state as state
+from txrdsproxy.wire.mysql import auth as myauth
+from txrdsproxy.wire.mysql import handshake as hs
+from txrdsproxy.wire.mysql import packets as P
+from txrdsproxy.wire.mysql.commands import ResponseTracker
+from txrdsproxy.wire.mysql.packets import ProtocolError
+
+# Client capabilities that must be the same on both sides of the relay.
+CAPABILITY_PROFILE = (
+    P.CLIENT_FOUND_ROWS | P.CLIENT_IGNORE_SPACE | P.CLIENT_INTERACTIVE | P.CLIENT_LOCAL_FILES
+    | P.CLIENT_MULTI_STATEMENTS | P.CLIENT_MULTI_RESULTS | P.CLIENT_PS_MULTI_RESULTS
+    | P.CLIENT_SESSION_TRACK | P.CLIENT_DEPRECATE_EOF)
+# What the proxy always asks of the database, whatever the client negotiated.
+BASE_CAPABILITIES = (
+    P.CLIENT_LONG_PASSWORD | P.CLIENT_LONG_FLAG | P.CLIENT_PROTOCOL_41 | P.CLIENT_TRANSACTIONS
+    | P.CLIENT_SECURE_CONNECTION | P.CLIENT_PLUGIN_AUTH | P.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA)
+
+COLLATIONS_QUERY = (b"SELECT ID, COLLATION_NAME, CHARACTER_SET_NAME, IS_DEFAULT"
+                    b" FROM information_schema.COLLATIONS")
+
+
+class DatabaseError(Exception):
+    """The database answered with ERR; `payload` is the raw ERR payload (relayable)."""
+
+    def __init__(self, payload):
+        self.payload = bytes(payload)
+        self.err = P.parse_err(self.payload)
+        super().__init__(f"{self.err.code} ({self.err.sqlstate}): {self.err.message}")
+
+
+class BackendGone(Exception):
+    """The database connection closed or broke."""
+
+
+class _InternalOp:
+    """Reads the response to one internal command; collects text rows as lists of str/None."""
+
+    def __init__(self, deferred, deprecate_eof):
+        self.deferred = deferred
+        self.eof_limit = P.MAX_PACKET_CHUNK if deprecate_eof else 9
+        self.deprecate_eof = deprecate_eof
+        self.phase = "first"
+        self.remaining = 0
+        self.rows = []
+        self.error = None
+        self.status = None
+
+    def feed(self, payload, caps):
+        """-> True when the response is complete."""
+        first = payload[0] if payload else -1
+        if self.phase == "first":
+            if first == 0x00:
+                ok = P.parse_ok(payload, caps)
+                self.status = ok.status
+                return not ok.status & P.SERVER_MORE_RESULTS_EXISTS
+            if first == 0xFF:
+                self.error = payload
+                return True
+            count, _ = P.read_lenenc_int(payload, 0)
+            if not count:
+                raise ProtocolError("bad column count in an internal result")
+            self.remaining = count
+            self.phase = "defs"
+            return False
+        if self.phase == "defs":
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.phase = "rows" if self.deprecate_eof else "defs_eof"
+            return False
+        if self.phase == "defs_eof":
+            self.phase = "rows"
+            return False
+        # rows
+        if first == 0xFE and len(payload) < self.eof_limit:
+            if self.deprecate_eof:
+                status = P.parse_ok(payload, caps).status
+            else:
+                status = P.parse_eof(payload).status
+            self.status = status
+            if status & P.SERVER_MORE_RESULTS_EXISTS:
+                self.phase = "first"
+                return False
+            return True
+        if first == 0xFF:
+            self.error = payload
+            return True
+        self.rows.append(_text_row(payload))
+        return False
+
+
+def _text_row(payload):
+    out = []
+    pos = 0
+    while pos < len(payload):
+        if payload[pos] == 0xFB:
+            out.append(None)
+            pos += 1
+        else:
+            value, pos = P.read_lenenc_str(payload, pos)
+            out.append(value.decode("utf-8", "replace"))
+    return out
+
+
+class MySQLBackendConnection(protocol.Protocol):
+    log = Logger()
+
+    def __init__(self, key, target, credentials, init_query, max_message_size, connector):
+        self.key = key
+        self.target = target
+        self.credentials = credentials
+        self.init_query = init_query
+        self.connector = connector
+        self.state = "connecting"
+        self.idle_since = 0.0
+        self.pool_listener = None
+        self.server_max_connections = None
+        self.handshake = None
+        self.capabilities = 0
+        self.tracker = None
+        self.baseline = {}   # tracked variables right after login (+ InitQuery)
+        self.current = {}    # tracked variables as they are now
+        self.database = None
+        self.session_dirty = False  # a pinned session ran here: COM_RESET_CONNECTION before reuse
+        self.ready = defer.Deferred()  # fires with self once logged in and initialised
+        self._reader = P.PacketReader(max_message_size)
+        self._sha2 = None
+        self._op = None
+        self._sink = None
+        self._fbuf = bytearray()
+        self._closing_reason = None
+
+    def __repr__(self):
+        tid = self.handshake.connection_id if self.handshake else None
+        return f"<mysql {self.target.rds_resource_id} {self.key[0]} id={tid} {self.state}>"
+
+    @property
+    def busy(self):
+        """An internal command is running."""
+        return self._op is not None
+
+    # -- login ----------------------------------------------------------------------------------
+    def connectionMade(self):
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+
+    def _login_packet(self, seq, payload):
+        password = self.credentials.password
+        if self.handshake is None:
+            if payload[:1] == b"\xff":
+                raise DatabaseError(payload)
+            greeting = self.handshake = hs.parse_handshake_v10(payload)
+            self.connector.note_greeting(greeting)
+            self.capabilities = (BASE_CAPABILITIES | (self.key[1] & CAPABILITY_PROFILE)) \
+                & greeting.capabilities
+            plugin = greeting.auth_plugin
+            if plugin not in (myauth.NATIVE_PASSWORD, myauth.CACHING_SHA2_PASSWORD):
+                plugin = myauth.NATIVE_PASSWORD  # the server will switch us if it must
+            self._start_plugin(plugin, greeting.scramble)
+            response = myauth.auth_response_for(plugin, password, greeting.scramble)
+            packet = hs.build_handshake_response41(
+                self.capabilities, self.credentials.username, response, auth_plugin=plugin,
+                charset=greeting.charset or 45)
+            self.transport.write(P.encode_packet(packet, seq + 1))
+            return
+        first = payload[0] if payload else -1
+        if first == 0x00:
+            ok = P.parse_ok(payload, self.capabilities)
+            self.tracker = ResponseTracker(self.capabilities, ok.status)
+            self.state = "initialising"
+            self._initialise()
+        elif first == 0xFF:
+            raise DatabaseError(payload)
+        elif first == 0xFE:
+            switch = hs.parse_auth_switch_request(payload)
+            self._start_plugin(switch.plugin, switch.data)
+            response = myauth.auth_response_for(switch.plugin, password, switch.data)
+            self.transport.write(P.encode_packet(response, seq + 1))
+        elif first == 0x01 and self._sha2 is not None:
+            out = self._sha2.feed(payload)
+            if out is not None:
+                self.transport.write(P.encode_packet(out, seq + 1))
+        else:
+            raise ProtocolError(f"unexpected packet 0x{first:02x} during login")
+
+    def _start_plugin(self, plugin, nonce):
+        self._sha2 = None
+        if plugin == myauth.CACHING_SHA2_PASSWORD:
+            self._sha2 = myauth.CachingSha2ClientAuth(self.credentials.password, nonce)
+
+    @defer.inlineCallbacks
+    def _initialise(self):
+        try:
+            if self.init_query.strip():
+                yield self.query(self.init_query.encode())
+            yield self._read_state()
+            if self.connector.collations is None:
+                rows = yield self.query(COLLATIONS_QUERY)
+                self.connector.collations = state.Collations(rows)
+        except Exception as e:
+            self._fail_login(e)
+            return
+        self.baseline = dict(self.current)
+        self.state = "idle"
+        d, self.ready = self.ready, None
+        d.callback(self)
+
+    @defer.inlineCallbacks
+    def _read_state(self):
+        rows = yield self.query(state.STATE_QUERY)
+        self.server_max_connections, self.database, self.current = state.parse_state_row(rows[0])
+
+    def _fail_login(self, error):
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(error)
+        self.close(f"login failed: {error}")
+
+    # -- internal commands ---------------------------------------------------------------------
+    def command(self, command, arg=b""):
+        """Run one command on this (not lent) connection.
+
+        Fires with the text rows of a result set ([[str|None, ...]]; [] for OK) or fails with
+        DatabaseError (the server's ERR) / BackendGone.  The server status is kept in
+        `tracker.status` so transaction state stays known.
+        """
+        if self._op is not None:
+            return defer.fail(RuntimeError("internal command already running"))
+        if self.state == "closed":
+            return defer.fail(BackendGone("connection closed"))
+        d = defer.Deferred()
+        self._op = _InternalOp(d, bool(self.capabilities & P.CLIENT_DEPRECATE_EOF))
+        self.transport.write(P.encode_packet(bytes((command,)) + bytes(arg), 0))
+        return d
+
+    def query(self, sql):
+        return self.command(P.COM_QUERY, sql)
+
+    def _internal_packet(self, seq, payload):
+        op = self._op
+        if op is None:
+            raise ProtocolError("unexpected packet from the server on an idle connection")
+        if op.feed(payload, self.capabilities):
+            self._op = None
+            if op.status is not None and self.tracker is not None:
+                self.tracker.status = op.status
+            if op.error is not None:
+                op.deferred.errback(DatabaseError(op.error))
+            else:
+                op.deferred.callback(op.rows)
+
+    @defer.inlineCallbacks
+    def sync(self, desired, database):
+        """Bring this connection to a session's tracked values before its command is forwarded.
+
+        *desired*: tracked variable -> value the session set (others: the connection baseline).
+        *database*: the session's current database, or None.  Fires when done; fails with
+        DatabaseError (then what is known of the connection is forgotten, so the next sync
+        sets everything).
+        """
+        if database is not None and database != self.database:
+            yield self.command(P.COM_INIT_DB, database.encode("utf-8"))
+            self.database = database
+        sql, target = state.sync_sql(self.current, self.baseline, desired)
+        if sql:
+            try:
+                yield self.query(sql)
+            except DatabaseError:
+                self.current = {}
+                raise
+            self.current.update(target)
+
+    def reset(self):
+        """Make the connection fit for another session.
+
+        Pinned session ran here: COM_RESET_CONNECTION (rolls back, drops temporary tables, user
+        variables and prepared statements, restores session variables), then re-read the
+        tracked values.  Otherwise, an open transaction: ROLLBACK.  Fails (the pool closes the
+        connection) when the server refuses.
+        """
+        if self.session_dirty:
+            d = self.command(P.COM_RESET_CONNECTION)
+            d.addCallback(lambda _: self._read_state())
+
+            def clean(_):
+                self.session_dirty = False
+
+            return d.addCallback(clean)
+        if self.tracker.in_transaction:
+            return self.query(b"ROLLBACK")
+        return defer.succeed(None)
+
+    # -- lending --------------------------------------------------------------------------------
+    def attach(self, sink):
+        """Forward every server byte to *sink* (a session) until `detach`."""
+        self._sink = sink
+        self._fbuf = bytearray()
+
+    def detach(self):
+        self._sink = None
+
+    def write(self, data):
+        self.transport.write(data)
+
+    # -- reading --------------------------------------------------------------------------------
+    def dataReceived(self, data):
+        if self._sink is not None:
+            self._forward(data)
+            return
+        try:
+            packets = self._reader.feed(data)
+            for i, (seq, payload) in enumerate(packets):
+                if self.state == "connecting":
+                    self._login_packet(seq, payload)
+                else:
+                    self._internal_packet(seq, payload)
+                if self._sink is not None:  # lent from a callback of the last internal command
+                    if i + 1 < len(packets) or self._reader.buffered:
+                        self.close("the database sent data nobody asked for")
+                    return
+        except DatabaseError as e:
+            self._fail_login(e)
+        except (ProtocolError, myauth.UnsupportedAuthPlugin) as e:
+            if self.ready is not None:
+                self._fail_login(e)
+            else:
+                self.close(f"protocol violation from the database: {e}")
+
+    def _forward(self, data):
+        """Relay *data* to the sink; tell it when the response is complete."""
+        buf = self._fbuf
+        buf += data
+        tracker = self.tracker
+        try:
+            end = tracker.consume(buf, 0)
+        except ProtocolError as e:
+            self.close(f"protocol violation from the database: {e}")
+            return
+        sink = self._sink
+        if end:
+            if end == len(buf):
+                chunk = bytes(buf)
+                buf.clear()
+            else:
+                chunk = bytes(buf[:end])
+                del buf[:end]
+            sink.backend_data(chunk)
+        if tracker.idle:
+            if buf:
+                self.close("the database sent data nobody asked for")
+                return
+            sink.response_complete()
+        elif tracker.awaiting_client_data:
+            sink.infile_requested()
+
+    # -- closing --------------------------------------------------------------------------------
+    def close(self, reason):
+        if self.state == "closed":
+            return
+        self._closing_reason = reason
+        self.state = "closed"
+        if self.transport is not None:
+            if self.handshake is not None and self.tracker is not None:
+                self.transport.write(P.encode_packet(bytes((P.COM_QUIT,)), 0))
+            self.transport.loseConnection()
+        self._notify_lost(reason)
+
+    def connectionLost(self, reason):
+        why = self._closing_reason or f"database closed the connection ({reason.getErrorMessage()})"
+        self.state = "closed"
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(BackendGone(why))
+        if self._op is not None:
+            op, self._op = self._op, None
+            op.deferred.errback(BackendGone(why))
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.backend_lost(self, why)
+        self._notify_lost(why)
+
+    def _notify_lost(self, reason):
+        listener, self.pool_listener = self.pool_listener, None
+        if listener is not None:
+            listener(self, reason)
+
+
+class _Factory(protocol.ClientFactory):
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
+class _GreetingProbe(protocol.Protocol):
+    """Reads the server greeting and hangs up: how the proxy learns the version to announce."""
+
+    def __init__(self):
+        self.done = defer.Deferred()
+        self._reader = P.PacketReader(1 << 16)
+
+    def dataReceived(self, data):
+        try:
+            packets = self._reader.feed(data)
+        except ProtocolError as e:
+            packets = None
+            self._finish(failure=e)
+        if packets:
+            try:
+                self._finish(hs.parse_handshake_v10(packets[0][1]))
+            except ProtocolError as e:
+                self._finish(failure=e)
+
+    def _finish(self, greeting=None, failure=None):
+        self.transport.loseConnection()
+        if self.done is None:
+            return
+        d, self.done = self.done, None
+        d.errback(BackendGone(str(failure))) if failure else d.callback(greeting)
+
+    def connectionLost(self, reason):
+        if self.done is not None:
+            d, self.done = self.done, None
+            d.errback(BackendGone(f"no greeting from the database: {reason.getErrorMessage()}"))
+
+
+class MySQLConnector:
+    """Opens authenticated, initialised MySQL/MariaDB connections for a pool key (user, profile).
+
+    Also remembers the last server greeting (version, capabilities, charset) that the proxy
+    repeats to its clients, and the server's collations (to resolve client charset ids).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, topology, credentials_for, init_query, max_message_size,
+                 connect_timeout=30.0, metrics=None, proxy_name=""):
+        self.reactor = reactor
+        self.topology = topology
+        self.credentials_for = credentials_for
+        self.init_query = init_query or ""
+        self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
+        self.metrics = metrics
+        self.proxy_name = proxy_name
+        self.server_info = None
+        self.collations = None
+
+    def note_greeting(self, greeting):
+        self.server_info = greeting
+
+    def _endpoint(self, target):
+        return HostnameEndpoint(self.reactor, target.endpoint, target.port,
+                                timeout=self.connect_timeout)
+
+    def probe(self):
+        """Deferred[Handshake]: the writer's greeting (cached after the first success)."""
+        if self.server_info is not None:
+            return defer.succeed(self.server_info)
+        target = self.topology.writer()
+        proto = _GreetingProbe()
+        d = self._endpoint(target).connect(_Factory(proto))
+        d.addCallback(lambda _: proto.done)
+
+        def got(greeting):
+            self.server_info = greeting
+            return greeting
+
+        def failed(f):
+            if f.check(BackendGone):
+                return f
+            return defer.fail(BackendGone(f"cannot connect to {target.endpoint}:{target.port}:"
+                                          f" {f.getErrorMessage()}"))
+
+        return d.addCallbacks(got, failed)
+
+    def connect(self, key):
+        """Deferred[MySQLBackendConnection] ready for use, or failing with DatabaseError/BackendGone."""
+        target = self.topology.writer()
+        creds = self.credentials_for(key[0])
+        if creds is None:
+            return defer.fail(DatabaseError(P.err_packet(
+                1045, "28000", f"no credentials for user {key[0]}")))
+        conn = MySQLBackendConnection(key, target, creds, self.init_query, self.max_message_size,
+                                      self)
+        if self.metrics is not None:
+            self.metrics.db_connection_requests.inc(self.proxy_name, target.rds_resource_id)
+        d = self._endpoint(target).connect(_Factory(conn))
+
+        def failed(f):
+            if self.metrics is not None:
+                self.metrics.db_connections_setup_failed.inc(self.proxy_name, target.rds_resource_id)
+            if not f.check(DatabaseError, BackendGone):
+                return defer.fail(BackendGone(
+                    f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
+            return f
+
+        def succeeded(c):
+            if self.metrics is not None:
+                self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, target.rds_resource_id)
+            return c
+
+        return d.addCallback(lambda _: conn.ready).addCallbacks(succeeded, failed)

@@ -1,0 +1,629 @@
+"""The client-facing side of a MySQL/MariaDB proxy: one protocol instance per client session.
+
+Phases: greeting (HandshakeV10 with the database's version), authentication against the secrets
+store (`mysql_auth`), an optional check of the initial database on a borrowed connection, then
+the command phase.
+
+Command phase: one client command at a time.  Local commands (COM_PING, COM_QUIT,
+COM_RESET_CONNECTION, COM_CHANGE_USER) never borrow.  Others borrow a connection (if the session
+holds none), bring it to the session's tracked values (`mysql_state`), and are relayed; the
+response is relayed unchanged while `ResponseTracker` finds its end.  The connection goes back to
+the pool when the response is complete, the server status says no transaction is open, and the
+session is not pinned.  Client bytes of a command that arrive while the previous one is being
+answered wait (pipelining clients are served in order).
+"""
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
+from txrdsproxy.proxy import mysql_state as mstate
+from txrdsproxy.proxy.mysql_auth import ClientAuth, parse_change_user
+from txrdsproxy.proxy.mysql_backend import CAPABILITY_PROFILE, BackendGone, DatabaseError
+from txrdsproxy.proxy.session import SessionState
+from txrdsproxy.wire.mysql import errors
+from txrdsproxy.wire.mysql import handshake as hs
+from txrdsproxy.wire.mysql import packets as P
+from txrdsproxy.wire.mysql import pinning
+from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
+from txrdsproxy.wire.mysql.packets import ProtocolError
+
+AUTH_TIMEOUT = 60.0
+PENDING_PAUSE = 4 * 1024 * 1024
+DEFAULT_VERSION = "5.7.0-txrdsproxy"
+MAX_LOCAL_COMMAND = 1 << 16  # COM_CHANGE_USER, COM_INIT_DB: read whole
+_LOCAL_WHOLE = frozenset((P.COM_QUIT, P.COM_PING, P.COM_RESET_CONNECTION, P.COM_CHANGE_USER,
+                          P.COM_INIT_DB))
+_QUERY_WHOLE = pinning.MAX_STATEMENT_BYTES + 1
+
+
+def _header(buf):
+    return buf[0] | (buf[1] << 8) | (buf[2] << 16)
+
+
+class MySQLFrontend(protocol.Protocol):
+    log = Logger()
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.clock = ctx.clock
+        self.state = SessionState.AUTHENTICATING
+        self.id = ctx.next_id()
+        self.user = None
+        self.database = None
+        self.key = None
+        self.desired = {}        # tracked variables this session set
+        self.charset_id = None   # from the handshake / COM_CHANGE_USER, resolved at first borrow
+        self.client_caps = 0
+        self.lease = None
+        self.pin_reason = None
+        self.last_active = self.clock.seconds()
+        self._phase = "greeting"
+        self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
+        self._auth = None
+        self._inbuf = bytearray()
+        self._wait = None        # None | "borrow" | "response"
+        self._skip = 0           # bytes of the current physical packet still to relay/drop
+        self._more = False       # the current logical packet continues in another fragment
+        self._discard = False    # drop (not relay) the rest of the current command
+        self._cmd = None
+        self._cmd_tracked = None
+        self._cmd_db = None
+        self._borrow_d = None
+        self._timer = None
+        self._paused = False
+        self._server_caps = 0
+        self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
+
+    def __repr__(self):
+        return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
+
+    def set_state(self, state):
+        self.state = state
+
+    # -- connection -----------------------------------------------------------------------------
+    def connectionMade(self):
+        ctx = self.ctx
+        ctx.sessions.add(self)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        if ctx.metrics is not None:
+            ctx.metrics.client_connections_received.inc(ctx.name)
+        self._timer = self.clock.callLater(AUTH_TIMEOUT, self._check_idle)
+        if len(ctx.sessions) > ctx.config.max_client_connections:
+            return self._fatal(errors.too_many_connections(ctx.config.max_client_connections), 0)
+        if not ctx.rate_limiter.admit():
+            return self._fatal(errors.rate_limit(_number(ctx.config.max_connection_rate)), 0)
+        ctx.connector.probe().addCallbacks(self._greet, self._probe_failed)
+
+    def _probe_failed(self, failure):
+        self.log.warn("{s}: cannot reach the database for its greeting: {e}", s=self,
+                      e=failure.getErrorMessage())
+        self._fatal(errors.unknown_error(), 0)
+
+    def _greet(self, server):
+        if self._phase != "greeting":
+            return
+        self._server_caps = hs.proxy_server_capabilities() & (server.capabilities | ~CAPABILITY_PROFILE)
+        self._server_caps &= ~P.CLIENT_COMPRESS
+        self._phase = "handshake"
+        self._auth = ClientAuth(self)
+        packet = hs.build_handshake_v10(
+            server.server_version or DEFAULT_VERSION, self.id, self._auth.scramble,
+            self._server_caps, server.charset or 45, P.SERVER_STATUS_AUTOCOMMIT,
+            hs.NATIVE_PASSWORD)
+        self.transport.write(P.encode_packet(packet, 0))
+
+    def _check_idle(self):
+        self._timer = None
+        if self.state is SessionState.CLOSED:
+            return
+        if self._phase != "command":
+            self.log.info("{s}: authentication timed out", s=self)
+            self._close_client()
+            return
+        timeout = self.ctx.config.idle_client_timeout
+        idle_for = self.clock.seconds() - self.last_active
+        if idle_for >= timeout and self._wait is None:
+            self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
+            self._close_client()
+            return
+        self._timer = self.clock.callLater(max(1.0, timeout - idle_for), self._check_idle)
+
+    def dataReceived(self, data):
+        try:
+            if self._phase == "command":
+                self.last_active = self.clock.seconds()
+                self._inbuf += data
+                self._pump()
+            elif self._phase in ("handshake", "auth"):
+                for seq, payload in self._reader.feed(data):
+                    if self._phase == "handshake":
+                        self._handshake_response(seq, payload)
+                    elif self._phase == "auth":
+                        self._auth.feed(seq, payload)
+                    else:
+                        raise ProtocolError("client data before the authentication finished")
+            elif self._phase == "login":
+                self._inbuf += data
+            # greeting/closing: ignore
+        except ProtocolError as e:
+            self.log.info("{s}: protocol violation from client: {e}", s=self, e=e)
+            self._close_client()
+
+    # -- handshake and authentication -----------------------------------------------------------
+    def _handshake_response(self, seq, payload):
+        response = hs.parse_handshake_response41(payload, self._server_caps)
+        if isinstance(response, hs.SSLRequest):
+            return self._fatal(P.err_packet(2026, "HY000", "TLS is not enabled on this proxy"),
+                               seq + 1)
+        if response.capabilities & P.CLIENT_COMPRESS:
+            return self._fatal(errors.compression_not_supported(), seq + 1)
+        self.client_caps = response.capabilities & self._server_caps
+        self._phase = "auth"
+        self._auth.start(response.user, response.auth_plugin, response.auth_response,
+                         response.database, response.charset, seq + 1, switch=False)
+
+    def auth_succeeded(self, user, database, charset_id, seq):
+        """ClientAuth: *user* proved its password; *seq* is the next sequence id to send."""
+        self.user = user
+        self.key = (user, self.client_caps & CAPABILITY_PROFILE)
+        self.desired = {}
+        self.charset_id = self.key_charset = charset_id
+        self.database = database or None
+        self.pin_reason = None
+        if self.database is None:
+            return self._welcome(seq)
+        self._phase = "login"
+        self._borrow_d = d = self.ctx.pool.borrow(self.key)
+        d.addCallback(self._login_lease, seq)
+        d.addErrback(self._login_failed, seq)
+
+    def auth_failed(self, user, why, seq):
+        self.log.info("{s}: authentication failed for {user}: {why}", s=self, user=user, why=why)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.client_connections_setup_failed_auth.inc(self.ctx.name)
+        self._fatal(errors.access_denied(user), seq)
+
+    def write_packet(self, payload, seq):
+        self.transport.write(P.encode_packet(payload, seq))
+
+    @defer.inlineCallbacks
+    def _login_lease(self, lease, seq):
+        self._borrow_d = None
+        conn = lease.conn
+        self._resolve_charset(conn)
+        try:
+            yield conn.sync(self.desired, self.database)
+        except DatabaseError as e:
+            lease.release(clean=conn.state == "borrowed" and not conn.busy)
+            self._fatal(e.payload, seq)
+            return
+        except Exception:
+            lease.release(clean=False, reason="sync failed at login")
+            raise
+        lease.release(clean=True)
+        if self.state is not SessionState.CLOSED:
+            self._welcome(seq)
+
+    def _login_failed(self, failure, seq):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
+            return
+        self._fatal(self._error_payload(failure), seq)
+
+    def _welcome(self, seq):
+        self.write_packet(P.ok_packet(status=self._status()), seq)
+        leftover = self._reader.take_buffer()
+        self._phase = "command"
+        self.set_state(SessionState.IDLE)
+        self.last_active = self.clock.seconds()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(self.ctx.config.idle_client_timeout, self._check_idle)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.client_connections_setup_succeeded.inc(self.ctx.name)
+        if leftover:
+            self._inbuf[:0] = leftover
+        if self._inbuf:
+            self._pump()
+
+    def _resolve_charset(self, conn):
+        if self.charset_id is None:
+            return
+        collations = conn.connector.collations
+        if collations is None:
+            return
+        handshake_charset = conn.handshake.charset if conn.handshake else None
+        if self.charset_id != handshake_charset:
+            for name, value in collations.for_id(self.charset_id).items():
+                self.desired.setdefault(name, value)
+        self.charset_id = None
+
+    # -- command phase: client -> database --------------------------------------------------------
+    def _pump(self):
+        """Relay or answer complete client commands, one at a time."""
+        buf = self._inbuf
+        while self._phase == "command":
+            if self._skip:
+                n = min(self._skip, len(buf))
+                if not n:
+                    break
+                if not self._discard:
+                    self.lease.conn.write(bytes(buf[:n]))
+                del buf[:n]
+                self._skip -= n
+                continue
+            if self._more:
+                if len(buf) < 4:
+                    break
+                length = _header(buf)
+                self._more = length == P.MAX_PACKET_CHUNK
+                if not self._discard:
+                    self.lease.conn.write(bytes(buf[:4]))
+                del buf[:4]
+                self._skip = length
+                continue
+            if self._wait == "response":
+                tracker = self.lease.conn.tracker
+                if not tracker.awaiting_client_data or len(buf) < 4:
+                    break
+                length = _header(buf)  # LOCAL INFILE data: one physical packet at a time
+                tracker.client_packet(length)
+                self.lease.conn.write(bytes(buf[:4]))
+                del buf[:4]
+                self._skip = length
+                continue
+            if self._wait is not None:
+                break
+            self._discard = False
+            if len(buf) < 5:
+                if len(buf) == 4 and _header(buf) == 0:
+                    raise ProtocolError("empty command packet")
+                break
+            length, cmd = _header(buf), buf[4]
+            if cmd in _LOCAL_WHOLE or (cmd == P.COM_QUERY and length <= _QUERY_WHOLE):
+                if length >= MAX_LOCAL_COMMAND and cmd != P.COM_QUERY:
+                    raise ProtocolError(f"command 0x{cmd:02x} too long ({length} bytes)")
+                if len(buf) < 4 + length:
+                    break
+            self._command(cmd, length)
+        if len(buf) > PENDING_PAUSE and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and len(buf) < PENDING_PAUSE // 4:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _take_whole(self, length):
+        seq = self._inbuf[3]
+        payload = bytes(self._inbuf[5:4 + length])
+        del self._inbuf[:4 + length]
+        return seq, payload
+
+    def _command(self, cmd, length):
+        if cmd == P.COM_QUIT:
+            self._take_whole(length)
+            self._close_client()
+            return
+        if cmd == P.COM_PING:
+            seq, _ = self._take_whole(length)
+            self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+            return
+        if cmd == P.COM_RESET_CONNECTION:
+            seq, _ = self._take_whole(length)
+            self._reset_session()
+            self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+            return
+        if cmd == P.COM_CHANGE_USER:
+            seq, payload = self._take_whole(length)
+            self._change_user(seq, payload)
+            return
+        self._cmd_tracked = self._cmd_db = None
+        if cmd == P.COM_QUERY:
+            if length > _QUERY_WHOLE:
+                self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
+            else:
+                sql = bytes(self._inbuf[5:4 + length])
+                result = pinning.classify_query(sql, self._exclude_sets)
+                if isinstance(result, pinning.TrackedSet):
+                    bad = result.invalid_charset_client
+                    if bad is not None:
+                        seq, _ = self._take_whole(length)
+                        self.write_packet(errors.bad_charset_client(bad), seq + 1)
+                        return
+                    self._cmd_tracked = result
+                elif result is not None:
+                    self._pin(result)
+                self._cmd_db = mstate.use_target(sql.decode("utf-8", "replace"))
+        elif cmd == P.COM_INIT_DB:
+            self._cmd_db = bytes(self._inbuf[5:4 + length]).decode("utf-8", "replace")
+        elif cmd == P.COM_STMT_PREPARE:
+            self._pin(pinning.PinReason.PREPARED_STATEMENT)
+        elif cmd == P.COM_SET_OPTION:
+            self._pin(pinning.PinReason.SET_VARIABLE)
+        elif cmd in UNSUPPORTED:
+            self._fail_command(P.err_packet(1047, "08S01", "Unknown command"))
+            return
+        elif cmd in NO_RESPONSE and self.lease is None:
+            self._drop_command()  # COM_STMT_CLOSE & co. of a statement that can't exist
+            return
+        self._cmd = cmd
+        if self.lease is not None and self._wait is None:
+            self._dispatch()
+        else:
+            self._borrow()
+
+    def _dispatch(self):
+        """Send the command at the head of the buffer to the leased connection."""
+        conn = self.lease.conn
+        tracker = conn.tracker
+        tracker.last_error = None
+        tracker.take_session_state_changes()
+        tracker.expect(self._cmd)
+        buf = self._inbuf
+        length = _header(buf)
+        self._more = length == P.MAX_PACKET_CHUNK
+        conn.write(bytes(buf[:4]))
+        del buf[:4]
+        self._skip = length
+        self._discard = False
+        if self._cmd in NO_RESPONSE:  # the lease stays until the next response completes
+            self._wait = None
+            self._cmd = None
+        else:
+            self._wait = "response"
+
+    def _drop_command(self):
+        buf = self._inbuf
+        length = _header(buf)
+        self._more = length == P.MAX_PACKET_CHUNK
+        del buf[:4]
+        self._skip = length
+        self._discard = True
+
+    def _fail_command(self, err_payload):
+        """Answer the command at the head of the buffer with an error and drop it."""
+        seq = self._inbuf[3]
+        self._drop_command()
+        self._wait = None
+        self._cmd = None
+        self.write_packet(err_payload, seq + 1)
+
+    def _pin(self, reason):
+        if self.pin_reason is not None:
+            return
+        self.pin_reason = reason
+        self.ctx.count_pin(reason.value)
+        self.log.info("{s}: pinned, reason={reason}", s=self, reason=reason.value)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.pins.inc(self.ctx.name, reason.value)
+        if self.lease is not None:
+            self.lease.conn.session_dirty = True
+            self.set_state(SessionState.PINNED)
+
+    # -- borrowing ----------------------------------------------------------------------------------
+    def _borrow(self):
+        self._wait = "borrow"
+        self.set_state(SessionState.BORROWING)
+        if self.lease is not None:  # held (pinned or in a transaction): just sync
+            self._got_lease(self.lease)
+            return
+        self._borrow_d = d = self.ctx.pool.borrow(self.key)
+        d.addCallbacks(self._got_lease, self._borrow_failed)
+
+    def _got_lease(self, lease):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED:
+            lease.release(clean=True)
+            return
+        self.lease = lease
+        conn = lease.conn
+        if self.pin_reason is not None:
+            conn.session_dirty = True
+        self._resolve_charset(conn)
+        conn.sync(self.desired, self.database).addCallbacks(
+            self._synced, self._sync_failed, callbackArgs=(lease,), errbackArgs=(lease,))
+
+    def _synced(self, _, lease):
+        if self.state is SessionState.CLOSED or lease.released or self.lease is not lease:
+            return
+        conn = lease.conn
+        conn.attach(self)
+        ct, bt = self.transport, conn.transport
+        ct.registerProducer(bt, True)
+        bt.registerProducer(ct, True)
+        self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
+        self._dispatch()
+        self._pump()
+
+    def _sync_failed(self, failure, lease):
+        if self.state is SessionState.CLOSED or self.lease is not lease:
+            return
+        conn = lease.conn
+        self.lease = None
+        if failure.check(DatabaseError):
+            lease.release(clean=conn.state == "borrowed" and not conn.busy,
+                          needs_reset=conn.session_dirty or conn.tracker.in_transaction)
+        else:
+            lease.release(clean=False, reason=f"sync failed: {failure.getErrorMessage()}")
+        self._command_failed(failure)
+
+    def _borrow_failed(self, failure):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
+            return
+        self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
+        self._command_failed(failure)
+
+    def _command_failed(self, failure):
+        self.set_state(SessionState.IDLE)
+        self._fail_command(self._error_payload(failure))
+        self._pump()
+
+    def _error_payload(self, failure):
+        if failure.check(BorrowTimeout):
+            return errors.borrow_timeout()
+        if failure.check(DatabaseError):
+            return failure.value.payload
+        if failure.check(BackendGone):
+            return P.err_packet(2013, "HY000", "Lost connection to the database")
+        if failure.check(PoolClosed):
+            return P.err_packet(1053, "08S01", "Server shutdown in progress")
+        self.log.failure("{s}: unexpected failure", failure, s=self)
+        return errors.unknown_error()
+
+    # -- database -> client (called by the backend connection) ---------------------------------------
+    def backend_data(self, data):
+        self.transport.write(data)
+
+    def infile_requested(self):
+        self._pump()
+
+    def response_complete(self):
+        conn = self.lease.conn
+        tracker = conn.tracker
+        ok = tracker.last_error is None
+        if ok:
+            if self._cmd_tracked is not None:
+                applied = mstate.apply_assignments(
+                    self.desired, self._cmd_tracked.assignments, conn.connector.collations)
+                for name, value in applied.items():
+                    if value is None:
+                        conn.current.pop(name, None)
+                    else:
+                        conn.current[name] = value
+            if self._cmd_db is not None:
+                self.database = conn.database = self._cmd_db
+        for kind, value in tracker.take_session_state_changes():
+            if kind == P.SESSION_TRACK_SCHEMA:
+                self.database = conn.database = value or None
+            elif kind == P.SESSION_TRACK_SYSTEM_VARIABLES and value[0] in mstate.ORDER:
+                name = value[0]
+                self.desired[name] = conn.current[name] = mstate.normalize(name, value[1])
+        autocommit = "1" if tracker.status & P.SERVER_STATUS_AUTOCOMMIT else "0"
+        self.desired["autocommit"] = conn.current["autocommit"] = autocommit
+        self._wait = None
+        self._cmd = self._cmd_tracked = self._cmd_db = None
+        self._after_command()
+        self._pump()
+
+    def _after_command(self):
+        if self.lease is not None and self.pin_reason is None \
+                and not self.lease.conn.tracker.in_transaction:
+            self._release()
+
+    def _release(self, needs_reset=False):
+        lease, self.lease = self.lease, None
+        conn = lease.conn
+        self._detach(conn)
+        lease.release(clean=True, needs_reset=needs_reset)
+        self.set_state(SessionState.IDLE)
+
+    def _detach(self, conn):
+        if conn._sink is self:
+            conn.detach()
+            ct, bt = self.transport, conn.transport
+            ct.unregisterProducer()
+            if bt is not None:
+                bt.unregisterProducer()
+                bt.resumeProducing()
+            ct.resumeProducing()
+
+    def backend_lost(self, conn, why):
+        """The database connection broke under this session: like a server crash, hang up."""
+        if self.lease is not None and self.lease.conn is conn:
+            lease, self.lease = self.lease, None
+            lease.release(clean=False, reason=why)
+        self.log.info("{s}: database connection lost: {why}", s=self, why=why)
+        self._close_client()
+
+    # -- session-level commands ------------------------------------------------------------------------
+    def _status(self):
+        if self.lease is not None and self.lease.conn.tracker is not None:
+            status = self.lease.conn.tracker.status
+            return status & ~(P.SERVER_SESSION_STATE_CHANGED | P.SERVER_MORE_RESULTS_EXISTS)
+        return 0 if self.desired.get("autocommit") == "0" else P.SERVER_STATUS_AUTOCOMMIT
+
+    def _reset_session(self, charset_id=None):
+        """COM_RESET_CONNECTION / COM_CHANGE_USER: drop session state; unpin (reset the connection)."""
+        if self.lease is not None:
+            conn = self.lease.conn
+            dirty = self.pin_reason is not None or conn.tracker.in_transaction
+            if self.pin_reason is not None:
+                conn.session_dirty = True
+            self._release(needs_reset=dirty)
+        self.pin_reason = None
+        self.desired = {}
+        self.charset_id = charset_id if charset_id is not None else self.key_charset
+        self.set_state(SessionState.IDLE)
+
+    def _change_user(self, seq, payload):
+        request = parse_change_user(payload, self.client_caps)
+        self._reset_session(request.charset)
+        self.key_charset = request.charset if request.charset is not None else self.key_charset
+        self._phase = "auth"
+        # Bytes already buffered belong after the authentication: hand them to the reader.
+        leftover, self._inbuf = bytes(self._inbuf), bytearray()
+        self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
+        self._auth = ClientAuth(self)
+        self._auth.start(request.user, request.auth_plugin, request.auth_response,
+                         request.database, request.charset, seq + 1, switch=True)
+        if leftover:
+            self.dataReceived(leftover)
+
+    # -- ending -----------------------------------------------------------------------------------------
+    def _fatal(self, payload, seq):
+        if self.state is SessionState.CLOSED or self._phase == "closing":
+            return
+        self._phase = "closing"
+        self.write_packet(payload, seq)
+        self.transport.loseConnection()
+
+    def _close_client(self):
+        self._phase = "closing"
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        ctx = self.ctx
+        self.set_state(SessionState.CLOSED)
+        self._phase = "closing"
+        ctx.sessions.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._borrow_d is not None:
+            d, self._borrow_d = self._borrow_d, None
+            d.cancel()
+        lease, self.lease = self.lease, None
+        if lease is not None and not lease.released:
+            conn = lease.conn
+            if conn.state != "closed" and conn._sink is self:
+                conn.detach()
+                bt = conn.transport
+                if bt is not None:
+                    bt.unregisterProducer()
+                    bt.resumeProducing()
+            clean = (self._wait is None and not self._skip and not self._more
+                     and not conn.busy and conn.tracker is not None)
+            if clean:
+                needs_reset = self.pin_reason is not None or conn.tracker.in_transaction
+                lease.release(clean=True, needs_reset=needs_reset)
+            else:
+                self.log.info("{s}: client left mid-command; closing its database connection", s=self)
+                lease.release(clean=False, reason="client disconnected mid-command")
+        if ctx.metrics is not None:
+            ctx.metrics.client_connections_closed.inc(ctx.name)
+
+    key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else value
+
+
+class MySQLFrontendFactory(protocol.Factory):
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def buildProtocol(self, addr):
+        return MySQLFrontend(self.ctx)
