@@ -313,3 +313,64 @@ def run_psql(proxy, pg_server, args, user="app_scram", dbname="appdb", input=Non
     cmd = [PSQL, "-X", "-h", proxy.host, "-p", str(proxy.port), "-U", user, "-d", dbname] + list(args)
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
                           env=client_env(pg_server.users[user], **env))
+
+
+# -- raw protocol, for what drivers will not send ----------------------------------------------
+
+def startup_packet(params, version=196608):
+    """A StartupMessage (default protocol 3.0) with *params*."""
+    import struct
+    body = struct.pack("!I", version) + b"".join(
+        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def raw_connect(proxy, timeout=10):
+    sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
+    return sock
+
+
+def read_messages(sock, until=None, timeout=10):
+    """Read backend messages until the socket closes or a message of kind *until* arrives.
+
+    -> [(kind, payload)]; kind is a one-byte bytes.
+    """
+    import struct
+    sock.settimeout(timeout)
+    buf = b""
+    out = []
+    while True:
+        while len(buf) >= 5:
+            (length,) = struct.unpack("!I", buf[1:5])
+            if len(buf) < 1 + length:
+                break
+            out.append((buf[:1], buf[5:1 + length]))
+            buf = buf[1 + length:]
+            if until is not None and out[-1][0] == until:
+                return out
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            data = b""
+        if not data:
+            return out
+        buf += data
+
+
+def error_fields(payload):
+    """ErrorResponse/NoticeResponse body -> {field code: text}."""
+    fields = {}
+    for part in payload.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode()
+    return fields
+
+
+def raw_error(proxy, packet):
+    """Send *packet* on a new connection; -> fields of the ErrorResponse answering it."""
+    with raw_connect(proxy) as sock:
+        sock.sendall(packet)
+        msgs = read_messages(sock)
+    errors = [error_fields(p) for k, p in msgs if k == b"E"]
+    assert errors, f"no ErrorResponse in {msgs!r}"
+    return errors[0]
