@@ -107,3 +107,146 @@ def test_unknown_initial_database(mysql_proxy, mariadb_server):
     with pytest.raises(pymysql.err.OperationalError) as info:
         pm(mysql_proxy, mariadb_server, database="no_such_db")
     assert info.value.args[0] == 1049
+
+
+# -- protocol features -----------------------------------------------------------------------------
+
+def test_multi_statements_and_call_multi_results(mysql_proxy, mariadb_server):
+    conn = pm(mysql_proxy, mariadb_server,
+              client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1; SELECT 2, 3; DO 0")
+        assert cur.fetchall() == ((1,),)
+        assert cur.nextset() and cur.fetchall() == ((2, 3),)
+        cur.execute("DROP PROCEDURE IF EXISTS two_sets")
+        cur.execute("CREATE PROCEDURE two_sets() BEGIN SELECT 'a'; SELECT 'b', 'c'; END")
+        cur.execute("CALL two_sets()")
+        assert cur.fetchall() == (("a",),)
+        assert cur.nextset() and cur.fetchall() == (("b", "c"),)
+        while cur.nextset():
+            pass
+        with pytest.raises(pymysql.err.ProgrammingError):
+            cur.execute("SELECT 1; SELECT * FROM nope")
+            while cur.nextset():
+                pass
+        cur.execute("SELECT 'still fine'")
+        assert cur.fetchone() == ("still fine",)
+    conn.close()
+
+
+def test_load_data_local_infile(mysql_proxy, mariadb_server, tmp_path):
+    src = tmp_path / "rows.csv"
+    src.write_text("".join(f"{i},row {i}\n" for i in range(1, 20001)))
+    conn = pm(mysql_proxy, mariadb_server, local_infile=True)
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS infile_t")
+        cur.execute("CREATE TABLE infile_t (id INT PRIMARY KEY, label VARCHAR(40))")
+        cur.execute(f"LOAD DATA LOCAL INFILE '{src}' INTO TABLE infile_t "
+                    "FIELDS TERMINATED BY ',' LINES TERMINATED BY '\\n'")
+        cur.execute("SELECT COUNT(*), MAX(id) FROM infile_t")
+        assert cur.fetchone() == (20000, 20000)
+    conn.close()
+    out = mariadb_cli(mysql_proxy, mariadb_server, ["--local-infile=1", "-e",
+                      f"DELETE FROM infile_t; LOAD DATA LOCAL INFILE '{src}' INTO TABLE infile_t"
+                      " FIELDS TERMINATED BY ','; SELECT COUNT(*) FROM infile_t"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["20000"]
+
+
+@pytest.mark.parametrize("pure", [True, False], ids=["pure", "cext"])
+def test_binary_prepared_statements(mysql_proxy, mariadb_server, pure):
+    conn = mc(mysql_proxy, mariadb_server, pure=pure, autocommit=True)
+    cur = conn.cursor(prepared=True)
+    cur.execute("SELECT ? + 1, ?", (41, "text"))
+    assert cur.fetchall() == [(42, "text")]
+    cur.execute("SELECT ? * 2", (21,))
+    assert cur.fetchall() == [(42,)]
+    cur.close()
+    assert mysql_proxy.call(lambda: mysql_proxy.ctx.pin_counts.get("prepared_statement", 0)) >= 1
+    conn.close()
+
+
+def test_com_init_db_and_use(mysql_proxy, mariadb_server):
+    mariadb_server.mariadb("CREATE DATABASE IF NOT EXISTS otherdb")
+    conn = pm(mysql_proxy, mariadb_server)
+    conn.select_db("otherdb")  # COM_INIT_DB
+    with conn.cursor() as cur:
+        cur.execute("SELECT DATABASE()")
+        assert cur.fetchone() == ("otherdb",)
+        cur.execute("USE appdb")
+        cur.execute("SELECT DATABASE()")
+        assert cur.fetchone() == ("appdb",)
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        conn.select_db("no_such_db")
+    assert info.value.args[0] == 1049
+    with conn.cursor() as cur:
+        cur.execute("SELECT DATABASE()")
+        assert cur.fetchone() == ("appdb",)
+    conn.close()
+
+
+def test_change_user_and_reset_connection(mysql_proxy, mariadb_server):
+    conn = mc(mysql_proxy, mariadb_server, autocommit=True)
+    cur = conn.cursor()
+    cur.execute("SET @v = 7")  # pins
+    cur.execute("SELECT @v")
+    assert cur.fetchall() == [(7,)]
+    conn.cmd_reset_connection()
+    cur = conn.cursor()
+    cur.execute("SELECT @v")
+    assert cur.fetchall() == [(None,)]
+    cur.execute("SET @w = 8")
+    cur.close()
+    conn.cmd_change_user(username=USER, password=mariadb_server.users[USER], database="appdb")
+    cur = conn.cursor()
+    cur.execute("SELECT @w, CURRENT_USER(), DATABASE()")
+    assert cur.fetchall() == [(None, "app_native@%", "appdb")]
+    cur.close()
+    conn.close()
+
+
+def test_change_user_wrong_password(mysql_proxy, mariadb_server):
+    conn = mc(mysql_proxy, mariadb_server)
+    with pytest.raises(mysql_connector.Error) as info:
+        conn.cmd_change_user(username=USER, password="bad", database="appdb")
+    assert info.value.errno == 1045
+
+
+def test_large_rows_over_16mib(mariadb_server, tmp_path):
+    mariadb_server.mariadb("SET GLOBAL max_allowed_packet = 64*1024*1024")
+    proxy = start_mysql_proxy(tmp_path, mariadb_server, name="big")
+    try:
+        size = 20 * 1024 * 1024
+        conn = pm(proxy, mariadb_server, max_allowed_packet=64 * 1024 * 1024)
+        with conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS big_t")
+            cur.execute("CREATE TABLE big_t (id INT, b LONGBLOB)")
+            blob = bytes(range(256)) * (size // 256)
+            cur.execute("INSERT INTO big_t VALUES (1, %s)", (blob,))  # >16 MiB client packet
+            cur.execute("SELECT b FROM big_t WHERE id = 1")  # >16 MiB row
+            assert cur.fetchone()[0] == blob
+            cur.execute("SELECT LENGTH(REPEAT('x', %s))" % size)
+            assert cur.fetchone() == (size,)
+            cur.execute("SELECT 'next'")
+            assert cur.fetchone() == ("next",)
+        conn.close()
+    finally:
+        proxy.stop()
+
+
+def test_compression_refused_cleanly(mysql_proxy, mariadb_server):
+    out = mariadb_cli(mysql_proxy, mariadb_server, ["--compress", "-e", "SELECT 5"])
+    # The proxy never advertises CLIENT_COMPRESS: the client proceeds uncompressed.
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["5"]
+
+
+def test_invalid_charset_client(mysql_proxy, mariadb_server):
+    conn = pm(mysql_proxy, mariadb_server)
+    with conn.cursor() as cur:
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            cur.execute("SET character_set_client = 'ucs2'")
+        assert info.value.args[0] == 1231
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    conn.close()
