@@ -146,6 +146,8 @@ class BackendPool:
             return
         coming = collections.Counter(self._connecting)
         for waiter in list(self._waiters):
+            if waiter.deferred.called:  # served re-entrantly by a callback of this loop
+                continue
             key = waiter.key
             idle = self._idle.get(key)
             if idle:
