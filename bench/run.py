@@ -16,9 +16,10 @@ threads) direct vs proxy.
 
     .venv/bin/python bench/run.py [--quick] [--only pg|mysql] [--profile] [-T SECONDS]
 
---profile runs extra phases with the proxy under cProfile (stopped with
-SIGTERM so that the profile is written) and prints the top functions by
-tottime for the persistent run and for the -C md5 run.
+--profile runs extra phases with the proxy under cProfile (CPU time, only
+while pgbench runs; the proxy is stopped with SIGTERM and writes the profile)
+and prints the top functions by tottime for the persistent run and for the
+-C md5 run.
 
 Everything started (servers, proxy, PgBouncer, temp dirs) is stopped and
 removed on exit, on Ctrl-C and on SIGTERM.
@@ -109,17 +110,20 @@ def stop_process(proc, sig=signal.SIGTERM, timeout=30):
 
 
 PROFILED_TWISTD = """
-import cProfile, sys
+import cProfile, signal, sys, time
 from twisted.application import app
 from twisted.scripts.twistd import run
 app._exitWithSignal = lambda sig: None
 out, sys.argv = sys.argv[1], ["twistd"] + sys.argv[2:]
-profile = cProfile.Profile()
+profile = cProfile.Profile(time.process_time)  # CPU time: the machine is shared and busy
+signal.signal(signal.SIGUSR1, lambda *a: profile.enable())
+signal.signal(signal.SIGUSR2, lambda *a: profile.disable())
 try:
-    profile.runcall(run)
+    run()
 except SystemExit:
     pass
 finally:
+    profile.disable()
     profile.dump_stats(out)
 """
 
@@ -158,7 +162,8 @@ class Proxy:
             return twistd
         # Not `python -m cProfile twistd ...`: on SIGTERM twistd stops the reactor and then
         # kills itself with the same signal (app._exitWithSignal), so cProfile never gets to
-        # write its file.  This wrapper turns that last step off and dumps the profile.
+        # write its file.  This wrapper turns that last step off and dumps the profile, which
+        # covers only what runs between SIGUSR1 and SIGUSR2 (see profiling()).
         return [sys.executable, "-c", PROFILED_TWISTD, str(self.profile_path)] + twistd[1:]
 
     def start(self):
@@ -171,6 +176,16 @@ class Proxy:
             log.close()
         wait_port(self.port, self.proc, 30, "proxy", self.log_path)
         return self
+
+    @contextlib.contextmanager
+    def profiling(self):
+        """Profile the proxy (started with profile_path) while the block runs."""
+        self.proc.send_signal(signal.SIGUSR1)
+        try:
+            yield
+        finally:
+            if self.alive():
+                self.proc.send_signal(signal.SIGUSR2)
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -387,7 +402,9 @@ def profile_pg(args, root, pg):
         proxy = pg_proxy(root / ("proxy-profile-%d" % i), pg, profile_path=prof).start()
         try:
             pgbench(pg, proxy.port, key, ["-M", "simple"], 1, "warm-up", record=False)
-            tps = pgbench(pg, proxy.port, key, options, args.time, "%s via proxy (cProfile)" % label)
+            with proxy.profiling():
+                tps = pgbench(pg, proxy.port, key, options, args.time,
+                              "%s via proxy (cProfile)" % label)
         finally:
             proxy.stop()
         say("\n== proxy profile (cProfile, tottime): %s, %s TPS under the profiler ==" % (
@@ -459,7 +476,8 @@ def churn(port, seconds, threads=4):
         while time.monotonic() < deadline:
             try:
                 conn = pymysql.connect(host=HOST, port=port, user=MY_USER, password=MY_PASSWORD,
-                                       database=MY_DB, connect_timeout=10)
+                                       database=MY_DB, connect_timeout=10,
+                                       ssl_disabled=True)  # else a new SSL context per connect
                 try:
                     with conn.cursor() as cur:
                         cur.execute("SELECT 1")
@@ -513,7 +531,9 @@ def run_mysql(args, stack, root):
         for target, port in targets:
             res[target] = sysbench(test, port, args.time, "run", "%s via %s" % (test, target))
         rows.append((test, res))
-        say("  %-20s direct %s  proxy %s" % (test, res["direct"], res["proxy"]))
+        say("  %-20s direct %8s tps  proxy %8s tps" % (
+            test, fmt_tps(res["direct"] and res["direct"][0]),
+            fmt_tps(res["proxy"] and res["proxy"][0])))
     churn_seconds = 2 if args.quick else 5
     churn_res = {}
     for target, port in targets:
