@@ -35,6 +35,8 @@ def write_mysql_config(dir, server, secrets=None, name="test-mysql", **overrides
     }
     for key, value in overrides.items():
         (pool if key in POOL_KEYS else proxy)[key] = value
+    if "MaxIdleConnectionsPercent" not in overrides:
+        pool["MaxIdleConnectionsPercent"] = min(50, pool["MaxConnectionsPercent"])
     proxy["TargetGroups"] = [{
         "TargetGroupName": "default",
         "ConnectionPoolConfig": pool,

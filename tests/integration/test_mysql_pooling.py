@@ -1,0 +1,223 @@
+"""Multiplexing, tracked variables, pinning, limits and disconnects through the MySQL proxy."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+pymysql = pytest.importorskip("pymysql")
+
+try:
+    from mysql_harness import start_mysql_proxy
+except ImportError:
+    from tests.integration.mysql_harness import start_mysql_proxy
+
+MUX_USER = "app_mux"
+MUX_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_mux"
+MUX_PASSWORD = "mux-pass-31ad"
+
+
+@pytest.fixture(scope="module")
+def mux_user(mariadb_server):
+    if MUX_USER not in mariadb_server.users:
+        mariadb_server.create_user(MUX_USER, MUX_PASSWORD)
+    return MUX_USER
+
+
+@pytest.fixture
+def proxy_factory(mariadb_server, mux_user, tmp_path):
+    started = []
+
+    def make(**overrides):
+        secrets = {MUX_ARN: (MUX_USER, MUX_PASSWORD, "MYSQL_NATIVE_PASSWORD")}
+        proxy = start_mysql_proxy(tmp_path / f"p{len(started)}", mariadb_server, secrets=secrets,
+                                  name=f"pool{len(started)}", **overrides)
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def connect(proxy, database="appdb", autocommit=True, password=MUX_PASSWORD, **kw):
+    return pymysql.connect(host=proxy.host, port=proxy.port, user=MUX_USER, password=password,
+                           database=database, autocommit=autocommit, **kw)
+
+
+def one(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()
+
+
+def server_connections(server):
+    out = server.mariadb("SELECT COUNT(*) FROM information_schema.processlist"
+                         " WHERE user = '%s'" % MUX_USER)
+    return int(out.strip())
+
+
+# -- multiplexing ------------------------------------------------------------------------------------
+
+def test_many_clients_share_few_connections(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionsPercent=2)  # max_connections=100 -> 2
+    clients = [connect(proxy) for _ in range(12)]
+    errors = []
+    peak = []
+
+    def work(conn, n):
+        try:
+            for i in range(20):
+                assert one(conn, f"SELECT {n} * 1000 + {i}") == (n * 1000 + i,)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(c, n)) for n, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak.append(server_connections(mariadb_server))
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert max(peak + [server_connections(mariadb_server)]) <= 2
+    for c in clients:
+        c.close()
+
+
+def test_transaction_holds_connection_until_commit(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionsPercent=1, ConnectionBorrowTimeout=1)
+    a, b = connect(proxy), connect(proxy)
+    one(a, "DROP TABLE IF EXISTS txn_t")
+    one(a, "CREATE TABLE txn_t (x INT)")
+    a.begin()
+    one(a, "INSERT INTO txn_t VALUES (1)")
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        one(b, "SELECT 1")  # the only connection is in a's transaction
+    assert info.value.args == (9501, "Timed-out waiting to acquire database connection")
+    a.commit()
+    assert one(b, "SELECT COUNT(*) FROM txn_t") == (1,)  # b's session is still usable
+    # autocommit off: the connection is held from the first statement to COMMIT/ROLLBACK.
+    one(a, "SET autocommit = 0")
+    one(a, "INSERT INTO txn_t VALUES (2)")
+    with pytest.raises(pymysql.err.OperationalError):
+        one(b, "SELECT 1")
+    one(a, "ROLLBACK")
+    assert one(b, "SELECT COUNT(*) FROM txn_t") == (1,)
+    assert one(b, "SELECT @@autocommit") == (1,)
+    assert one(a, "SELECT @@autocommit") == (0,)
+    a.close()
+    b.close()
+
+
+def test_tracked_variables_never_leak(proxy_factory, mariadb_server):
+    mariadb_server.mariadb("CREATE DATABASE IF NOT EXISTS otherdb")
+    proxy = proxy_factory(MaxConnectionsPercent=1)  # one connection serves both sessions
+    a, b = connect(proxy), connect(proxy, database="otherdb")
+    default_mode = one(b, "SELECT @@sql_mode")[0]
+    one(a, "SET time_zone = '+05:00'")
+    one(a, "SET sql_mode = 'ANSI_QUOTES'")
+    one(a, "SET NAMES latin1")
+    one(b, "USE appdb")
+    one(a, "USE otherdb")
+    for _ in range(3):
+        assert one(a, "SELECT @@time_zone, @@sql_mode, DATABASE(), @@character_set_client") == \
+            ("+05:00", "ANSI_QUOTES", "otherdb", "latin1")
+        assert one(b, "SELECT @@time_zone, @@sql_mode, DATABASE(), @@character_set_client") == \
+            ("SYSTEM", default_mode, "appdb", "utf8mb4")
+    assert proxy.call(lambda: dict(proxy.ctx.pin_counts)) == {}
+    assert server_connections(mariadb_server) == 1
+    a.close()
+    b.close()
+
+
+# -- pinning -------------------------------------------------------------------------------------------
+
+def test_user_variables_and_temp_tables_pin_then_reset(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionsPercent=1, ConnectionBorrowTimeout=1)
+    a, b = connect(proxy), connect(proxy)  # (login checks the database on a borrowed connection)
+    one(a, "SET @secret = 'a-only'")
+    one(a, "CREATE TEMPORARY TABLE tmp_a (x INT)")
+    one(a, "INSERT INTO tmp_a VALUES (1)")
+    assert one(a, "SELECT @secret, (SELECT COUNT(*) FROM tmp_a)") == ("a-only", 1)
+    assert proxy.session_states().count("pinned") == 1
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        one(b, "SELECT 1")  # pinned connection is not shared
+    assert info.value.args[0] == 9501
+    a.close()  # the pinned connection is reset (COM_RESET_CONNECTION), then reused
+    assert one(b, "SELECT @secret") == (None,)
+    with pytest.raises(pymysql.err.ProgrammingError):
+        one(b, "SELECT * FROM tmp_a")
+    pins = proxy.call(lambda: dict(proxy.ctx.pin_counts))
+    assert pins.get("user_variable") == 1
+    b.close()
+
+
+def test_client_disconnect_mid_transaction_rolls_back(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionsPercent=1)
+    a = connect(proxy)
+    one(a, "DROP TABLE IF EXISTS gone_t")
+    one(a, "CREATE TABLE gone_t (x INT)")
+    a.begin()
+    one(a, "INSERT INTO gone_t VALUES (1)")
+    a.close()
+    b = connect(proxy)
+    assert one(b, "SELECT COUNT(*), @@in_transaction FROM gone_t") == (0, 0)
+    b.close()
+
+
+def test_client_vanishes_mid_query_connection_not_reused(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionsPercent=2)
+    a = connect(proxy)
+    with a.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")
+        first_id = cur.fetchone()[0]
+    # Send a slow query and drop the socket without waiting for the answer.
+    with a.cursor() as cur:
+        a._execute_command(pymysql.constants.COMMAND.COM_QUERY, "SELECT SLEEP(1), CONNECTION_ID()")
+    a._sock.shutdown(socket.SHUT_RDWR)
+    a._sock.close()
+    time.sleep(0.3)
+    b = connect(proxy)
+    assert one(b, "SELECT CONNECTION_ID()")[0] != first_id
+    b.close()
+
+
+# -- limits and errors -----------------------------------------------------------------------------------
+
+def test_max_client_connections(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxClientConnections=2)
+    held = [connect(proxy), connect(proxy)]
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(proxy)
+    assert info.value.args == (1040, "Number simultaneous connections exceeded (2)")
+    for c in held:
+        c.close()
+
+
+def test_connection_rate_limit(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionRate=2)
+    results = []
+    for _ in range(6):
+        try:
+            connect(proxy).close()
+            results.append("ok")
+        except pymysql.err.OperationalError as e:
+            results.append(e.args)
+    assert (1040, "Connections rate limit exceeded (2)") in results
+
+
+def test_caching_sha2_client_auth(mariadb_server, mux_user, tmp_path):
+    secrets = {MUX_ARN: (MUX_USER, MUX_PASSWORD, "MYSQL_CACHING_SHA2_PASSWORD")}
+    proxy = start_mysql_proxy(tmp_path, mariadb_server, secrets=secrets, name="sha2")
+    try:
+        conn = connect(proxy)  # PyMySQL starts with native: auth switch to caching_sha2 (fast path)
+        assert one(conn, "SELECT CURRENT_USER()") == ("app_mux@%",)
+        conn.close()
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            connect(proxy, password="wrong")
+        assert info.value.args[0] == 1045
+    finally:
+        proxy.stop()
