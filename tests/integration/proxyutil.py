@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -319,7 +320,6 @@ def run_psql(proxy, pg_server, args, user="app_scram", dbname="appdb", input=Non
 
 def startup_packet(params, version=196608):
     """A StartupMessage (default protocol 3.0) with *params*."""
-    import struct
     body = struct.pack("!I", version) + b"".join(
         k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
     return struct.pack("!I", len(body) + 4) + body
@@ -335,7 +335,6 @@ def read_messages(sock, until=None, timeout=10):
 
     -> [(kind, payload)]; kind is a one-byte bytes.
     """
-    import struct
     sock.settimeout(timeout)
     buf = b""
     out = []
@@ -374,3 +373,42 @@ def raw_error(proxy, packet):
     errors = [error_fields(p) for k, p in msgs if k == b"E"]
     assert errors, f"no ErrorResponse in {msgs!r}"
     return errors[0]
+
+
+def raw_login(proxy, pg_server, params=None):
+    """Raw MD5 login (app_md5) with arbitrary startup *params*; -> connected socket."""
+    import hashlib
+    sock = raw_connect(proxy)
+    user = "app_md5"
+    sock.sendall(startup_packet(dict({"user": user, "database": "appdb"}, **(params or {}))))
+    msgs = read_messages(sock, until=b"R")
+    kind, payload = msgs[-1]
+    assert kind == b"R" and struct.unpack("!I", payload[:4])[0] == 5, msgs
+    salt = payload[4:8]
+    inner = hashlib.md5((pg_server.users[user] + user).encode()).hexdigest()
+    outer = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+    body = outer.encode() + b"\0"
+    sock.sendall(b"p" + struct.pack("!I", len(body) + 4) + body)
+    msgs = read_messages(sock, until=b"Z")
+    assert msgs and msgs[-1][0] == b"Z", msgs
+    return sock, msgs
+
+
+def raw_query(sock, sql):
+    """A simple Query on a raw session; -> rows as lists of text (asserts no error)."""
+    body = sql.encode() + b"\0"
+    sock.sendall(b"Q" + struct.pack("!I", len(body) + 4) + body)
+    msgs = read_messages(sock, until=b"Z")
+    rows = []
+    for kind, payload in msgs:
+        if kind == b"D":
+            (n,) = struct.unpack("!H", payload[:2])
+            pos, row = 2, []
+            for _ in range(n):
+                (ln,) = struct.unpack("!i", payload[pos:pos + 4])
+                pos += 4
+                row.append(None if ln < 0 else payload[pos:pos + ln].decode())
+                pos += max(ln, 0)
+            rows.append(row)
+        assert kind != b"E", msgs
+    return rows

@@ -8,9 +8,10 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 
 try:
-    from proxyutil import raw_connect, raw_error, startup_packet
+    from proxyutil import raw_connect, raw_error, raw_login, raw_query, startup_packet
 except ImportError:
-    from tests.integration.proxyutil import raw_connect, raw_error, startup_packet
+    from tests.integration.proxyutil import (raw_connect, raw_error, raw_login, raw_query,
+                                             startup_packet)
 
 
 PARAMS = ("application_name", "TimeZone", "DateStyle", "client_encoding", "extra_float_digits")
@@ -75,52 +76,6 @@ def test_startup_parameters_timezone_datestyle_float_digits(pg_proxy_factory, pg
             conn.close()
 
 
-def _login_raw(proxy, pg_server, params):
-    """Raw MD5 login (app_md5) with arbitrary startup *params*; -> connected socket."""
-    import hashlib
-    try:
-        from proxyutil import read_messages
-    except ImportError:
-        from tests.integration.proxyutil import read_messages
-    sock = raw_connect(proxy)
-    user = "app_md5"
-    sock.sendall(startup_packet(dict({"user": user, "database": "appdb"}, **params)))
-    msgs = read_messages(sock, until=b"R")
-    kind, payload = msgs[-1]
-    assert kind == b"R" and struct.unpack("!I", payload[:4])[0] == 5, msgs
-    salt = payload[4:8]
-    inner = hashlib.md5((pg_server.users[user] + user).encode()).hexdigest()
-    outer = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
-    body = outer.encode() + b"\0"
-    sock.sendall(b"p" + struct.pack("!I", len(body) + 4) + body)
-    msgs = read_messages(sock, until=b"Z")
-    assert msgs and msgs[-1][0] == b"Z", msgs
-    return sock, msgs
-
-
-def _simple_query(sock, sql):
-    try:
-        from proxyutil import read_messages
-    except ImportError:
-        from tests.integration.proxyutil import read_messages
-    body = sql.encode() + b"\0"
-    sock.sendall(b"Q" + struct.pack("!I", len(body) + 4) + body)
-    msgs = read_messages(sock, until=b"Z")
-    rows = []
-    for kind, payload in msgs:
-        if kind == b"D":
-            (n,) = struct.unpack("!H", payload[:2])
-            pos, row = 2, []
-            for _ in range(n):
-                (ln,) = struct.unpack("!i", payload[pos:pos + 4])
-                pos += 4
-                row.append(None if ln < 0 else payload[pos:pos + ln].decode())
-                pos += max(ln, 0)
-            rows.append(row)
-        assert kind != b"E", msgs
-    return rows
-
-
 def test_startup_packet_parameters_per_client_cap_1(pg_proxy_factory, pg_server):
     """Every session parameter from the StartupMessage, two clients alternating on one connection."""
     proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1)
@@ -128,8 +83,8 @@ def test_startup_packet_parameters_per_client_cap_1(pg_proxy_factory, pg_server)
                 "client_encoding": "UTF8", "extra_float_digits": "3"}
     b_params = {"application_name": "raw-b", "TimeZone": "America/New_York",
                 "DateStyle": "SQL, DMY", "client_encoding": "LATIN1", "extra_float_digits": "-2"}
-    a, a_login = _login_raw(proxy, pg_server, a_params)
-    b, b_login = _login_raw(proxy, pg_server, b_params)
+    a, a_login = raw_login(proxy, pg_server, a_params)
+    b, b_login = raw_login(proxy, pg_server, b_params)
     try:
         # ParameterStatus at login tells each client its own values.
         for login, params in ((a_login, a_params), (b_login, b_params)):
@@ -140,9 +95,9 @@ def test_startup_packet_parameters_per_client_cap_1(pg_proxy_factory, pg_server)
         sql = "select " + ", ".join(f"current_setting('{p}')" for p in PARAMS)
         for _ in range(3):
             for sock, params in ((a, a_params), (b, b_params)):
-                (row,) = _simple_query(sock, sql)
+                (row,) = raw_query(sock, sql)
                 assert row == [params[p] for p in PARAMS]
-                (row,) = _simple_query(sock, "select now()::text, (1/3::float8)::text")
+                (row,) = raw_query(sock, "select now()::text, (1/3::float8)::text")
                 assert row[0].endswith("+00") == (params["TimeZone"] == "UTC"), row
                 assert row[1] == {"3": "0.3333333333333333", "-2": "0.3333333333333"}[
                     params["extra_float_digits"]]

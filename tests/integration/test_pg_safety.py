@@ -1,0 +1,193 @@
+"""Safety and limits: vanishing clients, malformed input, idle clients, admission limits."""
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+
+try:
+    from proxyutil import error_fields, raw_login, raw_query, read_messages
+except ImportError:
+    from tests.integration.proxyutil import error_fields, raw_login, raw_query, read_messages
+
+
+def _kill(sock):
+    """Close with a RST, as a crashed client would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _send_query(sock, sql):
+    body = sql.encode() + b"\0"
+    sock.sendall(b"Q" + struct.pack("!I", len(body) + 4) + body)
+
+
+def _one(conn, sql, params=None):
+    return conn.execute(sql, params).fetchone()[0]
+
+
+@pytest.fixture
+def safety_table(pg_server):
+    pg_server.psql("drop table if exists safety_t; create table safety_t (x int);"
+                   " alter table safety_t owner to appdb_owner", dbname="appdb")
+    return "safety_t"
+
+
+def _pool_pids(proxy):
+    return proxy.call(lambda: sorted(c.backend_pid for c in proxy.ctx.pool.connections()))
+
+
+def test_client_killed_mid_transaction(pg_proxy_factory, pg_server, safety_table):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1)
+    sock, _ = raw_login(proxy, pg_server)
+    assert raw_query(sock, "begin") == []
+    raw_query(sock, "insert into safety_t values (1)")
+    (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
+    _kill(sock)
+    proxy.wait_for(lambda: proxy.pool_state() == {"idle": 1}, what="connection back, idle")
+    with psycopg.connect(proxy.dsn(pg_server, user="app_md5"), autocommit=True) as conn:
+        assert _one(conn, "select pg_backend_pid()") == int(pid)  # rolled back and reused
+        assert _one(conn, "select count(*) from safety_t") == 0
+        assert _one(conn, "select now() = statement_timestamp()") is True
+        assert _one(conn, "select count(*) from pg_stat_activity where pid = pg_backend_pid()"
+                          " and backend_xid is not null") == 0
+
+
+def test_client_killed_while_query_runs(pg_proxy_factory, pg_server, safety_table):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1)
+    sock, _ = raw_login(proxy, pg_server)
+    (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
+    _send_query(sock, "begin; insert into safety_t values (2); select pg_sleep(0.5)")
+    time.sleep(0.1)
+    _kill(sock)
+    with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:
+        assert _one(conn, "select pg_backend_pid()") != int(pid)  # the dirty one was closed
+        assert _one(conn, "select count(*) from safety_t") == 0
+    assert "client left mid-request" in proxy.logs.text() or "mid-request" in proxy.logs.text()
+
+
+def test_client_killed_mid_copy(pg_proxy_factory, pg_server, safety_table):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2)
+    other = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
+    try:
+        assert _one(other, "select 1") == 1
+        sock, _ = raw_login(proxy, pg_server)
+        (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
+        _send_query(sock, "copy safety_t from stdin")
+        msgs = read_messages(sock, until=b"G")
+        assert msgs[-1][0] == b"G", msgs
+        data = b"".join(f"{i}\n".encode() for i in range(1000))
+        sock.sendall(b"d" + struct.pack("!I", len(data) + 4) + data)
+        _kill(sock)
+        proxy.wait_for(lambda: int(pid) not in _pool_pids(proxy), what="dirty connection closed")
+        live = pg_server.psql(f"select count(*) from pg_stat_activity where pid = {pid}").strip()
+        proxy.wait_for(lambda: pg_server.psql(
+            f"select count(*) from pg_stat_activity where pid = {pid}").strip() == "0",
+            what="server backend gone") if live != "0" else None
+        assert _one(other, "select count(*) from safety_t") == 0
+        for i in range(5):
+            assert _one(other, "select %s::int", (i,)) == i
+    finally:
+        other.close()
+
+
+def test_client_killed_mid_large_result(pg_proxy_factory, pg_server):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2)
+    other = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
+    try:
+        sock, _ = raw_login(proxy, pg_server)
+        (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
+        _send_query(sock, "select repeat('x', 1000) from generate_series(1, 100000)")
+        got = 0
+        while got < 256 * 1024:
+            got += len(sock.recv(65536))
+        _kill(sock)
+        proxy.wait_for(lambda: int(pid) not in _pool_pids(proxy), what="connection closed")
+        assert _one(other, "select count(*) from generate_series(1, 1000)") == 1000
+        with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:
+            assert _one(conn, "select pg_backend_pid()") != int(pid)
+            assert _one(conn, "select 'clean'") == "clean"
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("bad", [
+    b"Q" + struct.pack("!I", 2),                      # length below the header
+    b"Q" + struct.pack("!I", 0x7FFFFFF0) + b"x" * 16,  # length above the maximum
+], ids=["short-length", "huge-length"])
+def test_malformed_message_closes_only_that_client(pg_proxy, pg_server, bad):
+    other = psycopg.connect(pg_proxy.dsn(pg_server), autocommit=True)
+    try:
+        sock, _ = raw_login(pg_proxy, pg_server)
+        sock.sendall(bad)
+        msgs = read_messages(sock)  # until the proxy closes the socket
+        errors = [error_fields(p) for k, p in msgs if k == b"E"]
+        assert errors and errors[0]["C"] == "08P01", msgs
+        assert "Traceback" not in errors[0].get("M", "") + errors[0].get("D", "")
+        assert sock.recv(1) == b""
+        sock.close()
+        assert _one(other, "select 'still here'") == "still here"
+        assert "protocol violation from client" in pg_proxy.logs.text()
+    finally:
+        other.close()
+
+
+def test_idle_client_timeout(pg_proxy_factory, pg_server):
+    proxy = pg_proxy_factory(IdleClientTimeout=1)
+    conn = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
+    busy = psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=None)
+    try:
+        assert _one(conn, "select 1") == 1
+        # A client that keeps working is not idle.
+        for _ in range(6):
+            time.sleep(0.4)
+            assert _one(busy, "select 2") == 2
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+        assert _one(busy, "select 3") == 3
+        assert proxy.pool_state() == {"idle": 1}  # the database connection stayed pooled
+    finally:
+        conn.close()
+        busy.close()
+
+
+def test_long_query_is_not_idle(pg_proxy_factory, pg_server):
+    proxy = pg_proxy_factory(IdleClientTimeout=1)
+    with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:
+        assert _one(conn, "select pg_sleep(2.5)::text") == ""
+
+
+def test_max_client_connections(pg_proxy_factory, pg_server):
+    proxy = pg_proxy_factory(MaxClientConnections=2)
+    a = psycopg.connect(proxy.dsn(pg_server))
+    b = psycopg.connect(proxy.dsn(pg_server))
+    try:
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(proxy.dsn(pg_server))
+        assert "The maximum number of client connections to the proxy exceeded 2." in str(e.value)
+    finally:
+        a.close()
+    proxy.wait_for(lambda: len(proxy.session_states()) == 1, what="a slot free")
+    with psycopg.connect(proxy.dsn(pg_server)) as c:
+        assert _one(c, "select 1") == 1
+    b.close()
+
+
+def test_max_connection_rate(pg_proxy_factory, pg_server):
+    proxy = pg_proxy_factory(MaxConnectionRate=1)
+    results = []
+    for _ in range(4):
+        try:
+            psycopg.connect(proxy.dsn(pg_server)).close()
+            results.append("ok")
+        except psycopg.OperationalError as e:
+            results.append(str(e))
+    assert results[0] == "ok"
+    refused = [r for r in results if r != "ok"]
+    assert refused and all("Rate of connection to proxy exceeded 1." in r for r in refused)
+    time.sleep(1.1)
+    psycopg.connect(proxy.dsn(pg_server)).close()  # the bucket refills
