@@ -26,6 +26,7 @@ removed on exit, on Ctrl-C and on SIGTERM.
 """
 
 import argparse
+import atexit
 import contextlib
 import io
 import json
@@ -174,6 +175,7 @@ class Proxy:
                                          start_new_session=True)
         finally:
             log.close()
+        atexit.register(stop_process, self.proc, signal.SIGKILL, 5)  # if cleanup is cut short
         wait_port(self.port, self.proc, 30, "proxy", self.log_path)
         return self
 
@@ -239,6 +241,7 @@ class PgBouncer:
                                          start_new_session=True)
         finally:
             out.close()
+        atexit.register(stop_process, self.proc, signal.SIGKILL, 5)  # if cleanup is cut short
         wait_port(self.port, self.proc, 20, "pgbouncer", self.log_path)
         return self
 
