@@ -240,7 +240,9 @@ class Demo:
         say(" * Tracked, not pinned: PGAPPNAME=tour %s" % psql)
         say("   then `show application_name;` -- each session sees its own value.")
         if self.mysql_port is not None:
-            say(" * MySQL: select connection_id(); in two mariadb sessions.")
+            say(" * MySQL: select connection_id(); in two mariadb sessions shows the connection")
+            say("   serving each; SET time_zone = '+02:00' in one does not pin, and the other")
+            say("   session keeps its own @@time_zone.")
         say()
         say("Proxy log:  tail -f %s" % os.path.relpath(self.log_path, REPO))
         say("Press Ctrl-C to stop the proxy and the databases (the state directory is removed).")
