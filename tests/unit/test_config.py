@@ -18,7 +18,7 @@ DBProxies:
   - DBProxyName: app-pg
     EngineFamily: POSTGRESQL
     Listen: "tcp:6432:interface=127.0.0.1"
-    RequireTLS: true
+    RequireTLS: false
     IdleClientTimeout: 900
     DebugLogging: true
     MaxClientConnections: 50
@@ -101,7 +101,7 @@ def test_full_valid_config(tmp_path):
                 session_pinning_filters=("EXCLUDE_VARIABLE_SETS",), init_query="SET x = 1"),
             targets=(m.DBProxyTarget("pg-1", "127.0.0.1", 5432, "READ_WRITE"),
                      m.DBProxyTarget("pg-2", "127.0.0.1", 5433, ""))),
-        require_tls=True,
+        require_tls=False,
         idle_client_timeout=900.0,
         debug_logging=True,
         max_client_connections=50,
@@ -338,3 +338,18 @@ def test_config_is_immutable():
     cfg = parse_config(minimal())
     with pytest.raises(Exception):
         cfg.proxies[0].name = "other"
+
+
+@pytest.mark.parametrize("key, value", [("RequireTLS", True)])
+def test_unimplemented_settings_are_refused_not_ignored(key, value):
+    data = yaml.safe_load(FULL)
+    data["DBProxies"][0][key] = value
+    with pytest.raises(ConfigError, match=rf"DBProxies\[0\]\.{key}: True is not supported by this version"):
+        parse_config(data, "x.yaml", "/cfg")
+
+
+def test_iam_auth_required_is_refused_not_ignored():
+    data = yaml.safe_load(FULL)
+    data["DBProxies"][0]["Auth"][0]["IAMAuth"] = "REQUIRED"
+    with pytest.raises(ConfigError, match=r"DBProxies\[0\]\.Auth\[0\]\.IAMAuth: 'REQUIRED' is not supported"):
+        parse_config(data, "x.yaml", "/cfg")

@@ -43,6 +43,7 @@ class FakeBackendConn:
         self.transport = StringTransport()
         self.state = "borrowed"
         self.session_dirty = False
+        self.cancel_in_flight = None
         self.txn_status = b"I"
         self.server_params = {"client_encoding": "UTF8", "TimeZone": "UTC", "application_name": ""}
         self.initial_params = {"server_version": "15.4", "client_encoding": "UTF8", "TimeZone": "UTC"}
@@ -630,3 +631,16 @@ def test_idle_client_timeout_leaves_a_busy_session_alone():
 def test_connection_lost_cancels_timers(s):
     s.lose()
     assert s.clock.getDelayedCalls() == []
+
+
+def test_connection_with_a_cancel_in_flight_is_held_until_the_server_took_it(s):
+    """A cancel still travelling must not reach the next borrower's query."""
+    s.send(msg.query("SELECT pg_sleep(10)"))
+    lease = s.pool.give()
+    cancelling = defer.Deferred()
+    lease.conn.cancel_in_flight = cancelling
+    s.frontend.ready_for_query(b"I")
+    assert s.frontend.lease is None and s.frontend.state is SessionState.IDLE
+    assert not lease.released
+    cancelling.callback(None)
+    assert lease.released and lease.release_args["clean"] is True

@@ -157,7 +157,8 @@ def _proxy(node):
         listen=node.endpoint("Listen"),
         auth=auth,
         target_group=_target_group(groups[0]),
-        require_tls=node.get("RequireTLS", bool, False),
+        require_tls=_not_yet(node, "RequireTLS", node.get("RequireTLS", bool, False), True,
+                             "TLS termination is not implemented yet; clients are served without TLS"),
         idle_client_timeout=node.ranged("IdleClientTimeout", float, 1800.0, 1, 28800),
         debug_logging=node.get("DebugLogging", bool, False),
         max_client_connections=node.ranged("MaxClientConnections", int, 10000, 1, 1000000),
@@ -166,13 +167,21 @@ def _proxy(node):
     )
 
 
+def _not_yet(node, key, value, unsupported, why):
+    """Refuse a setting this version cannot honour, rather than silently ignore it."""
+    if value == unsupported:
+        node.fail(f"{value!r} is not supported by this version ({why})", key)
+    return value
+
+
 def _auth(node, engine):
     node.mapping({"AuthScheme", "SecretArn", "IAMAuth", "ClientPasswordAuthType", "Description", "UserName"})
     node.choice("AuthScheme", ("SECRETS",), "SECRETS")
     kind = node.choice("ClientPasswordAuthType", m.CLIENT_AUTH_TYPES[engine], m.DEFAULT_CLIENT_AUTH_TYPE[engine])
     return m.UserAuthConfig(
         secret_arn=node.get("SecretArn", str, required=True),
-        iam_auth=node.choice("IAMAuth", ("DISABLED", "REQUIRED"), "DISABLED"),
+        iam_auth=_not_yet(node, "IAMAuth", node.choice("IAMAuth", ("DISABLED", "REQUIRED"), "DISABLED"),
+                          "REQUIRED", "IAM authentication is not implemented yet"),
         client_password_auth_type=kind,
         description=node.get("Description", str, ""),
     )

@@ -95,7 +95,8 @@ class BackendPool:
 
         waiter.deferred = defer.Deferred(cancel)
         timeout = self.config.connection_borrow_timeout
-        waiter.timer = self.clock.callLater(timeout, self._timed_out, waiter)
+        if timeout > 0:  # 0 means wait without limit, as in the RDS API
+            waiter.timer = self.clock.callLater(timeout, self._timed_out, waiter)
         self._waiters.append(waiter)
         self._dispatch()
         return waiter.deferred

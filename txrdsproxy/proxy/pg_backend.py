@@ -81,6 +81,7 @@ class PgBackendConnection(protocol.Protocol):
         self.backend_pid = self.backend_secret = None
         self.txn_status = b"I"
         self.session_dirty = False  # a pinned session ran here: DISCARD ALL before reuse
+        self.cancel_in_flight = None  # Deferred: a CancelRequest for this connection is under way
         self.ready = defer.Deferred()  # fires with self once logged in and initialised
         self._buf = bytearray()
         self._op = None  # (Deferred, collected rows, first error) of the running internal op
@@ -429,20 +430,32 @@ class PgConnector:
         return d.addCallback(connected).addCallbacks(succeeded, failed)
 
     def send_cancel(self, conn):
-        """Ask the database to cancel what *conn* is running (a CancelRequest on a new socket)."""
+        """Ask the database to cancel what *conn* is running (a CancelRequest on a new socket).
+
+        Returns a Deferred that fires once the server has closed the cancel socket, i.e. has
+        signalled the backend; it is also kept as `conn.cancel_in_flight` so the session holds
+        the connection until then.  It never fails.
+        """
         if conn.backend_pid is None:
-            return
+            return defer.succeed(None)
         packet = msg.cancel_request(conn.backend_pid, conn.backend_secret)
         target = conn.target
+        done = defer.Deferred()
 
         class _Cancel(protocol.Protocol):
             def connectionMade(self):
                 self.transport.write(packet)
 
-            def dataReceived(self, data):
-                pass
+            def connectionLost(self, reason):
+                if not done.called:
+                    done.callback(None)
+
+        def failed(f):
+            self.log.warn("cancel request to {t} failed: {e}", t=target.endpoint, e=f.getErrorMessage())
+            if not done.called:
+                done.callback(None)
 
         endpoint = HostnameEndpoint(self.reactor, target.endpoint, target.port, timeout=10)
-        d = endpoint.connect(protocol.Factory.forProtocol(_Cancel))
-        d.addErrback(lambda f: self.log.warn("cancel request to {t} failed: {e}", t=target.endpoint, e=f.getErrorMessage()))
-        return d
+        endpoint.connect(protocol.Factory.forProtocol(_Cancel)).addErrback(failed)
+        conn.cancel_in_flight = done
+        return done

@@ -233,6 +233,9 @@ class PgFrontend(protocol.Protocol):
             return self._fatal(errors.wrong_password(self.user))
         self._auth = None
         self._phase = "login"
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()  # from here the login is bounded by ConnectionBorrowTimeout
+        self._timer = None
         self.transport.write(msg.auth_request(msg.AUTH_OK))
         self._login()
 
@@ -545,8 +548,14 @@ class PgFrontend(protocol.Protocol):
         lease, self.lease = self.lease, None
         conn = lease.conn
         self._detach(conn)
-        lease.release(clean=True)
         self.set_state(SessionState.IDLE)
+        cancelling = conn.cancel_in_flight
+        if cancelling is not None and not cancelling.called:
+            # A cancel for this session's query is on its way to the server: lend the connection
+            # to nobody else until the server has taken it, so it can't hit another's query.
+            cancelling.addBoth(lambda _: lease.release(clean=True))
+            return
+        lease.release(clean=True)
 
     def _detach(self, conn):
         conn.detach()

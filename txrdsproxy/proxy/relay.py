@@ -34,10 +34,34 @@ def direct_write(transport, data):
     return False
 
 
+class _ReadPauser:
+    """Registered as a transport's producer in place of the peer transport itself.
+
+    Pausing and resuming reach the peer; `stopProducing` does not.  Twisted calls stopProducing
+    on a closing transport's producer, and the peer here is a pooled database connection (or a
+    client) whose life must not end with the other side's.
+    """
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def pauseProducing(self):
+        self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        if self.transport.connected:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+
 def couple(a, b):
-    """Make each transport the other's streaming producer (pause the reader of a full writer)."""
-    a.registerProducer(b, True)
-    b.registerProducer(a, True)
+    """Make each transport pause the other's reading while its own send buffer is full."""
+    a.registerProducer(_ReadPauser(b), True)
+    b.registerProducer(_ReadPauser(a), True)
 
 
 def uncouple(a, b):
