@@ -26,7 +26,6 @@ setup(
             "mysql-connector-python>=8.0",
         ],
     },
-    entry_points={"console_scripts": ["rdsproxy = txrdsproxy.cli:main"]},
     classifiers=[
         "Framework :: Twisted",
         "Topic :: Database",
