@@ -250,3 +250,24 @@ def test_invalid_charset_client(mysql_proxy, mariadb_server):
         cur.execute("SELECT 1")
         assert cur.fetchone() == (1,)
     conn.close()
+
+
+SYSBENCH = "/usr/bin/sysbench"
+
+
+@pytest.mark.skipif(not os.path.exists(SYSBENCH), reason="sysbench is not installed")
+@pytest.mark.parametrize("workload", ["oltp_point_select", "oltp_read_write"])
+def test_sysbench(mysql_proxy, mariadb_server, workload):
+    common = ["--db-driver=mysql", f"--mysql-host={mysql_proxy.host}",
+              f"--mysql-port={mysql_proxy.port}", f"--mysql-user={USER}",
+              f"--mysql-password={mariadb_server.users[USER]}", "--mysql-db=appdb",
+              "--tables=2", "--table-size=500", "--threads=4"]
+    run = lambda *args: subprocess.run([SYSBENCH, workload] + common + list(args),  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    run("cleanup")
+    out = run("prepare")
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run("--time=3", "run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "transactions:" in out.stdout
+    run("cleanup")

@@ -221,3 +221,20 @@ def test_caching_sha2_client_auth(mariadb_server, mux_user, tmp_path):
         assert info.value.args[0] == 1045
     finally:
         proxy.stop()
+
+
+def test_client_vanishes_while_large_result_streams(proxy_factory, mariadb_server):
+    proxy = proxy_factory(MaxConnectionsPercent=2)
+    for _ in range(3):
+        a = connect(proxy)
+        a._execute_command(pymysql.constants.COMMAND.COM_QUERY,
+                           "SELECT REPEAT('x', 1000000) FROM seq_1_to_50")
+        a._sock.recv(65536)  # part of the result has arrived
+        a._sock.shutdown(socket.SHUT_RDWR)
+        a._sock.close()
+    time.sleep(0.3)
+    b = connect(proxy)
+    assert one(b, "SELECT 'pool still healthy'") == ("pool still healthy",)
+    assert proxy.wait_for(lambda: proxy.pool_state().get("borrowed", 0) == 0 or None,
+                          what="no borrowed connections")
+    b.close()
