@@ -271,3 +271,9 @@ def test_sysbench(mysql_proxy, mariadb_server, workload):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "transactions:" in out.stdout
     run("cleanup")
+
+
+def test_empty_password_says_using_password_no(mysql_proxy, mariadb_server):
+    out = mariadb_cli(mysql_proxy, mariadb_server, ["-e", "SELECT 1"], password="")
+    assert "ERROR 1045 (28000): Access denied for user 'app_native'@'%' (using password: NO)" \
+        in out.stderr

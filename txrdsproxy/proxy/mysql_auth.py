@@ -60,10 +60,12 @@ class ClientAuth:
         self._creds = None
         self._plugin = None
         self._sha2 = None
+        self.used_password = True
 
     def start(self, user, client_plugin, response, database, charset, seq, switch):
         """The client's first auth response (HandshakeResponse41 or COM_CHANGE_USER)."""
         self._request = (user, database, charset)
+        self.used_password = bool(response) or switch
         found = self.session.ctx.find_user(user)
         if found is None:
             return self.session.auth_failed(user, "no secret for this user", seq)
@@ -89,6 +91,7 @@ class ClientAuth:
 
     def _check(self, response, seq):
         user = self._request[0]
+        self.used_password = bool(response)
         if self._plugin == myauth.NATIVE_PASSWORD:
             verifier = self._creds.derived("mysql-native", myauth.NativeVerifier.from_password)
             if verifier.check(self.scramble, response):

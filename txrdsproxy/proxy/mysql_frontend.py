@@ -183,7 +183,7 @@ class MySQLFrontend(protocol.Protocol):
         self.log.info("{s}: authentication failed for {user}: {why}", s=self, user=user, why=why)
         if self.ctx.metrics is not None:
             self.ctx.metrics.client_connections_setup_failed_auth.inc(self.ctx.name)
-        self._fatal(errors.access_denied(user), seq)
+        self._fatal(errors.access_denied(user, using_password=self._auth.used_password), seq)
 
     def write_packet(self, payload, seq):
         self.transport.write(P.encode_packet(payload, seq))
