@@ -20,6 +20,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 
 from txrdsproxy.proxy import mysql_state as state
+from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
@@ -320,7 +321,15 @@ class MySQLBackendConnection(protocol.Protocol):
         self._sink = None
 
     def write(self, data):
-        self.transport.write(data)
+        """Send now if possible; tell the session when bytes had to be queued (backpressure)."""
+        if not direct_write(self.transport, data) and self._sink is not None:
+            self._sink.write_queued(self)
+
+    def needs_sync(self, desired, database):
+        """Whether `sync` has anything to do (checked first, to skip a Deferred per borrow)."""
+        if database is not None and database != self.database:
+            return True
+        return bool(state.sync_sql(self.current, self.baseline, desired)[0])
 
     # -- reading --------------------------------------------------------------------------------
     def dataReceived(self, data):

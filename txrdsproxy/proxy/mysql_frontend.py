@@ -20,6 +20,7 @@ from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_auth import ClientAuth, parse_change_user
 from txrdsproxy.proxy.mysql_backend import CAPABILITY_PROFILE, BackendGone, DatabaseError
+from txrdsproxy.proxy.relay import couple, direct_write, uncouple
 from txrdsproxy.proxy.session import SessionState
 from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import handshake as hs
@@ -72,6 +73,7 @@ class MySQLFrontend(protocol.Protocol):
         self._borrow_d = None
         self._timer = None
         self._paused = False
+        self._coupled = False
         self._server_caps = 0
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
 
@@ -364,9 +366,10 @@ class MySQLFrontend(protocol.Protocol):
         buf = self._inbuf
         length = _header(buf)
         self._more = length == P.MAX_PACKET_CHUNK
-        conn.write(bytes(buf[:4]))
-        del buf[:4]
-        self._skip = length
+        n = min(4 + length, len(buf))  # header and what is here of the body: one write
+        conn.write(bytes(buf[:n]))
+        del buf[:n]
+        self._skip = 4 + length - n
         self._discard = False
         if self._cmd in NO_RESPONSE:  # the lease stays until the next response completes
             self._wait = None
@@ -409,6 +412,10 @@ class MySQLFrontend(protocol.Protocol):
         if self.lease is not None:  # held (pinned or in a transaction): just sync
             self._got_lease(self.lease)
             return
+        lease = self.ctx.pool.try_borrow(self.key)
+        if lease is not None:  # an idle connection right away: no Deferred
+            self._got_lease(lease)
+            return
         self._borrow_d = d = self.ctx.pool.borrow(self.key)
         d.addCallbacks(self._got_lease, self._borrow_failed)
 
@@ -422,6 +429,9 @@ class MySQLFrontend(protocol.Protocol):
         if self.pin_reason is not None:
             conn.session_dirty = True
         self._resolve_charset(conn)
+        if not conn.needs_sync(self.desired, self.database):
+            self._synced(None, lease)
+            return
         conn.sync(self.desired, self.database).addCallbacks(
             self._synced, self._sync_failed, callbackArgs=(lease,), errbackArgs=(lease,))
 
@@ -430,9 +440,6 @@ class MySQLFrontend(protocol.Protocol):
             return
         conn = lease.conn
         conn.attach(self)
-        ct, bt = self.transport, conn.transport
-        ct.registerProducer(bt, True)
-        bt.registerProducer(ct, True)
         self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
         self._dispatch()
         self._pump()
@@ -475,7 +482,14 @@ class MySQLFrontend(protocol.Protocol):
 
     # -- database -> client (called by the backend connection) ---------------------------------------
     def backend_data(self, data):
-        self.transport.write(data)
+        if not direct_write(self.transport, data) and self.lease is not None:
+            self.write_queued(self.lease.conn)
+
+    def write_queued(self, conn):
+        """A write had to be queued: from now on a full side pauses the other (backpressure)."""
+        if not self._coupled:
+            self._coupled = True
+            couple(self.transport, conn.transport)
 
     def infile_requested(self):
         self._pump()
@@ -523,12 +537,9 @@ class MySQLFrontend(protocol.Protocol):
     def _detach(self, conn):
         if conn._sink is self:
             conn.detach()
-            ct, bt = self.transport, conn.transport
-            ct.unregisterProducer()
-            if bt is not None:
-                bt.unregisterProducer()
-                bt.resumeProducing()
-            ct.resumeProducing()
+            if self._coupled:
+                self._coupled = False
+                uncouple(self.transport, conn.transport)
 
     def backend_lost(self, conn, why):
         """The database connection broke under this session: like a server crash, hang up."""
@@ -599,10 +610,9 @@ class MySQLFrontend(protocol.Protocol):
             conn = lease.conn
             if conn.state != "closed" and conn._sink is self:
                 conn.detach()
-                bt = conn.transport
-                if bt is not None:
-                    bt.unregisterProducer()
-                    bt.resumeProducing()
+                if self._coupled:
+                    self._coupled = False
+                    uncouple(None, conn.transport)
             clean = (self._wait is None and not self._skip and not self._more
                      and not conn.busy and conn.tracker is not None)
             if clean:
