@@ -265,12 +265,16 @@ class PgFrontend(protocol.Protocol):
         except Exception:
             lease.release(clean=conn.state == "idle" or conn.state == "borrowed", needs_reset=True)
             raise
+        normalized = self.ctx.normalized
+        if len(normalized) >= 4096:  # bounded: many distinct values just cost a borrow each
+            normalized.clear()
         for name, value in self.desired.items():
             if value is not None:
                 got = conn.server_params.get(name, value) if name in REPORTED_PARAMS else value
-                self.ctx.normalized[(name, value)] = got
-        welcome = {k: v for k, v in conn.initial_params.items()}
-        self.ctx.welcome[self.key] = welcome
+                normalized[(name, value)] = got
+        welcome = self.ctx.welcome.get(self.key)
+        if welcome != conn.initial_params:
+            welcome = self.ctx.welcome[self.key] = dict(conn.initial_params)
         lease.release(clean=True)
         if self.state is not SessionState.CLOSED:
             self._finish_login(welcome)
@@ -282,24 +286,29 @@ class PgFrontend(protocol.Protocol):
         self._fatal(self._borrow_error(failure))
 
     def _finish_login(self, welcome):
-        out = []
-        params = dict(welcome)
-        for name, value in self.desired.items():
-            if value is not None and name in REPORTED_PARAMS:
-                params[name] = self.ctx.normalized.get((name, value), value)
-        for name, value in params.items():
-            out.append(msg.parameter_status(name, value))
-        # The session's parameters as the server spells them, so later comparisons match.
-        for name in REPORTED_PARAMS:
-            if self.desired.get(name) is not None:
-                self.desired[name] = params[name]
+        ctx = self.ctx
+        cache_key = (self.key, tuple(self.desired.values()))
+        cached = ctx.login_replies.get(cache_key)
+        if cached is None or cached[0] is not welcome:
+            params = dict(welcome)
+            for name, value in self.desired.items():
+                if value is not None and name in REPORTED_PARAMS:
+                    params[name] = ctx.normalized.get((name, value), value)
+            block = b"".join(msg.parameter_status(name, value) for name, value in params.items())
+            # The session's parameters as the server spells them, so later comparisons match.
+            spelled = {name: (params[name] if value is not None and name in REPORTED_PARAMS else value)
+                       for name, value in self.desired.items()}
+            cached = (welcome, block, spelled)
+            if len(ctx.login_replies) >= 1024:  # many distinct application_names: start over
+                ctx.login_replies.clear()
+            ctx.login_replies[cache_key] = cached
+        _, block, spelled = cached
+        self.desired = dict(spelled)
         pid = self.id & 0x7FFFFFFF
         secret = struct.unpack("!I", os.urandom(4))[0]
         self._cancel_key = (pid, secret)
-        self.ctx.cancel_registry[self._cancel_key] = self
-        out.append(msg.backend_key_data(pid, secret))
-        out.append(msg.ready_for_query(msg.IDLE))
-        self.transport.write(b"".join(out))
+        ctx.cancel_registry[self._cancel_key] = self
+        self.transport.write(block + msg.backend_key_data(pid, secret) + msg.ready_for_query(msg.IDLE))
         self._phase = "session"
         self.set_state(SessionState.IDLE)
         self.last_active = self.clock.seconds()

@@ -43,6 +43,7 @@ class ProxyContext:
         self._ids = itertools.count(1)
         self.welcome = {}  # pool key -> server parameters reported at login (engine specific)
         self.normalized = {}  # (param, requested value) -> the value the server reports
+        self.login_replies = {}  # (pool key, session params) -> encoded ParameterStatus block
         self.pin_counts = {}  # PinReason value -> sessions pinned for it
         self.queries_closed = 0  # QueryRequests of sessions that have ended
 
