@@ -23,7 +23,8 @@ setup(
             "psycopg[binary]>=3.1",
             "asyncpg>=0.27",
             "PyMySQL>=1.0",
-            "mysql-connector-python>=8.0",
+            # 26.x C extensions need OpenSSL 3.2 (Debian 12 has 3.0); 9.x vendor their own libssl.
+            "mysql-connector-python>=8.0,<26",
         ],
     },
     classifiers=[

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-pymysql = pytest.importorskip("pymysql")
+import pymysql  # installed by the test extras
 
 try:
     from mysql_harness import start_mysql_proxy

@@ -2,7 +2,7 @@
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
     from proxyutil import InProcessProxy, run_psql, write_proxy_config, write_secrets

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
-asyncpg = pytest.importorskip("asyncpg")
+import psycopg  # test extras: a missing driver must fail, not skip
+import asyncpg
 
 
 def test_cancel_only_its_own_query(pg_proxy_factory, pg_server):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
-asyncpg = pytest.importorskip("asyncpg")
+import psycopg  # test extras: a missing driver must fail, not skip
+import asyncpg
 
 try:
     from proxyutil import PGBENCH, client_env, run_psql

@@ -2,7 +2,7 @@
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+import psycopg  # test extras: a missing driver must fail, not skip
 
 
 def _pins(proxy):

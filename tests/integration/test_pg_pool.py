@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+import psycopg  # test extras: a missing driver must fail, not skip
 
 
 def test_200_clients_50_transactions_cap_10(pg_server_factory, pg_proxy_factory):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
     from proxyutil import error_fields, raw_login, raw_query, read_messages

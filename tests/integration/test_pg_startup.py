@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
     from proxyutil import raw_connect, raw_error, raw_login, raw_query, startup_packet

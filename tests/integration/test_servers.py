@@ -43,7 +43,7 @@ def test_pg_app_users_own_appdb(pg_server):
 
 
 def test_pg_dsn_is_usable_by_a_driver(pg_server):
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg  # test extras: a missing driver must fail, not skip
     with psycopg.connect(pg_server.dsn("app_scram", dbname="appdb")) as conn:
         assert conn.execute("SELECT current_user").fetchone()[0] == "app_scram"
 
@@ -100,7 +100,7 @@ def test_mariadb_wrong_password_fails(mariadb_server):
 
 
 def test_mariadb_root_and_driver(mariadb_server):
-    pymysql = pytest.importorskip("pymysql")
+    import pymysql
     assert mariadb_server.mariadb("SELECT @@max_connections").strip() == "100"
     conn = pymysql.connect(host=mariadb_server.host, port=mariadb_server.port,
                            user="app_native", password=mariadb_server.users["app_native"],
