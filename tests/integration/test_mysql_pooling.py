@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-import pymysql  # installed by the test extras
+import mysql.connector  # installed by the test extras
+import pymysql
 
 try:
     from mysql_harness import start_mysql_proxy
@@ -213,11 +214,34 @@ def test_caching_sha2_client_auth(mariadb_server, mux_user, tmp_path):
     secrets = {MUX_ARN: (MUX_USER, MUX_PASSWORD, "MYSQL_CACHING_SHA2_PASSWORD")}
     proxy = start_mysql_proxy(tmp_path, mariadb_server, secrets=secrets, name="sha2")
     try:
-        conn = connect(proxy)  # PyMySQL starts with native: auth switch to caching_sha2 (fast path)
-        assert one(conn, "SELECT CURRENT_USER()") == ("app_mux@%",)
-        conn.close()
+        # Nobody has passed full authentication yet: a client that won't send its password over
+        # plain TCP (not even RSA-encrypted) is refused.
+        with pytest.raises(mysql.connector.Error):
+            mysql.connector.connect(host=proxy.host, port=proxy.port, user=MUX_USER,
+                                    password=MUX_PASSWORD, database="appdb", use_pure=True,
+                                    auth_plugin="caching_sha2_password", ssl_disabled=True)
+        # A wrong password on the full path (RSA) is refused and caches nothing.
         with pytest.raises(pymysql.err.OperationalError) as info:
             connect(proxy, password="wrong")
+        assert info.value.args[0] == 1045
+        assert proxy.call(lambda: len(getattr(proxy.ctx, "mysql_sha2_cache", ()))) == 0
+        # First good login: auth switch to caching_sha2, full path (PyMySQL fetches the proxy's
+        # RSA public key and sends the password encrypted with it).
+        conn = connect(proxy)
+        assert one(conn, "SELECT CURRENT_USER()") == ("app_mux@%",)
+        conn.close()
+        assert proxy.call(lambda: len(proxy.ctx.mysql_sha2_cache)) == 1
+        # Later logins take the fast path: mysql-connector (which refuses the full path over
+        # plain TCP, as the first check below shows on a fresh proxy) now gets in.
+        conn = mysql.connector.connect(host=proxy.host, port=proxy.port, user=MUX_USER,
+                                       password=MUX_PASSWORD, database="appdb", use_pure=True,
+                                       auth_plugin="caching_sha2_password", ssl_disabled=True)
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+        conn.close()
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            connect(proxy, password="wrong")  # fast path, wrong scramble
         assert info.value.args[0] == 1045
     finally:
         proxy.stop()

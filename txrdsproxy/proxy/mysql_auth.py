@@ -4,9 +4,15 @@ The plugin comes from the user's `Auth` entry (ClientPasswordAuthType): mysql_na
 (the default) or caching_sha2_password.  When the client answered the greeting with another
 plugin, or for COM_CHANGE_USER (always, with a fresh scramble), the proxy sends an
 AuthSwitchRequest.  Verifiers (SHA1(SHA1(pw)), SHA256(SHA256(pw))) are derived once per secret
-value.  caching_sha2_password: the proxy knows the verifier, so the scramble (fast path) is
-always checked; full authentication needs TLS or RSA, which this listener does not offer yet.
+value.
+
+caching_sha2_password behaves as a MySQL 8 server does: the first login of a user (per secret
+value) after the proxy starts takes the full path (AuthMoreData 0x04, then the client fetches the
+proxy's RSA public key and sends its password encrypted with it); once that succeeded, later logins
+take the fast path (the scramble, AuthMoreData 0x03).  Clients that refuse RSA over plain TCP
+(mysql-connector-python) need TLS for that first login.
 """
+
 
 from collections import namedtuple
 
@@ -98,7 +104,11 @@ class ClientAuth:
                 return self._succeed(seq)
             return self.session.auth_failed(user, "wrong password", seq)
         verifier = self._creds.derived("mysql-sha2", myauth.Sha2Verifier.from_password)
-        self._sha2 = myauth.CachingSha2ServerAuth(verifier, self.scramble, cached=True)
+        self._cache_key = (user, verifier.stored)
+        cached = self._cache_key in sha2_cache(self.session.ctx)
+        self._sha2 = myauth.CachingSha2ServerAuth(
+            verifier, self.scramble, cached=cached,
+            rsa_private_key=None if cached else rsa_key(self.session.ctx))
         for out in self._sha2.start(response):
             self.session.write_packet(out, seq)
             seq += 1
@@ -108,6 +118,8 @@ class ClientAuth:
         if not self._sha2.done:
             return
         if self._sha2.succeeded:
+            if self._sha2.full_auth_used:
+                sha2_cache(self.session.ctx).add(self._cache_key)
             return self._succeed(seq)
         return self.session.auth_failed(self._request[0], self._sha2.failure_reason, seq)
 
@@ -115,3 +127,20 @@ class ClientAuth:
         user, database, charset = self._request
         self._creds = None
         self.session.auth_succeeded(user, database, charset, seq)
+
+
+def sha2_cache(ctx):
+    """(user, SHA256(SHA256(password))) of users who passed full authentication: the fast path."""
+    cache = getattr(ctx, "mysql_sha2_cache", None)
+    if cache is None:
+        cache = ctx.mysql_sha2_cache = set()
+    return cache
+
+
+def rsa_key(ctx):
+    """The proxy's RSA key for caching_sha2 full authentication, made on first need."""
+    key = getattr(ctx, "mysql_rsa_key", None)
+    if key is None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        key = ctx.mysql_rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key
