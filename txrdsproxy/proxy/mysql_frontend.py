@@ -174,7 +174,10 @@ class MySQLFrontend(protocol.Protocol):
         self.charset_id = self.key_charset = charset_id
         self.database = database or None
         self.pin_reason = None
-        if self.database is None:
+        known = _known_databases(self.ctx)
+        if self.database is None or (user, self.database) in known:
+            # A database this user has entered before: don't borrow just to check it again (a
+            # dropped database shows as an error on the first command instead).
             return self._welcome(seq)
         self._phase = "login"
         self._borrow_d = d = self.ctx.pool.borrow(self.key)
@@ -205,6 +208,10 @@ class MySQLFrontend(protocol.Protocol):
             lease.release(clean=False, reason="sync failed at login")
             raise
         lease.release(clean=True)
+        known = _known_databases(self.ctx)
+        if len(known) >= 4096:
+            known.clear()
+        known.add((self.user, self.database))
         if self.state is not SessionState.CLOSED:
             self._welcome(seq)
 
@@ -625,6 +632,14 @@ class MySQLFrontend(protocol.Protocol):
             ctx.metrics.client_connections_closed.inc(ctx.name)
 
     key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
+
+
+def _known_databases(ctx):
+    """(user, database) pairs a login has validated on this proxy."""
+    known = getattr(ctx, "mysql_known_databases", None)
+    if known is None:
+        known = ctx.mysql_known_databases = set()
+    return known
 
 
 def _number(value):
