@@ -17,7 +17,7 @@ _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 def direct_write(transport, data):
     """Write *data*; -> True when it all left immediately, False when some was queued."""
-    if (isinstance(transport, _Connection)
+    if (isinstance(transport, _Connection) and not transport.TLS
             and not transport._tempDataLen and not transport.dataBuffer
             and transport.connected and not transport.disconnecting):
         try:
