@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
-from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring, split_messages
+from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring, message, split_messages
 
 _unpack_len = struct.Struct("!I").unpack_from
 _Z = ord("Z")
@@ -117,6 +117,8 @@ class PgBackendConnection(protocol.Protocol):
                     raise ProtocolViolation(f"database offers no supported SASL mechanism: {mechanisms!r}")
                 self._scram = pgauth.ScramClient(self.credentials.username, self.credentials.password)
                 self.transport.write(msg.sasl_initial("SCRAM-SHA-256", self._scram.client_first()))
+            elif code in (msg.AUTH_SASL_CONTINUE, msg.AUTH_SASL_FINAL) and self._scram is None:
+                raise ProtocolViolation("SASL continuation from the database without a SASL exchange")
             elif code == msg.AUTH_SASL_CONTINUE:
                 self.transport.write(msg.message(b"p", self._scram.server_first(data)))
             elif code == msg.AUTH_SASL_FINAL:
@@ -161,7 +163,7 @@ class PgBackendConnection(protocol.Protocol):
     def run_internal(self, sql):
         """Run *sql* as a simple query on this (not lent) connection.
 
-        Fires with the DataRows' first columns as [[bytes,...]] or fails with DatabaseError (the
+        Fires with the DataRows' columns as [[str or None,...]] or fails with DatabaseError (the
         first error) / BackendGone.  The connection is idle again when it fires.
         """
         if self._op is not None:
@@ -258,13 +260,17 @@ class PgBackendConnection(protocol.Protocol):
             msgs, used = split_messages(buf, self.max_message_size)
             del buf[:used]
             handler = self._login_message if self.state == "connecting" else self._internal_message
-            for kind, payload in msgs:
+            for i, (kind, payload) in enumerate(msgs):
                 handler(kind, payload)
                 if self.state == "connecting":
                     handler = self._login_message
                 else:
                     handler = self._internal_message
-                if self._sink is not None:  # lent during this call: can't happen before Z
+                if self._sink is not None:  # lent by a callback of this Z: the rest is the session's
+                    rest = b"".join(message(k, p) for k, p in msgs[i + 1:]) + bytes(buf)
+                    del buf[:]
+                    if rest:
+                        self._forward(rest)
                     break
         except (ProtocolViolation, pgauth.AuthError) as e:
             if self.ready is not None:
@@ -359,18 +365,23 @@ class PgBackendConnection(protocol.Protocol):
 
 
 def _data_row(payload):
-    """DataRow body -> list of column values (bytes or None); internal queries only."""
-    (count,) = struct.unpack_from("!H", payload)
-    pos = 2
-    out = []
-    for _ in range(count):
-        (n,) = struct.unpack_from("!i", payload, pos)
-        pos += 4
-        if n < 0:
-            out.append(None)
-        else:
-            out.append(payload[pos:pos + n].decode())
-            pos += n
+    """DataRow body -> list of column values (str, decoded leniently, or None); internal queries only."""
+    try:
+        (count,) = struct.unpack_from("!H", payload)
+        pos = 2
+        out = []
+        for _ in range(count):
+            (n,) = struct.unpack_from("!i", payload, pos)
+            pos += 4
+            if n < 0:
+                out.append(None)
+            else:
+                if pos + n > len(payload):
+                    raise ProtocolViolation("DataRow column runs past the message")
+                out.append(payload[pos:pos + n].decode("utf-8", "replace"))
+                pos += n
+    except struct.error:
+        raise ProtocolViolation("truncated DataRow") from None
     return out
 
 
