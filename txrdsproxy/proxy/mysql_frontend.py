@@ -139,13 +139,15 @@ class MySQLFrontend(protocol.Protocol):
                 self._inbuf += data
                 self._pump()
             elif self._phase in ("handshake", "auth"):
-                for seq, payload in self._reader.feed(data):
+                packets = self._reader.feed(data)
+                for i, (seq, payload) in enumerate(packets):
+                    self._unread = packets[i + 1:]  # pipelined after the auth: see _welcome
                     if self._phase == "handshake":
                         self._handshake_response(seq, payload)
-                    elif self._phase == "auth":
-                        self._auth.feed(seq, payload)
                     else:
-                        raise ProtocolError("client data before the authentication finished")
+                        self._auth.feed(seq, payload)
+                    if self._phase not in ("handshake", "auth"):
+                        break
             elif self._phase == "login":
                 self._inbuf += data
             # greeting/closing: ignore
@@ -223,7 +225,9 @@ class MySQLFrontend(protocol.Protocol):
 
     def _welcome(self, seq):
         self.write_packet(P.ok_packet(status=self._status()), seq)
-        leftover = self._reader.take_buffer()
+        leftover = b"".join(P.encode_packet(p, n) for n, p in self._unread) \
+            + self._reader.take_buffer()
+        self._unread = ()
         self._phase = "command"
         self.set_state(SessionState.IDLE)
         self.last_active = self.clock.seconds()
@@ -286,9 +290,9 @@ class MySQLFrontend(protocol.Protocol):
             if self._wait is not None:
                 break
             self._discard = False
+            if len(buf) >= 4 and _header(buf) == 0:
+                raise ProtocolError("empty command packet")
             if len(buf) < 5:
-                if len(buf) == 4 and _header(buf) == 0:
-                    raise ProtocolError("empty command packet")
                 break
             length, cmd = _header(buf), buf[4]
             if cmd in _LOCAL_WHOLE or (cmd == P.COM_QUERY and length <= _QUERY_WHOLE):
@@ -632,6 +636,7 @@ class MySQLFrontend(protocol.Protocol):
             ctx.metrics.client_connections_closed.inc(ctx.name)
 
     key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
+    _unread = ()  # (seq, payload) the client sent after the packet that ended authentication
 
 
 def _known_databases(ctx):
