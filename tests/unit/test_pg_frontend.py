@@ -44,6 +44,9 @@ class FakeBackendConn:
         self.state = "borrowed"
         self.session_dirty = False
         self.cancel_in_flight = None
+        self.too_many_statements = False
+        self.prepared, self.pending = set(), set()
+        self.statement_tracker = None
         self.txn_status = b"I"
         self.server_params = {"client_encoding": "UTF8", "TimeZone": "UTC", "application_name": ""}
         self.initial_params = {"server_version": "15.4", "client_encoding": "UTF8", "TimeZone": "UTC"}

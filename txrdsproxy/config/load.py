@@ -156,7 +156,7 @@ def _proxy(node):
         engine_family=engine,
         listen=node.endpoint("Listen"),
         auth=auth,
-        target_group=_target_group(groups[0]),
+        target_group=_target_group(groups[0], engine),
         require_tls=_not_yet(node, "RequireTLS", node.get("RequireTLS", bool, False), True,
                              "TLS termination is not implemented yet; clients are served without TLS"),
         idle_client_timeout=node.ranged("IdleClientTimeout", float, 1800.0, 1, 28800),
@@ -187,7 +187,7 @@ def _auth(node, engine):
     )
 
 
-def _target_group(node):
+def _target_group(node, engine):
     node.mapping({"TargetGroupName", "ConnectionPoolConfig", "Targets"})
     name = node.get("TargetGroupName", str, "default")
     if name != "default":
@@ -198,9 +198,10 @@ def _target_group(node):
         cp.mapping({"MaxConnectionsPercent", "MaxIdleConnectionsPercent", "ConnectionBorrowTimeout",
                     "SessionPinningFilters", "InitQuery"})
         filters = []
+        allowed = m.PINNING_FILTERS[engine]
         for f in cp.get("SessionPinningFilters", list, []):
-            if f.value != m.EXCLUDE_VARIABLE_SETS:
-                f.fail(f"unknown filter {f.value!r} (allowed: {m.EXCLUDE_VARIABLE_SETS})")
+            if f.value not in allowed:
+                f.fail(f"unknown filter {f.value!r} for {engine} (allowed: {', '.join(allowed)})")
             filters.append(f.value)
         max_pct = cp.ranged("MaxConnectionsPercent", int, 100, 1, 100)
         idle_pct = cp.ranged("MaxIdleConnectionsPercent", int, min(50, max_pct), 0, 100)

@@ -23,6 +23,12 @@ CLIENT_AUTH_TYPES = {
 DEFAULT_CLIENT_AUTH_TYPE = {ENGINE_POSTGRESQL: PG_SCRAM, ENGINE_MYSQL: MYSQL_NATIVE}
 
 EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
+# Ours, PostgreSQL only: protocol-level named prepared statements are tracked, not pinned.
+EXCLUDE_PREPARED_STATEMENTS = "EXCLUDE_PREPARED_STATEMENTS"
+PINNING_FILTERS = {
+    ENGINE_POSTGRESQL: (EXCLUDE_VARIABLE_SETS, EXCLUDE_PREPARED_STATEMENTS),
+    ENGINE_MYSQL: (EXCLUDE_VARIABLE_SETS,),
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,10 @@ class ConnectionPoolConfig:
     @property
     def exclude_variable_sets(self) -> bool:
         return EXCLUDE_VARIABLE_SETS in self.session_pinning_filters
+
+    @property
+    def exclude_prepared_statements(self) -> bool:
+        return EXCLUDE_PREPARED_STATEMENTS in self.session_pinning_filters
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring, message, spli
 _unpack_len = struct.Struct("!I").unpack_from
 _Z = ord("Z")
 _S = ord("S")
+_E = ord("E")
+_PARSE_COMPLETE = ord("1")
+MAX_TRACKED_STATEMENTS = 1000  # per connection; above this, DEALLOCATE ALL on the next return
 
 # Runtime parameters each client session owns.  None means "the server's default".
 SESSION_PARAMS = ("application_name", "client_encoding", "DateStyle", "TimeZone", "extra_float_digits")
@@ -82,6 +85,9 @@ class PgBackendConnection(protocol.Protocol):
         self.txn_status = b"I"
         self.session_dirty = False  # a pinned session ran here: DISCARD ALL before reuse
         self.cancel_in_flight = None  # Deferred: a CancelRequest for this connection is under way
+        self.prepared = set()  # server-side names of tracked statements prepared here
+        self.pending = set()  # ... sent, ParseComplete not yet seen
+        self.statement_tracker = None  # the lending session's StatementTracker, if it has one
         self.ready = defer.Deferred()  # fires with self once logged in and initialised
         self._buf = bytearray()
         self._op = None  # (Deferred, collected rows, first error) of the running internal op
@@ -229,9 +235,19 @@ class PgBackendConnection(protocol.Protocol):
             def clean(_):
                 self.session_dirty = False
                 self.client_params = dict.fromkeys(SESSION_PARAMS)
+                self.prepared.clear()
+                self.pending.clear()
 
             d.addCallback(clean)
+        elif self.too_many_statements:
+            d.addCallback(lambda _: self.run_internal(b"DEALLOCATE ALL"))
+            d.addCallback(lambda _: (self.prepared.clear(), self.pending.clear()))
         return d
+
+    @property
+    def too_many_statements(self):
+        """Tracked statements of sessions long gone pile up: time for a DEALLOCATE ALL."""
+        return len(self.prepared) > MAX_TRACKED_STATEMENTS
 
     # -- lending --------------------------------------------------------------------------------
     def attach(self, sink):
@@ -242,6 +258,7 @@ class PgBackendConnection(protocol.Protocol):
 
     def detach(self):
         self._sink = None
+        self.statement_tracker = None
 
     def write(self, data):
         self.transport.write(data)
@@ -292,10 +309,24 @@ class PgBackendConnection(protocol.Protocol):
         self._skip = 0
         start = 0
         unpack = _unpack_len
+        tracker = self.statement_tracker
         while n - pos >= 5:
             kind = data[pos]
             (length,) = unpack(data, pos + 1)
             stop = pos + 1 + length
+            if tracker is not None and (kind == _PARSE_COMPLETE or kind == _E):
+                if length < 4 or length > self.max_message_size:
+                    raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
+                if stop > n:
+                    break
+                if kind == _E:
+                    tracker.error(self)
+                elif tracker.parse_completed(self):  # answers a Parse the proxy injected
+                    if pos > start:
+                        self._sink.backend_data(data[start:pos])
+                    start = stop
+                pos = stop
+                continue
             if kind == _Z or kind == _S:
                 if length < 4 or length > 65536:
                     raise ProtocolViolation(f"bad length {length} for {chr(kind)}")

@@ -29,6 +29,7 @@ from txrdsproxy.wire.pg.framing import (
     CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, ProtocolViolation,
     split_messages, split_startup,
 )
+from txrdsproxy.wire.pg.statements import StatementTracker
 
 _unpack_len = struct.Struct("!I").unpack_from
 _Q, _P, _B, _X, _S, _F = (ord(c) for c in "QPBXSF")
@@ -69,7 +70,10 @@ class PgFrontend(protocol.Protocol):
         self._timer = None
         self._cancel_key = None
         self._auth = None
-        self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
+        pool_config = ctx.config.target_group.connection_pool_config
+        self._exclude_sets = pool_config.exclude_variable_sets
+        # EXCLUDE_PREPARED_STATEMENTS: named statements follow the session instead of pinning it.
+        self._stmts = StatementTracker(self.id) if pool_config.exclude_prepared_statements else None
         self._max = ctx.config.max_message_size
         self._paused = False
         self._coupled = False
@@ -386,6 +390,8 @@ class PgFrontend(protocol.Protocol):
                 reason = pinning.classify_query(msg.query_text(payload), self._exclude_sets)
             elif kind == _P:
                 name, sql = msg.parse_parse(payload)
+                if self._stmts is not None:
+                    name = b""  # tracked by the StatementTracker: only the SQL may pin
                 reason = pinning.classify_parse(name, sql, self._exclude_sets)
             else:
                 portal, _ = msg.parse_bind_portal(payload)
@@ -408,6 +414,10 @@ class PgFrontend(protocol.Protocol):
     def _to_backend(self, data):
         lease = self.lease
         if lease is not None:
+            if self._stmts is not None:
+                data = self._stmts.rewrite(lease.conn, data)
+                if not data:
+                    return
             if not direct_write(lease.conn.transport, data) and not self._coupled:
                 self._couple(lease.conn)
             return
@@ -458,11 +468,14 @@ class PgFrontend(protocol.Protocol):
         if self.pin_reason is not None:
             conn.session_dirty = True
         conn.attach(self)
+        conn.statement_tracker = self._stmts
         self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
         if self._pending:
             data = bytes(self._pending)
             del self._pending[:]
-            if not direct_write(conn.transport, data):
+            if self._stmts is not None:
+                data = self._stmts.rewrite(conn, data)
+            if data and not direct_write(conn.transport, data):
                 self._couple(conn)
         if self._paused:
             self._paused = False
@@ -545,6 +558,8 @@ class PgFrontend(protocol.Protocol):
         self.desired[name] = value
 
     def ready_for_query(self, status):
+        if self._stmts is not None:
+            self._stmts.ready()
         self.last_active = self.clock.seconds()  # IdleClientTimeout counts from the request's end
         self.outstanding -= 1
         if self.outstanding > 0 or self.unsynced:
@@ -564,7 +579,7 @@ class PgFrontend(protocol.Protocol):
             # to nobody else until the server has taken it, so it can't hit another's query.
             cancelling.addBoth(lambda _: lease.release(clean=True))
             return
-        lease.release(clean=True)
+        lease.release(clean=True, needs_reset=conn.too_many_statements)
 
     def _detach(self, conn):
         conn.detach()

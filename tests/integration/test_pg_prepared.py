@@ -1,0 +1,167 @@
+"""SessionPinningFilters: [EXCLUDE_PREPARED_STATEMENTS] — named statements without pinning.
+
+Real drivers that prepare named statements (pgbench -M prepared, asyncpg always, psycopg after
+prepare_threshold) multiplex over fewer database connections than clients, and every session
+keeps seeing its own statements whichever connection serves it.
+"""
+
+import asyncio
+import threading
+
+import asyncpg
+import psycopg  # test extras: a missing driver must fail, not skip
+
+try:
+    from test_pg_clients import _pgbench, pgbench_db  # noqa: F401 (fixture)
+except ImportError:
+    from tests.integration.test_pg_clients import _pgbench, pgbench_db  # noqa: F401
+
+TRACKED = {"SessionPinningFilters": ["EXCLUDE_PREPARED_STATEMENTS"]}
+
+
+def pins(proxy):
+    return proxy.call(lambda: dict(proxy.ctx.pin_counts))
+
+
+def test_pgbench_prepared_multiplexes_without_pinning(pgbench_db, pg_proxy_factory):  # noqa: F811
+    # 8 clients over a cap of 2 connections, every query a named prepared statement.
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
+    _pgbench(proxy, pgbench_db, "-M", "prepared", "-S", clients=8, transactions=100)
+    assert pins(proxy) == {}
+    assert proxy.call(lambda: len(proxy.ctx.pool.connections())) <= 2
+
+
+def test_without_the_filter_named_statements_pin(pg_server, pg_proxy_factory):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=10)
+    with psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0) as conn:
+        conn.execute("select %s::int", (1,))
+    assert pins(proxy) == {"prepared_statement": 1}
+
+
+def test_asyncpg_sessions_share_two_connections(pg_server, pg_proxy_factory):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
+
+    async def client(i):
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="app_scram",
+                                     password=pg_server.users["app_scram"], database="appdb")
+        try:
+            stmt = await conn.prepare("select $1::int * 2 as doubled, $2::text as tag")
+            for n in range(30):
+                row = await stmt.fetchrow(n, f"client{i}")
+                assert (row["doubled"], row["tag"]) == (n * 2, f"client{i}")
+                # And the driver's own statement cache (named statements too).
+                assert await conn.fetchval("select $1::int + 1", n) == n + 1
+            async with conn.transaction():
+                assert await conn.fetchval("select count(*) from generate_series(1, $1::int)", i + 1) == i + 1
+        finally:
+            await conn.close()
+
+    async def main():
+        await asyncio.gather(*(client(i) for i in range(8)))
+
+    asyncio.run(main())
+    assert pins(proxy) == {}
+    assert proxy.call(lambda: len(proxy.ctx.pool.connections())) <= 2
+
+
+def test_same_statement_name_in_two_sessions_on_one_connection(pg_server, pg_proxy_factory):
+    # psycopg names its statements _pg3_0, _pg3_1...: both sessions use the same names for
+    # different queries, over a single database connection.
+    proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1, **TRACKED)
+    a = psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0)
+    b = psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0)
+    try:
+        for n in range(5):
+            assert a.execute("select 'a' || %s::text", (n,)).fetchone() == (f"a{n}",)
+            assert b.execute("select %s::int * 100", (n,)).fetchone() == (n * 100,)
+    finally:
+        a.close()
+        b.close()
+    assert pins(proxy) == {}
+    assert proxy.call(lambda: len(proxy.ctx.pool.connections())) == 1
+
+
+def test_psycopg_evictions_deallocate_the_right_statement(pg_server, pg_proxy_factory):
+    # prepared_max=2 makes psycopg DEALLOCATE old statements as it goes.
+    proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1, **TRACKED)
+    with psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0) as conn:
+        conn.prepared_max = 2
+        for round in range(3):
+            for k in range(5):
+                sql = f"select %s::int + {k}"
+                assert conn.execute(sql, (round,)).fetchone() == (round + k,)
+    assert pins(proxy) == {}
+
+
+def test_failed_parse_then_recovery(pg_server, pg_proxy_factory):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1, **TRACKED)
+
+    async def main():
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="app_scram",
+                                     password=pg_server.users["app_scram"], database="appdb")
+        try:
+            try:
+                await conn.prepare("selec broken syntax")
+            except asyncpg.PostgresSyntaxError:
+                pass
+            else:
+                raise AssertionError("the bad statement was accepted")
+            stmt = await conn.prepare("select $1::int")
+            assert await stmt.fetchval(41) == 41
+            try:
+                await conn.fetchval("select 1/0")
+            except asyncpg.DivisionByZeroError:
+                pass
+            assert await stmt.fetchval(42) == 42
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
+def test_statements_survive_moving_between_connections(pg_server, pg_proxy_factory):
+    # Two connections; a session holding one in a transaction pushes the other session's
+    # statements onto the second connection, where they are re-prepared on demand.
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
+    holder = psycopg.connect(proxy.dsn(pg_server), prepare_threshold=None)
+    worker = psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0)
+    try:
+        assert worker.execute("select %s::int", (1,)).fetchone() == (1,)
+        first_pid = worker.execute("select pg_backend_pid()").fetchone()[0]
+        holder.execute("select 1")  # holds a connection in an open transaction
+        held_pid = holder.execute("select pg_backend_pid()").fetchone()[0]
+        pids = set()
+        for n in range(5):
+            assert worker.execute("select %s::int", (n,)).fetchone() == (n,)
+            pids.add(worker.execute("select pg_backend_pid()").fetchone()[0])
+        # The only connection that existed was lent to the holder, so the worker's statement,
+        # prepared there, had to be prepared again on the second connection.
+        assert first_pid == held_pid
+        assert held_pid not in pids and len(pids) == 1
+        holder.rollback()
+    finally:
+        holder.close()
+        worker.close()
+    assert pins(proxy) == {}
+
+
+def test_many_threads_of_psycopg_with_named_statements(pg_server, pg_proxy_factory):
+    proxy = pg_proxy_factory(MaxConnectionsPercent=3, MaxIdleConnectionsPercent=3, **TRACKED)
+    errors = []
+
+    def client(i):
+        try:
+            with psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0) as conn:
+                for n in range(40):
+                    got = conn.execute("select %s::int * %s::int", (i, n)).fetchone()[0]
+                    assert got == i * n, (i, n, got)
+        except Exception as e:  # reported below
+            errors.append(f"client {i}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert pins(proxy) == {}
