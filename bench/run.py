@@ -59,6 +59,7 @@ PG_USERS = {"scram": ("bench_scram", "scram-pw-1", "scram-sha-256"),
 MY_DB = "sbtest"
 MY_USER, MY_PASSWORD = "bench_my", "my-pw-1"
 POOL_PERCENT = 20          # of max_connections 100 -> 20 pooled connections
+TRACKED_POOL_PERCENT = 5   # -> 5 pooled connections for 20 clients (prepared statements tracked)
 MAX_CONNECTIONS = 100
 CLIENTS = 20
 
@@ -132,7 +133,8 @@ finally:
 class Proxy:
     """txrdsproxy as `twistd -n --pidfile= rdsproxy --config FILE`, optionally under cProfile."""
 
-    def __init__(self, workdir, engine, target_port, auth, secrets, profile_path=None):
+    def __init__(self, workdir, engine, target_port, auth, secrets, profile_path=None,
+                 pool_percent=None, filters=()):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = find_free_port()
@@ -151,10 +153,11 @@ class Proxy:
             "    Auth:\n%s"
             "    TargetGroups:\n"
             "      - TargetGroupName: default\n"
-            "        ConnectionPoolConfig: {MaxConnectionsPercent: %d}\n"
+            "        ConnectionPoolConfig: {MaxConnectionsPercent: %d, SessionPinningFilters: [%s]}\n"
             "        Targets:\n"
             "          - {RdsResourceId: db-1, Endpoint: %s, Port: %d}\n"
-            % (engine.lower(), engine, self.port, HOST, auth_lines, POOL_PERCENT, HOST, target_port))
+            % (engine.lower(), engine, self.port, HOST, auth_lines, pool_percent or POOL_PERCENT,
+               ", ".join(filters), HOST, target_port))
 
     def argv(self):
         twistd = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "rdsproxy",
@@ -319,11 +322,11 @@ def setup_postgres(root):
     return pg
 
 
-def pg_proxy(root, pg, profile_path=None):
+def pg_proxy(root, pg, profile_path=None, **kw):
     secrets = {"arn:bench:%s" % key: {"username": name, "password": pw}
                for key, (name, pw, _) in PG_USERS.items()}
     auth = [("arn:bench:scram", "POSTGRES_SCRAM_SHA_256"), ("arn:bench:md5", "POSTGRES_MD5")]
-    return Proxy(root, "POSTGRESQL", pg.port, auth, secrets, profile_path)
+    return Proxy(root, "POSTGRESQL", pg.port, auth, secrets, profile_path, **kw)
 
 
 def ratio(a, b):
@@ -375,6 +378,21 @@ def run_pg(args, stack, root):
         if not proxy.alive():
             break
 
+    # Named statements tracked instead of pinned: 20 clients over a pool of 5.
+    proxy.stop()
+    tracked = pg_proxy(root / "proxy-tracked", pg, pool_percent=TRACKED_POOL_PERCENT,
+                       filters=["EXCLUDE_PREPARED_STATEMENTS"]).start()
+    stack.callback(tracked.stop)
+    pgbench(pg, tracked.port, "scram", ["-M", "prepared"], 1, "warm-up", record=False)
+    label = "-M prepared, tracked, pool %d" % (MAX_CONNECTIONS * TRACKED_POOL_PERCENT // 100)
+    tps = {"direct": next((t.get("direct") for l, t in rows if l.startswith("persistent -M prepared")),
+                          None),
+           "proxy": pgbench(pg, tracked.port, "scram", ["-M", "prepared"], args.time,
+                            label + " via proxy")}
+    rows.append((label + " [info]", tps))
+    say("  %-36s direct %8s  proxy %8s" % (label, fmt_tps(tps["direct"]), fmt_tps(tps["proxy"])))
+    tracked.stop()
+
     say("\nPostgreSQL results (TPS, pgbench -S, %d clients, -T %ss, %s CPUs shared by all):"
         % (CLIENTS, args.time, os.cpu_count()))
     header = "%-38s %9s %9s %10s %13s %16s %16s" % (
@@ -388,7 +406,9 @@ def run_pg(args, stack, root):
             label, fmt_tps(d), fmt_tps(p), fmt_tps(b, "FAIL" if "pgbouncer" in tps else "n/a"),
             ratio(p, d), ratio(p, b), ratio(b, d)))
     say("[info]: -M prepared pins each proxy session (named prepared statements; pool 20 >= 20 "
-        "clients); n/a: PgBouncer 1.18 has no prepared statements in transaction mode.")
+        "clients); 'tracked': SessionPinningFilters [EXCLUDE_PREPARED_STATEMENTS], 20 clients over "
+        "a pool of %d, nothing pinned; n/a: PgBouncer 1.18 has no prepared statements in "
+        "transaction mode." % (MAX_CONNECTIONS * TRACKED_POOL_PERCENT // 100))
 
     # Free the proxy's and PgBouncer's database connections before any profile phase.
     proxy.stop()
