@@ -192,11 +192,29 @@ def test_borrow_timeout_fails_with_borrow_timeout_and_removes_the_waiter():
     assert clock.getDelayedCalls() == []
 
 
-def test_served_waiter_cancels_its_timer():
+def test_served_waiter_is_not_timed_out_later():
+    # One queue timer, armed for the oldest waiter: once it fires with nobody waiting it is
+    # not armed again, and the served waiter's lease is untouched.
     pool, connector, clock = make(timeout=30)
     d = pool.borrow(A)
     connector.complete()
-    result(d)
+    lease = result(d)
+    clock.advance(30)
+    assert not lease.released and lease.conn.state == "borrowed"
+    assert clock.getDelayedCalls() == []
+
+
+def test_one_timer_serves_the_whole_queue_in_order():
+    pool, connector, clock = make(timeout=10)
+    first = pool.borrow(A)  # opens the only connection allowed before max_connections is known
+    clock.advance(4)
+    second = pool.borrow(A)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(6)  # the first waiter's deadline
+    assert failure_of(first).check(BorrowTimeout)
+    assert not second.called and len(clock.getDelayedCalls()) == 1
+    clock.advance(4)  # the second waiter's deadline
+    assert failure_of(second).check(BorrowTimeout)
     assert clock.getDelayedCalls() == []
 
 
@@ -206,6 +224,7 @@ def test_cancelled_borrow_does_not_swallow_the_connection_it_was_opening():
     d.cancel()
     assert failure_of(d).check(defer.CancelledError)
     assert pool.waiting == 0
+    clock.advance(pool.config.connection_borrow_timeout)  # the queue timer finds nobody
     assert clock.getDelayedCalls() == []
     conn = connector.complete()
     assert conn.state == "idle"

@@ -29,11 +29,11 @@ class PoolClosed(Exception):
 
 
 class _Waiter:
-    __slots__ = ("key", "deferred", "timer", "since")
+    __slots__ = ("key", "deferred", "since", "deadline")
 
-    def __init__(self, key, since):
-        self.key, self.since = key, since
-        self.deferred = self.timer = None
+    def __init__(self, key, since, deadline):
+        self.key, self.since, self.deadline = key, since, deadline
+        self.deferred = None
 
 
 class BackendPool:
@@ -50,6 +50,7 @@ class BackendPool:
         self._idle = collections.defaultdict(list)  # key -> [conn], most recently used last
         self._connecting = collections.Counter()  # key -> connections being opened
         self._waiters = collections.deque()
+        self._timer = None  # fires at the oldest waiter's deadline
         self._closed = False
 
     # -- limits -----------------------------------------------------------------------------
@@ -88,16 +89,17 @@ class BackendPool:
         if idle and not self._waiters:
             conn = idle.pop()
             return defer.succeed(self._lend(conn, self.clock.seconds()))
-        waiter = _Waiter(key, self.clock.seconds())
+        now = self.clock.seconds()
+        timeout = self.config.connection_borrow_timeout
+        # 0 means wait without limit, as in the RDS API.
+        waiter = _Waiter(key, now, now + timeout if timeout > 0 else None)
 
         def cancel(d):
             self._drop_waiter(waiter)
 
         waiter.deferred = defer.Deferred(cancel)
-        timeout = self.config.connection_borrow_timeout
-        if timeout > 0:  # 0 means wait without limit, as in the RDS API
-            waiter.timer = self.clock.callLater(timeout, self._timed_out, waiter)
         self._waiters.append(waiter)
+        self._arm_timer()
         self._dispatch()
         return waiter.deferred
 
@@ -115,20 +117,34 @@ class BackendPool:
         return Lease(self, conn, self.clock.seconds())
 
     def _drop_waiter(self, waiter):
+        waiters = self._waiters
+        if waiters and waiters[0] is waiter:  # the usual case: FIFO
+            waiters.popleft()
+            return
         try:
-            self._waiters.remove(waiter)
+            waiters.remove(waiter)
         except ValueError:
             pass
-        if waiter.timer is not None and waiter.timer.active():
-            waiter.timer.cancel()
-        waiter.timer = None
 
-    def _timed_out(self, waiter):
-        waiter.timer = None
-        self._drop_waiter(waiter)
-        if self.metrics is not None:
-            self.metrics.borrow_timeouts.inc(self.name)
-        waiter.deferred.errback(BorrowTimeout("Timed-out waiting to acquire database connection"))
+    def _arm_timer(self):
+        """One timer for the whole queue: every waiter has the same timeout, so the oldest
+        waiter's deadline is the earliest.  No timer per borrow to schedule and cancel."""
+        if self._timer is not None or not self._waiters:
+            return
+        deadline = self._waiters[0].deadline
+        if deadline is not None:
+            self._timer = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), self._expire)
+
+    def _expire(self):
+        self._timer = None
+        now = self.clock.seconds()
+        waiters = self._waiters
+        while waiters and waiters[0].deadline is not None and waiters[0].deadline <= now:
+            waiter = waiters.popleft()
+            if self.metrics is not None:
+                self.metrics.borrow_timeouts.inc(self.name)
+            waiter.deferred.errback(BorrowTimeout("Timed-out waiting to acquire database connection"))
+        self._arm_timer()
 
     def _lend(self, conn, since):
         conn.state = "borrowed"
@@ -300,6 +316,9 @@ class BackendPool:
 
     def shutdown(self):
         self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         for waiter in list(self._waiters):
             self._drop_waiter(waiter)
             waiter.deferred.errback(PoolClosed(self.name))
