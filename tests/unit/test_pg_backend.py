@@ -1078,6 +1078,48 @@ def test_connection_lost_while_lent():
     assert conn._sink is None
 
 
+TERMINATING = msg.error_response("57P01", "terminating connection due to administrator command")
+
+
+def test_fatal_error_while_lent_is_forwarded_and_remembered():
+    conn, t, sink, listener = lent()
+    conn.dataReceived(row_description("pg_sleep") + TERMINATING)
+    assert sink.data == row_description("pg_sleep") + TERMINATING
+    assert conn.fatal_error["C"] == "57P01"
+    conn.connectionLost(Failure(ConnectionError("Connection was closed cleanly.")))
+    [(lost_conn, why)] = sink.of("lost")
+    assert why == "database ended the session: terminating connection due to administrator command"
+    assert listener.calls == [(conn, why)]
+
+
+def test_fatal_error_split_byte_by_byte_is_forwarded_and_remembered():
+    conn, t, sink, listener = lent()
+    for i in range(len(TERMINATING)):
+        conn.dataReceived(TERMINATING[i:i + 1])
+    assert sink.data == TERMINATING
+    assert conn.fatal_error["M"] == "terminating connection due to administrator command"
+
+
+@pytest.mark.parametrize("severity", ["ERROR", "WARNING"])
+def test_non_fatal_error_is_not_the_servers_last_word(severity):
+    conn, t, sink, listener = lent()
+    stream = msg.error_response("22012", "division by zero", severity=severity) + msg.ready_for_query()
+    conn.dataReceived(stream)
+    assert sink.data == stream
+    assert sink.of("ready") == [(b"I",)]
+    assert conn.fatal_error is None
+    conn.connectionLost(Failure(ConnectionError("reset by peer")))
+    [(_, why)] = sink.of("lost")
+    assert why.startswith("database closed the connection")
+
+
+def test_error_response_with_a_lying_length_while_lent_closes():
+    conn, t, sink, listener = lent()
+    conn.max_message_size = 1024
+    conn.dataReceived(b"E\0\x10\0\0" + b"x" * 100)
+    assert_closed(conn, t, listener, "protocol violation from the database")
+
+
 def test_connection_lost_after_close_reports_the_close_reason():
     conn, t, sink, listener = lent()
     conn.close("failover")

@@ -44,6 +44,7 @@ class FakeBackendConn:
         self.state = "borrowed"
         self.session_dirty = False
         self.cancel_in_flight = None
+        self.fatal_error = None
         self.too_many_statements = False
         self.prepared, self.pending = set(), set()
         self.statement_tracker = None
@@ -647,3 +648,27 @@ def test_connection_with_a_cancel_in_flight_is_held_until_the_server_took_it(s):
     assert not lease.released
     cancelling.callback(None)
     assert lease.released and lease.release_args["clean"] is True
+
+
+def test_database_connection_lost_mid_query_tells_the_client_why(s):
+    s.send(msg.query("SELECT pg_sleep(10)"))
+    lease = s.pool.give()
+    s.frontend.backend_lost(lease.conn, "database closed the connection (reset by peer)")
+    error = fatal(s.sent())
+    assert error["C"] == "08006" and "reset by peer" in error["M"]
+    assert s.closed
+    assert lease.released and lease.release_args["clean"] is False
+
+
+def test_database_fatal_error_is_the_last_word_the_client_gets(s):
+    """The server forwarded a FATAL (pg_terminate_backend, idle_session_timeout...) then closed:
+    the client must see that reason, as it would directly, not an error of the proxy's after it."""
+    s.send(msg.query("SELECT pg_sleep(10)"))
+    lease = s.pool.give()
+    fatal_error = msg.error_response("57P01", "terminating connection due to administrator command")
+    s.frontend.backend_data(fatal_error)
+    lease.conn.fatal_error = msg.parse_error_fields(fatal_error[5:])
+    s.frontend.backend_lost(lease.conn, "database ended the session: terminating connection")
+    assert s.sent() == fatal_error
+    assert s.closed
+    assert lease.released and lease.release_args["clean"] is False

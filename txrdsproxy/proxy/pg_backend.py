@@ -85,6 +85,7 @@ class PgBackendConnection(protocol.Protocol):
         self.txn_status = b"I"
         self.session_dirty = False  # a pinned session ran here: DISCARD ALL before reuse
         self.cancel_in_flight = None  # Deferred: a CancelRequest for this connection is under way
+        self.fatal_error = None  # fields of a FATAL/PANIC ErrorResponse forwarded to a session
         self.prepared = set()  # server-side names of tracked statements prepared here
         self.pending = set()  # ... sent, ParseComplete not yet seen
         self.statement_tracker = None  # the lending session's StatementTracker, if it has one
@@ -314,13 +315,15 @@ class PgBackendConnection(protocol.Protocol):
             kind = data[pos]
             (length,) = unpack(data, pos + 1)
             stop = pos + 1 + length
-            if tracker is not None and (kind == _PARSE_COMPLETE or kind == _E):
+            if kind == _E or (kind == _PARSE_COMPLETE and tracker is not None):
                 if length < 4 or length > self.max_message_size:
                     raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
                 if stop > n:
                     break
                 if kind == _E:
-                    tracker.error(self)
+                    self._error_forwarded(data[pos + 5:stop])
+                    if tracker is not None:
+                        tracker.error(self)
                 elif tracker.parse_completed(self):  # answers a Parse the proxy injected
                     if pos > start:
                         self._sink.backend_data(data[start:pos])
@@ -363,6 +366,12 @@ class PgBackendConnection(protocol.Protocol):
         if pos > start:
             self._sink.backend_data(data[start:pos] if start or pos != n else data)
 
+    def _error_forwarded(self, payload):
+        """An ErrorResponse went to the client: remember a FATAL/PANIC, the server's last word."""
+        fields = msg.parse_error_fields(payload)
+        if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+            self.fatal_error = fields
+
     # -- closing --------------------------------------------------------------------------------
     def close(self, reason):
         if self.state == "closed":
@@ -376,7 +385,11 @@ class PgBackendConnection(protocol.Protocol):
         self._notify_lost(reason)
 
     def connectionLost(self, reason):
-        why = self._closing_reason or f"database closed the connection ({reason.getErrorMessage()})"
+        why = self._closing_reason
+        if why is None and self.fatal_error is not None:
+            why = f"database ended the session: {self.fatal_error.get('M', '')}"
+        elif why is None:
+            why = f"database closed the connection ({reason.getErrorMessage()})"
         self.state = "closed"
         if self.ready is not None:
             d, self.ready = self.ready, None

@@ -593,6 +593,11 @@ class PgFrontend(protocol.Protocol):
             lease, self.lease = self.lease, None
             lease.release(clean=False, reason=why)
         self.log.info("{s}: database connection lost: {why}", s=self, why=why)
+        if conn.fatal_error is not None:
+            # The server said why it ended the session (FATAL, already forwarded), as it does
+            # before closing; a second error from us would hide that reason from the client.
+            self._close_client()
+            return
         self._fatal(errors.request_error({"C": "08006", "M": f"the database connection was lost ({why})"}))
 
     # -- ending -------------------------------------------------------------------------------------
