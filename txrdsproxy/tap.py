@@ -4,6 +4,7 @@ import sys
 
 from twisted.python import usage
 
+from txrdsproxy.auth.secrets import check_secrets
 from txrdsproxy.config.load import ConfigError, load_config
 
 
@@ -16,6 +17,11 @@ class Options(usage.Options):
             self.loaded = load_config(self["config"])
         except ConfigError as e:
             sys.stderr.write(f"rdsproxy: configuration error: {e}\n")
+            raise SystemExit(1)
+        problems = check_secrets(self.loaded)
+        if problems:
+            for problem in problems:
+                sys.stderr.write(f"rdsproxy: configuration error: {problem}\n")
             raise SystemExit(1)
         if self["check-config"]:
             names = ", ".join(p.name for p in self.loaded.proxies)

@@ -91,3 +91,26 @@ class FileSecretsStore:
             if creds is not None and creds.username == username:
                 return arn, creds
         return None
+
+
+def check_secrets(config):
+    """Problems with the secrets every proxy's Auth entries name -> list of messages.
+
+    Run at load (and by --check-config) so a missing file, bad JSON or a SecretArn that is not in
+    the store is reported with the config file and key path, not at the first client login.
+    """
+    if not config.secrets.path:
+        return []
+    store = FileSecretsStore(config.secrets.path)
+    try:
+        store.get("")
+    except SecretError as e:
+        return [f"{config.source}: Secrets.Path: {e}"]
+    problems = []
+    for i, proxy in enumerate(config.proxies):
+        for j, entry in enumerate(proxy.auth):
+            if store.get(entry.secret_arn) is None:
+                problems.append(
+                    f"{config.source}: DBProxies[{i}].Auth[{j}].SecretArn: no secret {entry.secret_arn!r} "
+                    f"with a string username and password in {config.secrets.path}")
+    return problems
