@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/txrdsproxy_plugin.py"]},
+    entry_points={"console_scripts": ["rdsproxy = txrdsproxy.cli:main"]},
     install_requires=[
         "Twisted>=22.10",
         "PyYAML>=5.4",

@@ -12,6 +12,7 @@ from txrdsproxy.admin.resources import admin_root
 
 from txrdsproxy.auth.secrets import FileSecretsStore
 from txrdsproxy.config import model
+from txrdsproxy.failover.monitor import TargetHealth
 from txrdsproxy.failover.topology import Topology
 from txrdsproxy.metrics import Metrics
 from txrdsproxy.pool.pool import BackendPool
@@ -70,9 +71,34 @@ class ProxyService(service.Service):
             return self.port.stopListening()
 
 
+class AdminService(service.Service):
+    """The admin listener (management API, /metrics, /healthz); `.port` once listening."""
+
+    def __init__(self, site, listen, reactor):
+        self.site, self.listen, self.reactor = site, listen, reactor
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        d = strports.service(self.listen, self.site, reactor=self.reactor).endpoint.listen(self.site)
+
+        def listening(port):
+            self.port = port
+            log.info("admin API listening on {addr}", addr=port.getHost())
+
+        return d.addCallback(listening)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
 def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
     """-> ProxyContext for one configured proxy (its pool, connector and shared state)."""
     topology = Topology(proxy.target_group.targets)
+    health = TargetHealth(reactor)
     pool_config = proxy.target_group.connection_pool_config
     holder = {}
 
@@ -81,14 +107,17 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
 
     if proxy.engine_family == model.ENGINE_POSTGRESQL:
         connector = PgConnector(reactor, topology, credentials_for, pool_config.init_query,
-                                proxy.max_message_size, metrics=metrics, proxy_name=proxy.name)
+                                proxy.max_message_size, metrics=metrics, proxy_name=proxy.name,
+                                health=health)
     else:
         from txrdsproxy.proxy.mysql_backend import MySQLConnector
         connector = MySQLConnector(reactor, topology, credentials_for, pool_config.init_query,
-                                   proxy.max_message_size, metrics=metrics, proxy_name=proxy.name)
+                                   proxy.max_message_size, metrics=metrics, proxy_name=proxy.name,
+                                   health=health)
     pool = BackendPool(proxy.name, connector, pool_config, reactor, metrics)
     ctx = ProxyContext(proxy, pool, secrets, reactor, metrics, cancel_registry, connector)
     ctx.topology = topology
+    ctx.health = health
     holder["ctx"] = ctx
     return ctx
 
@@ -109,10 +138,12 @@ def make_service(config, reactor=None):
         svc = ProxyService(ctx, proxy.listen, reactor)
         svc.setServiceParent(top)
         services.append(svc)
+    top.admin = None
     if config.admin.listen:
         site = server.Site(admin_root(metrics, services))
         site.noisy = False
-        strports.service(config.admin.listen, site, reactor=reactor).setServiceParent(top)
+        top.admin = AdminService(site, config.admin.listen, reactor)
+        top.admin.setServiceParent(top)
     top.contexts = contexts
     top.metrics = metrics
     return top, contexts

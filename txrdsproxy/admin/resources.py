@@ -1,8 +1,10 @@
-"""The admin endpoint: /metrics (Prometheus text) and /healthz, on its own listener."""
+"""The admin endpoint: the management API (/v1/), /metrics (Prometheus text) and /healthz."""
 
 import json
 
 from twisted.web import resource
+
+from txrdsproxy.admin.api import api_root
 
 
 class MetricsResource(resource.Resource):
@@ -49,4 +51,5 @@ def admin_root(metrics, services):
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(metrics, [s.ctx for s in services]))
     root.putChild(b"healthz", HealthResource(services))
+    root.putChild(b"v1", api_root(services))
     return root

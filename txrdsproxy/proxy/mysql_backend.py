@@ -18,6 +18,7 @@ Two ways of reading the server, as for PostgreSQL:
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txrdsproxy.proxy import mysql_state as state
 from txrdsproxy.proxy.relay import direct_write
@@ -464,9 +465,10 @@ class MySQLConnector:
     log = Logger()
 
     def __init__(self, reactor, topology, credentials_for, init_query, max_message_size,
-                 connect_timeout=30.0, metrics=None, proxy_name=""):
+                 connect_timeout=30.0, metrics=None, proxy_name="", health=None):
         self.reactor = reactor
         self.topology = topology
+        self.health = health  # failover.monitor.TargetHealth: outcome of each attempt
         self.credentials_for = credentials_for
         self.init_query = init_query or ""
         self.max_message_size = max_message_size
@@ -497,12 +499,24 @@ class MySQLConnector:
             return greeting
 
         def failed(f):
-            if f.check(BackendGone):
-                return f
-            return defer.fail(BackendGone(f"cannot connect to {target.endpoint}:{target.port}:"
-                                          f" {f.getErrorMessage()}"))
+            if not f.check(BackendGone):
+                f = Failure(BackendGone(f"cannot connect to {target.endpoint}:{target.port}:"
+                                        f" {f.getErrorMessage()}"))
+            self._record_failure(target, f)
+            return f
 
         return d.addCallbacks(got, failed)
+
+    def _record_failure(self, target, f):
+        """Note a failed attempt in TargetHealth (1049, no such database, is the client's doing)."""
+        if self.health is None:
+            return
+        err = f.value.err if f.check(DatabaseError) else None
+        if err is not None and err.code == 1049:
+            return
+        auth = err is not None and (err.sqlstate == "28000" or err.code in (1044, 1045, 1698))
+        self.health.record_failure(target, "AUTH_FAILURE" if auth else "CONNECTION_FAILED",
+                                   f.getErrorMessage())
 
     def connect(self, key):
         """Deferred[MySQLBackendConnection] ready for use, or failing with DatabaseError/BackendGone."""
@@ -521,13 +535,16 @@ class MySQLConnector:
             if self.metrics is not None:
                 self.metrics.db_connections_setup_failed.inc(self.proxy_name, target.rds_resource_id)
             if not f.check(DatabaseError, BackendGone):
-                return defer.fail(BackendGone(
+                f = Failure(BackendGone(
                     f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
+            self._record_failure(target, f)
             return f
 
         def succeeded(c):
             if self.metrics is not None:
                 self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, target.rds_resource_id)
+            if self.health is not None:
+                self.health.record_success(target)
             return c
 
         return d.addCallback(lambda _: conn.ready).addCallbacks(succeeded, failed)

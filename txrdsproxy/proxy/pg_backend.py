@@ -14,6 +14,7 @@ import struct
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
@@ -445,9 +446,10 @@ class PgConnector:
     log = Logger()
 
     def __init__(self, reactor, topology, secrets_for_user, init_query, max_message_size,
-                 connect_timeout=30.0, metrics=None, proxy_name=""):
+                 connect_timeout=30.0, metrics=None, proxy_name="", health=None):
         self.reactor = reactor
         self.topology = topology
+        self.health = health  # failover.monitor.TargetHealth: outcome of each attempt
         self.secrets_for_user = secrets_for_user
         self.init_query = init_query
         self.max_message_size = max_message_size
@@ -474,12 +476,19 @@ class PgConnector:
             if self.metrics is not None:
                 self.metrics.db_connections_setup_failed.inc(self.proxy_name, target.rds_resource_id)
             if not f.check(DatabaseError):
-                return defer.fail(BackendGone(f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
+                f = Failure(BackendGone(f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
+            if self.health is not None and not (f.check(DatabaseError) and f.value.sqlstate == "3D000"):
+                # 3D000 (no such database) is the client's choice, not the target's health.
+                auth = f.check(DatabaseError) and f.value.sqlstate.startswith("28")
+                self.health.record_failure(target, "AUTH_FAILURE" if auth else "CONNECTION_FAILED",
+                                           f.getErrorMessage())
             return f
 
         def succeeded(c):
             if self.metrics is not None:
                 self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, target.rds_resource_id)
+            if self.health is not None:
+                self.health.record_success(target)
             return c
 
         return d.addCallback(connected).addCallbacks(succeeded, failed)
