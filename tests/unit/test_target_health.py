@@ -1,0 +1,171 @@
+"""failover/monitor.py TargetHealth, and the connectors recording each attempt's outcome in it."""
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from txrdsproxy.auth.secrets import Credentials
+from txrdsproxy.config.model import DBProxyTarget
+from txrdsproxy.failover import monitor
+from txrdsproxy.failover.monitor import TargetHealth
+from txrdsproxy.failover.topology import Topology
+from txrdsproxy.proxy import mysql_backend, pg_backend
+from txrdsproxy.wire.mysql import packets as P
+
+T1 = DBProxyTarget("db-1", "10.0.0.1", 5432)
+T2 = DBProxyTarget("db-2", "10.0.0.2", 5432)
+
+
+def test_registering_until_an_attempt_then_the_last_outcome_wins():
+    clock = Clock()
+    health = TargetHealth(clock)
+    assert health.health_of(T1).state == monitor.REGISTERING
+    assert health.health_of(T1).reason is None
+    clock.advance(5)
+    health.record_failure(T1, monitor.CONNECTION_FAILED, "refused")
+    record = health.health_of(T1)
+    assert (record.state, record.reason, record.description, record.since) == (
+        monitor.UNAVAILABLE, "CONNECTION_FAILED", "refused", 5)
+    assert health.health_of(T2).state == monitor.REGISTERING  # per target
+    health.record_success(T1)
+    assert health.health_of(T1) == monitor.HealthRecord(monitor.AVAILABLE, since=5)
+
+
+class FakeEndpoint:
+    """Stands for HostnameEndpoint: connect() hands the protocol to the test."""
+
+    made = []
+
+    def __init__(self, reactor, host, port, timeout=None):
+        self.host, self.port = host, port
+
+    def connect(self, factory):
+        d = defer.Deferred()
+        FakeEndpoint.made.append((self, factory, d))
+        return d
+
+
+@pytest.fixture
+def endpoints(monkeypatch):
+    FakeEndpoint.made = []
+    monkeypatch.setattr(pg_backend, "HostnameEndpoint", FakeEndpoint)
+    monkeypatch.setattr(mysql_backend, "HostnameEndpoint", FakeEndpoint)
+    return FakeEndpoint.made
+
+
+def pg_connector(health):
+    return pg_backend.PgConnector(Clock(), Topology([T1, T2]),
+                                  lambda user: Credentials(user, "pw"), "", 1 << 20, health=health)
+
+
+def outcome(d):
+    out = []
+    d.addBoth(out.append)
+    return out[0]
+
+
+def test_pg_success_marks_the_writer_available(endpoints):
+    health = TargetHealth()
+    d = pg_connector(health).connect(("app", "appdb"))
+    endpoint, factory, connected = endpoints[0]
+    assert (endpoint.host, endpoint.port) == ("10.0.0.1", 5432)
+    conn = factory.conn
+    connected.callback(conn)
+    assert health.health_of(T1).state == monitor.REGISTERING  # not yet logged in
+    conn.ready.callback(conn)
+    assert outcome(d) is conn
+    assert health.health_of(T1).state == monitor.AVAILABLE
+    assert health.health_of(T2).state == monitor.REGISTERING
+
+
+def test_pg_refused_connection_is_connection_failed(endpoints):
+    health = TargetHealth()
+    d = pg_connector(health).connect(("app", "appdb"))
+    endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
+    assert outcome(d).check(pg_backend.BackendGone)
+    record = health.health_of(T1)
+    assert (record.state, record.reason) == (monitor.UNAVAILABLE, monitor.CONNECTION_FAILED)
+    assert "10.0.0.1:5432" in record.description and "refused" in record.description
+
+
+@pytest.mark.parametrize("sqlstate,reason", [
+    ("28P01", monitor.AUTH_FAILURE), ("28000", monitor.AUTH_FAILURE),
+    ("53300", monitor.CONNECTION_FAILED), ("57P03", monitor.CONNECTION_FAILED),
+])
+def test_pg_login_errors(endpoints, sqlstate, reason):
+    health = TargetHealth()
+    d = pg_connector(health).connect(("app", "appdb"))
+    _, factory, connected = endpoints[0]
+    connected.callback(factory.conn)
+    factory.conn.ready.errback(pg_backend.DatabaseError({"C": sqlstate, "M": "nope for app"}))
+    assert outcome(d).check(pg_backend.DatabaseError)
+    assert health.health_of(T1) == monitor.HealthRecord(monitor.UNAVAILABLE, reason, "nope for app")
+
+
+def test_pg_unknown_database_says_nothing_about_the_target(endpoints):
+    health = TargetHealth()
+    connector = pg_connector(health)
+    d = connector.connect(("app", "appdb"))
+    _, factory, connected = endpoints[0]
+    connected.callback(factory.conn)
+    factory.conn.ready.callback(factory.conn)
+    outcome(d)
+    d = connector.connect(("app", "nodb"))
+    _, factory, connected = endpoints[1]
+    connected.callback(factory.conn)
+    factory.conn.ready.errback(pg_backend.DatabaseError({"C": "3D000", "M": "no such database"}))
+    outcome(d)
+    assert health.health_of(T1).state == monitor.AVAILABLE
+
+
+def test_pg_without_health_still_works(endpoints):
+    d = pg_connector(None).connect(("app", "appdb"))
+    endpoints[0][2].errback(ConnectionRefusedError())
+    assert outcome(d).check(pg_backend.BackendGone)
+
+
+def my_connector(health):
+    return mysql_backend.MySQLConnector(Clock(), Topology([T1]), lambda user: Credentials(user, "pw"),
+                                        "", 1 << 20, health=health)
+
+
+@pytest.mark.parametrize("code,sqlstate,reason", [
+    (1045, "28000", monitor.AUTH_FAILURE), (1044, "42000", monitor.AUTH_FAILURE),
+    (1040, "08004", monitor.CONNECTION_FAILED), (1049, "42000", None),
+])
+def test_mysql_login_errors(endpoints, code, sqlstate, reason):
+    health = TargetHealth()
+    d = my_connector(health).connect(("app", "p"))
+    _, factory, connected = endpoints[0]
+    connected.callback(factory.proto)
+    factory.proto.ready.errback(mysql_backend.DatabaseError(P.err_packet(code, sqlstate, "denied")))
+    assert outcome(d).check(mysql_backend.DatabaseError)
+    record = health.health_of(T1)
+    if reason is None:
+        assert record.state == monitor.REGISTERING
+    else:
+        assert (record.state, record.reason) == (monitor.UNAVAILABLE, reason)
+        assert "denied" in record.description
+
+
+def test_mysql_success_and_refusal(endpoints):
+    health = TargetHealth()
+    connector = my_connector(health)
+    d = connector.connect(("app", "p"))
+    endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
+    assert outcome(d).check(mysql_backend.BackendGone)
+    assert health.health_of(T1).reason == monitor.CONNECTION_FAILED
+    d = connector.connect(("app", "p"))
+    _, factory, connected = endpoints[1]
+    connected.callback(factory.proto)
+    factory.proto.ready.callback(factory.proto)
+    assert outcome(d) is factory.proto
+    assert health.health_of(T1).state == monitor.AVAILABLE
+
+
+def test_mysql_greeting_probe_failure_is_recorded(endpoints):
+    health = TargetHealth()
+    d = my_connector(health).probe()
+    endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
+    assert outcome(d).check(mysql_backend.BackendGone)
+    assert health.health_of(T1).reason == monitor.CONNECTION_FAILED
