@@ -62,3 +62,31 @@ def test_fatal_from_the_server_is_the_only_error_on_the_wire(pg_proxy, pg_server
     assert msgs[-1][0] == b"E"
     assert b"Z" not in [k for k, _ in msgs]
     assert "database ended the session: terminating connection" in pg_proxy.logs.text()
+
+
+def _cancel_request(proxy, pid, secret):
+    import socket
+    import struct
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as sock:
+        sock.sendall(struct.pack("!III", 16, 80877102, pid) + struct.pack("!I", secret))
+        assert sock.recv(1) == b""  # the proxy closes it once the cancel is done
+
+
+def test_cancel_is_done_when_the_proxy_closes_the_cancel_socket(pg_proxy, pg_server):
+    """As with PostgreSQL, closing the CancelRequest's socket means the signal was delivered, so
+    a late cancel of a query that just ended can't hit the next one.  asyncpg relies on it: after a
+    failed copy_records_to_table it sends CopyFail, then a CancelRequest, waits for that socket to
+    close, then ROLLBACK, which the proxy's cancel, still on its way, used to cancel (asyncpg
+    test_copy.py test_copy_records_to_table_generator_error, intermittently)."""
+    import struct
+    sock, login = raw_login(pg_proxy, pg_server)
+    with sock:
+        [key] = [p for k, p in login if k == b"K"]
+        pid, secret = struct.unpack("!II", key)
+        raw_query(sock, "BEGIN")  # the session keeps its database connection from here
+        for _ in range(5):
+            raw_query(sock, "SELECT 1")
+            _cancel_request(pg_proxy, pid, secret)  # nothing is running: PostgreSQL ignores it
+            assert raw_query(sock, "SELECT pg_sleep(0.3)::text, 'not cancelled'") == [
+                ["", "not cancelled"]]
+        raw_query(sock, "ROLLBACK")

@@ -672,3 +672,48 @@ def test_database_fatal_error_is_the_last_word_the_client_gets(s):
     assert s.sent() == fatal_error
     assert s.closed
     assert lease.released and lease.release_args["clean"] is False
+
+
+class FakeConnector:
+    def __init__(self):
+        self.cancels = []  # [(backend conn, Deferred the test fires when the server took it)]
+
+    def send_cancel(self, conn):
+        d = defer.Deferred()
+        self.cancels.append((conn, d))
+        return d
+
+
+def _cancel_request(s, pid=None, secret=None):
+    """A second connection to the same proxy sending a CancelRequest for session *s*."""
+    key_pid, key_secret = s.frontend._cancel_key
+    other = PgFrontend(s.ctx)
+    transport = ClientTransport()
+    other.makeConnection(transport)
+    other.dataReceived(msg.cancel_request(key_pid if pid is None else pid,
+                                          key_secret if secret is None else secret))
+    return transport
+
+
+def test_cancel_socket_closes_only_once_the_database_took_the_cancel(s):
+    """As PostgreSQL does: the client may send its next query as soon as it sees the close."""
+    s.ctx.connector = FakeConnector()
+    s.send(msg.query("SELECT pg_sleep(10)"))
+    lease = s.pool.give()
+    cancel_transport = _cancel_request(s)
+    [(conn, done)] = s.ctx.connector.cancels
+    assert conn is lease.conn
+    assert not cancel_transport.disconnecting
+    done.callback(None)
+    assert cancel_transport.disconnecting
+    assert cancel_transport.value() == b""
+
+
+def test_cancel_of_an_idle_session_or_a_wrong_key_closes_at_once(s):
+    s.ctx.connector = FakeConnector()
+    assert _cancel_request(s).disconnecting  # no query running: nothing to send
+    s.send(msg.query("SELECT pg_sleep(10)"))
+    s.pool.give()
+    pid, secret = s.frontend._cancel_key
+    assert _cancel_request(s, secret=secret ^ 1).disconnecting
+    assert s.ctx.connector.cancels == []

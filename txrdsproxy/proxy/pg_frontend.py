@@ -157,7 +157,12 @@ class PgFrontend(protocol.Protocol):
         session = self.ctx.cancel_registry.get(key)
         if session is not None and session.lease is not None and session.ctx.connector is not None:
             self.log.info("cancel request for {s}", s=session)
-            session.ctx.connector.send_cancel(session.lease.conn)
+            # Close only once the database has taken the cancel, as PostgreSQL itself does:
+            # clients (asyncpg) wait for this close before their next query, which a cancel
+            # still on its way would otherwise hit.
+            done = session.ctx.connector.send_cancel(session.lease.conn)
+            done.addBoth(lambda _: self.transport.loseConnection())
+            return
         self.transport.loseConnection()
 
     def _startup_message(self, code, payload):
