@@ -72,24 +72,44 @@ class ProxyService(service.Service):
 
 
 class AdminService(service.Service):
-    """The admin listener (management API, /metrics, /healthz); `.port` once listening."""
+    """The admin listener (management API, /metrics, /healthz); `.port` once listening.
+
+    Under twistd it binds in privilegedStartService and raises there when it cannot, so a busy
+    admin port stops the start-up (as strports.service does); started directly, it binds in
+    startService and logs a failure.
+    """
 
     def __init__(self, site, listen, reactor):
         self.site, self.listen, self.reactor = site, listen, reactor
         self.port = None
+        self._bound = None  # the Deferred of the listen() call, once made
 
-    def startService(self):
-        super().startService()
-        d = strports.service(self.listen, self.site, reactor=self.reactor).endpoint.listen(self.site)
+    def _bind(self):
+        endpoint = strports.service(self.listen, self.site, reactor=self.reactor).endpoint
+        self._bound = endpoint.listen(self.site)
 
         def listening(port):
             self.port = port
             log.info("admin API listening on {addr}", addr=port.getHost())
 
-        return d.addCallback(listening)
+        return self._bound.addCallback(listening)
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        failures = []
+        self._bind().addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def startService(self):
+        super().startService()
+        if self._bound is None:
+            self._bind().addErrback(lambda f: log.failure("admin listener {listen} failed", f,
+                                                          listen=self.listen))
 
     def stopService(self):
         super().stopService()
+        self._bound = None
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()

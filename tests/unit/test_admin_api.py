@@ -363,3 +363,32 @@ def test_build_proxy_gives_each_proxy_a_target_health_shared_with_its_connector(
         assert isinstance(ctx.health, TargetHealth)
         assert ctx.connector.health is ctx.health
     assert contexts[0].health is not contexts[1].health
+
+
+def test_admin_service_binds_and_exposes_its_port():
+    from twisted.internet.testing import MemoryReactor
+    from twisted.web.server import Site
+    from txrdsproxy.service import AdminService
+    reactor = MemoryReactor()
+    svc = AdminService(Site(admin_root(Metrics(), [])), "tcp:0:interface=127.0.0.1", reactor)
+    svc.startService()
+    assert svc.port is not None
+    assert reactor.tcpServers[0][0] == 0 and reactor.tcpServers[0][3] == "127.0.0.1"
+    svc.stopService()
+    assert svc.port is None
+
+
+def test_admin_service_raises_when_it_cannot_bind_under_twistd():
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.testing import MemoryReactor
+    from twisted.web.server import Site
+    from txrdsproxy.service import AdminService
+
+    class Busy(MemoryReactor):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+    svc = AdminService(Site(admin_root(Metrics(), [])), "tcp:8089:interface=127.0.0.1", Busy())
+    with pytest.raises(CannotListenError):
+        svc.privilegedStartService()
+    assert svc.port is None
