@@ -144,7 +144,9 @@ class Demo:
         with os.fdopen(fd, "w") as f:
             json.dump(secrets, f, indent=2)
             f.write("\n")
+        self.admin_port = port_or_free(8089)
         config = {
+            "Admin": {"Listen": "tcp:%d:interface=%s" % (self.admin_port, HOST)},
             # Relative paths resolve against this file's folder.
             "Secrets": {"Backend": "file", "Path": "secrets.json"},
             "DBProxies": proxies,
@@ -243,6 +245,11 @@ class Demo:
             say(" * MySQL: select connection_id(); in two mariadb sessions shows the connection")
             say("   serving each; SET time_zone = '+02:00' in one does not pin, and the other")
             say("   session keeps its own @@time_zone.")
+        say(" * See it from the outside (management API, Prometheus metrics):")
+        say("       .venv/bin/rdsproxy --endpoint http://%s:%d describe-db-proxies" % (HOST, self.admin_port))
+        say("       .venv/bin/rdsproxy --endpoint http://%s:%d describe-db-proxy-targets --db-proxy-name demo-pg"
+            % (HOST, self.admin_port))
+        say("       curl -s http://%s:%d/metrics | grep -v '^#'" % (HOST, self.admin_port))
         say()
         say("Proxy log:  tail -f %s" % os.path.relpath(self.log_path, REPO))
         say("Press Ctrl-C to stop the proxy and the databases (the state directory is removed).")
