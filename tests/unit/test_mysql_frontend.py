@@ -745,6 +745,38 @@ def test_tracked_set_does_not_pin_and_is_synced_on_the_next_connection(s):
     assert lease2.conn.writes == [query("SELECT NOW()")]
 
 
+NBE = P.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+
+
+def test_local_ok_carries_no_backslash_escapes_of_the_sessions_sql_mode(s):
+    # Clients (libmysqlclient's mysql_real_escape_string) escape by this flag of the last OK.
+    s.send(query("SET @@session.sql_mode = 'NO_BACKSLASH_ESCAPES'"))
+    lease = s.pool.give()
+    lease.conn.respond(ok(AC | NBE))
+    assert lease.released
+    s.sent()
+    s.send(command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC | NBE))]
+    s.send(query("SET sql_mode = 'STRICT_TRANS_TABLES,no_backslash_escapes'"))
+    s.pool.give().conn.respond(ok(AC | NBE))
+    s.sent()
+    s.send(command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC | NBE))]
+    s.send(command(P.COM_RESET_CONNECTION))  # back to the connections' baseline
+    assert s.packets() == [(1, P.ok_packet(status=AC))]
+
+
+def test_local_ok_carries_no_backslash_escapes_of_the_baseline(s):
+    s.connector.baseline = dict(BASELINE, sql_mode="NO_BACKSLASH_ESCAPES")
+    s.send(command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC | NBE))]
+    s.send(query("SET sql_mode = ''"))
+    s.pool.give().conn.respond(ok(AC))
+    s.sent()
+    s.send(command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC))]
+
+
 @pytest.mark.parametrize("sql, reason", [
     ("SET @x = 1", "user_variable"),
     ("LOCK TABLES t READ", "lock_tables"),

@@ -223,6 +223,7 @@ class MySQLBackendConnection(protocol.Protocol):
             self._fail_login(e)
             return
         self.baseline = dict(self.current)
+        self.connector.baseline = self.baseline
         self.state = "idle"
         d, self.ready = self.ready, None
         d.callback(self)
@@ -477,6 +478,7 @@ class MySQLConnector:
         self.proxy_name = proxy_name
         self.server_info = None
         self.collations = None
+        self.baseline = {}  # tracked values of the last connection opened (login + InitQuery)
 
     def note_greeting(self, greeting):
         self.server_info = greeting

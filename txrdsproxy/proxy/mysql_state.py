@@ -45,6 +45,13 @@ def parse_state_row(row):
     return int(row[0]), row[1], values
 
 
+def no_backslash_escapes(sql_mode):
+    """Whether an sql_mode value (or None) includes NO_BACKSLASH_ESCAPES."""
+    if not sql_mode:
+        return False
+    return "NO_BACKSLASH_ESCAPES" in (m.strip() for m in sql_mode.upper().split(","))
+
+
 def literal(value):
     if value.upper() == NULL:
         return NULL
