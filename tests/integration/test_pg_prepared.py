@@ -165,3 +165,29 @@ def test_many_threads_of_psycopg_with_named_statements(pg_server, pg_proxy_facto
         t.join(120)
     assert not errors, errors[:3]
     assert pins(proxy) == {}
+
+
+def test_sql_execute_of_a_named_protocol_statement(pg_server, pg_proxy_factory):
+    # asyncpg prepares "foobar" through the protocol; the SQL EXECUTE must find it on whichever
+    # connection serves the session (a cap of 2 and a second session moving things around).
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
+
+    async def main():
+        kw = dict(host=proxy.host, port=proxy.port, user="app_scram",
+                  password=pg_server.users["app_scram"], database="appdb")
+        conn, other = await asyncpg.connect(**kw), await asyncpg.connect(**kw)
+        try:
+            # Keep a reference: asyncpg closes a statement object it garbage-collects.
+            foobar = await conn.prepare("select $1::int + 1", name="foobar")
+            for n in range(6):
+                async with other.transaction():  # takes a connection for a while
+                    assert await conn.fetchval(f"EXECUTE foobar({n})") == n + 1
+                    await other.fetchval("select 1")
+                await conn.execute(f"EXECUTE foobar({n})")  # simple protocol too
+            assert await foobar.fetchval(1) == 2
+        finally:
+            await conn.close()
+            await other.close()
+
+    asyncio.run(main())
+    assert pins(proxy) == {}

@@ -171,3 +171,33 @@ def test_large_copy_data_passes_through_in_pieces():
     copy = message(b"d", b"x" * 100000)
     got = t.rewrite(conn, copy[:1000]) + t.rewrite(conn, copy[1000:50000]) + t.rewrite(conn, copy[50000:])
     assert got == copy
+
+
+def test_sql_execute_of_a_protocol_statement_is_rewritten_and_ensured():
+    t, first, second = StatementTracker(11), Conn(), Conn()
+    t.rewrite(first, parse(b"foobar", b"select $1::int", b"\0\1\0\0\0\x17") + SYNC)
+    t.parse_completed(first)
+    t.ready()
+    # On another connection: the statement is prepared first, and the EXECUTE names it.
+    out = messages(t.rewrite(second, msg.query("EXECUTE foobar(42)")))
+    assert out == [(b"P", b"txrds_11_0\0select $1::int\0\0\1\0\0\0\x17"),
+                   (b"Q", b"EXECUTE txrds_11_0(42)\0")]
+    assert t.parse_completed(second) is True  # swallowed, before the Query's ReadyForQuery
+    t.ready()
+    # Quoted names keep their case; names the session doesn't track are left alone.
+    assert t.rewrite(second, msg.query('execute "FooBar"(1)')) == msg.query('execute "FooBar"(1)')
+
+
+def test_a_statement_that_executes_another_brings_it_along():
+    # asyncpg caches "EXECUTE foobar(1)" as a named statement of its own: moved to a new
+    # connection, foobar must be prepared there first.
+    t, first, second = StatementTracker(12), Conn(), Conn()
+    t.rewrite(first, parse(b"foobar", b"select 1") + parse(b"wrap", b"EXECUTE foobar") + SYNC)
+    t.parse_completed(first)
+    t.parse_completed(first)
+    t.ready()
+    out = messages(t.rewrite(second, bind(b"wrap") + EXECUTE + SYNC))
+    assert [k for k, _ in out] == [b"P", b"P", b"B", b"E", b"S"]
+    assert out[0][1].startswith(b"txrds_12_0\0select 1")
+    assert out[1][1].startswith(b"txrds_12_1\0EXECUTE txrds_12_0\0")
+    assert t.parse_completed(second) is True and t.parse_completed(second) is True

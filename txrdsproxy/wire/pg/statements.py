@@ -29,6 +29,8 @@ _unpack_len = struct.Struct("!I").unpack_from
 _P, _B, _D, _C, _S, _Q, _F = (ord(c) for c in "PBDCSQF")
 _REWRITE = frozenset((_P, _B, _D, _C, _Q))
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE)
+_NAME = rb"(\"(?:[^\"]|\"\")+\"|[A-Za-z_][\w$]*)"
+_EXECUTE = re.compile(rb"^\s*execute\s+" + _NAME, re.IGNORECASE)
 _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\")+\"|[A-Za-z_][\w$]*)\s*;?\s*$",
                          re.IGNORECASE)
 
@@ -90,20 +92,18 @@ class StatementTracker:
     def _message(self, conn, kind, body):
         """Rewritten bytes for one message, or None to send it unchanged."""
         if kind == _Q:
+            out = self._query(conn, body)  # may inject a Parse: it belongs before this Query
             self._batches.append([])
-            return self._query(conn, body)
+            return out
         if kind == _P:
             name, pos = cstring(body)
             if not name:
-                self._batches[-1].append((None, False))
-                return None
+                return self._parse(conn, None, body[pos:], injected=False)
             server = self.prefix + str(self._counter).encode()
             self._counter += 1
             rest = body[pos:]
             self.statements[name] = (server, rest)
-            conn.pending.add(server)
-            self._batches[-1].append((server, False))
-            return message(b"P", server + b"\0" + rest)
+            return self._parse(conn, server, rest, injected=False) or message(b"P", server + b"\0" + rest)
         if kind == _B:
             portal, pos = cstring(body)
             name, pos2 = cstring(body, pos)
@@ -129,17 +129,34 @@ class StatementTracker:
         server, rest = found
         if server in conn.prepared or server in conn.pending:
             return b""
-        conn.pending.add(server)
-        self._batches[-1].append((server, True))
-        return message(b"P", server + b"\0" + rest)
+        return self._parse(conn, server, rest, injected=True)
+
+    def _parse(self, conn, server, rest, injected):
+        """A Parse of *rest* (query, NUL, parameter types) under *server* (None: unnamed), noted
+        in the batch.  Its SQL may itself `EXECUTE` a tracked statement: that one is ensured
+        first and renamed.  -> bytes, or None when an unnamed Parse can go unchanged."""
+        sql, end = cstring(rest)
+        rewritten = self._execute(conn, sql)
+        if server is not None:
+            conn.pending.add(server)
+        self._batches[-1].append((server, injected))
+        if rewritten is None:
+            return message(b"P", server + b"\0" + rest) if server is not None else None
+        ensure, sql = rewritten
+        return ensure + message(b"P", (server or b"") + b"\0" + sql + b"\0" + rest[end:])
 
     def _query(self, conn, body):
-        """SQL DEALLOCATE of a tracked name is rewritten; DEALLOCATE ALL forgets everything."""
+        """SQL that names a tracked statement is rewritten: EXECUTE name (after making sure the
+        connection has it), DEALLOCATE name; DEALLOCATE ALL and DISCARD ALL forget everything."""
         sql = body[:-1] if body.endswith(b"\0") else body
         if _DISCARD_ALL.match(sql):  # drops every statement of the connection (it pins, too)
             self.statements.clear()
             conn.prepared.clear()
             return None
+        rewritten = self._execute(conn, sql)
+        if rewritten is not None:
+            ensure, sql = rewritten
+            return ensure + message(b"Q", sql + b"\0")
         if b"eallocate" not in sql and b"EALLOCATE" not in sql:
             return None
         m = _DEALLOCATE.match(sql)
@@ -150,12 +167,21 @@ class StatementTracker:
             self.statements.clear()
             conn.prepared.clear()
             return None
-        name = target[1:-1].replace(b'""', b'"') if target.startswith(b'"') else target.lower()
-        found = self.statements.pop(name, None)
+        found = self.statements.pop(_sql_name(target), None)
         if found is None:
             return None
         conn.prepared.discard(found[0])
         return message(b"Q", b"DEALLOCATE " + found[0] + b"\0")
+
+    def _execute(self, conn, sql):
+        """`EXECUTE name ...` of a tracked statement -> (injected Parse or b'', rewritten SQL)."""
+        if b"xecute" not in sql and b"XECUTE" not in sql:
+            return None
+        m = _EXECUTE.match(sql)
+        found = self.statements.get(_sql_name(m.group(1))) if m else None
+        if found is None:
+            return None
+        return self._ensure(conn, found), sql[:m.start(1)] + found[0] + sql[m.end(1):]
 
     # -- server -> client -----------------------------------------------------------------------
     def parse_completed(self, conn):
@@ -183,3 +209,10 @@ class StatementTracker:
             self._batches.popleft()
         else:
             self._batches[0].clear()
+
+
+def _sql_name(token):
+    """A statement name as SQL spells it -> the name: quoted keeps its case, bare folds."""
+    if token.startswith(b'"'):
+        return token[1:-1].replace(b'""', b'"')
+    return token.lower()
