@@ -777,6 +777,17 @@ def test_local_ok_carries_no_backslash_escapes_of_the_baseline(s):
     assert s.packets() == [(1, P.ok_packet(status=AC))]
 
 
+def test_local_ok_carries_autocommit_of_the_baseline(s):
+    s.connector.baseline = dict(BASELINE, autocommit="0")  # InitQuery: SET autocommit=0
+    s.send(command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=0))]
+    s.send(query("SET autocommit = 1"))
+    s.pool.give().conn.respond(ok(AC))
+    s.sent()
+    s.send(command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC))]
+
+
 @pytest.mark.parametrize("sql, reason", [
     ("SET @x = 1", "user_variable"),
     ("LOCK TABLES t READ", "lock_tables"),

@@ -565,13 +565,13 @@ class MySQLFrontend(protocol.Protocol):
         if self.lease is not None and self.lease.conn.tracker is not None:
             status = self.lease.conn.tracker.status
             return status & ~(P.SERVER_SESSION_STATE_CHANGED | P.SERVER_MORE_RESULTS_EXISTS)
-        # No connection: the flags a server keeps in every OK, from the session's own values
-        # (a client escapes strings by SERVER_STATUS_NO_BACKSLASH_ESCAPES of the last OK).
-        status = 0 if self.desired.get("autocommit") == "0" else P.SERVER_STATUS_AUTOCOMMIT
-        sql_mode = self.desired.get("sql_mode")
-        if sql_mode is None:
-            sql_mode = getattr(self.ctx.connector, "baseline", {}).get("sql_mode")
-        if mstate.no_backslash_escapes(sql_mode):
+        # No connection: the flags a server keeps in every OK, from the session's values, or
+        # the connections' baseline (login + InitQuery) for those it never set.  Clients escape
+        # strings by SERVER_STATUS_NO_BACKSLASH_ESCAPES of the last OK.
+        values = getattr(self.ctx.connector, "baseline", None) or {}
+        values = {**values, **self.desired}
+        status = 0 if values.get("autocommit") == "0" else P.SERVER_STATUS_AUTOCOMMIT
+        if mstate.no_backslash_escapes(values.get("sql_mode")):
             status |= P.SERVER_STATUS_NO_BACKSLASH_ESCAPES
         return status
 
