@@ -284,3 +284,47 @@ def test_empty_password_says_using_password_no(mysql_proxy, mariadb_server):
     out = mariadb_cli(mysql_proxy, mariadb_server, ["-e", "SELECT 1"], password="")
     assert "ERROR 1045 (28000): Access denied for user 'app_native'@'%' (using password: NO)" \
         in out.stderr
+
+
+def test_kill_query_by_the_id_from_the_greeting(mysql_proxy, mariadb_server):
+    # The id a client sees (thread_id(), CONNECTION_ID() is the server's) is the proxy's
+    # session id; KILL QUERY with it must stop the query that session runs, wherever it runs.
+    import threading
+    import time
+    victim, killer = pm(mysql_proxy, mariadb_server), pm(mysql_proxy, mariadb_server)
+    result = {}
+
+    def sleeper():
+        with victim.cursor() as cur:
+            start = time.monotonic()
+            try:
+                cur.execute("SELECT SLEEP(20)")
+                result["value"] = cur.fetchone()[0]
+            except pymysql.err.OperationalError as e:
+                result["error"] = e.args[0]
+            result["seconds"] = time.monotonic() - start
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    time.sleep(1.0)
+    with killer.cursor() as cur:
+        cur.execute("KILL QUERY %d" % victim.thread_id())
+    t.join(30)
+    assert result["seconds"] < 15, result
+    assert result.get("value") == 1 or result.get("error") == 1317, result  # interrupted
+    with victim.cursor() as cur:  # the session goes on
+        cur.execute("SELECT 41 + 1")
+        assert cur.fetchone() == (42,)
+    # An idle session: nothing to kill, still OK.
+    with killer.cursor() as cur:
+        cur.execute("KILL QUERY %d" % victim.thread_id())
+    # KILL CONNECTION ends that client session only.
+    with killer.cursor() as cur:
+        cur.execute("KILL %d" % victim.thread_id())
+    with pytest.raises(pymysql.err.OperationalError):
+        with victim.cursor() as cur:
+            cur.execute("SELECT 1")
+    with killer.cursor() as cur:
+        cur.execute("SELECT 2")
+        assert cur.fetchone() == (2,)
+    killer.close()

@@ -979,3 +979,48 @@ def test_idle_client_timeout_leaves_a_busy_session_alone():
     lease.conn.respond(ok())
     assert lease.released
     assert not h.closed
+
+
+# -- KILL by the session id from the greeting ----------------------------------------------------------
+def test_kill_of_another_users_session_is_refused(s):
+    other = Harness(ctx=s.ctx)
+    other.login()
+    other.frontend.user = "someone_else"
+    s.send(query(b"KILL QUERY %d" % other.frontend.id))
+    [(seq, payload)] = s.packets()
+    assert seq == 1 and err(payload) == (1095, "HY000", f"You are not owner of thread {other.frontend.id}")
+    assert not other.closed and s.pool.requests == []
+
+
+def test_kill_connection_ends_that_session_only(s):
+    other = Harness(ctx=s.ctx)
+    other.login()
+    s.send(query(b"KILL %d" % other.frontend.id))
+    assert s.packets() == [(1, P.ok_packet(status=AC))]
+    assert other.closed and not s.closed
+
+
+def test_kill_query_of_an_idle_session_is_ok_without_a_database(s):
+    other = Harness(ctx=s.ctx)
+    other.login()
+    s.send(query(b"kill query %d;" % other.frontend.id))
+    assert s.packets() == [(1, P.ok_packet(status=AC))]
+    assert s.pool.requests == [] and not other.closed
+
+
+def test_kill_of_an_unknown_id_goes_to_the_server(s):
+    s.send(query(b"KILL QUERY 999999"))
+    lease = s.pool.give()
+    assert lease.conn.writes == [query(b"KILL QUERY 999999")]
+
+
+def test_kill_query_is_translated_to_the_serving_connections_thread_id(s):
+    victim = Harness(ctx=s.ctx)
+    victim.login()
+    victim.send(query(b"SELECT SLEEP(10)"))
+    busy = s.pool.give()  # the victim's connection
+    assert busy.conn.writes == [query(b"SELECT SLEEP(10)")]
+    thread = busy.conn.handshake.connection_id
+    s.send(query(b"KILL QUERY %d" % victim.frontend.id))
+    mine = s.pool.give()
+    assert mine.conn.writes == [query(b"KILL QUERY %d" % thread)]

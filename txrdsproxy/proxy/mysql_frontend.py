@@ -13,6 +13,8 @@ session is not pinned.  Client bytes of a command that arrive while the previous
 answered wait (pipelining clients are served in order).
 """
 
+import re
+
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
@@ -338,6 +340,9 @@ class MySQLFrontend(protocol.Protocol):
                 self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
             else:
                 sql = bytes(self._inbuf[5:4 + length])
+                kill = _KILL.match(sql) if b"ill" in sql[:16] or b"ILL" in sql[:16] else None
+                if kill is not None and self._kill(kill, length):
+                    return
                 result = pinning.classify_query(sql, self._exclude_sets)
                 if isinstance(result, pinning.TrackedSet):
                     bad = result.invalid_charset_client
@@ -387,6 +392,47 @@ class MySQLFrontend(protocol.Protocol):
             self._cmd = None
         else:
             self._wait = "response"
+
+    def _kill(self, match, length):
+        """`KILL [QUERY|CONNECTION] id` naming one of this proxy's sessions (the id a client got
+        in the greeting).  -> True when handled here; False to forward the command unchanged
+        (an id the proxy doesn't know is the server's business).
+
+        KILL QUERY becomes `KILL QUERY <thread id>` of the database connection serving that
+        session now; KILL CONNECTION ends that client session.  As in MySQL, without privileges
+        of its own a user may only kill its own sessions: here, sessions of the same user.
+        """
+        target_id = int(match.group(2))
+        target = next((s for s in self.ctx.sessions if s.id == target_id), None)
+        if target is None:
+            return False
+        seq = self._inbuf[3]
+        if target.user != self.user:
+            self._take_whole(length)
+            self.write_packet(P.err_packet(1095, "HY000", f"You are not owner of thread {target_id}"),
+                              seq + 1)
+            return True
+        query_only = (match.group(1) or b"").strip().lower() == b"query"
+        if not query_only:
+            self._take_whole(length)
+            if target is self:
+                self._close_client()
+                return True
+            self.log.info("{s}: KILL CONNECTION {t}", s=self, t=target)
+            target._close_client()
+            self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+            return True
+        conn = target.lease.conn if target.lease is not None else None
+        if conn is None or conn.handshake is None or target is self:
+            self._take_whole(length)  # nothing running there: nothing to kill
+            self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+            return True
+        # Rewrite the command in place; it then goes to the database like any query.
+        sql = b"KILL QUERY %d" % conn.handshake.connection_id
+        payload = bytes((P.COM_QUERY,)) + sql
+        self._inbuf[:4 + length] = P.encode_packet(payload, seq)
+        self._command(P.COM_QUERY, len(payload))
+        return True
 
     def _drop_command(self):
         buf = self._inbuf
@@ -645,6 +691,9 @@ class MySQLFrontend(protocol.Protocol):
 
     key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
     _unread = ()  # (seq, payload) the client sent after the packet that ended authentication
+
+
+_KILL = re.compile(rb"^\s*kill\s+(query\s+|connection\s+)?(\d+)\s*;?\s*$", re.IGNORECASE)
 
 
 def _known_databases(ctx):
