@@ -1,7 +1,6 @@
 """Startup: per-client runtime parameters over shared connections, rejections, SSLRequest."""
 
 import struct
-import threading
 
 import pytest
 

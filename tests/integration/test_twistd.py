@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import pytest
 
 try:
     from proxyutil import TwistdProxy, find_free_port, run_psql, write_proxy_config

@@ -15,6 +15,7 @@ from txrdsproxy.auth.secrets import Credentials
 from txrdsproxy.config.load import parse_config
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy import mysql_frontend
+from txrdsproxy.proxy import session
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_backend import BASE_CAPABILITIES, CAPABILITY_PROFILE, DatabaseError
 from txrdsproxy.proxy.mysql_frontend import MySQLFrontend
@@ -495,7 +496,7 @@ def test_login_borrow_timeout_is_fatal(h):
 
 def test_auth_timeout(h):
     h.greeting()
-    h.clock.advance(mysql_frontend.AUTH_TIMEOUT - 1)
+    h.clock.advance(session.AUTH_TIMEOUT - 1)
     assert not h.closed
     h.clock.advance(1)
     assert h.closed
@@ -856,7 +857,7 @@ def test_client_disconnect_mid_command_releases_unclean(s):
     s.lose()
     assert lease.released
     assert lease.release_args == dict(clean=False, needs_reset=False,
-                                      reason="client disconnected mid-command")
+                                      reason="client disconnected mid-request")
     assert lease.conn._sink is None
     assert s.frontend.state is SessionState.CLOSED
     assert s.frontend not in s.ctx.sessions

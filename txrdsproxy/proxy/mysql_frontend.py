@@ -22,8 +22,8 @@ from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_auth import ClientAuth, parse_change_user
 from txrdsproxy.proxy.mysql_backend import CAPABILITY_PROFILE, BackendGone, DatabaseError
-from txrdsproxy.proxy.relay import couple, direct_write, uncouple
-from txrdsproxy.proxy.session import SessionState
+from txrdsproxy.proxy.relay import direct_write
+from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
@@ -31,7 +31,6 @@ from txrdsproxy.wire.mysql import pinning
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
 from txrdsproxy.wire.mysql.packets import ProtocolError
 
-AUTH_TIMEOUT = 60.0
 PENDING_PAUSE = 4 * 1024 * 1024
 DEFAULT_VERSION = "5.7.0-txrdsproxy"
 MAX_LOCAL_COMMAND = 1 << 16  # COM_CHANGE_USER, COM_INIT_DB: read whole
@@ -44,24 +43,15 @@ def _header(buf):
     return buf[0] | (buf[1] << 8) | (buf[2] << 16)
 
 
-class MySQLFrontend(protocol.Protocol):
+class MySQLFrontend(ClientSession):
     log = Logger()
+    SESSION_PHASE = "command"
 
     def __init__(self, ctx):
-        self.ctx = ctx
-        self.clock = ctx.clock
-        self.state = SessionState.AUTHENTICATING
-        self.id = ctx.next_id()
-        self.user = None
-        self.database = None
-        self.key = None
+        super().__init__(ctx, "greeting")
         self.desired = {}        # tracked variables this session set
         self.charset_id = None   # from the handshake / COM_CHANGE_USER, resolved at first borrow
         self.client_caps = 0
-        self.lease = None
-        self.pin_reason = None
-        self.last_active = self.clock.seconds()
-        self._phase = "greeting"
         self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
         self._auth = None
         self._inbuf = bytearray()
@@ -72,28 +62,13 @@ class MySQLFrontend(protocol.Protocol):
         self._cmd = None
         self._cmd_tracked = None
         self._cmd_db = None
-        self._borrow_d = None
-        self._timer = None
-        self._paused = False
-        self._coupled = False
         self._server_caps = 0
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
 
-    def __repr__(self):
-        return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
-
-    def set_state(self, state):
-        self.state = state
-
     # -- connection -----------------------------------------------------------------------------
     def connectionMade(self):
+        super().connectionMade()
         ctx = self.ctx
-        ctx.sessions.add(self)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
-        if ctx.metrics is not None:
-            ctx.metrics.client_connections_received.inc(ctx.name)
-        self._timer = self.clock.callLater(AUTH_TIMEOUT, self._check_idle)
         if len(ctx.sessions) > ctx.config.max_client_connections:
             return self._fatal(errors.too_many_connections(ctx.config.max_client_connections), 0)
         if not ctx.rate_limiter.admit():
@@ -118,21 +93,23 @@ class MySQLFrontend(protocol.Protocol):
             hs.NATIVE_PASSWORD)
         self.transport.write(P.encode_packet(packet, 0))
 
-    def _check_idle(self):
-        self._timer = None
-        if self.state is SessionState.CLOSED:
-            return
-        if self._phase != "command":
-            self.log.info("{s}: authentication timed out", s=self)
-            self._close_client()
-            return
-        timeout = self.ctx.config.idle_client_timeout
-        idle_for = self.clock.seconds() - self.last_active
-        if idle_for >= timeout and self._wait is None:
-            self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
-            self._close_client()
-            return
-        self._timer = self.clock.callLater(max(1.0, timeout - idle_for), self._check_idle)
+    # -- ClientSession's questions and actions ----------------------------------------------------
+    @property
+    def busy(self):
+        return self._wait is not None
+
+    def auth_timed_out(self):
+        self._close_client()
+
+    def left_cleanly(self, conn):
+        return (self._wait is None and not self._skip and not self._more
+                and not conn.busy and conn.tracker is not None)
+
+    def needs_reset(self, conn):
+        return self.pin_reason is not None or conn.tracker.in_transaction
+
+    def lost_database(self, conn, why):
+        self._close_client()  # as a crashed server would: the client sees the connection drop
 
     def dataReceived(self, data):
         try:
@@ -232,10 +209,7 @@ class MySQLFrontend(protocol.Protocol):
         self._unread = ()
         self._phase = "command"
         self.set_state(SessionState.IDLE)
-        self.last_active = self.clock.seconds()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.clock.callLater(self.ctx.config.idle_client_timeout, self._check_idle)
+        self.start_idle_timer()
         if self.ctx.metrics is not None:
             self.ctx.metrics.client_connections_setup_succeeded.inc(self.ctx.name)
         if leftover:
@@ -450,18 +424,6 @@ class MySQLFrontend(protocol.Protocol):
         self._cmd = None
         self.write_packet(err_payload, seq + 1)
 
-    def _pin(self, reason):
-        if self.pin_reason is not None:
-            return
-        self.pin_reason = reason
-        self.ctx.count_pin(reason.value)
-        self.log.info("{s}: pinned, reason={reason}", s=self, reason=reason.value)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.pins.inc(self.ctx.name, reason.value)
-        if self.lease is not None:
-            self.lease.conn.session_dirty = True
-            self.set_state(SessionState.PINNED)
-
     # -- borrowing ----------------------------------------------------------------------------------
     def _borrow(self):
         self._wait = "borrow"
@@ -542,12 +504,6 @@ class MySQLFrontend(protocol.Protocol):
         if not direct_write(self.transport, data) and self.lease is not None:
             self.write_queued(self.lease.conn)
 
-    def write_queued(self, conn):
-        """A write had to be queued: from now on a full side pauses the other (backpressure)."""
-        if not self._coupled:
-            self._coupled = True
-            couple(self.transport, conn.transport)
-
     def infile_requested(self):
         self._pump()
 
@@ -590,21 +546,6 @@ class MySQLFrontend(protocol.Protocol):
         self._detach(conn)
         lease.release(clean=True, needs_reset=needs_reset)
         self.set_state(SessionState.IDLE)
-
-    def _detach(self, conn):
-        if conn._sink is self:
-            conn.detach()
-            if self._coupled:
-                self._coupled = False
-                uncouple(self.transport, conn.transport)
-
-    def backend_lost(self, conn, why):
-        """The database connection broke under this session: like a server crash, hang up."""
-        if self.lease is not None and self.lease.conn is conn:
-            lease, self.lease = self.lease, None
-            lease.release(clean=False, reason=why)
-        self.log.info("{s}: database connection lost: {why}", s=self, why=why)
-        self._close_client()
 
     # -- session-level commands ------------------------------------------------------------------------
     def _status(self):
@@ -655,39 +596,6 @@ class MySQLFrontend(protocol.Protocol):
         self._phase = "closing"
         self.write_packet(payload, seq)
         self.transport.loseConnection()
-
-    def _close_client(self):
-        self._phase = "closing"
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason):
-        ctx = self.ctx
-        self.set_state(SessionState.CLOSED)
-        self._phase = "closing"
-        ctx.sessions.discard(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._borrow_d is not None:
-            d, self._borrow_d = self._borrow_d, None
-            d.cancel()
-        lease, self.lease = self.lease, None
-        if lease is not None and not lease.released:
-            conn = lease.conn
-            if conn.state != "closed" and conn._sink is self:
-                conn.detach()
-                if self._coupled:
-                    self._coupled = False
-                    uncouple(None, conn.transport)
-            clean = (self._wait is None and not self._skip and not self._more
-                     and not conn.busy and conn.tracker is not None)
-            if clean:
-                needs_reset = self.pin_reason is not None or conn.tracker.in_transaction
-                lease.release(clean=True, needs_reset=needs_reset)
-            else:
-                self.log.info("{s}: client left mid-command; closing its database connection", s=self)
-                lease.release(clean=False, reason="client disconnected mid-command")
-        if ctx.metrics is not None:
-            ctx.metrics.client_connections_closed.inc(ctx.name)
 
     key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
     _unread = ()  # (seq, payload) the client sent after the packet that ended authentication

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
-from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring, message, split_messages
+from txrdsproxy.wire.pg.framing import ProtocolViolation, message, split_messages
 
 _unpack_len = struct.Struct("!I").unpack_from
 _Z = ord("Z")

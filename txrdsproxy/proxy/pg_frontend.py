@@ -19,8 +19,8 @@ from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy.pg_backend import (
     REPORTED_PARAMS, SESSION_PARAMS, BackendGone, DatabaseError,
 )
-from txrdsproxy.proxy.relay import couple, direct_write, uncouple
-from txrdsproxy.proxy.session import SessionState
+from txrdsproxy.proxy.relay import direct_write
+from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
@@ -36,38 +36,25 @@ _Q, _P, _B, _X, _S, _F = (ord(c) for c in "QPBXSF")
 _EXTENDED = frozenset(ord(c) for c in "PBDECH")  # open a batch that a Sync closes
 _WHOLE = frozenset((_Q, _P, _B))  # looked inside (pinning)
 PENDING_PAUSE = 4 * 1024 * 1024
-AUTH_TIMEOUT = 60.0
 ACCEPTED_STARTUP = frozenset(("user", "database", "replication") + SESSION_PARAMS)
 # Parameter names are case-insensitive (libpq sends PGTZ as "timezone", PGDATESTYLE as "datestyle").
 _CANONICAL = {name.lower(): name for name in ACCEPTED_STARTUP}
 
 
-class PgFrontend(protocol.Protocol):
+class PgFrontend(ClientSession):
     log = Logger()
 
     def __init__(self, ctx):
-        self.ctx = ctx
-        self.clock = ctx.clock
-        self.state = SessionState.AUTHENTICATING
-        self.id = ctx.next_id()
-        self.user = self.database = None
-        self.key = None
+        super().__init__(ctx, "startup")
         self.desired = {}
-        self.lease = None
-        self.pin_reason = None
         self.outstanding = 0
         self.unsynced = False
-        self.queries = 0  # QueryRequests (read by metrics)
-        self.last_active = self.clock.seconds()
-        self._phase = "startup"
         self._buf = bytearray()
         self._pending = bytearray()
         self._partial = b""
         self._skip = 0
-        self._borrow_d = None
         self._attaching = None  # a lease whose parameters are being synced
         self._discard_until_sync = False
-        self._timer = None
         self._cancel_key = None
         self._auth = None
         pool_config = ctx.config.target_group.connection_pool_config
@@ -75,40 +62,34 @@ class PgFrontend(protocol.Protocol):
         # EXCLUDE_PREPARED_STATEMENTS: named statements follow the session instead of pinning it.
         self._stmts = StatementTracker(self.id) if pool_config.exclude_prepared_statements else None
         self._max = ctx.config.max_message_size
-        self._paused = False
-        self._coupled = False
 
-    def __repr__(self):
-        return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
+    # -- ClientSession's questions and actions ----------------------------------------------------
+    @property
+    def busy(self):
+        return self.outstanding > 0
 
-    def set_state(self, state):
-        self.state = state
+    def auth_timed_out(self):
+        self._fatal(errors.AUTH_TIMEOUT)
 
-    # -- connection -----------------------------------------------------------------------------
-    def connectionMade(self):
-        self.ctx.sessions.add(self)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.client_connections_received.inc(self.ctx.name)
-        self._timer = self.clock.callLater(AUTH_TIMEOUT, self._check_idle)
+    def left_cleanly(self, conn):
+        return self.outstanding == 0 and not self.unsynced and not self._partial and not self._skip
 
-    def _check_idle(self):
-        self._timer = None
-        if self.state is SessionState.CLOSED:
-            return
-        if self._phase != "session":
-            self.log.info("{s}: authentication timed out", s=self)
-            self._fatal(errors.AUTH_TIMEOUT)
-            return
-        timeout = self.ctx.config.idle_client_timeout
-        idle_for = self.clock.seconds() - self.last_active
-        if idle_for >= timeout and self.outstanding == 0:
-            self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
+    def needs_reset(self, conn):
+        return self.pin_reason is not None or conn.txn_status != b"I"
+
+    def lost_database(self, conn, why):
+        if conn.fatal_error is not None:
+            # The server said why it ended the session (FATAL, already forwarded), as it does
+            # before closing; a second error from us would hide that reason from the client.
             self._close_client()
             return
-        self._timer = self.clock.callLater(max(1.0, timeout - idle_for), self._check_idle)
+        self._fatal(errors.request_error({"C": "08006", "M": f"the database connection was lost ({why})"}))
 
+    def on_closed(self):
+        if self._cancel_key is not None:
+            self.ctx.cancel_registry.pop(self._cancel_key, None)
+
+    # -- connection -----------------------------------------------------------------------------
     def dataReceived(self, data):
         try:
             if self._phase == "session":
@@ -242,9 +223,7 @@ class PgFrontend(protocol.Protocol):
             return self._fatal(errors.wrong_password(self.user))
         self._auth = None
         self._phase = "login"
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()  # from here the login is bounded by ConnectionBorrowTimeout
-        self._timer = None
+        self.stop_auth_timer()  # from here the login is bounded by ConnectionBorrowTimeout
         self.transport.write(msg.auth_request(msg.AUTH_OK))
         self._login()
 
@@ -320,10 +299,7 @@ class PgFrontend(protocol.Protocol):
         self.transport.write(block + msg.backend_key_data(pid, secret) + msg.ready_for_query(msg.IDLE))
         self._phase = "session"
         self.set_state(SessionState.IDLE)
-        self.last_active = self.clock.seconds()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.clock.callLater(self.ctx.config.idle_client_timeout, self._check_idle)
+        self.start_idle_timer()
         if self.ctx.metrics is not None:
             self.ctx.metrics.client_connections_setup_succeeded.inc(self.ctx.name)
         if self._buf:
@@ -406,16 +382,6 @@ class PgFrontend(protocol.Protocol):
         if reason is not None:
             self._pin(reason)
 
-    def _pin(self, reason):
-        self.pin_reason = reason
-        self.ctx.count_pin(reason.value)
-        self.log.info("{s}: pinned, reason={reason}", s=self, reason=reason.value)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.pins.inc(self.ctx.name, reason.value)
-        if self.lease is not None:
-            self.lease.conn.session_dirty = True
-            self.set_state(SessionState.PINNED)
-
     def _to_backend(self, data):
         lease = self.lease
         if lease is not None:
@@ -423,8 +389,8 @@ class PgFrontend(protocol.Protocol):
                 data = self._stmts.rewrite(lease.conn, data)
                 if not data:
                     return
-            if not direct_write(lease.conn.transport, data) and not self._coupled:
-                self._couple(lease.conn)
+            if not direct_write(lease.conn.transport, data):
+                self.write_queued(lease.conn)
             return
         self._pending += data
         if len(self._pending) > PENDING_PAUSE and not self._paused:
@@ -481,15 +447,10 @@ class PgFrontend(protocol.Protocol):
             if self._stmts is not None:
                 data = self._stmts.rewrite(conn, data)
             if data and not direct_write(conn.transport, data):
-                self._couple(conn)
+                self.write_queued(conn)
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
-
-    def _couple(self, conn):
-        """A write had to be queued: from now on a full side pauses the other (backpressure)."""
-        self._coupled = True
-        couple(self.transport, conn.transport)
 
     def _borrow_failed(self, failure):
         self._borrow_d = None
@@ -556,8 +517,8 @@ class PgFrontend(protocol.Protocol):
 
     # -- the session: database -> client (called by the backend connection) ------------------------
     def backend_data(self, data):
-        if not direct_write(self.transport, data) and not self._coupled and self.lease is not None:
-            self._couple(self.lease.conn)
+        if not direct_write(self.transport, data) and self.lease is not None:
+            self.write_queued(self.lease.conn)
 
     def parameter_changed(self, name, value):
         self.desired[name] = value
@@ -586,25 +547,6 @@ class PgFrontend(protocol.Protocol):
             return
         lease.release(clean=True, needs_reset=conn.too_many_statements)
 
-    def _detach(self, conn):
-        conn.detach()
-        if self._coupled:
-            self._coupled = False
-            uncouple(self.transport, conn.transport)
-
-    def backend_lost(self, conn, why):
-        """The database connection broke under this session: the session cannot go on."""
-        if self.lease is not None and self.lease.conn is conn:
-            lease, self.lease = self.lease, None
-            lease.release(clean=False, reason=why)
-        self.log.info("{s}: database connection lost: {why}", s=self, why=why)
-        if conn.fatal_error is not None:
-            # The server said why it ended the session (FATAL, already forwarded), as it does
-            # before closing; a second error from us would hide that reason from the client.
-            self._close_client()
-            return
-        self._fatal(errors.request_error({"C": "08006", "M": f"the database connection was lost ({why})"}))
-
     # -- ending -------------------------------------------------------------------------------------
     def _fatal(self, error):
         if self.state is SessionState.CLOSED or self._phase == "closing":
@@ -612,46 +554,6 @@ class PgFrontend(protocol.Protocol):
         self._phase = "closing"
         self.transport.write(error)
         self.transport.loseConnection()
-
-    def _close_client(self):
-        self._phase = "closing"
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason):
-        ctx = self.ctx
-        prior = self.state
-        self.set_state(SessionState.CLOSED)
-        self._phase = "closing"
-        ctx.sessions.discard(self)
-        ctx.queries_closed += self.queries
-        if self._cancel_key is not None:
-            ctx.cancel_registry.pop(self._cancel_key, None)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._borrow_d is not None:
-            d, self._borrow_d = self._borrow_d, None
-            d.cancel()
-        lease, self.lease = self.lease, None
-        if lease is not None and not lease.released:
-            conn = lease.conn
-            if conn.state != "closed":
-                self._detach_quietly(conn)
-            clean = self.outstanding == 0 and not self.unsynced and not self._partial and not self._skip
-            if clean:
-                needs_reset = self.pin_reason is not None or conn.txn_status != b"I"
-                lease.release(clean=True, needs_reset=needs_reset)
-            else:
-                self.log.info("{s}: client left mid-request; closing its database connection", s=self)
-                lease.release(clean=False, reason="client disconnected mid-request")
-        if ctx.metrics is not None:
-            ctx.metrics.client_connections_closed.inc(ctx.name)
-        del prior
-
-    def _detach_quietly(self, conn):
-        conn.detach()
-        if self._coupled:
-            self._coupled = False
-            uncouple(None, conn.transport)
 
 
 class PgFrontendFactory(protocol.Factory):

@@ -7,9 +7,13 @@ admin API read these states instead of keeping parallel counters.
 import enum
 import itertools
 
+from twisted.internet import protocol
 from twisted.logger import Logger
 
 from txrdsproxy.proxy.limits import ConnectionRateLimiter
+from txrdsproxy.proxy.relay import couple, uncouple
+
+AUTH_TIMEOUT = 60.0  # seconds from connecting to the end of authentication
 
 
 class SessionState(enum.Enum):
@@ -73,3 +77,153 @@ class ProxyContext:
 
     def sessions_in(self, state):
         return sum(1 for s in self.sessions if s.state is state)
+
+
+class ClientSession(protocol.Protocol):
+    """What every client session does the same way, whatever the engine.
+
+    An engine's frontend subclasses this and supplies the wire: how it greets, authenticates and
+    relays, and answers four questions the shared parts ask:
+
+    - `in_session`: past authentication and login;
+    - `busy`: a request is on the wire (the idle timeout must not end it);
+    - `left_cleanly(conn)`: the client left between requests, so its connection's state is known;
+    - `needs_reset(conn)`: the session left state behind there (pinned, open transaction).
+
+    and three actions: `auth_timed_out()`, `lost_database(conn, why)` (tell the client its
+    database connection broke) and `on_closed()` (engine bookkeeping at the end).
+    """
+
+    log = Logger()
+    SESSION_PHASE = "session"  # the phase name in which `in_session` is true
+
+    def __init__(self, ctx, first_phase):
+        self.ctx = ctx
+        self.clock = ctx.clock
+        self.state = SessionState.AUTHENTICATING
+        self.id = ctx.next_id()
+        self.user = self.database = None
+        self.key = None
+        self.lease = None
+        self.pin_reason = None
+        self.queries = 0  # QueryRequests (read by metrics)
+        self.last_active = self.clock.seconds()
+        self._phase = first_phase
+        self._timer = None
+        self._borrow_d = None
+        self._paused = False  # client reading paused while its data waits for a connection
+        self._coupled = False  # transports coupled for backpressure (see relay.couple)
+
+    def __repr__(self):
+        return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
+
+    def set_state(self, state):
+        self.state = state
+
+    @property
+    def in_session(self):
+        return self._phase == self.SESSION_PHASE
+
+    # -- opening and idling -------------------------------------------------------------------------
+    def connectionMade(self):
+        ctx = self.ctx
+        ctx.sessions.add(self)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        if ctx.metrics is not None:
+            ctx.metrics.client_connections_received.inc(ctx.name)
+        self._timer = self.clock.callLater(AUTH_TIMEOUT, self._check_idle)
+
+    def start_idle_timer(self):
+        """Logged in: from now on IdleClientTimeout applies instead of the auth timeout."""
+        self.last_active = self.clock.seconds()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.clock.callLater(self.ctx.config.idle_client_timeout, self._check_idle)
+
+    def stop_auth_timer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _check_idle(self):
+        self._timer = None
+        if self.state is SessionState.CLOSED:
+            return
+        if not self.in_session:
+            self.log.info("{s}: authentication timed out", s=self)
+            self.auth_timed_out()
+            return
+        timeout = self.ctx.config.idle_client_timeout
+        idle_for = self.clock.seconds() - self.last_active
+        if idle_for >= timeout and not self.busy:
+            self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
+            self._close_client()
+            return
+        self._timer = self.clock.callLater(max(1.0, timeout - idle_for), self._check_idle)
+
+    # -- pinning and the lent connection -------------------------------------------------------------
+    def _pin(self, reason):
+        if self.pin_reason is not None:
+            return
+        self.pin_reason = reason
+        self.ctx.count_pin(reason.value)
+        self.log.info("{s}: pinned, reason={reason}", s=self, reason=reason.value)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.pins.inc(self.ctx.name, reason.value)
+        if self.lease is not None:
+            self.lease.conn.session_dirty = True
+            self.set_state(SessionState.PINNED)
+
+    def write_queued(self, conn):
+        """A write had to be queued: from now on a full side pauses the other (backpressure)."""
+        if not self._coupled:
+            self._coupled = True
+            couple(self.transport, conn.transport)
+
+    def _detach(self, conn, client_gone=False):
+        conn.detach()
+        if self._coupled:
+            self._coupled = False
+            uncouple(None if client_gone else self.transport, conn.transport)
+
+    def backend_lost(self, conn, why):
+        """The database connection broke under this session: the session cannot go on."""
+        if self.lease is not None and self.lease.conn is conn:
+            lease, self.lease = self.lease, None
+            lease.release(clean=False, reason=why)
+        self.log.info("{s}: database connection lost: {why}", s=self, why=why)
+        self.lost_database(conn, why)
+
+    # -- ending -----------------------------------------------------------------------------------------
+    def _close_client(self):
+        self._phase = "closing"
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        ctx = self.ctx
+        self.set_state(SessionState.CLOSED)
+        self._phase = "closing"
+        ctx.sessions.discard(self)
+        ctx.queries_closed += self.queries
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._borrow_d is not None:
+            d, self._borrow_d = self._borrow_d, None
+            d.cancel()
+        lease, self.lease = self.lease, None
+        if lease is not None and not lease.released:
+            conn = lease.conn
+            if conn.state != "closed":
+                self._detach(conn, client_gone=True)
+            if self.left_cleanly(conn):
+                lease.release(clean=True, needs_reset=self.needs_reset(conn))
+            else:
+                self.log.info("{s}: client left mid-request; closing its database connection", s=self)
+                lease.release(clean=False, reason="client disconnected mid-request")
+        self.on_closed()
+        if ctx.metrics is not None:
+            ctx.metrics.client_connections_closed.inc(ctx.name)
+
+    def on_closed(self):
+        """Engine bookkeeping when the client is gone (after the lease was given back)."""
