@@ -1,6 +1,6 @@
 """Engine-neutral parts of a client session: its named states and the per-proxy context.
 
-A session is in exactly one state, changed only through `Session.set_state`; metrics and the
+A session is in exactly one state, changed only through `ClientSession.set_state`; metrics and the
 admin API read these states instead of keeping parallel counters.
 """
 
@@ -22,7 +22,6 @@ class SessionState(enum.Enum):
     BORROWING = "borrowing"  # waiting for the pool
     BORROWED = "borrowed"  # holding a connection for the current transaction
     PINNED = "pinned"      # holding a connection until the session ends
-    DRAINING = "draining"  # client gone, connection being cleaned
     CLOSED = "closed"
 
 
