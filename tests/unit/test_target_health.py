@@ -9,7 +9,7 @@ from txrdsproxy.config.model import DBProxyTarget
 from txrdsproxy.failover import monitor
 from txrdsproxy.failover.monitor import TargetHealth
 from txrdsproxy.failover.topology import Topology
-from txrdsproxy.proxy import mysql_backend, pg_backend
+from txrdsproxy.proxy import connector, mysql_backend, pg_backend
 from txrdsproxy.wire.mysql import packets as P
 
 T1 = DBProxyTarget("db-1", "10.0.0.1", 5432)
@@ -48,8 +48,7 @@ class FakeEndpoint:
 @pytest.fixture
 def endpoints(monkeypatch):
     FakeEndpoint.made = []
-    monkeypatch.setattr(pg_backend, "HostnameEndpoint", FakeEndpoint)
-    monkeypatch.setattr(mysql_backend, "HostnameEndpoint", FakeEndpoint)
+    monkeypatch.setattr(connector, "HostnameEndpoint", FakeEndpoint)
     return FakeEndpoint.made
 
 
@@ -69,7 +68,7 @@ def test_pg_success_marks_the_writer_available(endpoints):
     d = pg_connector(health).connect(("app", "appdb"))
     endpoint, factory, connected = endpoints[0]
     assert (endpoint.host, endpoint.port) == ("10.0.0.1", 5432)
-    conn = factory.conn
+    conn = factory.proto
     connected.callback(conn)
     assert health.health_of(T1).state == monitor.REGISTERING  # not yet logged in
     conn.ready.callback(conn)
@@ -96,8 +95,8 @@ def test_pg_login_errors(endpoints, sqlstate, reason):
     health = TargetHealth()
     d = pg_connector(health).connect(("app", "appdb"))
     _, factory, connected = endpoints[0]
-    connected.callback(factory.conn)
-    factory.conn.ready.errback(pg_backend.DatabaseError({"C": sqlstate, "M": "nope for app"}))
+    connected.callback(factory.proto)
+    factory.proto.ready.errback(pg_backend.DatabaseError({"C": sqlstate, "M": "nope for app"}))
     assert outcome(d).check(pg_backend.DatabaseError)
     assert health.health_of(T1) == monitor.HealthRecord(monitor.UNAVAILABLE, reason, "nope for app")
 
@@ -107,13 +106,13 @@ def test_pg_unknown_database_says_nothing_about_the_target(endpoints):
     connector = pg_connector(health)
     d = connector.connect(("app", "appdb"))
     _, factory, connected = endpoints[0]
-    connected.callback(factory.conn)
-    factory.conn.ready.callback(factory.conn)
+    connected.callback(factory.proto)
+    factory.proto.ready.callback(factory.proto)
     outcome(d)
     d = connector.connect(("app", "nodb"))
     _, factory, connected = endpoints[1]
-    connected.callback(factory.conn)
-    factory.conn.ready.errback(pg_backend.DatabaseError({"C": "3D000", "M": "no such database"}))
+    connected.callback(factory.proto)
+    factory.proto.ready.errback(pg_backend.DatabaseError({"C": "3D000", "M": "no such database"}))
     outcome(d)
     assert health.health_of(T1).state == monitor.AVAILABLE
 

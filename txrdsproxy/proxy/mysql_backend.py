@@ -16,11 +16,11 @@ Two ways of reading the server, as for PostgreSQL:
 """
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txrdsproxy.proxy import mysql_state as state
+from txrdsproxy.proxy.connector import BackendGone, Connector, SingleUseFactory
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
@@ -49,10 +49,6 @@ class DatabaseError(Exception):
         self.payload = bytes(payload)
         self.err = P.parse_err(self.payload)
         super().__init__(f"{self.err.code} ({self.err.sqlstate}): {self.err.message}")
-
-
-class BackendGone(Exception):
-    """The database connection closed or broke."""
 
 
 class _InternalOp:
@@ -416,14 +412,6 @@ class MySQLBackendConnection(protocol.Protocol):
             listener(self, reason)
 
 
-class _Factory(protocol.ClientFactory):
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
-
-
 class _GreetingProbe(protocol.Protocol):
     """Reads the server greeting and hangs up: how the proxy learns the version to announce."""
 
@@ -456,26 +444,17 @@ class _GreetingProbe(protocol.Protocol):
             d.errback(BackendGone(f"no greeting from the database: {reason.getErrorMessage()}"))
 
 
-class MySQLConnector:
+class MySQLConnector(Connector):
     """Opens authenticated, initialised MySQL/MariaDB connections for a pool key (user, profile).
 
     Also remembers the last server greeting (version, capabilities, charset) that the proxy
     repeats to its clients, and the server's collations (to resolve client charset ids).
     """
 
-    log = Logger()
+    database_error = (DatabaseError,)
 
-    def __init__(self, reactor, topology, credentials_for, init_query, max_message_size,
-                 connect_timeout=30.0, metrics=None, proxy_name="", health=None):
-        self.reactor = reactor
-        self.topology = topology
-        self.health = health  # failover.monitor.TargetHealth: outcome of each attempt
-        self.credentials_for = credentials_for
-        self.init_query = init_query or ""
-        self.max_message_size = max_message_size
-        self.connect_timeout = connect_timeout
-        self.metrics = metrics
-        self.proxy_name = proxy_name
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         self.server_info = None
         self.collations = None
         self.baseline = {}  # tracked values of the last connection opened (login + InitQuery)
@@ -483,17 +462,13 @@ class MySQLConnector:
     def note_greeting(self, greeting):
         self.server_info = greeting
 
-    def _endpoint(self, target):
-        return HostnameEndpoint(self.reactor, target.endpoint, target.port,
-                                timeout=self.connect_timeout)
-
     def probe(self):
         """Deferred[Handshake]: the writer's greeting (cached after the first success)."""
         if self.server_info is not None:
             return defer.succeed(self.server_info)
         target = self.topology.writer()
         proto = _GreetingProbe()
-        d = self._endpoint(target).connect(_Factory(proto))
+        d = self.endpoint(target).connect(SingleUseFactory(proto))
         d.addCallback(lambda _: proto.done)
 
         def got(greeting):
@@ -504,49 +479,21 @@ class MySQLConnector:
             if not f.check(BackendGone):
                 f = Failure(BackendGone(f"cannot connect to {target.endpoint}:{target.port}:"
                                         f" {f.getErrorMessage()}"))
-            self._record_failure(target, f)
+            self.record_failure(target, f)
             return f
 
         return d.addCallbacks(got, failed)
 
-    def _record_failure(self, target, f):
-        """Note a failed attempt in TargetHealth (1049, no such database, is the client's doing)."""
-        if self.health is None:
-            return
+    def failure_reason(self, f):
         err = f.value.err if f.check(DatabaseError) else None
-        if err is not None and err.code == 1049:
-            return
-        auth = err is not None and (err.sqlstate == "28000" or err.code in (1044, 1045, 1698))
-        self.health.record_failure(target, "AUTH_FAILURE" if auth else "CONNECTION_FAILED",
-                                   f.getErrorMessage())
+        if err is not None and err.code == 1049:  # unknown database: the client's doing
+            return None
+        if err is not None and (err.sqlstate == "28000" or err.code in (1044, 1045, 1698)):
+            return "AUTH_FAILURE"
+        return "CONNECTION_FAILED"
 
-    def connect(self, key):
-        """Deferred[MySQLBackendConnection] ready for use, or failing with DatabaseError/BackendGone."""
-        target = self.topology.writer()
-        creds = self.credentials_for(key[0])
-        if creds is None:
-            return defer.fail(DatabaseError(P.err_packet(
-                1045, "28000", f"no credentials for user {key[0]}")))
-        conn = MySQLBackendConnection(key, target, creds, self.init_query, self.max_message_size,
-                                      self)
-        if self.metrics is not None:
-            self.metrics.db_connection_requests.inc(self.proxy_name, target.rds_resource_id)
-        d = self._endpoint(target).connect(_Factory(conn))
+    def make_connection(self, key, target, creds):
+        return MySQLBackendConnection(key, target, creds, self.init_query, self.max_message_size, self)
 
-        def failed(f):
-            if self.metrics is not None:
-                self.metrics.db_connections_setup_failed.inc(self.proxy_name, target.rds_resource_id)
-            if not f.check(DatabaseError, BackendGone):
-                f = Failure(BackendGone(
-                    f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
-            self._record_failure(target, f)
-            return f
-
-        def succeeded(c):
-            if self.metrics is not None:
-                self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, target.rds_resource_id)
-            if self.health is not None:
-                self.health.record_success(target)
-            return c
-
-        return d.addCallback(lambda _: conn.ready).addCallbacks(succeeded, failed)
+    def no_credentials(self, user):
+        return DatabaseError(P.err_packet(1045, "28000", f"no credentials for user {user}"))

@@ -12,10 +12,9 @@ Two ways of reading the server:
 import struct
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from txrdsproxy.proxy.connector import BackendGone, Connector
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation, message, split_messages
@@ -43,10 +42,6 @@ class DatabaseError(Exception):
     @property
     def sqlstate(self):
         return self.fields.get("C", "XX000")
-
-
-class BackendGone(Exception):
-    """The database connection closed or broke."""
 
 
 def quote_literal(value):
@@ -430,68 +425,24 @@ def _data_row(payload):
     return out
 
 
-class PgBackendFactory(protocol.ClientFactory):
-    """Opens one connection; `connector.connect` waits on the protocol's `ready` Deferred."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def buildProtocol(self, addr):
-        return self.conn
-
-
-class PgConnector:
+class PgConnector(Connector):
     """Opens authenticated, initialised PostgreSQL connections for a pool key (user, database)."""
 
-    log = Logger()
+    database_error = (DatabaseError,)
 
-    def __init__(self, reactor, topology, secrets_for_user, init_query, max_message_size,
-                 connect_timeout=30.0, metrics=None, proxy_name="", health=None):
-        self.reactor = reactor
-        self.topology = topology
-        self.health = health  # failover.monitor.TargetHealth: outcome of each attempt
-        self.secrets_for_user = secrets_for_user
-        self.init_query = init_query
-        self.max_message_size = max_message_size
-        self.connect_timeout = connect_timeout
-        self.metrics = metrics
-        self.proxy_name = proxy_name
+    def make_connection(self, key, target, creds):
+        return PgBackendConnection(key, target, creds, self.init_query, self.max_message_size)
 
-    def connect(self, key):
-        """Deferred[PgBackendConnection] ready for use, or failing with DatabaseError/BackendGone."""
-        target = self.topology.writer()
-        creds = self.secrets_for_user(key[0])
-        if creds is None:
-            return defer.fail(DatabaseError({"C": "28000", "M": f"no credentials for role {key[0]}"}))
-        conn = PgBackendConnection(key, target, creds, self.init_query, self.max_message_size)
-        endpoint = HostnameEndpoint(self.reactor, target.endpoint, target.port, timeout=self.connect_timeout)
-        if self.metrics is not None:
-            self.metrics.db_connection_requests.inc(self.proxy_name, target.rds_resource_id)
-        d = endpoint.connect(PgBackendFactory(conn))
+    def no_credentials(self, user):
+        return DatabaseError({"C": "28000", "M": f"no credentials for role {user}"})
 
-        def connected(_):
-            return conn.ready
-
-        def failed(f):
-            if self.metrics is not None:
-                self.metrics.db_connections_setup_failed.inc(self.proxy_name, target.rds_resource_id)
-            if not f.check(DatabaseError):
-                f = Failure(BackendGone(f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
-            if self.health is not None and not (f.check(DatabaseError) and f.value.sqlstate == "3D000"):
-                # 3D000 (no such database) is the client's choice, not the target's health.
-                auth = f.check(DatabaseError) and f.value.sqlstate.startswith("28")
-                self.health.record_failure(target, "AUTH_FAILURE" if auth else "CONNECTION_FAILED",
-                                           f.getErrorMessage())
-            return f
-
-        def succeeded(c):
-            if self.metrics is not None:
-                self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, target.rds_resource_id)
-            if self.health is not None:
-                self.health.record_success(target)
-            return c
-
-        return d.addCallback(connected).addCallbacks(succeeded, failed)
+    def failure_reason(self, f):
+        if f.check(DatabaseError):
+            if f.value.sqlstate == "3D000":  # no such database: the client's choice, not the target's health
+                return None
+            if f.value.sqlstate.startswith("28"):
+                return "AUTH_FAILURE"
+        return "CONNECTION_FAILED"
 
     def send_cancel(self, conn):
         """Ask the database to cancel what *conn* is running (a CancelRequest on a new socket).
@@ -519,7 +470,6 @@ class PgConnector:
             if not done.called:
                 done.callback(None)
 
-        endpoint = HostnameEndpoint(self.reactor, target.endpoint, target.port, timeout=10)
-        endpoint.connect(protocol.Factory.forProtocol(_Cancel)).addErrback(failed)
+        self.endpoint(target, timeout=10).connect(protocol.Factory.forProtocol(_Cancel)).addErrback(failed)
         conn.cancel_in_flight = done
         return done
