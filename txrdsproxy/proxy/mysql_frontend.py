@@ -581,7 +581,8 @@ class MySQLFrontend(ClientSession):
         self.key_charset = request.charset if request.charset is not None else self.key_charset
         self._phase = "auth"
         # Bytes already buffered belong after the authentication: hand them to the reader.
-        leftover, self._inbuf = bytes(self._inbuf), bytearray()
+        leftover = bytes(self._inbuf)
+        del self._inbuf[:]  # the same buffer object: an outer _pump loop must see it emptied
         self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
         self._auth = ClientAuth(self)
         self._auth.start(request.user, request.auth_plugin, request.auth_response,
