@@ -1134,3 +1134,37 @@ def test_connection_lost_when_idle_tells_only_the_pool():
     conn.connectionLost(Failure(ConnectionError("gone")))
     assert len(listener.calls) == 1
     assert conn.state == "closed"
+
+
+def test_ready_for_query_without_its_status_byte_is_a_protocol_violation():
+    """A ReadyForQuery whose length leaves out the status must not read the next message's byte."""
+    from txrdsproxy.wire.pg.framing import message as _message
+
+    class Sink:
+        def __init__(self):
+            self.data, self.ready, self.lost = [], [], []
+
+        def backend_data(self, data):
+            self.data.append(data)
+
+        def ready_for_query(self, status):
+            self.ready.append(status)
+
+        def parameter_changed(self, name, value):
+            pass
+
+        def backend_lost(self, conn, why):
+            self.lost.append(why)
+
+    from twisted.internet.testing import StringTransport
+    from txrdsproxy.proxy.pg_backend import PgBackendConnection
+    conn = PgBackendConnection(("u", "d"), None, None, "", 1 << 20)
+    conn.makeConnection(StringTransport())
+    conn.state = "borrowed"
+    reasons = []
+    conn.pool_listener = lambda c, why: reasons.append(why)
+    sink = Sink()
+    conn.attach(sink)
+    conn.dataReceived(b"Z\0\0\0\x04" + _message(b"C", b"SELECT 1\0"))
+    assert sink.ready == []
+    assert conn.state == "closed" and "ReadyForQuery" in reasons[0]

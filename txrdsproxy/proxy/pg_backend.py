@@ -339,6 +339,8 @@ class PgBackendConnection(protocol.Protocol):
                         self._sink.parameter_changed(name, value)
                     pos = stop
                     continue
+                if length != 5:
+                    raise ProtocolViolation(f"bad length {length} for ReadyForQuery")
                 self.txn_status = data[pos + 5:pos + 6]
                 sink = self._sink
                 sink.backend_data(data[start:stop] if start or stop != n else data)
