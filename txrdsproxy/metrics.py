@@ -140,8 +140,9 @@ def gauges(contexts):
             in_txn.append((labels, t))
             pinned_s.append((labels, p))
         limit = ctx.pool.max_connections
-        if limit is not None:
-            maxed.append(((ctx.name, "default", ctx.topology.writer().rds_resource_id), limit))
+        writer = ctx.topology.current_writer()  # None during a failover
+        if limit is not None and writer is not None:
+            maxed.append(((ctx.name, "default", writer.rds_resource_id), limit))
         waiting.append(((ctx.name,), ctx.pool.waiting))
     return [
         ("ClientConnections", "Current client connections.", P, client),

@@ -12,7 +12,7 @@ from txrdsproxy.admin.resources import admin_root
 
 from txrdsproxy.auth.secrets import FileSecretsStore
 from txrdsproxy.config import model
-from txrdsproxy.failover.monitor import TargetHealth
+from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import Topology
 from txrdsproxy.metrics import Metrics
 from txrdsproxy.pool.pool import BackendPool
@@ -48,6 +48,8 @@ class ProxyService(service.Service):
 
         d.addCallback(listening)
         self._janitor = self.reactor.callLater(JANITOR_INTERVAL, self._tidy)
+        if self.ctx.monitor is not None:
+            self.ctx.monitor.start()
         return d
 
     def _factory(self):
@@ -64,6 +66,8 @@ class ProxyService(service.Service):
         super().stopService()
         if self._janitor is not None and self._janitor.active():
             self._janitor.cancel()
+        if self.ctx.monitor is not None:
+            self.ctx.monitor.stop()
         self.ctx.pool.shutdown()
         for session in list(self.ctx.sessions):
             session.transport.loseConnection()
@@ -138,8 +142,27 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
     ctx = ProxyContext(proxy, pool, secrets, reactor, metrics, cancel_registry, connector)
     ctx.topology = topology
     ctx.health = health
+    ctx.monitor = build_monitor(proxy, secrets, reactor, topology, health, connector, pool)
     holder["ctx"] = ctx
     return ctx
+
+
+def build_monitor(proxy, secrets, reactor, topology, health, connector, pool):
+    """-> the WriterMonitor of a target group of several targets, wired to its pool; None for
+    one target (nothing to fail over to: its connection attempts alone decide its health, as
+    before)."""
+    if len(topology.targets) < 2:
+        return None
+    arn = proxy.auth[0].secret_arn
+
+    def probe(target):
+        return connector.probe_role(target, secrets.get(arn))
+
+    monitor = WriterMonitor(reactor, topology, health, probe, proxy.health_check_interval,
+                            pool=pool, database_errors=connector.database_error,
+                            failure_reason=connector.failure_reason)
+    pool.failover = monitor
+    return monitor
 
 
 def make_service(config, reactor=None):

@@ -35,13 +35,14 @@ def find_free_port():
 
 
 def write_proxy_config(dir, pg_server, listen="tcp:0:interface=127.0.0.1", secrets=None,
-                       name="test-pg", **overrides):
+                       name="test-pg", targets=None, **overrides):
     """Write secrets.json and proxy.yaml into *dir* for pg_server's app users; -> yaml path.
 
     Users: app_scram (clients use SCRAM-SHA-256) and app_md5 (clients use MD5).  *secrets*
     adds/replaces secrets: {arn: (username, password, ClientPasswordAuthType)}.  Overrides named
     after ConnectionPoolConfig keys go there; others (IdleClientTimeout, MaxClientConnections,
-    MaxConnectionRate, ...) go on the proxy.
+    MaxConnectionRate, ...) go on the proxy.  *targets*: the servers of the target group, in
+    order (pg-1, pg-2, ...; default [pg_server]); a server may be given as (server, Role).
     """
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
@@ -68,12 +69,22 @@ def write_proxy_config(dir, pg_server, listen="tcp:0:interface=127.0.0.1", secre
     proxy["TargetGroups"] = [{
         "TargetGroupName": "default",
         "ConnectionPoolConfig": pool,
-        "Targets": [{"RdsResourceId": "pg-1", "Endpoint": pg_server.host, "Port": pg_server.port}],
+        "Targets": [_target(i, t) for i, t in enumerate(targets or [pg_server], 1)],
     }]
     config = {"Secrets": {"Backend": "file", "Path": "secrets.json"}, "DBProxies": [proxy]}
     path = dir / "proxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
+
+
+def _target(index, server):
+    role = None
+    if isinstance(server, tuple):
+        server, role = server
+    target = {"RdsResourceId": f"pg-{index}", "Endpoint": server.host, "Port": server.port}
+    if role:
+        target["Role"] = role
+    return target
 
 
 def write_secrets(path, users):

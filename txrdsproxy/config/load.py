@@ -136,6 +136,7 @@ def parse_config(data, source="<config>", base_dir="."):
 _PROXY_KEYS = {
     "DBProxyName", "EngineFamily", "Listen", "RequireTLS", "IdleClientTimeout", "DebugLogging",
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
+    "HealthCheckInterval",
 }
 
 
@@ -164,6 +165,7 @@ def _proxy(node):
         max_client_connections=node.ranged("MaxClientConnections", int, 10000, 1, 1000000),
         max_connection_rate=node.ranged("MaxConnectionRate", float, 0.0, 0, 1000000),
         max_message_size=node.ranged("MaxMessageSize", int, 64 * 1024 * 1024, 1024, 1024 ** 3),
+        health_check_interval=node.ranged("HealthCheckInterval", float, 5.0, 1, 300),
     )
 
 

@@ -87,6 +87,7 @@ class DBProxy:
     max_client_connections: int = 10000
     max_connection_rate: float = 0.0  # new client connections per second; 0 = unlimited
     max_message_size: int = 64 * 1024 * 1024
+    health_check_interval: float = 5.0  # seconds between failover health checks (several targets)
 
 
 @dataclass(frozen=True)

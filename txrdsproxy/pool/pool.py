@@ -9,6 +9,12 @@ Limits (RDS Proxy's ConnectionPoolConfiguration):
 - idle connections above MaxIdleConnectionsPercent of `max_connections` are closed on return;
 - a borrow that cannot be served waits in one FIFO queue for up to ConnectionBorrowTimeout.
 Until the first connection has reported `max_connections`, one connection may be opening.
+
+Failover (a target group of several targets): `failover` is the WriterMonitor.  A connection
+attempt that fails because there is no writer, or the writer is unreachable, does not fail the
+waiter: the pool *stalls* (opens nothing new, still lends idle connections) and the waiters stay
+queued until the monitor calls `writer_changed` or `retry`, or their borrow timeout ends.  After
+`writer_changed` the connections to the old writer are closed when idle and are never lent again.
 """
 
 import collections
@@ -52,6 +58,9 @@ class BackendPool:
         self._waiters = collections.deque()
         self._timer = None  # fires at the oldest waiter's deadline
         self._closed = False
+        self.failover = None  # the WriterMonitor (connection_failed / connection_lost hooks)
+        self._stalled = False  # no writer reachable: waiters wait, nothing new is opened
+        self._retired = set()  # connections to a former writer: closed when returned
 
     # -- limits -----------------------------------------------------------------------------
     @property
@@ -173,6 +182,8 @@ class BackendPool:
             if coming[key] > 0:  # a connection being opened will serve this waiter
                 coming[key] -= 1
                 continue
+            if self._stalled:  # waiting for a writer (failover)
+                continue
             if not self._room_for_one():
                 if not self._evict_idle_other_than(key):
                     continue
@@ -199,7 +210,10 @@ class BackendPool:
         placeholder = _Opening(key)
         self._all.add(placeholder)
         self._connecting[key] += 1
-        d = self.connector.connect(key)
+        try:
+            d = self.connector.connect(key)
+        except Exception:
+            d = defer.fail()
         d.addCallbacks(self._opened, self._open_failed, callbackArgs=(placeholder,), errbackArgs=(placeholder,))
 
     def _opened(self, conn, placeholder):
@@ -212,6 +226,10 @@ class BackendPool:
         if self._closed:
             self._close(conn, "pool closed")
             return
+        if placeholder.retired:  # opened to the writer of before a failover
+            self._close(conn, "failover")
+            self._dispatch()
+            return
         self._make_idle(conn)
         # The first connection has just told max_connections: open for the other waiters too.
         self._dispatch()
@@ -220,6 +238,13 @@ class BackendPool:
         self._all.discard(placeholder)
         key = placeholder.key
         self._connecting[key] -= 1
+        if self.failover is not None and not self._closed and self.failover.connection_failed(failure):
+            if not self._stalled:
+                self.log.warn("pool {pool}: no writer reachable ({error}); {n} borrow(s) wait"
+                              " for the failover", pool=self.name, error=failure.getErrorMessage(),
+                              n=len(self._waiters))
+            self._stalled = True
+            return
         self.log.warn("pool {pool}: cannot open a database connection for {key}: {error}",
                       pool=self.name, key=key, error=failure.getErrorMessage())
         for waiter in self._waiters:
@@ -232,7 +257,9 @@ class BackendPool:
     # -- return -------------------------------------------------------------------------------
     def _release(self, conn, clean, needs_reset, reason):
         decision, why = on_release(conn.state, clean, needs_reset, len(self._all), self.max_connections)
-        if decision is Disposition.CLOSE or self._closed:
+        if conn in self._retired:
+            self._close(conn, "failover")
+        elif decision is Disposition.CLOSE or self._closed:
             self._close(conn, reason or why or "pool closed")
         elif decision is Disposition.RESET:
             conn.state = "resetting"
@@ -247,6 +274,9 @@ class BackendPool:
             return
         if self._closed:
             self._close(conn, "pool closed")
+        elif conn in self._retired:
+            self._close(conn, "failover")
+            self._dispatch()
         else:
             self._make_idle(conn)
 
@@ -282,6 +312,7 @@ class BackendPool:
 
     def _forget(self, conn):
         self._all.discard(conn)
+        self._retired.discard(conn)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
@@ -293,7 +324,41 @@ class BackendPool:
         if was_tracked:
             self.log.info("pool {pool}: database connection {conn} lost: {reason}",
                           pool=self.name, conn=conn, reason=reason)
+            if self.failover is not None:
+                self.failover.connection_lost()
             self._dispatch()
+
+    # -- failover -------------------------------------------------------------------------------
+    def writer_changed(self, reason="failover"):
+        """The writer moved to another target (called by the WriterMonitor).
+
+        Idle connections (to the old writer) are closed with *reason*; borrowed and resetting
+        ones are closed when they come back instead of being reused; ones being opened are
+        closed once open.  Sessions that hold no connection are not touched: their next
+        transaction borrows a new connection, to the new writer.  Waiters are served now.
+        """
+        self.log.warn("pool {pool}: writer changed ({reason}); retiring {n} connection(s)",
+                      pool=self.name, reason=reason, n=len(self._all))
+        for conn in list(self._all):
+            if isinstance(conn, _Opening):
+                conn.retired = True
+            elif conn.state == "idle":
+                self._close(conn, reason)
+            else:
+                self._retired.add(conn)
+        self._stalled = False
+        self._dispatch()
+
+    def retry(self):
+        """A writer is reachable again: open connections for the waiters that were held back."""
+        if self._stalled:
+            self._stalled = False
+            self._dispatch()
+
+    @property
+    def stalled(self):
+        """Waiting for a writer (failover in progress)."""
+        return self._stalled
 
     # -- maintenance ----------------------------------------------------------------------------
     def trim_idle(self, max_idle_time=None):
@@ -333,4 +398,5 @@ class _Opening:
 
     def __init__(self, key):
         self.key = key
+        self.retired = False  # the writer changed while it was being opened
 

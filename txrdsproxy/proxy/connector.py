@@ -4,12 +4,18 @@ An engine's connector builds an unconnected protocol (its backend connection, wi
 Deferred that fires once logged in and initialised) and says how to read a failure; this base
 class does the rest the same way for all: connect to the current writer, count the attempt in
 the metrics, turn transport errors into BackendGone, and record the outcome in TargetHealth.
+
+`probe_role(target, creds)` is the failover monitor's health check: a short-lived connection
+opened the same way (login, InitQuery) to any target, one engine query saying whether it is the
+writer, then closed.
 """
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from txrdsproxy.failover.topology import NoWriter
 
 
 class BackendGone(Exception):
@@ -44,6 +50,8 @@ class Connector:
         self.proxy_name = proxy_name
         self.health = health  # failover.monitor.TargetHealth: outcome of each attempt
 
+    PROBE_TIMEOUT = 10.0  # seconds a health check may take before its connection is closed
+
     def endpoint(self, target, timeout=None):
         return HostnameEndpoint(self.reactor, target.endpoint, target.port,
                                 timeout=timeout or self.connect_timeout)
@@ -58,30 +66,33 @@ class Connector:
         if self.health is not None and reason is not None:
             self.health.record_failure(target, reason, failure.getErrorMessage())
 
-    def open(self, target, conn):
+    def open(self, target, conn, metered=True, timeout=None):
         """Connect *conn* (an unconnected backend protocol) to *target*.
 
         Deferred[conn] once its `ready` fired; fails with the engine's DatabaseError or with
-        BackendGone.
+        BackendGone.  *metered*=False (health checks): not counted in the metrics and not
+        recorded in TargetHealth (the monitor records its own verdict).
         """
         name = target.rds_resource_id
-        if self.metrics is not None:
-            self.metrics.db_connection_requests.inc(self.proxy_name, name)
-        d = self.endpoint(target).connect(SingleUseFactory(conn))
+        metrics = self.metrics if metered else None
+        if metrics is not None:
+            metrics.db_connection_requests.inc(self.proxy_name, name)
+        d = self.endpoint(target, timeout).connect(SingleUseFactory(conn))
 
         def failed(f):
-            if self.metrics is not None:
-                self.metrics.db_connections_setup_failed.inc(self.proxy_name, name)
+            if metrics is not None:
+                metrics.db_connections_setup_failed.inc(self.proxy_name, name)
             if not f.check(BackendGone, *self.database_error):
                 f = Failure(BackendGone(
                     f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
-            self.record_failure(target, f)
+            if metered:
+                self.record_failure(target, f)
             return f
 
         def succeeded(c):
-            if self.metrics is not None:
-                self.metrics.db_connections_setup_succeeded.inc(self.proxy_name, name)
-            if self.health is not None:
+            if metrics is not None:
+                metrics.db_connections_setup_succeeded.inc(self.proxy_name, name)
+            if metered and self.health is not None:
                 self.health.record_success(target)
             return c
 
@@ -92,8 +103,44 @@ class Connector:
         raise NotImplementedError
 
     def connect(self, key):
-        target = self.topology.writer()
+        """Deferred[connection] to the current writer for *key*; fails with NoWriter while a
+        failover has no writer, BackendGone, or the engine's DatabaseError."""
+        try:
+            target = self.topology.writer()
+        except NoWriter:
+            return defer.fail()
         creds = self.credentials_for(key[0])
         if creds is None:
             return defer.fail(self.no_credentials(key[0]))
         return self.open(target, self.make_connection(key, target, creds))
+
+    # -- health checks (failover) ---------------------------------------------------------------
+    def probe_key(self, creds):
+        """The pool-style key a health-check connection logs in with (engine supplies it)."""
+        raise NotImplementedError
+
+    def query_role(self, conn):
+        """Deferred["READ_WRITE" | "READ_ONLY"]: ask the logged-in *conn* (engine supplies it)."""
+        raise NotImplementedError
+
+    def probe_role(self, target, creds):
+        """Health check of *target*: Deferred["READ_WRITE" | "READ_ONLY"].
+
+        Logs in as *creds* (the proxy's first Auth secret) on a connection of its own, runs the
+        engine's role query and closes the connection.  Fails with BackendGone (unreachable,
+        closed, or no answer within PROBE_TIMEOUT) or the engine's DatabaseError.
+        """
+        if creds is None:
+            return defer.fail(BackendGone("no credentials for health checks (first Auth secret)"))
+        conn = self.make_connection(self.probe_key(creds), target, creds)
+        timer = self.reactor.callLater(self.PROBE_TIMEOUT, conn.close, "health check timed out")
+        d = self.open(target, conn, metered=False, timeout=self.PROBE_TIMEOUT)
+        d.addCallback(self.query_role)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            conn.close("health check done")
+            return result
+
+        return d.addBoth(done)

@@ -19,6 +19,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txrdsproxy.failover.topology import NoWriter
 from txrdsproxy.proxy import mysql_state as state
 from txrdsproxy.proxy.connector import BackendGone, Connector, SingleUseFactory
 from txrdsproxy.proxy.relay import direct_write
@@ -466,7 +467,10 @@ class MySQLConnector(Connector):
         """Deferred[Handshake]: the writer's greeting (cached after the first success)."""
         if self.server_info is not None:
             return defer.succeed(self.server_info)
-        target = self.topology.writer()
+        try:
+            target = self.topology.writer()
+        except NoWriter:
+            return defer.fail()
         proto = _GreetingProbe()
         d = self.endpoint(target).connect(SingleUseFactory(proto))
         d.addCallback(lambda _: proto.done)
@@ -491,6 +495,15 @@ class MySQLConnector(Connector):
         if err is not None and (err.sqlstate == "28000" or err.code in (1044, 1045, 1698)):
             return "AUTH_FAILURE"
         return "CONNECTION_FAILED"
+
+    def probe_key(self, creds):
+        return (creds.username, 0)  # no capability profile, no database
+
+    def query_role(self, conn):
+        def role(rows):
+            return "READ_WRITE" if rows and rows[0][0] in ("0", "OFF") else "READ_ONLY"
+
+        return conn.query(b"SELECT @@global.read_only").addCallback(role)
 
     def make_connection(self, key, target, creds):
         return MySQLBackendConnection(key, target, creds, self.init_query, self.max_message_size, self)

@@ -446,6 +446,17 @@ class PgConnector(Connector):
                 return "AUTH_FAILURE"
         return "CONNECTION_FAILED"
 
+    PROBE_DATABASE = "postgres"  # health checks log in here (exists on every cluster by default)
+
+    def probe_key(self, creds):
+        return (creds.username, self.PROBE_DATABASE)
+
+    def query_role(self, conn):
+        def role(rows):
+            return "READ_ONLY" if rows and rows[0][0] == "t" else "READ_WRITE"
+
+        return conn.run_internal(b"SELECT pg_is_in_recovery()").addCallback(role)
+
     def send_cancel(self, conn):
         """Ask the database to cancel what *conn* is running (a CancelRequest on a new socket).
 

@@ -39,6 +39,7 @@ class ProxyContext:
         self.clock = clock
         self.metrics = metrics
         self.connector = connector
+        self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
         self.sessions = set()
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
         self.rate_limiter = ConnectionRateLimiter(proxy_config.max_connection_rate, clock)

@@ -1,0 +1,121 @@
+"""Failover on real PostgreSQL: a primary and a streaming standby behind one proxy.
+
+The primary stops, the standby is promoted: an idle client's next query waits in the proxy and
+then runs on the new writer over the SAME client connection; a client that was mid-transaction
+gets an error and reconnects; the pool ends up holding connections to the new writer only.
+"""
+
+import threading
+import time
+
+import psycopg  # test extras: a missing driver must fail, not skip
+
+try:
+    from servers import ServerError
+except ImportError:
+    from tests.integration.servers import ServerError
+
+
+def _writer_id(ctx):
+    writer = ctx.topology.current_writer()
+    return None if writer is None else writer.rds_resource_id
+
+
+def _health(ctx):
+    return {t.rds_resource_id: ctx.health.health_of(t).state for t in ctx.topology.targets}
+
+
+def _wait_replicated(standby, sql, expected, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if standby.psql(sql, dbname="appdb").strip() == expected:
+                return
+        except ServerError:
+            pass
+        assert time.monotonic() < deadline, "the standby never caught up"
+        time.sleep(0.05)
+
+
+def test_pg_failover_keeps_idle_clients(pg_server_factory, pg_proxy_factory, tmp_path):
+    primary = pg_server_factory(max_connections=20)
+    primary.create_user("app_scram", "failover-pass", method="scram-sha-256")
+    primary.create_database("appdb", owner="app_scram")
+    standby = primary.start_standby(tmp_path / "standby")
+    try:
+        _run(primary, standby, pg_proxy_factory)
+    finally:
+        standby.stop()
+
+
+def _run(primary, standby, pg_proxy_factory):
+    proxy = pg_proxy_factory(server=primary, targets=[primary, standby], HealthCheckInterval=1,
+                             ConnectionBorrowTimeout=30)
+    ctx = proxy.ctx
+    proxy.wait_for(lambda: proxy.call(_health, ctx) == {"pg-1": "AVAILABLE", "pg-2": "AVAILABLE"},
+                   what="the first health checks")
+    assert proxy.call(_writer_id, ctx) == "pg-1"
+    assert proxy.call(lambda: ctx.topology.probed_role(ctx.topology.targets[1])) == "READ_ONLY"
+
+    idle = psycopg.connect(proxy.dsn(primary), autocommit=True)
+    busy = psycopg.connect(proxy.dsn(primary))  # not autocommit: holds a connection mid-transaction
+    try:
+        idle.execute("CREATE TABLE kept (x int)")
+        idle.execute("INSERT INTO kept VALUES (42)")
+        assert idle.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
+        busy.execute("SELECT 1")
+        assert "borrowed" in proxy.session_states()
+        _wait_replicated(standby, "SELECT count(*) FROM kept", "1")
+
+        primary.stop()
+        # The primary is gone and nothing is promoted yet: the proxy has no writer.
+        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the writer to be lost")
+
+        # The idle client's next query waits in the proxy (no writer) ...
+        answers, errors = [], []
+
+        def query():
+            try:
+                answers.append(idle.execute(
+                    "SELECT pg_is_in_recovery(), (SELECT count(*) FROM kept WHERE x = 42),"
+                    " inet_server_port()").fetchone())
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        waiting = threading.Thread(target=query, daemon=True)
+        waiting.start()
+        proxy.wait_for(lambda: proxy.call(lambda: ctx.pool.waiting) == 1, what="the borrow to wait")
+        assert not answers and not errors
+
+        # ... and runs on the new writer once the standby is promoted.
+        promoted_at = time.monotonic()
+        standby.promote()
+        waiting.join(20)
+        assert not waiting.is_alive() and not errors, errors
+        assert answers == [(False, 1, standby.port)]
+        assert time.monotonic() - promoted_at < 10
+        assert proxy.call(_writer_id, ctx) == "pg-2"
+        assert proxy.call(lambda: ctx.topology.role_of(ctx.topology.targets[1])) == "READ_WRITE"
+
+        # Same client connection, writes go to the new writer.
+        idle.execute("INSERT INTO kept VALUES (43)")
+        assert idle.execute("SELECT count(*) FROM kept").fetchone()[0] == 2
+
+        # The client that was mid-transaction lost it; a new connection works.
+        try:
+            busy.execute("SELECT 1")
+            busy.commit()
+        except psycopg.Error:
+            pass
+        else:
+            raise AssertionError("a transaction on the old writer survived the failover")
+        with psycopg.connect(proxy.dsn(primary), autocommit=True) as again:
+            assert again.execute("SELECT pg_is_in_recovery(), inet_server_port()").fetchone() == (
+                False, standby.port)
+
+        targets = proxy.call(lambda: [c.target.rds_resource_id for c in ctx.pool.connections()])
+        assert targets and set(targets) == {"pg-2"}
+        assert proxy.call(_health, ctx) == {"pg-1": "UNAVAILABLE", "pg-2": "AVAILABLE"}
+    finally:
+        idle.close()
+        busy.close()
