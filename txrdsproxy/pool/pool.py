@@ -256,6 +256,19 @@ class BackendPool:
 
     # -- return -------------------------------------------------------------------------------
     def _release(self, conn, clean, needs_reset, reason):
+        if (clean and not needs_reset and not self._waiters and conn.state == "borrowed"
+                and not self._closed and not self._retired):
+            # The common case, once per transaction: straight back to idle (what on_release
+            # and _make_idle decide for it, without their general checks).
+            limit = self.max_connections
+            if limit is None or len(self._all) <= limit:
+                conn.state = "idle"
+                conn.idle_since = self.clock.seconds()
+                if len(self._all) <= self.max_idle_connections or self._idle_total() < self.max_idle_connections:
+                    self._idle[conn.key].append(conn)
+                else:
+                    self._close(conn, "above MaxIdleConnectionsPercent")
+                return
         decision, why = on_release(conn.state, clean, needs_reset, len(self._all), self.max_connections)
         if conn in self._retired:
             self._close(conn, "failover")
@@ -295,13 +308,15 @@ class BackendPool:
             self._close(conn, "making room for a waiter of another user/database")
             self._dispatch()
             return
-        idle_total = sum(len(c) for c in self._idle.values())
-        if idle_total >= self.max_idle_connections:
+        if len(self._all) > self.max_idle_connections and self._idle_total() >= self.max_idle_connections:
             self._close(conn, "above MaxIdleConnectionsPercent")
             return
         self._idle[conn.key].append(conn)
         if self._waiters:
             self._dispatch()
+
+    def _idle_total(self):
+        return sum(len(c) for c in self._idle.values())
 
     def _close(self, conn, reason):
         self._forget(conn)

@@ -384,6 +384,17 @@ class PgFrontend(ClientSession):
 
     def _to_backend(self, data):
         lease = self.lease
+        if lease is None and not self._pending and self._borrow_d is None and self._attaching is None:
+            # Start of a transaction, the common case: an idle connection whose parameters
+            # already match is attached now and *data* goes straight out, without queueing.
+            lease = self.ctx.pool.try_borrow(self.key)
+            if lease is not None:
+                if lease.conn.client_params == self.desired:
+                    self._attach(lease)
+                else:
+                    self._pending += data
+                    self._got_lease(lease)
+                    return
         if lease is not None:
             if self._stmts is not None:
                 data = self._stmts.rewrite(lease.conn, data)

@@ -109,6 +109,10 @@ _PRECHECK = re.compile(
     rb"|last_insert_id|found_rows|sql_calc_found_rows|row_count|charset)(?![A-Za-z0-9_$])",
     re.I)
 
+# A cheaper first filter on the lower-cased text (a literal alternation, no case folding or
+# look-arounds): every _PRECHECK match contains one of these.
+_LITERALS = re.compile(rb"@|set|prepar|execute|lock|flush|handler|xa|temporary|found_rows|row_count|charset|last_insert_id")
+
 # --- tokenizer -------------------------------------------------------------------------------------
 _SQ = r"'(?:[^'\\]|\\.|'')*(?:'|\Z)"
 _DQ = r'"(?:[^"\\]|\\.|"")*(?:"|\Z)'
@@ -214,7 +218,9 @@ def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False)
         sql = sql.encode("utf-8")
     if len(sql) > MAX_STATEMENT_BYTES:
         return PinReason.STATEMENT_TOO_LARGE
-    if not _PRECHECK.search(sql):
+    if not isinstance(sql, (bytes, bytearray)):
+        sql = bytes(sql)
+    if _LITERALS.search(sql.lower()) is None or not _PRECHECK.search(sql):
         return None
     text = bytes(sql).decode("latin-1")  # 1:1 with the bytes; values re-decoded later
     tracked = {}

@@ -51,6 +51,9 @@ class PinReason(enum.Enum):
 # query without any of them cannot pin. It may over-match (words inside literals, UPDATE
 # ... SET); the scanner decides. Session advisory lock names all contain "advisory_lock"
 # (the *_xact_* ones and unlocks do not), and "pg_temp" has no word boundary before "temp".
+# A cheaper first filter on the lower-cased text: a literal alternation is ~6x faster than the
+# case-insensitive, word-bounded _CANDIDATE, and every _CANDIDATE match contains one of these.
+_LITERALS = re.compile(rb"set|prepar|temp|declare|discard|listen|load|val|advisory")
 _CANDIDATE = re.compile(
     rb"(?i)\b(?:set|reset|prepare|temp|temporary|declare|discard|listen|load"
     rb"|nextval|setval|currval|lastval|set_config)\b|advisory_lock|pg_temp"
@@ -290,7 +293,9 @@ def classify_query(sql: bytes, exclude_variable_sets: bool = False) -> Optional[
     """
     if len(sql) > MAX_STATEMENT_BYTES:
         return PinReason.STATEMENT_TOO_LARGE
-    if _CANDIDATE.search(sql) is None:
+    if not isinstance(sql, (bytes, bytearray)):
+        sql = bytes(sql)  # memoryview and other bytes-like input
+    if _LITERALS.search(sql.lower()) is None or _CANDIDATE.search(sql) is None:
         return None
     for tokens in _statements(bytes(sql)):
         reason = _classify_statement(tokens, exclude_variable_sets)
