@@ -51,6 +51,11 @@ class PinReason(enum.Enum):
 # query without any of them cannot pin. It may over-match (words inside literals, UPDATE
 # ... SET); the scanner decides. Session advisory lock names all contain "advisory_lock"
 # (the *_xact_* ones and unlocks do not), and "pg_temp" has no word boundary before "temp".
+# Verdicts of recent statement texts (pure function of the text, so safe to share).
+_seen = {}
+_SEEN_MAX = 4096
+_SEEN_TEXT_MAX = 2048
+
 # A cheaper first filter on the lower-cased text: a literal alternation is ~6x faster than the
 # case-insensitive, word-bounded _CANDIDATE, and every _CANDIDATE match contains one of these.
 _LITERALS = re.compile(rb"set|prepar|temp|declare|discard|listen|load|val|advisory")
@@ -293,15 +298,24 @@ def classify_query(sql: bytes, exclude_variable_sets: bool = False) -> Optional[
     """
     if len(sql) > MAX_STATEMENT_BYTES:
         return PinReason.STATEMENT_TOO_LARGE
-    if not isinstance(sql, (bytes, bytearray)):
-        sql = bytes(sql)  # memoryview and other bytes-like input
-    if _LITERALS.search(sql.lower()) is None or _CANDIDATE.search(sql) is None:
-        return None
-    for tokens in _statements(bytes(sql)):
-        reason = _classify_statement(tokens, exclude_variable_sets)
-        if reason is not None:
-            return reason
-    return None
+    if not isinstance(sql, bytes):
+        sql = bytes(sql)  # bytearray, memoryview and other bytes-like input
+    key = (sql, exclude_variable_sets)
+    try:
+        return _seen[key]  # applications send the same few statements over and over
+    except KeyError:
+        pass
+    reason = None
+    if _LITERALS.search(sql.lower()) is not None and _CANDIDATE.search(sql) is not None:
+        for tokens in _statements(sql):
+            reason = _classify_statement(tokens, exclude_variable_sets)
+            if reason is not None:
+                break
+    if len(sql) <= _SEEN_TEXT_MAX:  # bounded memory: 4096 texts of at most 2 KB
+        if len(_seen) >= _SEEN_MAX:
+            _seen.clear()
+        _seen[key] = reason
+    return reason
 
 
 def classify_parse(
