@@ -327,7 +327,8 @@ class MySQLFrontend(ClientSession):
                     self._cmd_tracked = result
                 elif result is not None:
                     self._pin(result)
-                self._cmd_db = mstate.use_target(sql.decode("utf-8", "replace"))
+                if sql[:16].lstrip()[:3].lower() == b"use":  # cheap test before decoding
+                    self._cmd_db = mstate.use_target(sql.decode("utf-8", "replace"))
         elif cmd == P.COM_INIT_DB:
             self._cmd_db = bytes(self._inbuf[5:4 + length]).decode("utf-8", "replace")
         elif cmd == P.COM_STMT_PREPARE:
