@@ -717,3 +717,24 @@ def test_cancel_of_an_idle_session_or_a_wrong_key_closes_at_once(s):
     pid, secret = s.frontend._cancel_key
     assert _cancel_request(s, secret=secret ^ 1).disconnecting
     assert s.ctx.connector.cancels == []
+
+
+def test_debug_logging_logs_statement_text_and_stops_after_24_hours():
+    from twisted.logger import globalLogPublisher
+    lines = []
+
+    def observer(event):
+        if "sql" in event:
+            lines.append(event["sql"])
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        harness = Harness(DebugLogging=True)
+        harness.login()
+        harness.send(msg.query("SELECT 'visible'"))
+        assert lines == ["SELECT 'visible'"]
+        harness.clock.advance(24 * 3600 + 1)
+        harness.send(msg.query("SELECT 'hidden'"))
+        assert lines == ["SELECT 'visible'"]
+    finally:
+        globalLogPublisher.removeObserver(observer)

@@ -314,6 +314,8 @@ class MySQLFrontend(ClientSession):
                 self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
             else:
                 sql = bytes(self._inbuf[5:4 + length])
+                if self.ctx.debug_until:
+                    self.ctx.debug_statement(self, sql)
                 kill = _KILL.match(sql) if b"ill" in sql[:16] or b"ILL" in sql[:16] else None
                 if kill is not None and self._kill(kill, length):
                     return

@@ -337,6 +337,8 @@ class PgFrontend(ClientSession):
                     break
                 if self.pin_reason is None:
                     self._classify(kind, data[pos + 5:stop])
+                if self.ctx.debug_until and kind != _B:
+                    self._debug(kind, data[pos + 5:stop])
                 if kind == _Q:
                     self.outstanding += 1
                     self.queries += 1
@@ -364,6 +366,13 @@ class PgFrontend(ClientSession):
             self._partial = data[pos:]
         if pos > start:
             self._to_backend(data[start:pos] if start or pos != n else data)
+
+    def _debug(self, kind, payload):
+        try:
+            text = msg.query_text(payload) if kind == _Q else msg.parse_parse(payload)[1]
+        except ProtocolViolation:
+            return
+        self.ctx.debug_statement(self, text)
 
     def _classify(self, kind, payload):
         try:

@@ -14,6 +14,7 @@ from txrdsproxy.proxy.limits import ConnectionRateLimiter
 from txrdsproxy.proxy.relay import couple, uncouple
 
 AUTH_TIMEOUT = 60.0  # seconds from connecting to the end of authentication
+DEBUG_LOGGING_SECONDS = 24 * 3600
 
 
 class SessionState(enum.Enum):
@@ -50,6 +51,9 @@ class ProxyContext:
         self.login_replies = {}  # (pool key, session params) -> encoded ParameterStatus block
         self.pin_counts = {}  # PinReason value -> sessions pinned for it
         self.queries_closed = 0  # QueryRequests of sessions that have ended
+        # DebugLogging logs statement text, for 24 hours from start (RDS Proxy turns it off
+        # by itself too: statement text can hold secrets).
+        self.debug_until = clock.seconds() + DEBUG_LOGGING_SECONDS if proxy_config.debug_logging else 0.0
 
     def next_id(self):
         return next(self._ids)
@@ -71,6 +75,16 @@ class ProxyContext:
     def credentials_for(self, username):
         found = self.find_user(username)
         return None if found is None else found[1]
+
+    def debug_statement(self, session, text):
+        """DebugLogging: log one statement's text (bytes), while the 24 hours last."""
+        if self.clock.seconds() > self.debug_until:
+            if self.debug_until:
+                self.log.info("proxy {name}: DebugLogging ended after 24 hours", name=self.name)
+                self.debug_until = 0.0
+            return
+        self.log.info("{s}: statement: {sql}", s=session,
+                      sql=text[:4096].decode("utf-8", "replace"))
 
     def count_pin(self, reason):
         self.pin_counts[reason] = self.pin_counts.get(reason, 0) + 1
