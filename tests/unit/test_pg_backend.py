@@ -12,8 +12,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from txrdsproxy.auth.secrets import Credentials
+from txrdsproxy.proxy.connector import BackendGone
 from txrdsproxy.proxy.pg_backend import (
-    SESSION_PARAMS, BackendGone, DatabaseError, PgBackendConnection, _data_row, param_sync_sql,
+    SESSION_PARAMS, DatabaseError, PgBackendConnection, _data_row, param_sync_sql,
     quote_literal,
 )
 from txrdsproxy.wire.pg import messages as msg

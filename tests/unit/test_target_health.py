@@ -81,7 +81,7 @@ def test_pg_refused_connection_is_connection_failed(endpoints):
     health = TargetHealth()
     d = pg_connector(health).connect(("app", "appdb"))
     endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
-    assert outcome(d).check(pg_backend.BackendGone)
+    assert outcome(d).check(connector.BackendGone)
     record = health.health_of(T1)
     assert (record.state, record.reason) == (monitor.UNAVAILABLE, monitor.CONNECTION_FAILED)
     assert "10.0.0.1:5432" in record.description and "refused" in record.description
@@ -120,7 +120,7 @@ def test_pg_unknown_database_says_nothing_about_the_target(endpoints):
 def test_pg_without_health_still_works(endpoints):
     d = pg_connector(None).connect(("app", "appdb"))
     endpoints[0][2].errback(ConnectionRefusedError())
-    assert outcome(d).check(pg_backend.BackendGone)
+    assert outcome(d).check(connector.BackendGone)
 
 
 def my_connector(health):

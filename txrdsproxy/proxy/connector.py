@@ -144,3 +144,57 @@ class Connector:
             return result
 
         return d.addBoth(done)
+
+
+class BackendConnection(protocol.Protocol):
+    """The closing rules every engine's database connection shares.
+
+    Subclasses define `goodbye()` (the bytes that end a session politely: Terminate,
+    COM_QUIT, or b"") and `fail_pending(error)` (their running internal operation), and
+    may override `lost_reason(reason)`.  Closing is reported once to the pool (`pool_listener`)
+    and, if lent, to the session (`backend_lost`), with the reason.
+    """
+
+    state = "connecting"
+    pool_listener = None
+    ready = None  # Deferred until logged in and initialised
+    _sink = None
+    _closing_reason = None
+
+    def goodbye(self):
+        return b""
+
+    def fail_pending(self, error):
+        """Fail the internal operation in progress, if any."""
+
+    def lost_reason(self, reason):
+        return f"database closed the connection ({reason.getErrorMessage()})"
+
+    def close(self, reason):
+        if self.state == "closed":
+            return
+        self._closing_reason = reason
+        self.state = "closed"
+        if self.transport is not None:
+            bye = self.goodbye()
+            if bye and getattr(self.transport, "connected", True):
+                self.transport.write(bye)
+            self.transport.loseConnection()
+        self._notify_lost(reason)
+
+    def connectionLost(self, reason):
+        why = self._closing_reason or self.lost_reason(reason)
+        self.state = "closed"
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(BackendGone(why))
+        self.fail_pending(BackendGone(why))
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.backend_lost(self, why)
+        self._notify_lost(why)
+
+    def _notify_lost(self, reason):
+        listener, self.pool_listener = self.pool_listener, None
+        if listener is not None:
+            listener(self, reason)

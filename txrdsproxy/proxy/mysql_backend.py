@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from txrdsproxy.failover.topology import NoWriter
 from txrdsproxy.proxy import mysql_state as state
-from txrdsproxy.proxy.connector import BackendGone, Connector, SingleUseFactory
+from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, SingleUseFactory
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
@@ -121,7 +121,7 @@ def _text_row(payload):
     return out
 
 
-class MySQLBackendConnection(protocol.Protocol):
+class MySQLBackendConnection(BackendConnection):
     log = Logger()
 
     def __init__(self, key, target, credentials, init_query, max_message_size, connector):
@@ -382,35 +382,15 @@ class MySQLBackendConnection(protocol.Protocol):
             sink.infile_requested()
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, reason):
-        if self.state == "closed":
-            return
-        self._closing_reason = reason
-        self.state = "closed"
-        if self.transport is not None:
-            if self.handshake is not None and self.tracker is not None:
-                self.transport.write(P.encode_packet(bytes((P.COM_QUIT,)), 0))
-            self.transport.loseConnection()
-        self._notify_lost(reason)
+    def goodbye(self):
+        if self.handshake is not None and self.tracker is not None:
+            return P.encode_packet(bytes((P.COM_QUIT,)), 0)
+        return b""
 
-    def connectionLost(self, reason):
-        why = self._closing_reason or f"database closed the connection ({reason.getErrorMessage()})"
-        self.state = "closed"
-        if self.ready is not None:
-            d, self.ready = self.ready, None
-            d.errback(BackendGone(why))
+    def fail_pending(self, error):
         if self._op is not None:
             op, self._op = self._op, None
-            op.deferred.errback(BackendGone(why))
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            sink.backend_lost(self, why)
-        self._notify_lost(why)
-
-    def _notify_lost(self, reason):
-        listener, self.pool_listener = self.pool_listener, None
-        if listener is not None:
-            listener(self, reason)
+            op.deferred.errback(error)
 
 
 class _GreetingProbe(protocol.Protocol):

@@ -14,7 +14,7 @@ import struct
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from txrdsproxy.proxy.connector import BackendGone, Connector
+from txrdsproxy.proxy.connector import BackendConnection, Connector
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation, message, split_messages
@@ -61,7 +61,7 @@ def param_sync_sql(current, desired):
     return "; ".join(parts).encode()
 
 
-class PgBackendConnection(protocol.Protocol):
+class PgBackendConnection(BackendConnection):
     log = Logger()
 
     def __init__(self, key, target, credentials, init_query, max_message_size, on_connection_made=None):
@@ -371,39 +371,18 @@ class PgBackendConnection(protocol.Protocol):
             self.fatal_error = fields
 
     # -- closing --------------------------------------------------------------------------------
-    def close(self, reason):
-        if self.state == "closed":
-            return
-        self._closing_reason = reason
-        self.state = "closed"
-        if self.transport is not None:
-            if self.transport.connected if hasattr(self.transport, "connected") else True:
-                self.transport.write(msg.TERMINATE)
-            self.transport.loseConnection()
-        self._notify_lost(reason)
+    def goodbye(self):
+        return msg.TERMINATE
 
-    def connectionLost(self, reason):
-        why = self._closing_reason
-        if why is None and self.fatal_error is not None:
-            why = f"database ended the session: {self.fatal_error.get('M', '')}"
-        elif why is None:
-            why = f"database closed the connection ({reason.getErrorMessage()})"
-        self.state = "closed"
-        if self.ready is not None:
-            d, self.ready = self.ready, None
-            d.errback(BackendGone(why))
+    def fail_pending(self, error):
         if self._op is not None:
             op, self._op = self._op, None
-            op[0].errback(BackendGone(why))
-        sink, self._sink = self._sink, None
-        if sink is not None:
-            sink.backend_lost(self, why)
-        self._notify_lost(why)
+            op[0].errback(error)
 
-    def _notify_lost(self, reason):
-        listener, self.pool_listener = self.pool_listener, None
-        if listener is not None:
-            listener(self, reason)
+    def lost_reason(self, reason):
+        if self.fatal_error is not None:
+            return f"database ended the session: {self.fatal_error.get('M', '')}"
+        return super().lost_reason(reason)
 
 
 def _data_row(payload):

@@ -17,8 +17,9 @@ from twisted.logger import Logger
 
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy.pg_backend import (
-    REPORTED_PARAMS, SESSION_PARAMS, BackendGone, DatabaseError,
+    REPORTED_PARAMS, SESSION_PARAMS, DatabaseError,
 )
+from txrdsproxy.proxy.connector import BackendGone
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
