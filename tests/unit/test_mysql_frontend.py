@@ -1025,3 +1025,11 @@ def test_kill_query_is_translated_to_the_serving_connections_thread_id(s):
     s.send(query(b"KILL QUERY %d" % victim.frontend.id))
     mine = s.pool.give()
     assert mine.conn.writes == [query(b"KILL QUERY %d" % thread)]
+
+
+def test_queries_are_counted_for_query_requests(s):
+    s.send(query(b"SELECT 1"))
+    lease = s.pool.give()
+    lease.conn.respond(*resultset([b"1"]))
+    s.send(query(b"SELECT 2"))
+    assert s.frontend.queries == 2

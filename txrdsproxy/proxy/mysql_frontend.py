@@ -309,6 +309,8 @@ class MySQLFrontend(ClientSession):
             self._change_user(seq, payload)
             return
         self._cmd_tracked = self._cmd_db = None
+        if cmd == P.COM_QUERY or cmd == P.COM_STMT_EXECUTE:
+            self.queries += 1  # QueryRequests
         if cmd == P.COM_QUERY:
             if length > _QUERY_WHOLE:
                 self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
