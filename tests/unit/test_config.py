@@ -142,11 +142,11 @@ def test_pool_defaults_with_an_empty_pool_config():
         (100, 50, 120)
 
 
-def test_idle_default_follows_a_lower_max_connections_percent():
+def test_idle_default_is_half_of_max_connections_percent_as_in_the_rds_api():
     data = minimal()
     pool0(data)["MaxConnectionsPercent"] = 30
     pool = parse_config(data).proxies[0].target_group.connection_pool_config
-    assert pool.max_idle_connections_percent == 30
+    assert pool.max_idle_connections_percent == 15
 
 
 def test_relative_secrets_path_resolves_against_the_config_folder(tmp_path):

@@ -206,7 +206,7 @@ def _target_group(node, engine):
                 f.fail(f"unknown filter {f.value!r} for {engine} (allowed: {', '.join(allowed)})")
             filters.append(f.value)
         max_pct = cp.ranged("MaxConnectionsPercent", int, 100, 1, 100)
-        idle_pct = cp.ranged("MaxIdleConnectionsPercent", int, min(50, max_pct), 0, 100)
+        idle_pct = cp.ranged("MaxIdleConnectionsPercent", int, max_pct // 2, 0, 100)  # RDS: half
         if idle_pct > max_pct:
             cp.fail(f"must not exceed MaxConnectionsPercent ({max_pct})", "MaxIdleConnectionsPercent")
         pool = m.ConnectionPoolConfig(
