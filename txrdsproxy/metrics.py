@@ -113,12 +113,14 @@ def _labels(names, values):
 
 def gauges(contexts):
     """The current-state metrics, read from sessions and connections at call time."""
-    client, notls, pinned_s = [], [], []
+    client, notls, withtls, pinned_s = [], [], [], []
     db, borrowed, in_txn, maxed, waiting = [], [], [], [], []
     for ctx in contexts:
         sessions = list(ctx.sessions)
         client.append(((ctx.name,), len(sessions)))
-        notls.append(((ctx.name,), sum(1 for s in sessions if not getattr(s, "tls", False))))
+        tls = sum(1 for s in sessions if getattr(s, "tls", False))
+        notls.append(((ctx.name,), len(sessions) - tls))
+        withtls.append(((ctx.name,), tls))
         by_target = collections.defaultdict(lambda: [0, 0, 0, 0])
         for conn in ctx.pool.connections():
             target = getattr(conn, "target", None)
@@ -147,6 +149,7 @@ def gauges(contexts):
     return [
         ("ClientConnections", "Current client connections.", P, client),
         ("ClientConnectionsNoTLS", "Current client connections without TLS.", P, notls),
+        ("ClientConnectionsTLS", "Current client connections with TLS.", P, withtls),
         ("DatabaseConnections", "Current database connections.", PT, db),
         ("DatabaseConnectionsCurrentlyBorrowed", "Database connections borrowed by a session.", PT, borrowed),
         ("DatabaseConnectionsCurrentlyInTransaction", "Borrowed database connections inside a transaction.",

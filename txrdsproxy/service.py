@@ -19,6 +19,7 @@ from txrdsproxy.pool.pool import BackendPool
 from txrdsproxy.proxy.pg_backend import PgConnector
 from txrdsproxy.proxy.pg_frontend import PgFrontendFactory
 from txrdsproxy.proxy.session import ProxyContext
+from txrdsproxy.tls import ServerTLS
 
 log = Logger()
 
@@ -141,6 +142,8 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
     pool = BackendPool(proxy.name, connector, pool_config, reactor, metrics)
     ctx = ProxyContext(proxy, pool, secrets, reactor, metrics, cancel_registry, connector)
     ctx.topology = topology
+    if proxy.tls is not None:
+        ctx.tls = ServerTLS(proxy.tls.certificate_file, proxy.tls.private_key_file, clock=reactor)
     ctx.health = health
     ctx.monitor = build_monitor(proxy, secrets, reactor, topology, health, connector, pool)
     holder["ctx"] = ctx

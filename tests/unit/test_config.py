@@ -340,12 +340,52 @@ def test_config_is_immutable():
         cfg.proxies[0].name = "other"
 
 
-@pytest.mark.parametrize("key, value", [("RequireTLS", True)])
-def test_unimplemented_settings_are_refused_not_ignored(key, value):
+def test_require_tls_without_tls_is_refused():
     data = yaml.safe_load(FULL)
-    data["DBProxies"][0][key] = value
-    with pytest.raises(ConfigError, match=rf"DBProxies\[0\]\.{key}: True is not supported by this version"):
+    data["DBProxies"][0]["RequireTLS"] = True
+    with pytest.raises(ConfigError, match=r"x\.yaml: DBProxies\[0\]\.RequireTLS: true needs TLS"):
         parse_config(data, "x.yaml", "/cfg")
+
+
+def _with_tls(tmp_path, **tls):
+    from txrdsproxy.testing.certs import write_self_signed
+    write_self_signed(str(tmp_path))
+    write_self_signed(str(tmp_path), "other")
+    data = yaml.safe_load(FULL)
+    data["DBProxies"][0]["TLS"] = tls
+    return data
+
+
+def test_tls_paths_are_relative_to_the_config_folder_and_allow_require_tls(tmp_path):
+    data = _with_tls(tmp_path, CertificateFile="proxy.crt", PrivateKeyFile="proxy.key")
+    data["DBProxies"][0]["RequireTLS"] = True
+    cfg = parse_config(data, "x.yaml", str(tmp_path))
+    p = cfg.proxies[0]
+    assert p.require_tls is True
+    assert p.tls == m.TLSConfig(str(tmp_path / "proxy.crt"), str(tmp_path / "proxy.key"))
+    assert cfg.proxies[1].tls is None and cfg.proxies[1].require_tls is False
+
+
+@pytest.mark.parametrize("tls, error", [
+    ({"CertificateFile": "missing.crt", "PrivateKeyFile": "proxy.key"},
+     r"DBProxies\[0\]\.TLS\.CertificateFile: .*missing\.crt: cannot read"),
+    ({"CertificateFile": "proxy.crt", "PrivateKeyFile": "missing.key"},
+     r"DBProxies\[0\]\.TLS\.PrivateKeyFile: .*missing\.key: cannot read"),
+    ({"CertificateFile": "proxy.key", "PrivateKeyFile": "proxy.key"},
+     r"DBProxies\[0\]\.TLS\.CertificateFile: .*proxy\.key: not a PEM certificate"),
+    ({"CertificateFile": "proxy.crt", "PrivateKeyFile": "proxy.crt"},
+     r"DBProxies\[0\]\.TLS\.PrivateKeyFile: .*proxy\.crt: not an unencrypted PEM private key"),
+    ({"CertificateFile": "proxy.crt", "PrivateKeyFile": "other.key"},
+     r"DBProxies\[0\]\.TLS\.PrivateKeyFile: .*other\.key: does not match the certificate"),
+    ({"CertificateFile": "proxy.crt"}, r"DBProxies\[0\]\.TLS\.PrivateKeyFile: is required"),
+    ({"CertificateFile": "proxy.crt", "PrivateKeyFile": "proxy.key", "CA": "x"},
+     r"DBProxies\[0\]\.TLS\.CA: unknown key"),
+])
+def test_tls_files_are_checked_at_load(tmp_path, tls, error):
+    data = _with_tls(tmp_path, **tls)
+    with pytest.raises(ConfigError, match=r"^x\.yaml: " + error) as info:
+        parse_config(data, "x.yaml", str(tmp_path))
+    assert "PRIVATE KEY" not in str(info.value)
 
 
 def test_iam_auth_required_is_refused_not_ignored():

@@ -121,7 +121,7 @@ def parse_config(data, source="<config>", base_dir="."):
         backend = node.choice("Backend", ("file",), "file")
         path = node.get("Path", str, required=True)
         secrets = m.SecretsConfig(backend=backend, path=os.path.join(base_dir, path))
-    proxies = tuple(_proxy(n) for n in top.get("DBProxies", list, required=True))
+    proxies = tuple(_proxy(n, base_dir) for n in top.get("DBProxies", list, required=True))
     if not proxies:
         top.fail("must list at least one proxy", "DBProxies")
     names = [p.name for p in proxies]
@@ -136,11 +136,11 @@ def parse_config(data, source="<config>", base_dir="."):
 _PROXY_KEYS = {
     "DBProxyName", "EngineFamily", "Listen", "RequireTLS", "IdleClientTimeout", "DebugLogging",
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
-    "HealthCheckInterval",
+    "HealthCheckInterval", "TLS",
 }
 
 
-def _proxy(node):
+def _proxy(node, base_dir="."):
     node.mapping(_PROXY_KEYS)
     name = node.get("DBProxyName", str, required=True)
     if not name or not all(c.isalnum() or c == "-" for c in name) or not name[0].isalpha():
@@ -152,14 +152,19 @@ def _proxy(node):
     groups = node.get("TargetGroups", list, required=True)
     if len(groups) != 1:
         node.fail("must hold exactly one target group (named default)", "TargetGroups")
+    tls = _tls(node.get("TLS", dict), base_dir)
+    require_tls = node.get("RequireTLS", bool, False)
+    if require_tls and tls is None:
+        node.fail("true needs TLS (CertificateFile and PrivateKeyFile) to be configured on this proxy",
+                  "RequireTLS")
     return m.DBProxy(
         name=name,
         engine_family=engine,
         listen=node.endpoint("Listen"),
         auth=auth,
         target_group=_target_group(groups[0], engine),
-        require_tls=_not_yet(node, "RequireTLS", node.get("RequireTLS", bool, False), True,
-                             "TLS termination is not implemented yet; clients are served without TLS"),
+        require_tls=require_tls,
+        tls=tls,
         idle_client_timeout=node.ranged("IdleClientTimeout", float, 1800.0, 1, 28800),
         debug_logging=node.get("DebugLogging", bool, False),
         max_client_connections=node.ranged("MaxClientConnections", int, 10000, 1, 1000000),
@@ -167,6 +172,22 @@ def _proxy(node):
         max_message_size=node.ranged("MaxMessageSize", int, 64 * 1024 * 1024, 1024, 1024 ** 3),
         health_check_interval=node.ranged("HealthCheckInterval", float, 5.0, 1, 300),
     )
+
+
+def _tls(node, base_dir):
+    """`TLS: {CertificateFile, PrivateKeyFile}`: paths relative to the config file's folder; the
+    files are loaded once here so a bad certificate or key stops the start."""
+    if node is None:
+        return None
+    node.mapping({"CertificateFile", "PrivateKeyFile"})
+    cert = os.path.join(base_dir, node.get("CertificateFile", str, required=True))
+    key = os.path.join(base_dir, node.get("PrivateKeyFile", str, required=True))
+    from txrdsproxy.tls import TLSFilesError, build_context
+    try:
+        build_context(cert, key)
+    except TLSFilesError as e:
+        node.fail(f"{e.path}: {e.message}", "CertificateFile" if e.which == "certificate" else "PrivateKeyFile")
+    return m.TLSConfig(certificate_file=cert, private_key_file=key)
 
 
 def _not_yet(node, key, value, unsupported, why):

@@ -75,6 +75,14 @@ class DBProxyTargetGroup:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """Client-side TLS: PEM files (absolute paths once loaded), reloaded when they change."""
+
+    certificate_file: str
+    private_key_file: str
+
+
+@dataclass(frozen=True)
 class DBProxy:
     name: str
     engine_family: str
@@ -88,6 +96,7 @@ class DBProxy:
     max_connection_rate: float = 0.0  # new client connections per second; 0 = unlimited
     max_message_size: int = 64 * 1024 * 1024
     health_check_interval: float = 5.0  # seconds between failover health checks (several targets)
+    tls: Optional[TLSConfig] = None  # client-side TLS termination; None = clients are refused TLS
 
 
 @dataclass(frozen=True)

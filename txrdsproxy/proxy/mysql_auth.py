@@ -107,7 +107,7 @@ class ClientAuth:
         self._cache_key = (user, verifier.stored)
         cached = self._cache_key in sha2_cache(self.session.ctx)
         self._sha2 = myauth.CachingSha2ServerAuth(
-            verifier, self.scramble, cached=cached,
+            verifier, self.scramble, cached=cached, tls=self.session.tls,
             rsa_private_key=None if cached else rsa_key(self.session.ctx))
         for out in self._sha2.start(response):
             self.session.write_packet(out, seq)

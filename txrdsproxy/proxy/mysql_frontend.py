@@ -83,7 +83,8 @@ class MySQLFrontend(ClientSession):
     def _greet(self, server):
         if self._phase != "greeting":
             return
-        self._server_caps = hs.proxy_server_capabilities() & (server.capabilities | ~CAPABILITY_PROFILE)
+        tls = self.ctx.tls is not None
+        self._server_caps = hs.proxy_server_capabilities(tls) & (server.capabilities | ~CAPABILITY_PROFILE)
         self._server_caps &= ~P.CLIENT_COMPRESS
         self._phase = "handshake"
         self._auth = ClientAuth(self)
@@ -138,8 +139,17 @@ class MySQLFrontend(ClientSession):
     def _handshake_response(self, seq, payload):
         response = hs.parse_handshake_response41(payload, self._server_caps)
         if isinstance(response, hs.SSLRequest):
-            return self._fatal(P.err_packet(2026, "HY000", "TLS is not enabled on this proxy"),
-                               seq + 1)
+            if self.ctx.tls is None or self.tls:
+                return self._fatal(P.err_packet(2026, "HY000", "TLS is not enabled on this proxy"),
+                                   seq + 1)
+            if self._unread or self._reader.take_buffer():
+                # Bytes sent before the TLS handshake would be read as if they came over TLS.
+                raise ProtocolError("data after SSLRequest")
+            self.ctx.tls.start(self.transport)
+            self.tls = True  # the HandshakeResponse41 (seq 2) follows, decrypted
+            return
+        if self.ctx.config.require_tls and not self.tls:
+            return self._fatal(errors.requires_tls(), seq + 1)
         if response.capabilities & P.CLIENT_COMPRESS:
             return self._fatal(errors.compression_not_supported(), seq + 1)
         self.client_caps = response.capabilities & self._server_caps

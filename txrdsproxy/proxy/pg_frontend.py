@@ -119,8 +119,14 @@ class PgFrontend(ClientSession):
             del self._buf[:used]
             if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
                 if self._buf:
+                    # Bytes sent before our answer would be read as if they came over TLS.
                     raise ProtocolViolation("data after SSLRequest")
-                self.transport.write(b"N")
+                if code == SSL_REQUEST_CODE and self.ctx.tls is not None and not self.tls:
+                    self.transport.write(b"S")
+                    self.ctx.tls.start(self.transport)
+                    self.tls = True  # what follows (the StartupMessage) arrives decrypted
+                else:
+                    self.transport.write(b"N")
             elif code == CANCEL_REQUEST_CODE:
                 self._cancel(payload)
                 return
@@ -148,6 +154,8 @@ class PgFrontend(ClientSession):
         self.transport.loseConnection()
 
     def _startup_message(self, code, payload):
+        if self.ctx.config.require_tls and not self.tls:
+            return self._fatal(errors.REQUIRES_TLS)
         params = {_CANONICAL.get(k.lower(), k): v for k, v in msg.parse_startup_params(payload).items()}
         ignored = [k for k in params if k.startswith("_pq_.")]
         if code != PROTOCOL_3_0 or ignored:

@@ -40,6 +40,7 @@ class ProxyContext:
         self.clock = clock
         self.metrics = metrics
         self.connector = connector
+        self.tls = None  # tls.ServerTLS when the proxy terminates client TLS
         self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
         self.sessions = set()
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
@@ -110,6 +111,7 @@ class ClientSession(protocol.Protocol):
 
     log = Logger()
     SESSION_PHASE = "session"  # the phase name in which `in_session` is true
+    tls = False  # True once the client's transport was switched to TLS (read by metrics)
 
     def __init__(self, ctx, first_phase):
         self.ctx = ctx

@@ -15,6 +15,9 @@ MISSING_USER = error_response(
     "28000", "A user name is missing from the connection startup packet. Provide a user name for this connection.")
 BORROW_TIMEOUT = error_response("53300", "Timed-out waiting to acquire database connection.")
 AUTH_TIMEOUT = error_response("08006", "Authentication timed out.")
+# RequireTLS and a StartupMessage in plaintext (PostgreSQL uses 28000 for a pg_hba "no encryption"
+# refusal, which is the same situation).
+REQUIRES_TLS = error_response("28000", "This RDS Proxy requires TLS connections.")
 SHUTTING_DOWN = error_response("57P01", "The proxy is shutting down.")
 UNKNOWN = error_response("XX000", "Unknown error.")
 
