@@ -108,9 +108,13 @@ class ServerTLS:
                 self.log.info("TLS certificate reloaded from {path}", path=self.cert_path)
         return self._context
 
-    def start(self, transport):
+    def start(self, transport, received=b""):
         """Switch *transport* (a server TCP transport) to TLS now; what is written after this
         goes out encrypted, what arrives is decrypted before the protocol sees it.
+
+        *received*: bytes that already arrived after the request for TLS (MySQL clients send
+        their ClientHello right behind the SSLRequest, without waiting for an answer); they
+        are the start of the TLS stream and go to the TLS layer.
 
         Twisted's `startTLS` builds its TLS layer with a small-write aggregator that flushes
         on the *global* reactor; point it at our injected clock, or writes would wait forever
@@ -120,6 +124,8 @@ class ServerTLS:
         aggregator = getattr(getattr(transport, "protocol", None), "_aggregator", None)
         if self.clock is not None and getattr(aggregator, "_clock", None) is not None:
             aggregator._clock = self.clock
+        if received:
+            transport.protocol.dataReceived(received)
 
     def serverConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self.context(), None)

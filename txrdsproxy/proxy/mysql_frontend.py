@@ -63,6 +63,7 @@ class MySQLFrontend(ClientSession):
         self._cmd_tracked = None
         self._cmd_db = None
         self._server_caps = 0
+        self._before_tls = bytearray()  # handshake bytes while an SSLRequest is possible
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
 
     # -- connection -----------------------------------------------------------------------------
@@ -119,6 +120,10 @@ class MySQLFrontend(ClientSession):
                 self._inbuf += data
                 self._pump()
             elif self._phase in ("handshake", "auth"):
+                if self._phase == "handshake" and self.ctx.tls is not None and not self.tls:
+                    data = self._ssl_request(data)
+                    if not data:
+                        return
                 packets = self._reader.feed(data)
                 for i, (seq, payload) in enumerate(packets):
                     self._unread = packets[i + 1:]  # pipelined after the auth: see _welcome
@@ -136,18 +141,36 @@ class MySQLFrontend(ClientSession):
             self._close_client()
 
     # -- handshake and authentication -----------------------------------------------------------
+    def _ssl_request(self, data):
+        """With TLS configured: look for the 32-byte SSLRequest in the raw bytes, because what
+        follows it (the client does not wait for an answer) is TLS, not packets.  -> the bytes
+        to read as packets (b"" while undecided or once TLS started)."""
+        buf = self._before_tls
+        buf += data
+        if len(buf) < 4:
+            return b""
+        size = 4 + hs.SSL_REQUEST_LENGTH
+        if _header(buf) == hs.SSL_REQUEST_LENGTH:
+            if len(buf) < size:
+                return b""
+            response = hs.parse_handshake_response41(bytes(buf[4:size]), self._server_caps)
+            if isinstance(response, hs.SSLRequest):
+                rest = bytes(buf[size:])
+                del buf[:]
+                self.tls = True  # the HandshakeResponse41 (seq 2) follows, decrypted
+                self.ctx.tls.start(self.transport, rest)
+                return b""
+        data = bytes(buf)
+        del buf[:]
+        return data
+
     def _handshake_response(self, seq, payload):
         response = hs.parse_handshake_response41(payload, self._server_caps)
         if isinstance(response, hs.SSLRequest):
-            if self.ctx.tls is None or self.tls:
-                return self._fatal(P.err_packet(2026, "HY000", "TLS is not enabled on this proxy"),
-                                   seq + 1)
-            if self._unread or self._reader.take_buffer():
-                # Bytes sent before the TLS handshake would be read as if they came over TLS.
-                raise ProtocolError("data after SSLRequest")
-            self.ctx.tls.start(self.transport)
-            self.tls = True  # the HandshakeResponse41 (seq 2) follows, decrypted
-            return
+            # Without TLS configured, or a second one inside TLS (a first one with TLS
+            # configured was taken by _ssl_request).
+            return self._fatal(P.err_packet(2026, "HY000", "TLS is not enabled on this proxy"),
+                               seq + 1)
         if self.ctx.config.require_tls and not self.tls:
             return self._fatal(errors.requires_tls(), seq + 1)
         if response.capabilities & P.CLIENT_COMPRESS:
