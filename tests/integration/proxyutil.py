@@ -52,12 +52,23 @@ def write_proxy_config(dir, pg_server, listen="tcp:0:interface=127.0.0.1", secre
     if "app_md5" in pg_server.users:
         entries[MD5_ARN] = ("app_md5", pg_server.users["app_md5"], "POSTGRES_MD5")
     entries.update(secrets or {})
+    return write_config(dir, "POSTGRESQL", name, listen, entries,
+                        [_target(i, t) for i, t in enumerate(targets or [pg_server], 1)], overrides)
+
+
+def write_config(dir, engine, name, listen, entries, targets, overrides):
+    """Write secrets.json and proxy.yaml for one proxy of *engine*; -> yaml path.
+
+    *entries*: {arn: (username, password, ClientPasswordAuthType)}; *targets*: Target mappings.
+    Overrides named after ConnectionPoolConfig keys go there, the others on the proxy.
+    """
+    dir = Path(dir)
     write_secrets(dir / "secrets.json", {arn: (u, p) for arn, (u, p, _) in entries.items()})
     pool = {"MaxConnectionsPercent": 100, "MaxIdleConnectionsPercent": 50,
             "ConnectionBorrowTimeout": 30}
     proxy = {
         "DBProxyName": name,
-        "EngineFamily": "POSTGRESQL",
+        "EngineFamily": engine,
         "Listen": listen,
         "Auth": [{"SecretArn": arn, "ClientPasswordAuthType": kind}
                  for arn, (_, _, kind) in entries.items()],
@@ -66,11 +77,8 @@ def write_proxy_config(dir, pg_server, listen="tcp:0:interface=127.0.0.1", secre
         (pool if key in POOL_KEYS else proxy)[key] = value
     if "MaxIdleConnectionsPercent" not in overrides:
         pool["MaxIdleConnectionsPercent"] = min(50, pool["MaxConnectionsPercent"])
-    proxy["TargetGroups"] = [{
-        "TargetGroupName": "default",
-        "ConnectionPoolConfig": pool,
-        "Targets": [_target(i, t) for i, t in enumerate(targets or [pg_server], 1)],
-    }]
+    proxy["TargetGroups"] = [{"TargetGroupName": "default", "ConnectionPoolConfig": pool,
+                              "Targets": targets}]
     config = {"Secrets": {"Backend": "file", "Path": "secrets.json"}, "DBProxies": [proxy]}
     path = dir / "proxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
