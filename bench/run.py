@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 import servers  # noqa: E402  (tests/integration/servers.py)
-from servers import MariaDBServer, PostgresServer, find_binary, find_free_port  # noqa: E402
+from servers import MariaDBServer, PostgresServer, find_binary, find_free_port, stop_process  # noqa: E402
 
 # The venv's bin directory: the one this interpreter was started from (not resolved:
 # .venv/bin/python is a symlink to the system python).
@@ -91,20 +91,6 @@ def wait_port(port, proc, timeout, what, log_path):
             time.sleep(0.05)
     raise RuntimeError("%s not listening on %s after %ss; log tail:\n%s"
                        % (what, port, timeout, tail(log_path)))
-
-
-def stop_process(proc, sig=signal.SIGTERM, timeout=30):
-    """Signal one process we started and wait for it; SIGKILL if it lingers."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(sig)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    except ProcessLookupError:
-        pass
 
 
 # --------------------------------------------------------------------------

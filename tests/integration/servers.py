@@ -102,6 +102,20 @@ def find_binary(name):
     return found
 
 
+def stop_process(proc, sig=signal.SIGTERM, timeout=30):
+    """Signal one process we started and wait for it; SIGKILL if it outlives *timeout*."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
 def require_binaries(*names):
     """None if every binary is installed, else a skip reason.
 
@@ -228,18 +242,9 @@ class _Process:
 
     def _terminate(self, sig, timeout):
         """Signal the server and wait; SIGKILL if it outlives ``timeout``."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(sig)
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            except ProcessLookupError:
-                pass
+        stop_process(self.proc, sig, timeout)
         _running.discard(self)
 
 
