@@ -75,10 +75,12 @@ def native_password_check(stored_double_sha1, nonce, response):
     return hmac.compare_digest(_sha1(stage1), stored_double_sha1)
 
 
-class NativeVerifier:
-    """Holds ``SHA1(SHA1(pw))`` (or ``b""`` for an empty password)."""
+class _DoubleHashVerifier:
+    """Holds ``H(H(pw))`` (or ``b""`` for an empty password): all a server needs to check a
+    scramble, derived once per secret value.  Subclasses name the hash and the check."""
 
     __slots__ = ("stored",)
+    _hash = None  # staticmethod: bytes -> digest
 
     def __init__(self, stored):
         self.stored = bytes(stored)
@@ -86,13 +88,26 @@ class NativeVerifier:
     @classmethod
     def from_password(cls, password):
         pw = _pw(password)
-        return cls(_sha1(_sha1(pw)) if pw else b"")
+        return cls(cls._hash(cls._hash(pw)) if pw else b"")
+
+    def check_cleartext(self, password):
+        pw = _pw(password)
+        if not pw or not self.stored:
+            return not pw and not self.stored
+        return hmac.compare_digest(self._hash(self._hash(pw)), self.stored)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} (redacted)>"
+
+
+class NativeVerifier(_DoubleHashVerifier):
+    """mysql_native_password: ``SHA1(SHA1(pw))``."""
+
+    __slots__ = ()
+    _hash = staticmethod(_sha1)
 
     def check(self, nonce, response):
         return native_password_check(self.stored, nonce, response)
-
-    def __repr__(self):
-        return "<NativeVerifier (redacted)>"
 
 
 # --- caching_sha2_password ------------------------------------------------------------
@@ -118,30 +133,14 @@ def caching_sha2_check(stored, nonce, response):
     return hmac.compare_digest(_sha256(h1), stored)
 
 
-class Sha2Verifier:
-    """Holds ``SHA256(SHA256(pw))`` (or ``b""`` for an empty password)."""
+class Sha2Verifier(_DoubleHashVerifier):
+    """caching_sha2_password: ``SHA256(SHA256(pw))``."""
 
-    __slots__ = ("stored",)
-
-    def __init__(self, stored):
-        self.stored = bytes(stored)
-
-    @classmethod
-    def from_password(cls, password):
-        pw = _pw(password)
-        return cls(_sha256(_sha256(pw)) if pw else b"")
+    __slots__ = ()
+    _hash = staticmethod(_sha256)
 
     def check(self, nonce, response):
         return caching_sha2_check(self, nonce, response)
-
-    def check_cleartext(self, password):
-        pw = _pw(password)
-        if not pw or not self.stored:
-            return not pw and not self.stored
-        return hmac.compare_digest(_sha256(_sha256(pw)), self.stored)
-
-    def __repr__(self):
-        return "<Sha2Verifier (redacted)>"
 
 
 # --- mysql_clear_password -------------------------------------------------------------
