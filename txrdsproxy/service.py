@@ -6,6 +6,7 @@ library classes receive the clock and reactor they use.
 
 from twisted.application import service, strports
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 
 from txrdsproxy.admin.resources import admin_root
@@ -26,8 +27,36 @@ log = Logger()
 JANITOR_INTERVAL = 10.0
 
 
+class ListenFailed(Exception):
+    """A listening endpoint could not be bound; the message names the address and the OS error."""
+
+
+def bind_now(listen, factory, reactor, what):
+    """Bind *listen* (an endpoint string) for *factory* synchronously: -> the listening port.
+
+    Raises ListenFailed("<what> cannot listen on <listen>: <OS error>") when the port cannot be
+    bound (in use, no permission, unknown interface).  Endpoints that bind synchronously (TCP,
+    UNIX, SSL) answer at once; any other is an error too, since start-up must know now.
+    """
+    endpoint = strports.service(listen, factory, reactor=reactor).endpoint
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise ListenFailed(f"{what} cannot listen on {listen}: the endpoint did not bind at once")
+    if isinstance(outcome[0], Failure):
+        raise ListenFailed(f"{what} cannot listen on {listen}: {outcome[0].getErrorMessage()}")
+    return outcome[0]
+
+
 class ProxyService(service.Service):
-    """One proxy: its listener, its pool and the janitor that trims idle connections."""
+    """One proxy: its listener, its pool and the janitor that trims idle connections.
+
+    The port is bound in privilegedStartService (twistd calls it before dropping privileges, so
+    a port below 1024 works with --uid) and a failure raises ListenFailed there: twistd stops
+    and exits non-zero with the address and the OS error (see tap.py), instead of running a
+    process that serves nothing.  Started directly (tests, a proxy added at run time),
+    startService binds and raises the same way.
+    """
 
     def __init__(self, ctx, listen, reactor):
         self.ctx = ctx
@@ -36,22 +65,23 @@ class ProxyService(service.Service):
         self.port = None
         self._janitor = None
 
-    def startService(self):
-        super().startService()
-        factory = self._factory()
-        endpoint = strports.service(self.listen, factory, reactor=self.reactor).endpoint
-        d = endpoint.listen(factory)
-
-        def listening(port):
-            self.port = port
+    def _bind(self):
+        if self.port is None:
+            self.port = bind_now(self.listen, self._factory(), self.reactor,
+                                 f"proxy {self.ctx.name}")
             log.info("proxy {name} ({engine}) listening on {addr}", name=self.ctx.name,
-                     engine=self.ctx.config.engine_family, addr=port.getHost())
+                     engine=self.ctx.config.engine_family, addr=self.port.getHost())
 
-        d.addCallback(listening)
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self):
+        self._bind()
+        super().startService()
         self._janitor = self.reactor.callLater(JANITOR_INTERVAL, self._tidy)
         if self.ctx.monitor is not None:
             self.ctx.monitor.start()
-        return d
 
     def _factory(self):
         if self.ctx.config.engine_family == model.ENGINE_POSTGRESQL:
@@ -73,7 +103,8 @@ class ProxyService(service.Service):
         for session in list(self.ctx.sessions):
             session.transport.loseConnection()
         if self.port is not None:
-            return self.port.stopListening()
+            port, self.port = self.port, None
+            return port.stopListening()
 
 
 class AdminService(service.Service):
@@ -130,15 +161,17 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
     def credentials_for(user):
         return holder["ctx"].credentials_for(user)
 
+    timeouts = dict(connect_timeout=proxy.database_connect_timeout,
+                    operation_timeout=proxy.database_operation_timeout)
     if proxy.engine_family == model.ENGINE_POSTGRESQL:
         connector = PgConnector(reactor, topology, credentials_for, pool_config.init_query,
                                 proxy.max_message_size, metrics=metrics, proxy_name=proxy.name,
-                                health=health)
+                                health=health, **timeouts)
     else:
         from txrdsproxy.proxy.mysql_backend import MySQLConnector
         connector = MySQLConnector(reactor, topology, credentials_for, pool_config.init_query,
                                    proxy.max_message_size, metrics=metrics, proxy_name=proxy.name,
-                                   health=health)
+                                   health=health, **timeouts)
     pool = BackendPool(proxy.name, connector, pool_config, reactor, metrics)
     ctx = ProxyContext(proxy, pool, secrets, reactor, metrics, cancel_registry, connector)
     ctx.topology = topology

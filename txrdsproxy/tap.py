@@ -2,6 +2,9 @@
 
 import sys
 
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from txrdsproxy.auth.secrets import check_secrets
@@ -29,7 +32,39 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
+log = Logger()
+
+
+class StartupGuard(service.MultiService):
+    """Makes a failed start loud: twistd binds every port in privilegedStartService (before
+    dropping privileges); when one cannot be bound, the address and the OS error are logged as
+    critical and twistd exits with status 1 (before: an unhandled Deferred error and a process
+    that served nothing).
+
+    In the foreground (`-n`) the exit is a plain SystemExit(1), without a traceback; as a daemon
+    the error is re-raised so that twistd removes its PID file and its waiting parent prints
+    the message and exits 1.
+    """
+
+    def __init__(self, foreground=True):
+        super().__init__()
+        self.foreground = foreground
+
+    def privilegedStartService(self):
+        from txrdsproxy.service import ListenFailed
+        try:
+            super().privilegedStartService()
+        except (ListenFailed, CannotListenError) as e:
+            log.critical("rdsproxy: cannot start: {error}", error=str(e))
+            if self.foreground:
+                raise SystemExit(1)
+            raise
+
+
 def makeService(options):
     from txrdsproxy.service import make_service
     top, _ = make_service(options.loaded)
-    return top
+    parent = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
+    guard = StartupGuard(foreground=bool(parent["nodaemon"]) if parent is not None else True)
+    top.setServiceParent(guard)
+    return guard

@@ -256,8 +256,9 @@ class TwistdProxy:
     The config must listen on a fixed port (pass it as *port*); start() waits until it accepts.
     """
 
-    def __init__(self, config_path, port, log_path=None):
+    def __init__(self, config_path, port, log_path=None, twistd_args=()):
         self.config_path = config_path
+        self.twistd_args = list(twistd_args)  # before the plugin name: --uid, --gid, ...
         self.port = port
         self.host = HOST
         self.log_path = log_path or str(Path(config_path).with_name("twistd.log"))
@@ -270,7 +271,8 @@ class TwistdProxy:
     def start(self, timeout=30):
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.twistd(), "-n", "--pidfile=", "rdsproxy", "--config", self.config_path],
+                [self.twistd(), "-n", "--pidfile=", *self.twistd_args, "rdsproxy", "--config",
+                 self.config_path],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=os.path.dirname(self.config_path), start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -495,12 +495,24 @@ def test_login_borrow_timeout_is_fatal(h):
 
 
 def test_auth_timeout(h):
-    h.greeting()
+    """A client that starts the handshake but never finishes authentication (here: never
+    answers the auth switch to caching_sha2_password's full exchange) is closed at
+    ClientAuthTimeout, counted from accept."""
+    h.handshake(plugin="caching_sha2_password", auth_response=b"\x01" * 32)
+    h.sent()
     h.clock.advance(session.AUTH_TIMEOUT - 1)
     assert not h.closed
     h.clock.advance(1)
     assert h.closed
     assert h.sent() == b""
+
+
+def test_silent_client_is_closed_at_the_first_packet_deadline(h):
+    h.greeting()
+    h.clock.advance(4.9)  # ClientFirstPacketTimeout: 5 s by default, from the greeting
+    assert not h.closed
+    h.clock.advance(0.1)
+    assert h.closed and h.sent() == b""
 
 
 def test_pipelined_command_after_the_handshake_is_kept(h):

@@ -136,7 +136,8 @@ def parse_config(data, source="<config>", base_dir="."):
 _PROXY_KEYS = {
     "DBProxyName", "EngineFamily", "Listen", "RequireTLS", "IdleClientTimeout", "DebugLogging",
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
-    "HealthCheckInterval", "TLS",
+    "HealthCheckInterval", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
+    "DatabaseConnectTimeout", "DatabaseOperationTimeout",
 }
 
 
@@ -171,6 +172,11 @@ def _proxy(node, base_dir="."):
         max_connection_rate=node.ranged("MaxConnectionRate", float, 0.0, 0, 1000000),
         max_message_size=node.ranged("MaxMessageSize", int, 64 * 1024 * 1024, 1024, 1024 ** 3),
         health_check_interval=node.ranged("HealthCheckInterval", float, 5.0, 1, 300),
+        client_first_packet_timeout=node.ranged("ClientFirstPacketTimeout", float, 5.0, 0.1, 300),
+        client_auth_timeout=node.ranged("ClientAuthTimeout", float, 60.0, 1, 3600),
+        max_cancel_rate=node.ranged("MaxCancelRate", float, 100.0, 0, 1000000),
+        database_connect_timeout=node.ranged("DatabaseConnectTimeout", float, 30.0, 0.1, 3600),
+        database_operation_timeout=node.ranged("DatabaseOperationTimeout", float, 30.0, 0.1, 3600),
     )
 
 

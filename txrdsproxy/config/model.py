@@ -97,6 +97,12 @@ class DBProxy:
     max_message_size: int = 64 * 1024 * 1024
     health_check_interval: float = 5.0  # seconds between failover health checks (several targets)
     tls: Optional[TLSConfig] = None  # client-side TLS termination; None = clients are refused TLS
+    # Liveness (ours; RDS Proxy does not expose these): see docs/security.md "Limits and timeouts".
+    client_first_packet_timeout: float = 5.0  # accept -> first complete packet from the client
+    client_auth_timeout: float = 60.0  # accept -> end of authentication
+    max_cancel_rate: float = 100.0  # PostgreSQL CancelRequests per second; 0 = unlimited
+    database_connect_timeout: float = 30.0  # TCP connect + login + InitQuery to the database
+    database_operation_timeout: float = 30.0  # one internal operation (sync, reset, probe query)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,21 @@ the metrics, turn transport errors into BackendGone, and record the outcome in T
 `probe_role(target, creds)` is the failover monitor's health check: a short-lived connection
 opened the same way (login, InitQuery) to any target, one engine query saying whether it is the
 writer, then closed.
+
+Every wait on a database has an end (DESIGN rule 10), on the injected clock:
+- `open` runs TCP connect + login + InitQuery under one deadline (`connect_timeout`,
+  DatabaseConnectTimeout); on expiry the connect is cancelled or the connection closed, and the
+  Deferred fails with BackendGone("... timed out ...");
+- every internal operation of a connection (parameter sync, reset, health-check query, the
+  login's own queries) goes through `BackendConnection.bounded`, which closes the connection with a
+  logged reason when the operation has not finished within `operation_timeout`
+  (DatabaseOperationTimeout).  Closing fails the operation with BackendGone and tells the pool,
+  which frees the slot;
+- `send_oob` (PostgreSQL CancelRequest) gives up after `connect_timeout` too.
+TCP keepalive is switched on for every database socket (see `enable_keepalive`).
 """
+
+import socket
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
@@ -20,6 +34,32 @@ from txrdsproxy.failover.topology import NoWriter
 
 class BackendGone(Exception):
     """The database connection could not be made, or closed or broke."""
+
+
+# TCP keepalive: a peer that vanished without a FIN/RST (host down, cable cut, NAT expiry) is
+# noticed after about KEEPIDLE + KEEPINTVL * KEEPCNT seconds instead of the kernel's 2 hours.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
+
+
+def enable_keepalive(transport, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL, count=KEEPALIVE_COUNT):
+    """Switch TCP keepalive on for *transport* (client or database socket), with short timers
+    where the platform lets us set them.  Transports that are not TCP sockets are left alone.
+    Returns True when keepalive was switched on."""
+    if not hasattr(transport, "setTcpKeepAlive"):
+        return False
+    transport.setTcpKeepAlive(1)
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    if handle is not None and hasattr(handle, "setsockopt"):
+        for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+            option = getattr(socket, name, None)
+            if option is not None:
+                try:
+                    handle.setsockopt(socket.IPPROTO_TCP, option, value)
+                except OSError:
+                    pass
+    return True
 
 
 class SingleUseFactory(protocol.ClientFactory):
@@ -39,8 +79,10 @@ class Connector:
     database_error = ()  # the engine's DatabaseError class: passed through, not wrapped
 
     def __init__(self, reactor, topology, credentials_for, init_query, max_message_size,
-                 connect_timeout=30.0, metrics=None, proxy_name="", health=None):
+                 connect_timeout=30.0, metrics=None, proxy_name="", health=None,
+                 operation_timeout=30.0):
         self.reactor = reactor
+        self.operation_timeout = operation_timeout
         self.topology = topology
         self.credentials_for = credentials_for
         self.init_query = init_query or ""
@@ -72,14 +114,49 @@ class Connector:
         Deferred[conn] once its `ready` fired; fails with the engine's DatabaseError or with
         BackendGone.  *metered*=False (health checks): not counted in the metrics and not
         recorded in TargetHealth (the monitor records its own verdict).
+
+        The whole open (TCP connect, login, InitQuery) must finish within *timeout* (default
+        `connect_timeout`): otherwise the connect is cancelled, or the connection closed (its
+        reason logged), and the Deferred fails with BackendGone saying what timed out.
         """
         name = target.rds_resource_id
         metrics = self.metrics if metered else None
         if metrics is not None:
             metrics.db_connection_requests.inc(self.proxy_name, name)
-        d = self.endpoint(target, timeout).connect(SingleUseFactory(conn))
+        limit = timeout or self.connect_timeout
+        conn.clock = self.reactor
+        conn.operation_timeout = self.operation_timeout
+        connecting = self.endpoint(target, limit).connect(SingleUseFactory(conn))
+        where = f"{target.endpoint}:{target.port}"
+
+        def expired():
+            if conn.transport is None:  # TCP connect still under way
+                connecting.cancel()
+            else:
+                reason = f"database login to {where} timed out after {limit:g} s"
+                self.log.warn("closing database connection {conn}: {reason}", conn=conn, reason=reason)
+                conn.close(reason, abort=True)
+
+        deadline = self.reactor.callLater(limit, expired)
+
+        def connected(proto):
+            enable_keepalive(proto.transport)
+            if conn.ready is not None:
+                return conn.ready
+            if conn.state == "closed":
+                raise BackendGone(conn._closing_reason or "closed during login")
+            return conn
+
+        def stop_deadline(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        d = connecting.addCallback(connected).addBoth(stop_deadline)
 
         def failed(f):
+            if f.check(defer.CancelledError):
+                f = Failure(BackendGone(f"cannot connect to {where}: timed out after {limit:g} s"))
             if metrics is not None:
                 metrics.db_connections_setup_failed.inc(self.proxy_name, name)
             if not f.check(BackendGone, *self.database_error):
@@ -96,7 +173,7 @@ class Connector:
                 self.health.record_success(target)
             return c
 
-        return d.addCallback(lambda _: conn.ready).addCallbacks(succeeded, failed)
+        return d.addCallbacks(succeeded, failed)
 
     def no_credentials(self, user):
         """Fails a connect for a user the store has no secret for (engine supplies the error)."""
@@ -133,17 +210,62 @@ class Connector:
         if creds is None:
             return defer.fail(BackendGone("no credentials for health checks (first Auth secret)"))
         conn = self.make_connection(self.probe_key(creds), target, creds)
-        timer = self.reactor.callLater(self.PROBE_TIMEOUT, conn.close, "health check timed out")
         d = self.open(target, conn, metered=False, timeout=self.PROBE_TIMEOUT)
-        d.addCallback(self.query_role)
+        # The role query is an internal operation: bounded by PROBE_TIMEOUT as well.
+        d.addCallback(lambda c: c.bounded(self.query_role(c), "health check", self.PROBE_TIMEOUT))
 
         def done(result):
-            if timer.active():
-                timer.cancel()
             conn.close("health check done")
             return result
 
         return d.addBoth(done)
+
+    def send_oob(self, target, packet, what="cancel request"):
+        """Send *packet* on a new socket to *target* and wait for the server to close it (how a
+        PostgreSQL CancelRequest is delivered).  Deferred[None] firing once the server closed
+        the socket, or after `connect_timeout` (the socket is aborted and a warning logged);
+        it never fails."""
+        done = defer.Deferred()
+        limit = self.connect_timeout
+        log = self.log
+
+        class _OutOfBand(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(packet)
+
+            def connectionLost(self, reason):
+                if not done.called:
+                    done.callback(None)
+
+        proto = _OutOfBand()
+        connecting = self.endpoint(target, limit).connect(SingleUseFactory(proto))
+
+        def expired():
+            log.warn("{what} to {t}:{p} got no answer within {s:g} s; gave up", what=what,
+                     t=target.endpoint, p=target.port, s=limit)
+            if proto.transport is None:
+                connecting.cancel()
+            else:
+                proto.transport.abortConnection()
+            if not done.called:
+                done.callback(None)
+
+        timer = self.reactor.callLater(limit, expired)
+
+        def failed(f):
+            if not f.check(defer.CancelledError):
+                log.warn("{what} to {t} failed: {e}", what=what, t=target.endpoint, e=f.getErrorMessage())
+            if not done.called:
+                done.callback(None)
+
+        def stop(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        connecting.addErrback(failed)
+        done.addBoth(stop)
+        return done
 
 
 class BackendConnection(protocol.Protocol):
@@ -158,8 +280,36 @@ class BackendConnection(protocol.Protocol):
     state = "connecting"
     pool_listener = None
     ready = None  # Deferred until logged in and initialised
+    clock = None  # set by Connector.open: the clock that bounds internal operations
+    operation_timeout = None  # seconds an internal operation may take (None: unbounded)
     _sink = None
     _closing_reason = None
+
+    def bounded(self, d, what, timeout=None):
+        """Bound the internal operation *d* (a Deferred this connection will fire): if it has not
+        fired within *timeout* (default `operation_timeout`), the connection is closed with the
+        reason "<what> timed out after N s" (logged), which fails *d* with BackendGone and frees
+        the connection's pool slot.  Returns *d*.  Without a clock (a connection not opened by a
+        Connector, as in some unit tests) nothing is armed."""
+        limit = timeout or self.operation_timeout
+        if self.clock is None or not limit or d.called:
+            return d
+
+        def expired():
+            if self.state == "closed":
+                return
+            reason = f"{what} timed out after {limit:g} s"
+            self.log.warn("closing database connection {conn}: {reason}", conn=self, reason=reason)
+            self.close(reason, abort=True)
+
+        timer = self.clock.callLater(limit, expired)
+
+        def stop(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(stop)
 
     def goodbye(self):
         return b""
@@ -170,16 +320,26 @@ class BackendConnection(protocol.Protocol):
     def lost_reason(self, reason):
         return f"database closed the connection ({reason.getErrorMessage()})"
 
-    def close(self, reason):
+    def close(self, reason, abort=False):
+        """Close with *reason* (logged by the caller, told to the pool).  A login or internal
+        operation still waiting fails now with BackendGone(reason).  *abort*: drop the socket
+        at once (a stalled database would never read our goodbye)."""
         if self.state == "closed":
             return
         self._closing_reason = reason
         self.state = "closed"
         if self.transport is not None:
-            bye = self.goodbye()
-            if bye and getattr(self.transport, "connected", True):
-                self.transport.write(bye)
-            self.transport.loseConnection()
+            if abort and hasattr(self.transport, "abortConnection"):
+                self.transport.abortConnection()
+            else:
+                bye = self.goodbye()
+                if bye and getattr(self.transport, "connected", True):
+                    self.transport.write(bye)
+                self.transport.loseConnection()
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(BackendGone(reason))
+        self.fail_pending(BackendGone(reason))
         self._notify_lost(reason)
 
     def connectionLost(self, reason):

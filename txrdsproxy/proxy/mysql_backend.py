@@ -251,7 +251,7 @@ class MySQLBackendConnection(BackendConnection):
         d = defer.Deferred()
         self._op = _InternalOp(d, bool(self.capabilities & P.CLIENT_DEPRECATE_EOF))
         self.transport.write(P.encode_packet(bytes((command,)) + bytes(arg), 0))
-        return d
+        return self.bounded(d, "internal command")
 
     def query(self, sql):
         return self.command(P.COM_QUERY, sql)

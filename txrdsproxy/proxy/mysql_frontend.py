@@ -22,6 +22,7 @@ from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_auth import ClientAuth, parse_change_user
 from txrdsproxy.proxy.mysql_backend import CAPABILITY_PROFILE, BackendGone, DatabaseError
+from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.mysql import errors
@@ -70,9 +71,11 @@ class MySQLFrontend(ClientSession):
     def connectionMade(self):
         super().connectionMade()
         ctx = self.ctx
-        if len(ctx.sessions) > ctx.config.max_client_connections:
+        # Refused at accept (limits.Admission): MySQL clients read the server first, so the
+        # error goes out now, in place of the greeting.
+        if self.refusal is Refusal.TOO_MANY_CONNECTIONS:
             return self._fatal(errors.too_many_connections(ctx.config.max_client_connections), 0)
-        if not ctx.rate_limiter.admit():
+        if self.refusal is Refusal.CONNECTION_RATE:
             return self._fatal(errors.rate_limit(_number(ctx.config.max_connection_rate)), 0)
         ctx.connector.probe().addCallbacks(self._greet, self._probe_failed)
 
@@ -94,6 +97,7 @@ class MySQLFrontend(ClientSession):
             self._server_caps, server.charset or 45, P.SERVER_STATUS_AUTOCOMMIT,
             hs.NATIVE_PASSWORD)
         self.transport.write(P.encode_packet(packet, 0))
+        self.arm_first_packet_timer()  # the client's turn starts now
 
     # -- ClientSession's questions and actions ----------------------------------------------------
     @property
@@ -155,6 +159,7 @@ class MySQLFrontend(ClientSession):
                 return b""
             response = hs.parse_handshake_response41(bytes(buf[4:size]), self._server_caps)
             if isinstance(response, hs.SSLRequest):
+                self.first_packet_seen()
                 rest = bytes(buf[size:])
                 del buf[:]
                 self.tls = True  # the HandshakeResponse41 (seq 2) follows, decrypted
@@ -165,6 +170,7 @@ class MySQLFrontend(ClientSession):
         return data
 
     def _handshake_response(self, seq, payload):
+        self.first_packet_seen()
         response = hs.parse_handshake_response41(payload, self._server_caps)
         if isinstance(response, hs.SSLRequest):
             # Without TLS configured, or a second one inside TLS (a first one with TLS

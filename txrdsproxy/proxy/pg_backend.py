@@ -11,7 +11,7 @@ Two ways of reading the server:
 
 import struct
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from txrdsproxy.proxy.connector import BackendConnection, Connector
@@ -174,7 +174,7 @@ class PgBackendConnection(BackendConnection):
         d = defer.Deferred()
         self._op = [d, [], None]
         self.transport.write(msg.query(sql))
-        return d
+        return self.bounded(d, "internal query")
 
     def _internal_message(self, kind, payload):
         op = self._op
@@ -446,22 +446,6 @@ class PgConnector(Connector):
         if conn.backend_pid is None:
             return defer.succeed(None)
         packet = msg.cancel_request(conn.backend_pid, conn.backend_secret)
-        target = conn.target
-        done = defer.Deferred()
-
-        class _Cancel(protocol.Protocol):
-            def connectionMade(self):
-                self.transport.write(packet)
-
-            def connectionLost(self, reason):
-                if not done.called:
-                    done.callback(None)
-
-        def failed(f):
-            self.log.warn("cancel request to {t} failed: {e}", t=target.endpoint, e=f.getErrorMessage())
-            if not done.called:
-                done.callback(None)
-
-        self.endpoint(target, timeout=10).connect(protocol.Factory.forProtocol(_Cancel)).addErrback(failed)
+        done = self.send_oob(conn.target, packet)  # bounded: gives up after connect_timeout
         conn.cancel_in_flight = done
         return done

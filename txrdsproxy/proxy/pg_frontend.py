@@ -20,6 +20,7 @@ from txrdsproxy.proxy.pg_backend import (
     REPORTED_PARAMS, SESSION_PARAMS, DatabaseError,
 )
 from txrdsproxy.proxy.connector import BackendGone
+from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
@@ -117,6 +118,9 @@ class PgFrontend(ClientSession):
                 return
             code, payload, used = packet
             del self._buf[:used]
+            self.first_packet_seen()
+            if self.refusal is not None and code != CANCEL_REQUEST_CODE:
+                return self._refuse()
             if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
                 if self._buf:
                     # Bytes sent before our answer would be read as if they came over TLS.
@@ -136,8 +140,22 @@ class PgFrontend(ClientSession):
                 self._fatal(errors.PROTOCOL_VERSION)
                 return
 
+    def _refuse(self):
+        """Refused at accept (limits.Admission): the error answers the first packet, which
+        libpq reads even when that packet was an SSLRequest."""
+        config = self.ctx.config
+        if self.refusal is Refusal.TOO_MANY_CONNECTIONS:
+            self._fatal(errors.too_many_clients(config.max_client_connections))
+        else:
+            self._fatal(errors.connection_rate(config.max_connection_rate))
+
     def _cancel(self, payload):
         self._phase = "closing"
+        if not self.ctx.admission.admit_cancel():
+            # MaxCancelRate: dropped, as a CancelRequest with a wrong key is (no answer).
+            self.log.info("{s}: CancelRequest dropped (MaxCancelRate)", s=self)
+            self.transport.loseConnection()
+            return
         try:
             key = msg.parse_cancel(payload)
         except ProtocolViolation:
@@ -170,11 +188,6 @@ class PgFrontend(ClientSession):
         for name in params:
             if name not in ACCEPTED_STARTUP and not name.startswith("_pq_."):
                 return self._fatal(errors.unsupported_option(name))
-        ctx = self.ctx
-        if len(ctx.sessions) > ctx.config.max_client_connections:
-            return self._fatal(errors.too_many_clients(ctx.config.max_client_connections))
-        if not ctx.rate_limiter.admit():
-            return self._fatal(errors.connection_rate(ctx.config.max_connection_rate))
         self.user = user
         self.database = params.get("database") or user
         self.key = (self.user, self.database)

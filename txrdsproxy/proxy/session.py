@@ -10,10 +10,11 @@ import itertools
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from txrdsproxy.proxy.limits import ConnectionRateLimiter
+from txrdsproxy.proxy.connector import enable_keepalive
+from txrdsproxy.proxy.limits import Admission
 from txrdsproxy.proxy.relay import couple, uncouple
 
-AUTH_TIMEOUT = 60.0  # seconds from connecting to the end of authentication
+AUTH_TIMEOUT = 60.0  # default ClientAuthTimeout: seconds from connecting to the end of authentication
 DEBUG_LOGGING_SECONDS = 24 * 3600
 
 
@@ -44,7 +45,7 @@ class ProxyContext:
         self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
         self.sessions = set()
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
-        self.rate_limiter = ConnectionRateLimiter(proxy_config.max_connection_rate, clock)
+        self.admission = Admission(proxy_config, clock)  # pre-authentication limits
         self.arns = [a.secret_arn for a in proxy_config.auth]
         self._ids = itertools.count(1)
         self.welcome = {}  # pool key -> server parameters reported at login (engine specific)
@@ -125,7 +126,9 @@ class ClientSession(protocol.Protocol):
         self.queries = 0  # QueryRequests (read by metrics)
         self.last_active = self.clock.seconds()
         self._phase = first_phase
+        self.refusal = None  # limits.Refusal decided at accept: the engine tells the client
         self._timer = None
+        self._first_timer = None  # ClientFirstPacketTimeout, until `first_packet_seen`
         self._borrow_d = None
         self._paused = False  # client reading paused while its data waits for a connection
         self._coupled = False  # transports coupled for backpressure (see relay.couple)
@@ -146,9 +149,39 @@ class ClientSession(protocol.Protocol):
         ctx.sessions.add(self)
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
+        enable_keepalive(self.transport)
         if ctx.metrics is not None:
             ctx.metrics.client_connections_received.inc(ctx.name)
-        self._timer = self.clock.callLater(AUTH_TIMEOUT, self._check_idle)
+        self.refusal = ctx.admission.admit(len(ctx.sessions))
+        if self.refusal is not None:
+            self.log.info("{s}: refused at accept ({limit})", s=self, limit=self.refusal.value)
+        self._timer = self.clock.callLater(ctx.config.client_auth_timeout, self._check_idle)
+        self.arm_first_packet_timer()
+
+    def arm_first_packet_timer(self):
+        """(Re)start ClientFirstPacketTimeout: from accept, or for MySQL from the greeting (the
+        client cannot speak before it)."""
+        self.first_packet_seen()
+        self._first_timer = self.clock.callLater(self.ctx.config.client_first_packet_timeout,
+                                                 self._first_packet_missing)
+
+    def first_packet_seen(self):
+        """The engine read the client's first whole packet: ClientFirstPacketTimeout is over."""
+        if self._first_timer is not None:
+            if self._first_timer.active():
+                self._first_timer.cancel()
+            self._first_timer = None
+
+    def _first_packet_missing(self):
+        self._first_timer = None
+        if self.state is SessionState.CLOSED:
+            return
+        self.log.info("{s}: no first packet within ClientFirstPacketTimeout; closing", s=self)
+        self._phase = "closing"
+        if hasattr(self.transport, "abortConnection"):
+            self.transport.abortConnection()  # nothing to flush to a silent client
+        else:
+            self.transport.loseConnection()
 
     def start_idle_timer(self):
         """Logged in: from now on IdleClientTimeout applies instead of the auth timeout."""
@@ -224,6 +257,7 @@ class ClientSession(protocol.Protocol):
         ctx.queries_closed += self.queries
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        self.first_packet_seen()
         if self._borrow_d is not None:
             d, self._borrow_d = self._borrow_d, None
             d.cancel()
