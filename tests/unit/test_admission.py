@@ -47,12 +47,28 @@ def test_too_many_clients_is_decided_at_accept_and_answers_the_first_packet():
     assert first.pool.requests == []  # no database work for a refused client
 
 
-def test_a_refused_client_that_asks_for_tls_gets_the_error_instead_of_an_answer():
+def test_a_refused_client_that_asks_for_tls_gets_the_error_after_the_startup_message():
+    """libpq 17 no longer shows an error answer to SSLRequest: the refusal waits for the
+    StartupMessage, which must come within the first-packet deadline too."""
     first = Harness(MaxClientConnections=1)
     frontend, transport = another(first)
     frontend.dataReceived(SSL_REQUEST)
-    assert fatal(transport.value())["C"] == "53300"  # libpq reports an 'E' answer to SSLRequest
+    assert transport.value() == b"N"
+    transport.clear()
+    frontend.dataReceived(msg.startup_message({"user": "bob"}))
+    assert fatal(transport.value())["C"] == "53300"
     assert transport.disconnecting
+
+
+def test_the_startup_message_after_an_ssl_request_has_its_own_short_deadline():
+    h = Harness()
+    h.clock.advance(4)
+    h.send(SSL_REQUEST)
+    assert h.sent() == b"N"
+    h.clock.advance(4.9)
+    assert not h.closed
+    h.clock.advance(0.1)
+    assert h.closed
 
 
 def test_connection_rate_counts_sockets_at_accept():
@@ -88,14 +104,6 @@ def test_a_whole_first_packet_stops_the_first_deadline_the_auth_deadline_goes_on
     assert not h.closed
     h.clock.advance(1)
     assert fatal(h.sent())["M"] == "Authentication timed out."
-
-
-def test_an_ssl_request_is_a_first_packet():
-    h = Harness()
-    h.send(SSL_REQUEST)
-    assert h.sent() == b"N"
-    h.clock.advance(10)
-    assert not h.closed  # the auth deadline (60 s) bounds it from here
 
 
 def test_cancel_requests_are_rate_limited():

@@ -118,9 +118,13 @@ class PgFrontend(ClientSession):
                 return
             code, payload, used = packet
             del self._buf[:used]
-            self.first_packet_seen()
-            if self.refusal is not None and code != CANCEL_REQUEST_CODE:
+            if self.refusal is not None and code >> 16 == 3:
                 return self._refuse()
+            if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
+                # The StartupMessage must follow within the same short deadline.
+                self.arm_first_packet_timer()
+            else:
+                self.first_packet_seen()
             if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
                 if self._buf:
                     # Bytes sent before our answer would be read as if they came over TLS.
@@ -141,8 +145,11 @@ class PgFrontend(ClientSession):
                 return
 
     def _refuse(self):
-        """Refused at accept (limits.Admission): the error answers the first packet, which
-        libpq reads even when that packet was an SSLRequest."""
+        """Refused at accept (limits.Admission): the error answers the StartupMessage, as
+        PostgreSQL's own "too many clients" does.  Not an answer to an SSLRequest: libpq 17
+        no longer shows error text received before TLS ("server sent an error response during
+        SSL exchange"); the SSLRequest is answered as usual and the StartupMessage must follow
+        within ClientFirstPacketTimeout."""
         config = self.ctx.config
         if self.refusal is Refusal.TOO_MANY_CONNECTIONS:
             self._fatal(errors.too_many_clients(config.max_client_connections))
