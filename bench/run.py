@@ -44,10 +44,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-
-import servers  # noqa: E402  (tests/integration/servers.py)
-from servers import MariaDBServer, PostgresServer, find_binary, find_free_port, stop_process  # noqa: E402
+from txrdsproxy.testing import servers  # noqa: E402
+from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
+                                        find_free_port, stop_process)
 
 # The venv's bin directory: the one this interpreter was started from (not resolved:
 # .venv/bin/python is a symlink to the system python).
@@ -197,7 +196,7 @@ class PgBouncer:
         self.port = find_free_port()
         self.log_path = self.dir / "pgbouncer.log"
         self.proc = None
-        self.run_user = servers._run_user("postgres")   # pgbouncer refuses to run as root
+        self.run_user = servers.run_user_for("postgres")   # pgbouncer refuses to run as root
         userlist = "".join('"%s" "%s"\n' % (name, pw) for name, pw, _ in users)
         hba = "".join("host all %s %s/32 %s\n" % (name, HOST, method) for name, _, method in users)
         (self.dir / "userlist.txt").write_text(userlist)
@@ -219,10 +218,10 @@ class PgBouncer:
             "pidfile =\n"
             % (PG_DB, HOST, pg.port, PG_DB, HOST, self.port, self.dir / "hba.conf",
                self.dir / "userlist.txt", self.log_path))
-        servers._prepare_dir(self.dir, self.run_user)   # owned by (and reachable for) run_user
+        servers.prepare_dir(self.dir, self.run_user)   # owned by (and reachable for) run_user
 
     def start(self):
-        argv = servers._as_user(self.run_user, [self.BINARY, str(self.dir / "pgbouncer.ini")])
+        argv = servers.as_user(self.run_user, [self.BINARY, str(self.dir / "pgbouncer.ini")])
         out = open(self.dir / "pgbouncer.out", "ab")
         try:
             self.proc = subprocess.Popen(argv, cwd=str(self.dir), stdin=subprocess.DEVNULL,
@@ -297,9 +296,9 @@ def setup_postgres(root):
         pg.create_user(name, password, method=method)
     pg.create_database(PG_DB)
     t0 = time.monotonic()
-    servers._check([find_binary("pgbench"), "-i", "-s", "10", "-q", "-h", HOST, "-p", str(pg.port),
-                    "-U", pg.superuser, PG_DB], env=pg._env(pg.superuser_password),
-                   timeout=600, what="pgbench -i -s 10")
+    servers.check_output([find_binary("pgbench"), "-i", "-s", "10", "-q", "-h", HOST, "-p", str(pg.port),
+                          "-U", pg.superuser, PG_DB], env=pg._env(pg.superuser_password),
+                         timeout=600, what="pgbench -i -s 10")
     names = ", ".join(n for n, _, _ in PG_USERS.values())
     pg.psql("GRANT USAGE ON SCHEMA public TO %s; "
             "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO %s"

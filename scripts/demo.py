@@ -22,10 +22,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-
-import servers  # noqa: E402  (tests/integration/servers.py)
 import yaml  # noqa: E402
+
+from txrdsproxy.testing import servers  # noqa: E402
 
 HOST = "127.0.0.1"
 USER = "app"

@@ -20,6 +20,7 @@ from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_backend import BASE_CAPABILITIES, CAPABILITY_PROFILE, DatabaseError
 from txrdsproxy.proxy.mysql_frontend import MySQLFrontend
 from txrdsproxy.proxy.session import ProxyContext, SessionState
+from txrdsproxy.testing.fakes import ClientTransport, FakePool, FakeSecrets
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
@@ -48,16 +49,6 @@ BASELINE = {"character_set_client": "utf8mb4", "character_set_connection": "utf8
 
 
 # -- fakes -------------------------------------------------------------------------------------------
-class FakeSecrets:
-    def __init__(self):
-        self.creds = Credentials(USER, PASSWORD, ARN)
-
-    def find_user(self, arns, username):
-        if ARN in arns and username == USER:
-            return ARN, self.creds
-        return None
-
-
 class FakeConnector:
     """MySQLConnector's face towards sessions: probe() (the greeting) and collations."""
 
@@ -127,54 +118,15 @@ class FakeConn:
         return data
 
 
-class FakeLease:
-    def __init__(self, conn):
-        self.conn = conn
-        self.released = False
-        self.release_args = None
-
-    def release(self, clean=True, needs_reset=False, reason=None):
-        if self.released:
-            return
-        self.released = True
-        self.release_args = dict(clean=clean, needs_reset=needs_reset, reason=reason)
+def fake_pool(connector):
+    """A FakePool whose leases carry FakeConn over *connector*; new_lease() defaults to KEY."""
+    pool = FakePool(lambda key: FakeConn(key, connector), default_key=KEY)
+    pool.connector = connector
+    return pool
 
 
-class FakePool:
-    def __init__(self, connector):
-        self.connector = connector
-        self.requests = []  # [(key, Deferred)]
-        self.leases = []
-        self.idle = []      # leases try_borrow hands out at once
-        self.try_borrows = 0
-
-    def try_borrow(self, key):
-        self.try_borrows += 1
-        if self.idle:
-            lease = self.idle.pop(0)
-            self.leases.append(lease)
-            return lease
-        return None
-
-    def borrow(self, key):
-        d = defer.Deferred(lambda d: self.requests.remove((key, d)))
-        self.requests.append((key, d))
-        return d
-
-    def new_lease(self, key=KEY):
-        return FakeLease(FakeConn(key, self.connector))
-
-    def give(self, sync_error=None):
-        key, d = self.requests.pop(0)
-        lease = self.new_lease(key)
-        lease.conn.sync_error = sync_error
-        self.leases.append(lease)
-        d.callback(lease)
-        return lease
-
-    def refuse(self, error):
-        key, d = self.requests.pop(0)
-        d.errback(error)
+def fake_secrets():
+    return FakeSecrets({ARN: Credentials(USER, PASSWORD, ARN)})
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -220,21 +172,13 @@ def prepare_ok(stmt_id=1, columns=0, params=0):
     return b"\x00" + struct.pack("<IHHBH", stmt_id, columns, params, 0, 0)
 
 
-class ClientTransport(StringTransport):
-    """Like a TCP transport, resuming reading after loseConnection is a no-op, not an error."""
-
-    def resumeProducing(self):
-        if not self.disconnecting:
-            super().resumeProducing()
-
-
 class Harness:
     def __init__(self, ctx=None, **extra):
         if ctx is None:
             self.clock = Clock()
             self.connector = FakeConnector()
-            self.pool = FakePool(self.connector)
-            ctx = ProxyContext(proxy_config(**extra), self.pool, FakeSecrets(), self.clock,
+            self.pool = fake_pool(self.connector)
+            ctx = ProxyContext(proxy_config(**extra), self.pool, fake_secrets(), self.clock,
                                connector=self.connector)
         else:
             self.clock, self.pool, self.connector = ctx.clock, ctx.pool, ctx.connector
@@ -382,8 +326,8 @@ def test_probe_failure_is_unknown_error():
     h.clock = Clock()
     h.connector = FakeConnector()
     h.connector.probe = lambda: defer.fail(ConnectionRefusedError("nope"))
-    h.pool = FakePool(h.connector)
-    h.ctx = ProxyContext(proxy_config(), h.pool, FakeSecrets(), h.clock, connector=h.connector)
+    h.pool = fake_pool(h.connector)
+    h.ctx = ProxyContext(proxy_config(), h.pool, fake_secrets(), h.clock, connector=h.connector)
     h.frontend = MySQLFrontend(h.ctx)
     h.transport = ClientTransport()
     h.frontend.makeConnection(h.transport)

@@ -5,7 +5,6 @@ import struct
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from txrdsproxy.auth.secrets import Credentials
@@ -13,6 +12,7 @@ from txrdsproxy.config.load import parse_config
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy.pg_frontend import PgFrontend
 from txrdsproxy.proxy.session import ProxyContext, SessionState
+from txrdsproxy.testing.fakes import ClientTransport, FakePgBackendConn, FakePool, FakeSecrets
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.auth import ScramClient, md5_response
 from txrdsproxy.wire.pg.framing import split_messages
@@ -26,84 +26,6 @@ PARSE = b"P\0\0\0\x10\0SELECT 1\0\0\0"  # unnamed statement: does not pin
 BIND = b"B\0\0\0\x0c\0\0\0\0\0\0\0\0"
 
 
-# -- fakes -------------------------------------------------------------------------------------------
-class FakeSecrets:
-    def __init__(self):
-        self.creds = Credentials(USER, PASSWORD, ARN)
-
-    def find_user(self, arns, username):
-        if ARN in arns and username == USER:
-            return ARN, self.creds
-        return None
-
-
-class FakeBackendConn:
-    def __init__(self, key):
-        self.key = key
-        self.transport = StringTransport()
-        self.state = "borrowed"
-        self.session_dirty = False
-        self.cancel_in_flight = None
-        self.fatal_error = None
-        self.too_many_statements = False
-        self.prepared, self.pending = set(), set()
-        self.statement_tracker = None
-        self.txn_status = b"I"
-        self.server_params = {"client_encoding": "UTF8", "TimeZone": "UTC", "application_name": ""}
-        self.initial_params = {"server_version": "15.4", "client_encoding": "UTF8", "TimeZone": "UTC"}
-        self.client_params = None  # never equal to a session's: sync_params is always asked
-        self.sink = None
-        self.synced = []
-
-    def attach(self, sink):
-        self.sink = sink
-
-    def detach(self):
-        self.sink = None
-
-    def sync_params(self, desired):
-        self.synced.append(dict(desired))
-        return defer.succeed(None)
-
-
-class FakeLease:
-    def __init__(self, conn):
-        self.conn = conn
-        self.released = False
-        self.release_args = None
-
-    def release(self, clean=True, needs_reset=False, reason=None):
-        if self.released:
-            return
-        self.released = True
-        self.release_args = dict(clean=clean, needs_reset=needs_reset, reason=reason)
-
-
-class FakePool:
-    def __init__(self):
-        self.requests = []  # [(key, Deferred)]
-        self.leases = []
-
-    def try_borrow(self, key):
-        return None
-
-    def borrow(self, key):
-        d = defer.Deferred(lambda d: self.requests.remove((key, d)))
-        self.requests.append((key, d))
-        return d
-
-    def give(self):
-        key, d = self.requests.pop(0)
-        lease = FakeLease(FakeBackendConn(key))
-        self.leases.append(lease)
-        d.callback(lease)
-        return lease
-
-    def refuse(self, error):
-        key, d = self.requests.pop(0)
-        d.errback(error)
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 def proxy_config(auth_type="POSTGRES_MD5", **extra):
     proxy = {
@@ -115,19 +37,11 @@ def proxy_config(auth_type="POSTGRES_MD5", **extra):
     return parse_config({"Secrets": {"Path": "/s.json"}, "DBProxies": [proxy]}).proxies[0]
 
 
-class ClientTransport(StringTransport):
-    """Like a TCP transport, resuming reading after loseConnection is a no-op, not an error."""
-
-    def resumeProducing(self):
-        if not self.disconnecting:
-            super().resumeProducing()
-
-
 class Harness:
     def __init__(self, auth_type="POSTGRES_MD5", **extra):
         self.clock = Clock()
-        self.pool = FakePool()
-        self.ctx = ProxyContext(proxy_config(auth_type, **extra), self.pool, FakeSecrets(), self.clock)
+        self.pool = FakePool(FakePgBackendConn)
+        self.ctx = ProxyContext(proxy_config(auth_type, **extra), self.pool, FakeSecrets({ARN: Credentials(USER, PASSWORD, ARN)}), self.clock)
         self.frontend = PgFrontend(self.ctx)
         self.transport = ClientTransport()
         self.frontend.makeConnection(self.transport)

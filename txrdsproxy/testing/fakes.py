@@ -1,0 +1,140 @@
+"""Fakes shared by the project's unit tests and by applications testing code around the proxy.
+
+They stand in for the objects a client session talks to (the pool, its leases, a lent database
+connection, the secrets store) so a frontend can be driven byte by byte with a StringTransport
+and `twisted.internet.task.Clock`, without sockets.  Each fake records what it was asked, and the
+test decides when (and how) a pending operation completes: `FakePool.give()` hands the oldest
+waiting borrow a lease, `FakePool.refuse(error)` fails it.
+"""
+
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+__all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn"]
+
+
+class ClientTransport(StringTransport):
+    """A client's TCP transport: resuming reading after loseConnection is a no-op, not an error.
+
+    (StringTransport raises there; a real transport does not, and frontends resume reading from
+    callbacks that may run after they decided to close.)
+    """
+
+    def resumeProducing(self):
+        if not self.disconnecting:
+            super().resumeProducing()
+
+
+class FakeSecrets:
+    """A secrets store over a mapping {arn: Credentials}; `find_user` as FileSecretsStore's."""
+
+    def __init__(self, by_arn):
+        self.by_arn = dict(by_arn)
+
+    def get(self, arn):
+        return self.by_arn.get(arn)
+
+    def find_user(self, arns, username):
+        for arn in arns:
+            creds = self.by_arn.get(arn)
+            if creds is not None and creds.username == username:
+                return arn, creds
+        return None
+
+
+class FakeLease:
+    """A pool lease: records how (and whether) the session gave the connection back."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.released = False
+        self.release_args = None
+
+    def release(self, clean=True, needs_reset=False, reason=None):
+        if self.released:
+            return
+        self.released = True
+        self.release_args = dict(clean=clean, needs_reset=needs_reset, reason=reason)
+
+
+class FakePool:
+    """The pool as a session sees it: `try_borrow` (the fast path) and `borrow` (a Deferred).
+
+    *make_conn(key)* builds the connection a lease carries.  `idle` holds leases `try_borrow`
+    hands out at once (it returns None when empty); `borrow` queues (key, Deferred) in
+    `requests` until the test calls `give()` or `refuse()`; cancelling the Deferred removes it.
+    """
+
+    def __init__(self, make_conn, default_key=None):
+        self.make_conn = make_conn
+        self.default_key = default_key  # new_lease()'s key when none is given
+        self.requests = []  # [(key, Deferred)]
+        self.leases = []    # every lease handed out, in order
+        self.idle = []      # leases try_borrow hands out at once
+        self.try_borrows = 0
+
+    def try_borrow(self, key):
+        self.try_borrows += 1
+        if self.idle:
+            lease = self.idle.pop(0)
+            self.leases.append(lease)
+            return lease
+        return None
+
+    def borrow(self, key):
+        d = defer.Deferred(lambda d: self.requests.remove((key, d)))
+        self.requests.append((key, d))
+        return d
+
+    def new_lease(self, key=None):
+        return FakeLease(self.make_conn(self.default_key if key is None else key))
+
+    def give(self, **conn_attrs):
+        """Fire the oldest waiting borrow with a new lease (*conn_attrs* set on its connection)."""
+        key, d = self.requests.pop(0)
+        lease = self.new_lease(key)
+        for name, value in conn_attrs.items():
+            setattr(lease.conn, name, value)
+        self.leases.append(lease)
+        d.callback(lease)
+        return lease
+
+    def refuse(self, error):
+        """Fail the oldest waiting borrow with *error* (BorrowTimeout, PoolClosed, ...)."""
+        key, d = self.requests.pop(0)
+        d.errback(error)
+
+
+class FakePgBackendConn:
+    """A lent PgBackendConnection: the attributes and methods a PgFrontend session uses.
+
+    `sink` is the session while attached; the test plays the database by calling the
+    session's backend_data / ready_for_query.  `synced` records every sync_params request.
+    """
+
+    def __init__(self, key):
+        self.key = key
+        self.transport = StringTransport()
+        self.state = "borrowed"
+        self.session_dirty = False
+        self.cancel_in_flight = None
+        self.fatal_error = None
+        self.too_many_statements = False
+        self.prepared, self.pending = set(), set()
+        self.statement_tracker = None
+        self.txn_status = b"I"
+        self.server_params = {"client_encoding": "UTF8", "TimeZone": "UTC", "application_name": ""}
+        self.initial_params = {"server_version": "15.4", "client_encoding": "UTF8", "TimeZone": "UTC"}
+        self.client_params = None  # never equal to a session's: sync_params is always asked
+        self.sink = None
+        self.synced = []
+
+    def attach(self, sink):
+        self.sink = sink
+
+    def detach(self):
+        self.sink = None
+
+    def sync_params(self, desired):
+        self.synced.append(dict(desired))
+        return defer.succeed(None)
