@@ -185,7 +185,7 @@ class InProcessProxy:
         deadline = time.monotonic() + 10
         ports = []
         while time.monotonic() < deadline:
-            ports = self.call(lambda: [s.port for s in self.service])
+            ports = self.call(lambda: [r.port for r in self.service.registry])
             if all(p is not None for p in ports):
                 break
             time.sleep(0.01)

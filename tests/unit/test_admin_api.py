@@ -379,16 +379,16 @@ def test_admin_service_binds_and_exposes_its_port():
 
 
 def test_admin_service_raises_when_it_cannot_bind_under_twistd():
-    from twisted.internet.error import CannotListenError
     from twisted.internet.testing import MemoryReactor
     from twisted.web.server import Site
-    from txrdsproxy.service import AdminService
+    from txrdsproxy.service import AdminService, ListenFailed
 
     class Busy(MemoryReactor):
         def listenTCP(self, port, factory, backlog=50, interface=""):
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
 
     svc = AdminService(Site(admin_root(Metrics(), [])), "tcp:8089:interface=127.0.0.1", Busy())
-    with pytest.raises(CannotListenError):
+    with pytest.raises(ListenFailed) as e:
         svc.privilegedStartService()
+    assert "tcp:8089:interface=127.0.0.1" in str(e.value) and "Address already in use" in str(e.value)
     assert svc.port is None

@@ -1,4 +1,8 @@
-"""The admin endpoint: the management API (/v1/), /metrics (Prometheus text) and /healthz."""
+"""The admin endpoint: the management API (/v1/), /metrics (Prometheus text) and /healthz.
+
+Each resource reads the registry (runtime.ProxyRegistry, or any iterable of objects with `.ctx`
+and `.port`) at request time, so proxies added or removed while running are seen at once.
+"""
 
 import json
 
@@ -10,13 +14,13 @@ from txrdsproxy.admin.api import api_root
 class MetricsResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, metrics, contexts):
+    def __init__(self, metrics, registry):
         super().__init__()
-        self.metrics, self.contexts = metrics, contexts
+        self.metrics, self.registry = metrics, registry
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.metrics.render(self.contexts).encode()
+        return self.metrics.render([r.ctx for r in self.registry]).encode()
 
 
 class HealthResource(resource.Resource):
@@ -24,16 +28,16 @@ class HealthResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, services):
+    def __init__(self, registry):
         super().__init__()
-        self.services = services
+        self.registry = registry
 
     def render_GET(self, request):
         body = {}
         ok = True
-        for svc in self.services:
-            ctx = svc.ctx
-            listening = svc.port is not None
+        for runtime in self.registry:
+            ctx = runtime.ctx
+            listening = runtime.port is not None
             ok = ok and listening
             body[ctx.name] = {
                 "listening": listening,
@@ -47,9 +51,9 @@ class HealthResource(resource.Resource):
         return json.dumps({"status": "ok" if ok else "starting", "proxies": body}).encode()
 
 
-def admin_root(metrics, services):
+def admin_root(metrics, registry):
     root = resource.Resource()
-    root.putChild(b"metrics", MetricsResource(metrics, [s.ctx for s in services]))
-    root.putChild(b"healthz", HealthResource(services))
-    root.putChild(b"v1", api_root(services))
+    root.putChild(b"metrics", MetricsResource(metrics, registry))
+    root.putChild(b"healthz", HealthResource(registry))
+    root.putChild(b"v1", api_root(registry))
     return root

@@ -61,6 +61,7 @@ class BackendPool:
         self.failover = None  # the WriterMonitor (connection_failed / connection_lost hooks)
         self._stalled = False  # no writer reachable: waiters wait, nothing new is opened
         self._retired = set()  # connections to a former writer: closed when returned
+        self._retired_targets = set()  # deregistered targets: connections to them are not kept
 
     # -- limits -----------------------------------------------------------------------------
     @property
@@ -226,7 +227,8 @@ class BackendPool:
         if self._closed:
             self._close(conn, "pool closed")
             return
-        if placeholder.retired:  # opened to the writer of before a failover
+        if placeholder.retired or getattr(conn, "target", None) in self._retired_targets:
+            # opened to the writer of before a failover, or to a target deregistered meanwhile
             self._close(conn, "failover")
             self._dispatch()
             return
@@ -362,6 +364,44 @@ class BackendPool:
             else:
                 self._retired.add(conn)
         self._stalled = False
+        self._dispatch()
+
+    def retire_target(self, target, reason="target deregistered"):
+        """*target* left the target group (deregistered): its idle connections close now, the
+        borrowed and resetting ones when their session gives them back (so a transaction on
+        it finishes first), ones being opened to it once open.  Sessions that hold none of
+        its connections are not touched."""
+        self._retired_targets.add(target)
+        for conn in list(self._all):
+            if isinstance(conn, _Opening) or getattr(conn, "target", None) != target:
+                continue
+            if conn.state == "idle":
+                self._close(conn, reason)
+            else:
+                self._retired.add(conn)
+        self._dispatch()
+
+    def readmit_target(self, target):
+        """*target* was registered (again): connections to it may be kept."""
+        self._retired_targets.discard(target)
+
+    def reconfigure(self, pool_config):
+        """Use *pool_config* (a ConnectionPoolConfig) from the next borrow on.
+
+        A lower MaxConnectionsPercent closes idle connections above the new cap now and the
+        borrowed ones above it as they come back (the release rule); a lower idle cap trims
+        idle connections now; a higher cap serves waiting borrows at once.  The new
+        ConnectionBorrowTimeout applies to borrows made from now on."""
+        self.config = pool_config
+        limit = self.max_connections
+        if limit is not None:
+            idle = sorted((c for conns in self._idle.values() for c in conns),
+                          key=lambda c: c.idle_since)
+            for conn in idle:
+                if len(self._all) <= limit:
+                    break
+                self._close(conn, "above MaxConnectionsPercent")
+        self.trim_idle()
         self._dispatch()
 
     def retry(self):
