@@ -379,6 +379,7 @@ def test_admin_service_binds_and_exposes_its_port():
 
 
 def test_admin_service_raises_when_it_cannot_bind_under_twistd():
+    from twisted.internet.error import CannotListenError
     from twisted.internet.testing import MemoryReactor
     from twisted.web.server import Site
     from txrdsproxy.service import AdminService, ListenFailed
