@@ -16,6 +16,7 @@ setup(
         "PyYAML>=5.4",
         "pyOpenSSL>=22.0",
         "service_identity>=21.1",
+        "botocore>=1.31",  # SigV4 (IAM tokens, management API) and Secrets Manager
     ],
     extras_require={
         "test": [
@@ -24,6 +25,7 @@ setup(
             "psycopg[binary]>=3.1",
             "asyncpg>=0.27",
             "PyMySQL>=1.0",
+            "boto3>=1.28",  # generate_db_auth_token in the IAM tests
             # 26.x C extensions need OpenSSL 3.2 (Debian 12 has 3.0); 9.x vendor their own libssl.
             "mysql-connector-python>=8.0,<26",
         ],

@@ -10,7 +10,8 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from txrdsproxy.admin.resources import admin_root
-from txrdsproxy.auth.secrets import FileSecretsStore
+from txrdsproxy.auth.iam import PrincipalStore
+from txrdsproxy.auth.secrets import build_secrets_store
 from txrdsproxy.metrics import Metrics
 from txrdsproxy.runtime import (  # noqa: F401  (re-exported: older imports use service.*)
     JANITOR_INTERVAL, ListenFailed, ProxyRegistry, bind_now, build_monitor, build_proxy)
@@ -61,7 +62,7 @@ def make_service(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
-    secrets = FileSecretsStore(config.secrets.path)
+    secrets = build_secrets_store(config.secrets, reactor)
     metrics = Metrics()
     registry = ProxyRegistry(reactor, secrets, metrics)
     for proxy in config.proxies:
@@ -74,5 +75,7 @@ def make_service(config, reactor=None):
         site.noisy = False
         top.admin = AdminService(site, config.admin.listen, reactor)
         top.admin.setServiceParent(top)
+    top.secrets = secrets  # ISecretsStore
+    top.principals = PrincipalStore(config.iam, secrets)  # IAM: tokens and management API SigV4
     top.metrics = metrics
     return top, registry.contexts()

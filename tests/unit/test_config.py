@@ -107,6 +107,7 @@ def test_full_valid_config(tmp_path):
         max_client_connections=50,
         max_connection_rate=2.5,
         max_message_size=1048576,
+        resource_id=pg.resource_id,  # derived from the name: tests/unit/test_config_security.py
     )
     assert pg.target_group.connection_pool_config.exclude_variable_sets
     assert my.engine_family == "MYSQL"
@@ -215,14 +216,14 @@ def test_empty_file(tmp_path):
 # -- key path errors ----------------------------------------------------------------------------------
 CASES = [
     # (change, expected message after "etc/x.yaml: ")
-    (lambda d: d.update(Extra=1), "Extra: unknown key (allowed: Admin, DBProxies, Secrets)"),
+    (lambda d: d.update(Extra=1), "Extra: unknown key (allowed: Admin, DBProxies, IAM, Secrets)"),
     (lambda d: proxy0(d).update(Bogus=1), "DBProxies[0].Bogus: unknown key"),
     (lambda d: proxy0(d)["Auth"][0].update(Password="x"), "DBProxies[0].Auth[0].Password: unknown key"),
     (lambda d: proxy0(d)["TargetGroups"][0]["Targets"][0].update(Host="h"),
      "DBProxies[0].TargetGroups[0].Targets[0].Host: unknown key"),
     (lambda d: pool0(d).update(MaxConnections=5), "DBProxies[0].TargetGroups[0].ConnectionPoolConfig.MaxConnections: unknown key"),
     (lambda d: d.update(Admin={"Listen": "tcp:1", "Port": 1}), "Admin.Port: unknown key"),
-    (lambda d: d["Secrets"].update(Region="x"), "Secrets.Region: unknown key"),
+    (lambda d: d["Secrets"].update(Bogus="x"), "Secrets.Bogus: unknown key"),
     # ranges
     (lambda d: pool0(d).update(MaxConnectionsPercent=0),
      "DBProxies[0].TargetGroups[0].ConnectionPoolConfig.MaxConnectionsPercent: must be between 1 and 100 (got 0)"),

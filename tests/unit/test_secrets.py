@@ -87,3 +87,86 @@ def test_check_secrets_names_the_file_and_key_path(tmp_path):
     assert check_secrets(config_for(tmp_path, [ARN])) == []
     problems = check_secrets(config_for(tmp_path, [ARN, "arn:missing"]))
     assert len(problems) == 1 and problems[0].startswith("cfg.yaml: DBProxies[0].Auth[1].SecretArn: no secret")
+
+
+def test_stores_provide_the_interface():
+    from zope.interface.verify import verifyObject
+
+    from txrdsproxy.auth.secrets import ISecretsStore, StaticSecretsStore
+    assert verifyObject(ISecretsStore, FileSecretsStore("/nonexistent"))
+    assert verifyObject(ISecretsStore, StaticSecretsStore({}))
+
+
+def test_whole_values_are_kept_and_never_shown(tmp_path):
+    path = tmp_path / "s.json"
+    write(path, {"key": {"secret_access_key": "AKsecret-value"}, ARN: {"username": "app", "password": "pw"}})
+    store = FileSecretsStore(str(path))
+    value = store.get_value("key")
+    assert value["secret_access_key"] == "AKsecret-value"
+    assert "AKsecret" not in repr(value) and "AKsecret" not in str(value)
+    assert store.get("key") is None  # not a database secret
+    fired = []
+    store.fetch("key").addCallback(fired.append)
+    assert fired == [value]
+
+
+def test_empty_password_is_refused(tmp_path):
+    write(tmp_path / "s.json", {ARN: {"username": "app", "password": ""}})
+    assert FileSecretsStore(str(tmp_path / "s.json")).get(ARN) is None
+    problems = check_secrets(config_for(tmp_path, [ARN]))
+    assert len(problems) == 1 and "non-empty password" in problems[0]
+
+
+def test_malformed_file_at_run_time_keeps_the_last_good_contents(tmp_path):
+    from twisted.logger import globalLogPublisher, formatEvent
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        path = tmp_path / "s.json"
+        write(path, {ARN: {"username": "app", "password": "good-pw"}})
+        store = FileSecretsStore(str(path))
+        assert store.get(ARN).password == "good-pw"
+        path.write_text('{"half": ')
+        os.utime(path, ns=(0, 5))
+        for _ in range(3):
+            assert store.get(ARN).password == "good-pw"
+        assert store.load_errors == 1  # logged once per change, not per lookup
+        path.unlink()
+        assert store.get(ARN).password == "good-pw" and store.load_errors == 2
+        write(path, {ARN: {"username": "app", "password": "new-pw"}})
+        assert store.get(ARN).password == "new-pw"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    text = [formatEvent(e) for e in events]
+    assert any("cannot parse secrets file" in t and "keeping the secrets loaded before" in t for t in text)
+    assert not any("good-pw" in t or "new-pw" in t for t in text)
+
+
+def test_a_file_replaced_by_rename_is_noticed_by_its_inode(tmp_path):
+    path = tmp_path / "s.json"
+    write(path, {ARN: {"username": "app", "password": "aaaa"}})
+    store = FileSecretsStore(str(path))
+    assert store.get(ARN).password == "aaaa"
+    st = os.stat(path)
+    other = tmp_path / "new.json"
+    write(other, {ARN: {"username": "app", "password": "bbbb"}})  # same size
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    os.rename(other, path)
+    assert os.stat(path).st_ino != st.st_ino
+    assert store.get(ARN).password == "bbbb"
+
+
+def test_a_file_readable_by_others_is_warned_about(tmp_path):
+    from twisted.logger import globalLogPublisher, formatEvent
+    path = tmp_path / "s.json"
+    write(path, {ARN: {"username": "app", "password": "pw"}})
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        os.chmod(path, 0o600)
+        assert FileSecretsStore(str(path)).warn_if_readable_by_others() is False
+        os.chmod(path, 0o644)
+        assert FileSecretsStore(str(path)).warn_if_readable_by_others() is True
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any("readable by other users" in formatEvent(e) for e in events)

@@ -108,19 +108,14 @@ def load_config(path):
 
 
 def parse_config(data, source="<config>", base_dir="."):
-    top = _Node(source, "", data if data is not None else {}).mapping({"Admin", "Secrets", "DBProxies"})
+    top = _Node(source, "", data if data is not None else {}).mapping({"Admin", "Secrets", "DBProxies", "IAM"})
     admin = m.AdminConfig()
     node = top.get("Admin", dict)
     if node is not None:
         node.mapping({"Listen"})
         admin = m.AdminConfig(listen=node.endpoint("Listen", required=False))
-    secrets = m.SecretsConfig()
-    node = top.get("Secrets", dict)
-    if node is not None:
-        node.mapping({"Backend", "Path"})
-        backend = node.choice("Backend", ("file",), "file")
-        path = node.get("Path", str, required=True)
-        secrets = m.SecretsConfig(backend=backend, path=os.path.join(base_dir, path))
+    secrets = _secrets(top.get("Secrets", dict), base_dir)
+    iam = _iam(top.get("IAM", dict))
     proxies = tuple(_proxy(n, base_dir) for n in top.get("DBProxies", list, required=True))
     if not proxies:
         top.fail("must list at least one proxy", "DBProxies")
@@ -128,16 +123,90 @@ def parse_config(data, source="<config>", base_dir="."):
     for i, p in enumerate(proxies):
         if names.index(p.name) != i:
             top.child("DBProxies", None).child(i, None).fail(f"duplicate DBProxyName {p.name!r}", "DBProxyName")
-        if any(p.auth) and not secrets.path:
+        if any(p.auth) and not (secrets.path or secrets.backend == "aws"):
             top.fail("is required when a proxy uses AuthScheme SECRETS", "Secrets")
-    return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin)
+        if any(a.iam_auth == "REQUIRED" for a in p.auth) and not iam.principals:
+            top.fail(f"must list Principals when a proxy ({p.name}) has IAMAuth REQUIRED", "IAM")
+    return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin, iam=iam)
+
+
+def _secrets(node, base_dir):
+    """`Secrets: {Backend: file, Path}` or `{Backend: aws, Region, EndpointUrl, RefreshInterval}`."""
+    if node is None:
+        return m.SecretsConfig()
+    node.mapping({"Backend", "Path", "Region", "EndpointUrl", "RefreshInterval"})
+    backend = node.choice("Backend", ("file", "aws"), "file")
+    if backend == "file":
+        for key in ("Region", "EndpointUrl", "RefreshInterval"):
+            if key in node.value:
+                node.fail("applies to Backend aws only", key)
+        path = node.get("Path", str, required=True)
+        return m.SecretsConfig(backend=backend, path=os.path.join(base_dir, path))
+    if "Path" in node.value:
+        node.fail("applies to Backend file only", "Path")
+    if not _AWS_SECRETS_READY:
+        node.fail("'aws' is not supported by this version yet", "Backend")
+    endpoint_url = node.get("EndpointUrl", str, "")
+    if endpoint_url and not endpoint_url.startswith(("http://", "https://")):
+        node.fail("must be an http:// or https:// URL", "EndpointUrl")
+    return m.SecretsConfig(
+        backend=backend,
+        region=node.get("Region", str, required=True),
+        endpoint_url=endpoint_url,
+        refresh_interval=node.ranged("RefreshInterval", float, 300.0, 1, 86400),
+    )
+
+
+_AWS_SECRETS_READY = False  # auth/aws.py lands next; tests flip this to check parsing
+
+
+def _iam(node):
+    """`IAM: {Region, AccountId, MaxConcurrentAuthentications, Principals: [...]}`: policies are
+    parsed (and refused when malformed or using what the evaluator does not support) here."""
+    if node is None:
+        return m.IAMConfig()
+    from txrdsproxy.auth.policy import PolicyError, parse_policy
+    node.mapping({"Region", "AccountId", "Principals", "MaxConcurrentAuthentications"})
+    account = node.get("AccountId", str, "000000000000")
+    if not (len(account) == 12 and account.isdigit()):
+        node.fail("must be 12 digits (quote it in YAML)", "AccountId")
+    principals = []
+    seen_keys = {}
+    for p in node.get("Principals", list, []):
+        p.mapping({"Arn", "AccessKeys", "Policies"})
+        arn = p.get("Arn", str, required=True)
+        if not arn.startswith("arn:") or ":iam::" not in arn:
+            p.fail("must be an IAM principal ARN (arn:aws:iam::<account>:user/... or role/...)", "Arn")
+        keys = []
+        for k in p.get("AccessKeys", list, []):
+            k.mapping({"AccessKeyId", "SecretArn"})
+            akid = k.get("AccessKeyId", str, required=True)
+            if not (16 <= len(akid) <= 128 and akid.isalnum()):
+                k.fail("must be 16 to 128 letters and digits", "AccessKeyId")
+            if akid in seen_keys:
+                k.fail(f"already belongs to {seen_keys[akid]}", "AccessKeyId")
+            seen_keys[akid] = arn
+            keys.append(m.IAMAccessKey(access_key_id=akid, secret_arn=k.get("SecretArn", str, required=True)))
+        policies = []
+        for doc in p.get("Policies", list, []):
+            try:
+                policies.append(parse_policy(doc.value, "policy"))
+            except PolicyError as e:
+                doc.fail(str(e))
+        principals.append(m.IAMPrincipal(arn=arn, access_keys=tuple(keys), policies=tuple(policies)))
+    return m.IAMConfig(
+        region=node.get("Region", str, "us-east-1"),
+        account_id=account,
+        principals=tuple(principals),
+        max_concurrent_authentications=node.ranged("MaxConcurrentAuthentications", int, 256, 1, 100000),
+    )
 
 
 _PROXY_KEYS = {
     "DBProxyName", "EngineFamily", "Listen", "RequireTLS", "IdleClientTimeout", "DebugLogging",
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
     "HealthCheckInterval", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
-    "DatabaseConnectTimeout", "DatabaseOperationTimeout",
+    "DatabaseConnectTimeout", "DatabaseOperationTimeout", "DatabaseTLS", "DBProxyResourceId", "Endpoint",
 }
 
 
@@ -158,6 +227,13 @@ def _proxy(node, base_dir="."):
     if require_tls and tls is None:
         node.fail("true needs TLS (CertificateFile and PrivateKeyFile) to be configured on this proxy",
                   "RequireTLS")
+    if tls is None and any(a.iam_auth == "REQUIRED" for a in auth):
+        node.fail("IAMAuth REQUIRED needs TLS (CertificateFile and PrivateKeyFile) on this proxy: "
+                  "IAM authentication is allowed only with SSL connections", "TLS")
+    from txrdsproxy.auth.iam import RESOURCE_ID_RE, proxy_resource_id
+    resource_id = node.get("DBProxyResourceId", str, "")
+    if resource_id and not RESOURCE_ID_RE.match(resource_id):
+        node.fail("must be prx- followed by 17 lowercase hexadecimal characters", "DBProxyResourceId")
     return m.DBProxy(
         name=name,
         engine_family=engine,
@@ -166,6 +242,9 @@ def _proxy(node, base_dir="."):
         target_group=_target_group(groups[0], engine),
         require_tls=require_tls,
         tls=tls,
+        database_tls=_database_tls(node.get("DatabaseTLS", dict), base_dir, engine),
+        resource_id=proxy_resource_id(name, resource_id),
+        endpoint=node.get("Endpoint", str, ""),
         idle_client_timeout=node.ranged("IdleClientTimeout", float, 1800.0, 1, 28800),
         debug_logging=node.get("DebugLogging", bool, False),
         max_client_connections=node.ranged("MaxClientConnections", int, 10000, 1, 1000000),
@@ -196,6 +275,40 @@ def _tls(node, base_dir):
     return m.TLSConfig(certificate_file=cert, private_key_file=key)
 
 
+def _database_tls(node, base_dir, engine):
+    """`DatabaseTLS: {Mode, CAFile, AllowCleartextPassword, ServerPublicKeyFile}`."""
+    if node is None:
+        return m.DatabaseTLSConfig()
+    node.mapping({"Mode", "CAFile", "AllowCleartextPassword", "ServerPublicKeyFile"})
+    node.fail("is not supported by this version yet (database connections are plaintext)")
+    mode = node.choice("Mode", m.DB_TLS_MODES, "follow-client")
+    ca = node.get("CAFile", str, "")
+    if ca:
+        ca = os.path.join(base_dir, ca)
+        from txrdsproxy.backend_tls import TLSFilesError, load_ca_file
+        try:
+            load_ca_file(ca)
+        except TLSFilesError as e:
+            node.fail(f"{e.path}: {e.message}", "CAFile")
+    key = node.get("ServerPublicKeyFile", str, "")
+    if key:
+        if engine != m.ENGINE_MYSQL:
+            node.fail("applies to MYSQL proxies only", "ServerPublicKeyFile")
+        key = os.path.join(base_dir, key)
+        try:
+            with open(key, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            node.fail(f"{key}: cannot read: {e.strerror}", "ServerPublicKeyFile")
+        if b"-----BEGIN PUBLIC KEY-----" not in pem:
+            node.fail(f"{key}: not a PEM public key", "ServerPublicKeyFile")
+    return m.DatabaseTLSConfig(
+        mode=mode, ca_file=ca,
+        allow_cleartext_password=node.get("AllowCleartextPassword", bool, False),
+        server_public_key_file=key,
+    )
+
+
 def _not_yet(node, key, value, unsupported, why):
     """Refuse a setting this version cannot honour, rather than silently ignore it."""
     if value == unsupported:
@@ -210,7 +323,7 @@ def _auth(node, engine):
     return m.UserAuthConfig(
         secret_arn=node.get("SecretArn", str, required=True),
         iam_auth=_not_yet(node, "IAMAuth", node.choice("IAMAuth", ("DISABLED", "REQUIRED"), "DISABLED"),
-                          "REQUIRED", "IAM authentication is not implemented yet"),
+                          "REQUIRED", "IAM authentication of database clients is not wired in yet"),
         client_password_auth_type=kind,
         description=node.get("Description", str, ""),
     )

@@ -6,7 +6,7 @@ Everything in this module is immutable: a reload builds a new tree.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 ENGINE_POSTGRESQL = "POSTGRESQL"
 ENGINE_MYSQL = "MYSQL"
@@ -82,6 +82,25 @@ class TLSConfig:
     private_key_file: str
 
 
+DB_TLS_MODES = ("follow-client", "disable", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class DatabaseTLSConfig:
+    """TLS from the proxy to its databases (`DatabaseTLS`).
+
+    mode: follow-client (TLS when the client's connection is TLS; verifies like verify-full when
+    a CAFile is given, like require otherwise), disable, prefer (TLS when the database offers
+    it, unverified), require (TLS, unverified), verify-ca (chain to CAFile or the system roots),
+    verify-full (chain and the target's Endpoint as the certificate's DNS name or IP address).
+    """
+
+    mode: str = "follow-client"
+    ca_file: str = ""  # absolute once loaded; "" = the system's trust roots
+    allow_cleartext_password: bool = False  # send a cleartext password to a database without TLS
+    server_public_key_file: str = ""  # MySQL caching_sha2 full auth without TLS: the server's RSA key
+
+
 @dataclass(frozen=True)
 class DBProxy:
     name: str
@@ -103,12 +122,41 @@ class DBProxy:
     max_cancel_rate: float = 100.0  # PostgreSQL CancelRequests per second; 0 = unlimited
     database_connect_timeout: float = 30.0  # TCP connect + login + InitQuery to the database
     database_operation_timeout: float = 30.0  # one internal operation (sync, reset, probe query)
+    database_tls: DatabaseTLSConfig = field(default_factory=DatabaseTLSConfig)
+    resource_id: str = ""  # prx- + 17 hex (DBProxyResourceId, or derived from the name at load)
+    endpoint: str = ""  # the host name clients use (IAM tokens name it); "" = the listening address
 
 
 @dataclass(frozen=True)
 class SecretsConfig:
-    backend: str = "file"
-    path: str = ""
+    backend: str = "file"  # file | aws
+    path: str = ""  # file: the JSON file
+    region: str = ""  # aws: the Secrets Manager region
+    endpoint_url: str = ""  # aws: another endpoint (a local one in tests)
+    refresh_interval: float = 300.0  # aws: seconds between background refreshes
+
+
+@dataclass(frozen=True)
+class IAMAccessKey:
+    access_key_id: str
+    secret_arn: str  # the secret holding {"secret_access_key": ..., "session_token": ...optional}
+
+
+@dataclass(frozen=True)
+class IAMPrincipal:
+    arn: str
+    access_keys: Tuple[IAMAccessKey, ...]
+    policies: Tuple[Any, ...]  # auth.policy.Policy, parsed and validated at load
+
+
+@dataclass(frozen=True)
+class IAMConfig:
+    """The IAM principal store (`IAM`): who may sign IAM tokens and management API calls."""
+
+    region: str = "us-east-1"
+    account_id: str = "000000000000"
+    principals: Tuple[IAMPrincipal, ...] = ()
+    max_concurrent_authentications: int = 256
 
 
 @dataclass(frozen=True)
@@ -122,3 +170,4 @@ class Config:
     proxies: Tuple[DBProxy, ...]
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    iam: IAMConfig = field(default_factory=IAMConfig)
