@@ -593,8 +593,18 @@ def test_small_query_is_read_whole_before_borrowing(s):
     assert lease.conn.writes == [q]
 
 
-def test_large_query_pins_and_is_relayed_as_it_arrives(s):
+def test_query_over_16kb_pins_and_is_read_whole_up_to_64kb(s):
     q = query("SELECT '" + "x" * (20 * 1024) + "'")
+    s.send(q[:1000])
+    assert s.pool.requests == []  # up to WHOLE_LIMIT a command is read whole first
+    s.send(q[1000:])
+    lease = s.pool.give()
+    assert s.frontend.pin_reason.value == "statement_too_large"
+    assert lease.conn.writes == [q]
+
+
+def test_large_query_pins_and_is_relayed_as_it_arrives(s):
+    q = query("SELECT '" + "x" * (100 * 1024) + "'")
     s.send(q[:1000])
     lease = s.pool.give()
     assert s.frontend.pin_reason is not None and s.frontend.pin_reason.value == "statement_too_large"
@@ -820,7 +830,7 @@ def test_client_disconnect_mid_command_releases_unclean(s):
 
 
 def test_client_disconnect_mid_packet_releases_unclean(s):
-    q = query("SELECT '" + "x" * (20 * 1024) + "'")
+    q = query("SELECT '" + "x" * (100 * 1024) + "'")
     s.send(q[:20])
     lease = s.pool.give()
     s.lose()

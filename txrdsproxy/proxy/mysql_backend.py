@@ -365,21 +365,27 @@ class MySQLBackendConnection(BackendConnection):
             self.close(f"protocol violation from the database: {e}")
             return
         sink = self._sink
-        if end:
-            if end == len(buf):
-                chunk = bytes(buf)
-                buf.clear()
-            else:
-                chunk = bytes(buf[:end])
-                del buf[:end]
-            sink.backend_data(chunk)
-        if tracker.idle:
-            if buf:
-                self.close("the database sent data nobody asked for")
-                return
-            sink.response_complete()
-        elif tracker.awaiting_client_data:
-            sink.infile_requested()
+        try:
+            if end:
+                if end == len(buf):
+                    chunk = bytes(buf)
+                    buf.clear()
+                else:
+                    chunk = bytes(buf[:end])
+                    del buf[:end]
+                sink.backend_data(chunk)
+            if tracker.idle:
+                if buf:
+                    self.close("the database sent data nobody asked for")
+                    return
+                sink.response_complete()
+            elif tracker.awaiting_client_data:
+                sink.infile_requested()
+        except Exception:
+            # Never out of a protocol callback.  The session's state is unknown: close this
+            # connection (the session is told, and its client with it).
+            self.log.failure("{c}: unexpected error relaying to {s}", c=self, s=sink)
+            self.close("unexpected error in the proxy while relaying")
 
     # -- closing --------------------------------------------------------------------------------
     def goodbye(self):
@@ -400,6 +406,12 @@ class _GreetingProbe(protocol.Protocol):
         self.done = defer.Deferred()
         self._reader = P.PacketReader(1 << 16)
 
+    def timed_out(self, seconds):
+        if self.done is not None:
+            self._finish(failure=f"no greeting from the database within {seconds:g} s")
+            if self.transport is not None:
+                self.transport.abortConnection()
+
     def dataReceived(self, data):
         try:
             packets = self._reader.feed(data)
@@ -413,7 +425,8 @@ class _GreetingProbe(protocol.Protocol):
                 self._finish(failure=e)
 
     def _finish(self, greeting=None, failure=None):
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
         if self.done is None:
             return
         d, self.done = self.done, None
@@ -434,26 +447,76 @@ class MySQLConnector(Connector):
 
     database_error = (DatabaseError,)
 
+    PROBE_RETRY = 5.0  # seconds a failed greeting probe is remembered (no new probe meanwhile)
+
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.server_info = None
         self.collations = None
         self.baseline = {}  # tracked values of the last connection opened (login + InitQuery)
+        self.probes_opened = 0  # greeting probes opened (each is one TCP connection)
+        self._probing = None    # the probe in flight: every accepted socket waits on it
+        self._waiting = []
+        self._failed = None     # (Failure, until): the last probe's failure, for PROBE_RETRY s
 
     def note_greeting(self, greeting):
         self.server_info = greeting
 
     def probe(self):
-        """Deferred[Handshake]: the writer's greeting (cached after the first success)."""
+        """Deferred[Handshake]: the writer's greeting, as the proxy repeats it to its clients.
+
+        Accepting a client socket must cost the database nothing: once a greeting is known (from
+        a probe or from any login) it is reused; while none is, one probe runs for all the
+        sockets that arrive meanwhile, bounded by the connect timeout; a failure is remembered
+        for PROBE_RETRY seconds, during which new sockets fail at once (BackendGone) instead of
+        each opening a connection.  Cancelling the returned Deferred only drops that waiter.
+        """
         if self.server_info is not None:
             return defer.succeed(self.server_info)
+        if self._failed is not None:
+            failure, until = self._failed
+            if self.reactor.seconds() < until:
+                return defer.fail(failure)
+            self._failed = None
+        d = defer.Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        if self._probing is None:
+            self._probing = self._probe_once()
+            self._probing.addBoth(self._probed)
+        return d
+
+    def _probed(self, result):
+        self._probing = None
+        waiting, self._waiting = self._waiting, []
+        if isinstance(result, Failure):
+            self._failed = (result, self.reactor.seconds() + self.PROBE_RETRY)
+        for d in waiting:
+            d.errback(result) if isinstance(result, Failure) else d.callback(result)
+
+    def _probe_once(self):
         try:
             target = self.topology.writer()
         except NoWriter:
             return defer.fail()
+        self.probes_opened += 1
         proto = _GreetingProbe()
+        done = proto.done
+        timeout = self.connect_timeout
+        connected = []
+
+        def on_timeout():
+            if connected:
+                proto.timed_out(timeout)  # connected, but no greeting: close, fail `done`
+            else:
+                d.cancel()  # still connecting
+
+        def on_connect(_):
+            connected.append(True)
+            return done
+
+        timer = self.reactor.callLater(timeout, on_timeout)
         d = self.endpoint(target).connect(SingleUseFactory(proto))
-        d.addCallback(lambda _: proto.done)
+        d.addCallback(on_connect)
 
         def got(greeting):
             self.server_info = greeting
@@ -466,7 +529,12 @@ class MySQLConnector(Connector):
             self.record_failure(target, f)
             return f
 
-        return d.addCallbacks(got, failed)
+        def stop_timer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(stop_timer).addCallbacks(got, failed)
 
     def failure_reason(self, f):
         err = f.value.err if f.check(DatabaseError) else None

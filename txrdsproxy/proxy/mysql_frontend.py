@@ -11,8 +11,19 @@ response is relayed unchanged while `ResponseTracker` finds its end.  The connec
 the pool when the response is complete, the server status says no transaction is open, and the
 session is not pinned.  Client bytes of a command that arrive while the previous one is being
 answered wait (pipelining clients are served in order).
+
+Isolation by construction: the client's bytes go through one `CommandScanner`, which always knows
+whether the stream stands at a command boundary.  A connection goes back to the pool only when the
+response is complete, no transaction is open, the session is not pinned *and* every command begun
+on that connection was written to it whole (`_maybe_release`), so a command the client cuts short
+can never be completed by the bytes of another session.  Commands up to WHOLE_LIMIT are read whole
+before anything is borrowed; larger ones are relayed as they arrive.
+
+Prepared statements belong to the session that prepared them: COM_STMT_* naming another id are
+refused (or, for those the server never answers, dropped) and never reach a database connection.
 """
 
+import enum
 import re
 
 from twisted.internet import defer, protocol
@@ -31,17 +42,29 @@ from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql import pinning
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
 from txrdsproxy.wire.mysql.packets import ProtocolError
+from txrdsproxy.wire.mysql.scanner import CommandScanner
 
-PENDING_PAUSE = 4 * 1024 * 1024
+PENDING_PAUSE = 4 * 1024 * 1024  # unforwarded client bytes past which reading pauses
 DEFAULT_VERSION = "5.7.0-txrdsproxy"
-MAX_LOCAL_COMMAND = 1 << 16  # COM_CHANGE_USER, COM_INIT_DB: read whole
+MAX_LOCAL_COMMAND = 1 << 16  # handshake/auth packets, COM_CHANGE_USER, COM_INIT_DB: read whole
+WHOLE_LIMIT = MAX_LOCAL_COMMAND  # commands up to this size are read whole before borrowing
 _LOCAL_WHOLE = frozenset((P.COM_QUIT, P.COM_PING, P.COM_RESET_CONNECTION, P.COM_CHANGE_USER,
                           P.COM_INIT_DB))
-_QUERY_WHOLE = pinning.MAX_STATEMENT_BYTES + 1
+# Commands naming a prepared statement by the id the server gave (int<4> after the command byte).
+STATEMENT_COMMANDS = frozenset((P.COM_STMT_EXECUTE, P.COM_STMT_SEND_LONG_DATA, P.COM_STMT_CLOSE,
+                                P.COM_STMT_RESET, P.COM_STMT_FETCH, P.COM_STMT_BULK_EXECUTE))
+LAST_STATEMENT = 0xFFFFFFFF  # MariaDB: the statement prepared last on this connection
 
 
 def _header(buf):
     return buf[0] | (buf[1] << 8) | (buf[2] << 16)
+
+
+class Wait(enum.Enum):
+    """What the command phase waits for before the next command may start."""
+    NOTHING = "nothing"
+    BORROW = "borrow"      # a connection from the pool (and its sync)
+    RESPONSE = "response"  # the database's answer to the command sent
 
 
 class MySQLFrontend(ClientSession):
@@ -55,11 +78,10 @@ class MySQLFrontend(ClientSession):
         self.client_caps = 0
         self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
         self._auth = None
-        self._inbuf = bytearray()
-        self._wait = None        # None | "borrow" | "response"
-        self._skip = 0           # bytes of the current physical packet still to relay/drop
-        self._more = False       # the current logical packet continues in another fragment
-        self._discard = False    # drop (not relay) the rest of the current command
+        self._stream = CommandScanner()  # client bytes of the login and command phases
+        self._wait = Wait.NOTHING
+        self._relaying = False   # the stream's current command goes to the lease's connection
+        self._statements = set()  # ids of the prepared statements this session made
         self._cmd = None
         self._cmd_tracked = None
         self._cmd_db = None
@@ -102,14 +124,20 @@ class MySQLFrontend(ClientSession):
     # -- ClientSession's questions and actions ----------------------------------------------------
     @property
     def busy(self):
-        return self._wait is not None
+        """Waiting for the pool or the database (not for the client: a client that stops in the
+        middle of a command or of LOCAL INFILE data is idle, and IdleClientTimeout ends it)."""
+        if self._wait is Wait.BORROW:
+            return True
+        if self._wait is Wait.RESPONSE and not self._relaying:
+            return not self.lease.conn.tracker.awaiting_client_data
+        return False
 
     def auth_timed_out(self):
         self._close_client()
 
     def left_cleanly(self, conn):
-        return (self._wait is None and not self._skip and not self._more
-                and not conn.busy and conn.tracker is not None)
+        return (self._wait is Wait.NOTHING and not self._relaying
+                and not conn.busy and conn.tracker is not None and conn.tracker.idle)
 
     def needs_reset(self, conn):
         return self.pin_reason is not None or conn.tracker.in_transaction
@@ -118,31 +146,47 @@ class MySQLFrontend(ClientSession):
         self._close_client()  # as a crashed server would: the client sees the connection drop
 
     def dataReceived(self, data):
+        self._safely(self._received, data)
+
+    def _pump_safely(self):
+        """_pump from a database or pool callback: the client's bytes may be bad there too."""
+        self._safely(self._pump)
+
+    def _safely(self, step, *args):
+        """Run *step*; nothing it raises leaves a protocol callback: a protocol violation, or
+        anything unexpected, ends this one session with the reason logged."""
         try:
-            if self._phase == "command":
-                self.last_active = self.clock.seconds()
-                self._inbuf += data
-                self._pump()
-            elif self._phase in ("handshake", "auth"):
-                if self._phase == "handshake" and self.ctx.tls is not None and not self.tls:
-                    data = self._ssl_request(data)
-                    if not data:
-                        return
-                packets = self._reader.feed(data)
-                for i, (seq, payload) in enumerate(packets):
-                    self._unread = packets[i + 1:]  # pipelined after the auth: see _welcome
-                    if self._phase == "handshake":
-                        self._handshake_response(seq, payload)
-                    else:
-                        self._auth.feed(seq, payload)
-                    if self._phase not in ("handshake", "auth"):
-                        break
-            elif self._phase == "login":
-                self._inbuf += data
-            # greeting/closing: ignore
+            step(*args)
         except ProtocolError as e:
             self.log.info("{s}: protocol violation from client: {e}", s=self, e=e)
             self._close_client()
+        except Exception:
+            self.log.failure("{s}: unexpected error; closing this session", s=self)
+            self._close_client()
+
+    def _received(self, data):
+        if self._phase == "command":
+            self.last_active = self.clock.seconds()
+            self._stream.feed(data)
+            self._pump()
+        elif self._phase in ("handshake", "auth"):
+            if self._phase == "handshake" and self.ctx.tls is not None and not self.tls:
+                data = self._ssl_request(data)
+                if not data:
+                    return
+            packets = self._reader.feed(data)
+            for i, (seq, payload) in enumerate(packets):
+                self._unread = packets[i + 1:]  # pipelined after the auth: see _welcome
+                if self._phase == "handshake":
+                    self._handshake_response(seq, payload)
+                else:
+                    self._auth.feed(seq, payload)
+                if self._phase not in ("handshake", "auth"):
+                    break
+        elif self._phase == "login":
+            self._stream.feed(data)  # commands pipelined behind the login: kept, bounded
+            self._flow_control()
+        # greeting/closing: ignore
 
     # -- handshake and authentication -----------------------------------------------------------
     def _ssl_request(self, data):
@@ -252,9 +296,9 @@ class MySQLFrontend(ClientSession):
         if self.ctx.metrics is not None:
             self.ctx.metrics.client_connections_setup_succeeded.inc(self.ctx.name)
         if leftover:
-            self._inbuf[:0] = leftover
-        if self._inbuf:
-            self._pump()
+            self._stream.buf[:0] = leftover
+        if self._stream.buffered:
+            self._pump_safely()
 
     def _resolve_charset(self, conn):
         if self.charset_id is None:
@@ -267,172 +311,192 @@ class MySQLFrontend(ClientSession):
             for name, value in collations.for_id(self.charset_id).items():
                 self.desired.setdefault(name, value)
         self.charset_id = None
+        self._check_charset()
+
+    def _check_charset(self):
+        """sjis, big5 & co. as character_set_client: pin (see pinning.UNSAFE_CLIENT_CHARSETS)."""
+        if pinning.unsafe_charset_client(self.desired.get("character_set_client")):
+            self._pin(pinning.PinReason.CLIENT_CHARSET)
 
     # -- command phase: client -> database --------------------------------------------------------
     def _pump(self):
-        """Relay or answer complete client commands, one at a time."""
-        buf = self._inbuf
+        """Relay or answer client commands, one at a time, in the order they came."""
+        stream = self._stream
         while self._phase == "command":
-            if self._skip:
-                n = min(self._skip, len(buf))
-                if not n:
+            if not stream.at_boundary:  # inside a streamed command (or LOCAL INFILE packet)
+                chunk = stream.take()
+                if not chunk and not stream.at_boundary:
                     break
-                if not self._discard:
-                    self.lease.conn.write(bytes(buf[:n]))
-                del buf[:n]
-                self._skip -= n
+                if chunk and self._relaying:
+                    self.lease.conn.write(chunk)
+                if stream.at_boundary:
+                    self._relaying = False
+                    self._maybe_release()
                 continue
-            if self._more:
-                if len(buf) < 4:
-                    break
-                length = _header(buf)
-                self._more = length == P.MAX_PACKET_CHUNK
-                if not self._discard:
-                    self.lease.conn.write(bytes(buf[:4]))
-                del buf[:4]
-                self._skip = length
-                continue
-            if self._wait == "response":
+            if self._wait is Wait.RESPONSE:
                 tracker = self.lease.conn.tracker
-                if not tracker.awaiting_client_data or len(buf) < 4:
+                if not tracker.awaiting_client_data or stream.buffered < 4:
                     break
-                length = _header(buf)  # LOCAL INFILE data: one physical packet at a time
-                tracker.client_packet(length)
-                self.lease.conn.write(bytes(buf[:4]))
-                del buf[:4]
-                self._skip = length
+                tracker.client_packet(stream.begin(single_packet=True))  # LOCAL INFILE data
+                self._relaying = True
                 continue
-            if self._wait is not None:
+            if self._wait is not Wait.NOTHING:
                 break
-            self._discard = False
-            if len(buf) >= 4 and _header(buf) == 0:
-                raise ProtocolError("empty command packet")
-            if len(buf) < 5:
+            head = stream.head()
+            if head is None:
                 break
-            length, cmd = _header(buf), buf[4]
-            if cmd in _LOCAL_WHOLE or (cmd == P.COM_QUERY and length <= _QUERY_WHOLE):
-                if length >= MAX_LOCAL_COMMAND and cmd != P.COM_QUERY:
+            length, cmd, _seq = head
+            if length > WHOLE_LIMIT:
+                if cmd in _LOCAL_WHOLE:
                     raise ProtocolError(f"command 0x{cmd:02x} too long ({length} bytes)")
-                if len(buf) < 4 + length:
-                    break
+                if cmd in STATEMENT_COMMANDS and not stream.has(5):
+                    break  # the statement id decides whether it may go anywhere
+            elif not stream.whole():
+                break
             self._command(cmd, length)
-        if len(buf) > PENDING_PAUSE and not self._paused:
+        self._flow_control()
+
+    def _flow_control(self):
+        """Pause reading from the client while its unforwarded bytes pass PENDING_PAUSE."""
+        buffered = self._stream.buffered
+        if buffered > PENDING_PAUSE and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and len(buf) < PENDING_PAUSE // 4:
+        elif self._paused and buffered < PENDING_PAUSE // 4:
             self._paused = False
             self.transport.resumeProducing()
 
-    def _take_whole(self, length):
-        seq = self._inbuf[3]
-        payload = bytes(self._inbuf[5:4 + length])
-        del self._inbuf[:4 + length]
-        return seq, payload
-
     def _command(self, cmd, length):
+        """The command at the head of the stream (whole when length <= WHOLE_LIMIT)."""
+        stream = self._stream
         if cmd == P.COM_QUIT:
-            self._take_whole(length)
+            stream.take_packet()
             self._close_client()
             return
         if cmd == P.COM_PING:
-            seq, _ = self._take_whole(length)
+            seq, _ = stream.take_packet()
             self.write_packet(P.ok_packet(status=self._status()), seq + 1)
             return
         if cmd == P.COM_RESET_CONNECTION:
-            seq, _ = self._take_whole(length)
+            seq, _ = stream.take_packet()
             self._reset_session()
             self.write_packet(P.ok_packet(status=self._status()), seq + 1)
             return
         if cmd == P.COM_CHANGE_USER:
-            seq, payload = self._take_whole(length)
-            self._change_user(seq, payload)
+            seq, payload = stream.take_packet()
+            self._change_user(seq, payload[1:])
             return
         self._cmd_tracked = self._cmd_db = None
         if cmd == P.COM_QUERY or cmd == P.COM_STMT_EXECUTE:
             self.queries += 1  # QueryRequests
         if cmd == P.COM_QUERY:
-            if length > _QUERY_WHOLE:
+            if length > pinning.MAX_STATEMENT_BYTES:
                 self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
-            else:
-                sql = bytes(self._inbuf[5:4 + length])
-                if self.ctx.debug_until:
-                    self.ctx.debug_statement(self, sql)
-                kill = _KILL.match(sql) if b"ill" in sql[:16] or b"ILL" in sql[:16] else None
-                if kill is not None and self._kill(kill, length):
-                    return
-                result = pinning.classify_query(sql, self._exclude_sets)
-                if isinstance(result, pinning.TrackedSet):
-                    bad = result.invalid_charset_client
-                    if bad is not None:
-                        seq, _ = self._take_whole(length)
-                        self.write_packet(errors.bad_charset_client(bad), seq + 1)
-                        return
-                    self._cmd_tracked = result
-                elif result is not None:
-                    self._pin(result)
-                if sql[:16].lstrip()[:3].lower() == b"use":  # cheap test before decoding
-                    self._cmd_db = mstate.use_target(sql.decode("utf-8", "replace"))
+            elif self._query(stream.peek(1, length)):
+                return  # answered here
         elif cmd == P.COM_INIT_DB:
-            self._cmd_db = bytes(self._inbuf[5:4 + length]).decode("utf-8", "replace")
+            self._cmd_db = stream.peek(1, length).decode("utf-8", "replace")
         elif cmd == P.COM_STMT_PREPARE:
             self._pin(pinning.PinReason.PREPARED_STATEMENT)
         elif cmd == P.COM_SET_OPTION:
             self._pin(pinning.PinReason.SET_VARIABLE)
+        elif cmd in STATEMENT_COMMANDS:
+            stmt_id = int.from_bytes(stream.peek(1, 5).ljust(4, b"\x00"), "little")
+            if not self._owns_statement(stmt_id):
+                if cmd in NO_RESPONSE:  # COM_STMT_CLOSE/SEND_LONG_DATA: the server answers nothing
+                    self._drop_command()
+                else:
+                    self._fail_command(errors.unknown_statement(stmt_id, cmd))
+                return
+            if cmd == P.COM_STMT_CLOSE:
+                self._statements.discard(stmt_id)
         elif cmd in UNSUPPORTED:
             self._fail_command(P.err_packet(1047, "08S01", "Unknown command"))
             return
-        elif cmd in NO_RESPONSE and self.lease is None:
-            self._drop_command()  # COM_STMT_CLOSE & co. of a statement that can't exist
-            return
         self._cmd = cmd
-        if self.lease is not None and self._wait is None:
+        if self.lease is not None and self._wait is Wait.NOTHING:
             self._dispatch()
         else:
             self._borrow()
 
+    def _query(self, sql):
+        """Classify a COM_QUERY's text (here whole); -> True when it was answered here."""
+        if self.ctx.debug_until:
+            self.ctx.debug_statement(self, sql)
+        kill = _KILL.match(sql) if b"ill" in sql[:16] or b"ILL" in sql[:16] else None
+        if kill is not None:
+            return self._kill(kill)  # KILL <id> alone: nothing in it to classify
+        result = pinning.classify_query(sql, self._exclude_sets, **self._lexing())
+        if isinstance(result, pinning.TrackedSet):
+            bad = result.invalid_charset_client
+            if bad is not None:
+                seq, _ = self._stream.take_packet()
+                self.write_packet(errors.bad_charset_client(bad), seq + 1)
+                return True
+            self._cmd_tracked = result
+            unsafe = result.unsafe_charset_client
+            if unsafe is not None:
+                self._pin(pinning.PinReason.UNSAFE_CHARSET)
+        elif result is not None:
+            self._pin(result)
+        if sql[:16].lstrip()[:3].lower() == b"use":  # cheap test before decoding
+            self._cmd_db = mstate.use_target(sql.decode("utf-8", "replace"))
+        return False
+
+    def _lexing(self):
+        """How the server will lex this session's next statement (its sql_mode)."""
+        values = self.desired
+        mode = values.get("sql_mode")
+        if mode is None:
+            mode = (getattr(self.ctx.connector, "baseline", None) or {}).get("sql_mode")
+        return mstate.lexing_options(mode)
+
+    def _owns_statement(self, stmt_id):
+        if stmt_id == LAST_STATEMENT:  # MariaDB: "the statement prepared last on this connection"
+            return bool(self._statements)
+        return stmt_id in self._statements
+
     def _dispatch(self):
-        """Send the command at the head of the buffer to the leased connection."""
+        """Send the command at the head of the stream to the leased connection."""
         conn = self.lease.conn
         tracker = conn.tracker
         tracker.last_error = None
         tracker.take_session_state_changes()
         tracker.expect(self._cmd)
-        buf = self._inbuf
-        length = _header(buf)
-        self._more = length == P.MAX_PACKET_CHUNK
-        n = min(4 + length, len(buf))  # header and what is here of the body: one write
-        conn.write(bytes(buf[:n]))
-        del buf[:n]
-        self._skip = 4 + length - n
-        self._discard = False
+        stream = self._stream
+        stream.begin()
+        self._relaying = True
+        conn.write(stream.take())  # header and what is here of the body: one write
+        if stream.at_boundary:
+            self._relaying = False
         if self._cmd in NO_RESPONSE:  # the lease stays until the next response completes
-            self._wait = None
+            self._wait = Wait.NOTHING
             self._cmd = None
         else:
-            self._wait = "response"
+            self._wait = Wait.RESPONSE
 
-    def _kill(self, match, length):
+    def _kill(self, match):
         """`KILL [QUERY|CONNECTION] id` naming one of this proxy's sessions (the id a client got
         in the greeting).  -> True when handled here; False to forward the command unchanged
-        (an id the proxy doesn't know is the server's business).
+        (an id the proxy doesn't know is the server's business, or the command was rewritten).
 
         KILL QUERY becomes `KILL QUERY <thread id>` of the database connection serving that
         session now; KILL CONNECTION ends that client session.  As in MySQL, without privileges
         of its own a user may only kill its own sessions: here, sessions of the same user.
         """
-        target_id = int(match.group(2))
+        target_id = int(match.group(2))  # at most 20 digits (see _KILL)
         target = next((s for s in self.ctx.sessions if s.id == target_id), None)
         if target is None:
             return False
-        seq = self._inbuf[3]
+        stream = self._stream
         if target.user != self.user:
-            self._take_whole(length)
+            seq, _ = stream.take_packet()
             self.write_packet(P.err_packet(1095, "HY000", f"You are not owner of thread {target_id}"),
                               seq + 1)
             return True
         query_only = (match.group(1) or b"").strip().lower() == b"query"
         if not query_only:
-            self._take_whole(length)
+            seq, _ = stream.take_packet()
             if target is self:
                 self._close_client()
                 return True
@@ -442,35 +506,32 @@ class MySQLFrontend(ClientSession):
             return True
         conn = target.lease.conn if target.lease is not None else None
         if conn is None or conn.handshake is None or target is self:
-            self._take_whole(length)  # nothing running there: nothing to kill
+            seq, _ = stream.take_packet()  # nothing running there: nothing to kill
             self.write_packet(P.ok_packet(status=self._status()), seq + 1)
             return True
         # Rewrite the command in place; it then goes to the database like any query.
-        sql = b"KILL QUERY %d" % conn.handshake.connection_id
-        payload = bytes((P.COM_QUERY,)) + sql
-        self._inbuf[:4 + length] = P.encode_packet(payload, seq)
-        self._command(P.COM_QUERY, len(payload))
-        return True
+        seq, _ = stream.take_packet()
+        payload = bytes((P.COM_QUERY,)) + b"KILL QUERY %d" % conn.handshake.connection_id
+        stream.buf[:0] = P.encode_packet(payload, seq)
+        return False
 
     def _drop_command(self):
-        buf = self._inbuf
-        length = _header(buf)
-        self._more = length == P.MAX_PACKET_CHUNK
-        del buf[:4]
-        self._skip = length
-        self._discard = True
+        """Drop the command at the head of the stream (as it arrives, when it is large)."""
+        self._stream.begin()
+        self._relaying = False
+        self._stream.take()
 
     def _fail_command(self, err_payload):
-        """Answer the command at the head of the buffer with an error and drop it."""
-        seq = self._inbuf[3]
+        """Answer the command at the head of the stream with an error and drop it."""
+        seq = self._stream.head()[2]
         self._drop_command()
-        self._wait = None
+        self._wait = Wait.NOTHING
         self._cmd = None
         self.write_packet(err_payload, seq + 1)
 
     # -- borrowing ----------------------------------------------------------------------------------
     def _borrow(self):
-        self._wait = "borrow"
+        self._wait = Wait.BORROW
         self.set_state(SessionState.BORROWING)
         if self.lease is not None:  # held (pinned or in a transaction): just sync
             self._got_lease(self.lease)
@@ -480,7 +541,7 @@ class MySQLFrontend(ClientSession):
             self._got_lease(lease)
             return
         self._borrow_d = d = self.ctx.pool.borrow(self.key)
-        d.addCallbacks(self._got_lease, self._borrow_failed)
+        d.addCallbacks(self._got_lease, self._borrow_failed).addErrback(self._unexpected)
 
     def _got_lease(self, lease):
         self._borrow_d = None
@@ -496,7 +557,14 @@ class MySQLFrontend(ClientSession):
             self._synced(None, lease)
             return
         conn.sync(self.desired, self.database).addCallbacks(
-            self._synced, self._sync_failed, callbackArgs=(lease,), errbackArgs=(lease,))
+            self._synced, self._sync_failed, callbackArgs=(lease,), errbackArgs=(lease,)
+        ).addErrback(self._unexpected)
+
+    def _unexpected(self, failure):
+        """A bug met in a callback: end this session (its connection is then not reused clean)."""
+        self.log.failure("{s}: unexpected error; closing this session", failure, s=self)
+        if self.state is not SessionState.CLOSED:
+            self._close_client()
 
     def _synced(self, _, lease):
         if self.state is SessionState.CLOSED or lease.released or self.lease is not lease:
@@ -505,7 +573,7 @@ class MySQLFrontend(ClientSession):
         conn.attach(self)
         self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
         self._dispatch()
-        self._pump()
+        self._pump_safely()
 
     def _sync_failed(self, failure, lease):
         if self.state is SessionState.CLOSED or self.lease is not lease:
@@ -529,7 +597,7 @@ class MySQLFrontend(ClientSession):
     def _command_failed(self, failure):
         self.set_state(SessionState.IDLE)
         self._fail_command(self._error_payload(failure))
-        self._pump()
+        self._pump_safely()
 
     def _error_payload(self, failure):
         if failure.check(BorrowTimeout):
@@ -549,7 +617,7 @@ class MySQLFrontend(ClientSession):
             self.write_queued(self.lease.conn)
 
     def infile_requested(self):
-        self._pump()
+        self._pump_safely()
 
     def response_complete(self):
         conn = self.lease.conn
@@ -572,22 +640,34 @@ class MySQLFrontend(ClientSession):
             elif kind == P.SESSION_TRACK_SYSTEM_VARIABLES and value[0] in mstate.ORDER:
                 name = value[0]
                 self.desired[name] = conn.current[name] = mstate.normalize(name, value[1])
+                if name == "character_set_client":
+                    self._check_charset()
         autocommit = "1" if tracker.status & P.SERVER_STATUS_AUTOCOMMIT else "0"
         self.desired["autocommit"] = conn.current["autocommit"] = autocommit
-        self._wait = None
+        if self._cmd == P.COM_STMT_PREPARE and ok and tracker.last_prepare is not None:
+            self._statements.add(tracker.last_prepare[0])
+        self._wait = Wait.NOTHING
         self._cmd = self._cmd_tracked = self._cmd_db = None
-        self._after_command()
-        self._pump()
+        self._maybe_release()
+        self._pump_safely()
 
-    def _after_command(self):
-        if self.lease is not None and self.pin_reason is None \
-                and not self.lease.conn.tracker.in_transaction:
+    def _maybe_release(self):
+        """Give the connection back when nothing ties the session to it: no pin, no open
+        transaction, no response outstanding, and no command begun on it but not written whole."""
+        lease = self.lease
+        if (lease is None or self.pin_reason is not None or self._wait is not Wait.NOTHING
+                or self._relaying):
+            return
+        tracker = lease.conn.tracker
+        if tracker.idle and not tracker.in_transaction:
             self._release()
 
     def _release(self, needs_reset=False):
         lease, self.lease = self.lease, None
         conn = lease.conn
         self._detach(conn)
+        if self._paused:  # uncoupling resumed the client: its own backlog still says pause
+            self.transport.pauseProducing()
         lease.release(clean=True, needs_reset=needs_reset)
         self.set_state(SessionState.IDLE)
 
@@ -616,6 +696,7 @@ class MySQLFrontend(ClientSession):
             self._release(needs_reset=dirty)
         self.pin_reason = None
         self.desired = {}
+        self._statements.clear()
         self.charset_id = charset_id if charset_id is not None else self.key_charset
         self.set_state(SessionState.IDLE)
 
@@ -625,8 +706,7 @@ class MySQLFrontend(ClientSession):
         self.key_charset = request.charset if request.charset is not None else self.key_charset
         self._phase = "auth"
         # Bytes already buffered belong after the authentication: hand them to the reader.
-        leftover = bytes(self._inbuf)
-        del self._inbuf[:]  # the same buffer object: an outer _pump loop must see it emptied
+        leftover = self._stream.take_rest()
         self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
         self._auth = ClientAuth(self)
         self._auth.start(request.user, request.auth_plugin, request.auth_response,
@@ -646,7 +726,9 @@ class MySQLFrontend(ClientSession):
     _unread = ()  # (seq, payload) the client sent after the packet that ended authentication
 
 
-_KILL = re.compile(rb"^\s*kill\s+(query\s+|connection\s+)?(\d+)\s*;?\s*$", re.IGNORECASE)
+# At most 20 digits: a longer number is no session id of ours (and int() of thousands of digits
+# raises); such statements go to the server, which answers them itself.
+_KILL = re.compile(rb"^\s*kill\s+(query\s+|connection\s+)?(\d{1,20})\s*;?\s*$", re.IGNORECASE)
 
 
 def _known_databases(ctx):

@@ -52,6 +52,18 @@ def no_backslash_escapes(sql_mode):
     return "NO_BACKSLASH_ESCAPES" in (m.strip() for m in sql_mode.upper().split(","))
 
 
+def lexing_options(sql_mode):
+    """classify_query's keyword arguments for a session whose sql_mode is *sql_mode* (or None)."""
+    modes = {m.strip() for m in (sql_mode or "").upper().split(",")}
+    return {"no_backslash_escapes": "NO_BACKSLASH_ESCAPES" in modes,
+            "ansi_quotes": bool(modes & ANSI_QUOTES_MODES)}
+
+
+# sql_mode values that include ANSI_QUOTES (the combination modes, as MariaDB defines them).
+ANSI_QUOTES_MODES = frozenset({"ANSI_QUOTES", "ANSI", "ORACLE", "MSSQL", "DB2", "POSTGRESQL",
+                               "MAXDB"})
+
+
 def literal(value):
     if value.upper() == NULL:
         return NULL

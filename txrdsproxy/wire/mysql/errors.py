@@ -18,6 +18,7 @@ from txrdsproxy.wire.mysql.packets import err_packet
 ER_CON_COUNT_ERROR = 1040
 ER_ACCESS_DENIED_ERROR = 1045
 ER_UNKNOWN_ERROR = 1105
+ER_UNKNOWN_STMT_HANDLER = 1243
 ER_WRONG_VALUE_FOR_VAR = 1231
 ER_NOT_SUPPORTED_YET = 1235
 ER_SECURE_TRANSPORT_REQUIRED = 3159
@@ -59,6 +60,18 @@ def bad_charset_client(value):
     return err_packet(ER_WRONG_VALUE_FOR_VAR, "42000",
                       "Variable 'character_set_client' can't be set to the value of '%s'"
                       % value)
+
+
+_STMT_COMMAND_NAMES = {0x17: "mysqld_stmt_execute", 0x1A: "mysqld_stmt_reset",
+                       0x1C: "mysqld_stmt_fetch", 0xFA: "mysqld_stmt_bulk_execute"}
+
+
+def unknown_statement(stmt_id, command):
+    """1243 (HY000): COM_STMT_* naming a statement id this session did not prepare.  Same number,
+    state and text as the server's own, so that drivers react the same way."""
+    return err_packet(ER_UNKNOWN_STMT_HANDLER, "HY000",
+                      "Unknown prepared statement handler (%d) given to %s"
+                      % (stmt_id, _STMT_COMMAND_NAMES.get(command, "mysqld_stmt_execute")))
 
 
 def requires_tls():

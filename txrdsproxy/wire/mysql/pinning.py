@@ -60,6 +60,9 @@ class PinReason(enum.Enum):
     ROW_COUNT = "row_count"
     HANDLER = "handler"
     XA = "xa"
+    # character_set_client is a multi-byte charset whose second bytes can be 0x5C ('\\') or
+    # 0x27/0x22: the server reads quotes and backslashes differently from a byte-wise lexer.
+    CLIENT_CHARSET = "client_charset"
 
 
 TRACKED_VARIABLES = frozenset({
@@ -67,6 +70,17 @@ TRACKED_VARIABLES = frozenset({
     "collation_connection", "time_zone", "autocommit", "sql_mode", "session_track_schema",
 })
 INVALID_CLIENT_CHARSETS = frozenset({"ucs2", "utf16", "utf16le", "utf32"})
+# Client-only charsets in which the second byte of a character can be an ASCII quote or backslash
+# (the server lexes them character by character; the classifier cannot): a session using one is
+# pinned from that moment (PinReason.CLIENT_CHARSET).
+UNSAFE_CLIENT_CHARSETS = frozenset({"big5", "sjis", "cp932", "gbk", "gb18030"})
+
+
+def unsafe_charset_client(value):
+    """True for client charsets the classifier cannot lex (see UNSAFE_CLIENT_CHARSETS)."""
+    if value is None:
+        return False
+    return value.strip().strip("'\"`").lower() in UNSAFE_CLIENT_CHARSETS
 
 
 def invalid_charset_client(value):
@@ -94,6 +108,12 @@ class TrackedSet:
         """The offending value if character_set_client is set to ucs2 & co."""
         value = self.assignments.get("character_set_client")
         return value if invalid_charset_client(value) else None
+
+    @property
+    def unsafe_charset_client(self):
+        """The value if character_set_client is set to sjis & co. (see UNSAFE_CLIENT_CHARSETS)."""
+        value = self.assignments.get("character_set_client")
+        return value if unsafe_charset_client(value) else None
 
 
 def classify_command(command):
@@ -207,7 +227,7 @@ _SCOPES = {"GLOBAL": "global", "SESSION": "session", "LOCAL": "session",
 _VARIABLE_REASONS = (PinReason.USER_VARIABLE, PinReason.SET_VARIABLE)
 
 
-def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False):
+def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False, ansi_quotes=False):
     """Classify the text of a COM_QUERY.
 
     Returns a :class:`PinReason` (the first found), a :class:`TrackedSet`

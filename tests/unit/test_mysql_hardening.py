@@ -1,0 +1,244 @@
+"""MySQL frontend hardening: prepared statements belong to their session, KILL with absurd
+numbers, bounded buffering in every phase, and no exception out of a protocol callback
+(seeded random bytes at every phase)."""
+
+import random
+import struct
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from tests.unit import test_mysql_frontend as my
+from txrdsproxy.proxy.mysql_frontend import PENDING_PAUSE
+from txrdsproxy.wire.mysql import packets as P
+
+
+@pytest.fixture
+def failures():
+    seen = []
+
+    def observer(event):
+        if "log_failure" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def s():
+    h = my.Harness()
+    h.login()
+    return h
+
+
+def stmt(cmd, stmt_id, rest=b""):
+    return my.command(cmd, struct.pack("<I", stmt_id) + rest)
+
+
+EXECUTE_ARGS = b"\x00\x01\x00\x00\x00"  # flags, iteration count
+
+
+# -- prepared statements belong to the session that prepared them ------------------------------------
+@pytest.mark.parametrize("cmd,name", [(P.COM_STMT_EXECUTE, "mysqld_stmt_execute"),
+                                      (P.COM_STMT_RESET, "mysqld_stmt_reset"),
+                                      (P.COM_STMT_FETCH, "mysqld_stmt_fetch")])
+def test_statement_command_for_an_id_never_prepared_is_refused(s, cmd, name):
+    s.send(stmt(cmd, 7, EXECUTE_ARGS if cmd == P.COM_STMT_EXECUTE else b"\x01\x00\x00\x00"))
+    [(seq, payload)] = s.packets()
+    assert seq == 1
+    assert my.err(payload) == (1243, "HY000", f"Unknown prepared statement handler (7) given to {name}")
+    assert s.pool.requests == [] and s.pool.try_borrows == 0  # never reached a connection
+    assert not s.closed
+
+
+def test_own_statement_runs_and_others_are_refused_even_when_pinned(s):
+    s.send(my.command(P.COM_STMT_PREPARE, b"SELECT 1"))
+    lease = s.pool.give()
+    lease.conn.respond(my.prepare_ok(stmt_id=41))
+    s.sent()
+    assert s.frontend.pin_reason.value == "prepared_statement"
+    own = stmt(P.COM_STMT_EXECUTE, 41, EXECUTE_ARGS)
+    s.send(own)
+    assert lease.conn.writes[-1] == own
+    lease.conn.respond(my.ok())
+    s.sent()
+    # Another id on the same (pinned) connection: refused, not forwarded.
+    s.send(stmt(P.COM_STMT_EXECUTE, 40, EXECUTE_ARGS))
+    [(_, payload)] = s.packets()
+    assert my.err(payload)[0] == 1243
+    assert lease.conn.writes[-1] == own
+    # COM_STMT_CLOSE of another id: dropped (the server answers nothing to it either).
+    s.send(stmt(P.COM_STMT_CLOSE, 40) + my.command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC))]
+    assert lease.conn.writes[-1] == own
+    # Closing its own statement is forwarded; after that the id is no longer the session's.
+    s.send(stmt(P.COM_STMT_CLOSE, 41))
+    assert lease.conn.writes[-1] == stmt(P.COM_STMT_CLOSE, 41)
+    s.send(stmt(P.COM_STMT_EXECUTE, 41, EXECUTE_ARGS))
+    assert my.err(s.packets()[0][1])[0] == 1243
+
+
+AC = P.SERVER_STATUS_AUTOCOMMIT
+
+
+def test_stmt_close_of_a_foreign_id_inside_a_transaction_is_not_forwarded(s):
+    s.send(my.query("BEGIN"))
+    lease = s.pool.give()
+    lease.conn.respond(my.ok(AC | P.SERVER_STATUS_IN_TRANS))
+    s.send(stmt(P.COM_STMT_CLOSE, 1) + stmt(P.COM_STMT_SEND_LONG_DATA, 1, b"\x00\x00data"))
+    assert lease.conn.writes == [my.query("BEGIN")]
+
+
+def test_mariadb_last_statement_id_needs_a_statement_of_the_session(s):
+    s.send(stmt(P.COM_STMT_EXECUTE, 0xFFFFFFFF, EXECUTE_ARGS))
+    assert my.err(s.packets()[0][1])[0] == 1243
+    assert s.pool.requests == []
+
+
+def test_reset_connection_forgets_the_sessions_statements(s):
+    s.send(my.command(P.COM_STMT_PREPARE, b"SELECT 1"))
+    lease = s.pool.give()
+    lease.conn.respond(my.prepare_ok(stmt_id=3))
+    s.send(my.command(P.COM_RESET_CONNECTION))
+    s.sent()
+    s.send(stmt(P.COM_STMT_EXECUTE, 3, EXECUTE_ARGS))
+    assert my.err(s.packets()[0][1])[0] == 1243
+
+
+def test_large_execute_of_a_foreign_id_is_dropped_as_it_arrives(s):
+    big = stmt(P.COM_STMT_EXECUTE, 9, EXECUTE_ARGS + b"p" * (200 * 1024))
+    s.send(big[:20])
+    assert my.err(s.packets()[0][1])[0] == 1243
+    s.send(big[20:] + my.command(P.COM_PING))
+    assert s.packets() == [(1, P.ok_packet(status=AC))]  # the rest was dropped, the stream in step
+    assert s.pool.requests == []
+
+
+# -- KILL with absurd ids: no exception, the server answers ---------------------------------------------
+@pytest.mark.parametrize("digits", [21, 5000, 100000])
+def test_kill_with_a_huge_number_goes_to_the_server(s, failures, digits):
+    sql = b"KILL " + b"9" * digits
+    s.send(my.query(sql))
+    if len(sql) > 16 * 1024:
+        assert s.frontend.pin_reason.value == "statement_too_large"
+    lease = s.pool.give()
+    assert b"".join(lease.conn.writes) == my.query(sql)
+    assert failures == [] and not s.closed
+
+
+# -- bounded buffering in every phase ----------------------------------------------------------------------
+def test_bytes_pipelined_behind_a_login_are_bounded():
+    h = my.Harness()
+    h.handshake(database="app")  # the login borrows to check the database
+    assert h.pool.requests
+    chunk = my.query("SELECT 1") * 10000
+    sent = 0
+    while h.transport.producerState == "producing":
+        h.send(chunk)
+        sent += len(chunk)
+        assert sent < 4 * PENDING_PAUSE
+    assert sent > PENDING_PAUSE
+    lease = h.pool.give()  # login done: the commands are served in order, reading resumes
+    assert h.packets()[0] == (2, P.ok_packet(status=AC))
+    for _ in range(3):
+        if h.pool.requests:
+            h.pool.give()
+    assert h.transport.producerState == "paused" or h.frontend._stream.buffered < PENDING_PAUSE
+
+
+def test_command_phase_pauses_while_a_response_is_outstanding(s):
+    s.send(my.query("SELECT SLEEP(1)"))
+    lease = s.pool.give()
+    s.send(my.query("SELECT 2") * (PENDING_PAUSE // 10))
+    assert s.transport.producerState == "paused"
+    lease.conn.respond(my.ok())
+    assert s.transport.producerState == "paused"  # still far more than a quarter buffered
+
+
+def test_handshake_packet_above_the_limit_is_refused_before_buffering(failures):
+    h = my.Harness()
+    h.greeting()
+    h.send(b"\xff\xff\xff\x01" + b"a" * 100)
+    assert h.closed and failures == []
+
+
+# -- random bytes at every phase: a clear error or a close, never a traceback ------------------------------
+def garbage(rng, size):
+    return bytes(rng.getrandbits(8) for _ in range(size))
+
+
+def chunks(rng, data):
+    pos = 0
+    while pos < len(data):
+        step = rng.randint(1, 64)
+        yield data[pos:pos + step]
+        pos += step
+
+
+def _phase(h, phase):
+    """Bring a fresh harness to *phase*; -> the lease held (or None)."""
+    if phase == "greeting-pending":
+        h.frontend._phase = "greeting"  # the probe has not answered yet
+        return None
+    if phase == "handshake":
+        h.greeting()
+        return None
+    if phase == "auth-switch":
+        greeting = h.greeting()
+        packet = my.hs.build_handshake_response41(my.CLIENT_CAPS & greeting.capabilities, my.USER,
+                                                  b"x" * 20, auth_plugin="other_plugin")
+        h.send(P.encode_packet(packet, 1))
+        h.sent()
+        return None
+    if phase == "login-borrowing":
+        h.handshake(database="app")
+        return None
+    h.login()
+    if phase == "idle":
+        return None
+    if phase == "response-outstanding":
+        h.send(my.query("SELECT 1"))
+        return h.pool.give()
+    if phase == "local-infile":
+        h.send(my.query("LOAD DATA LOCAL INFILE 'f' INTO TABLE t"))
+        lease = h.pool.give()
+        lease.conn.respond(b"\xfbf")
+        return lease
+    if phase == "pinned-in-transaction":
+        h.send(my.query("SET @x = 1"))
+        lease = h.pool.give()
+        lease.conn.respond(my.ok(AC | P.SERVER_STATUS_IN_TRANS))
+        return lease
+    raise AssertionError(phase)
+
+
+PHASES = ["greeting-pending", "handshake", "auth-switch", "login-borrowing", "idle",
+          "response-outstanding", "local-infile", "pinned-in-transaction"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("seed", range(12))
+def test_random_bytes_at_every_phase(phase, seed, failures):
+    rng = random.Random(seed * 7919 + PHASES.index(phase))
+    h = my.Harness()
+    lease = _phase(h, phase)
+    stream = garbage(rng, rng.randint(1, 600))
+    if seed % 3 == 0:  # valid-looking headers with random bodies
+        stream = b"".join(P.encode_packet(garbage(rng, rng.randint(1, 40)), rng.getrandbits(8))
+                          for _ in range(rng.randint(1, 20)))
+    for piece in chunks(rng, stream):
+        h.send(piece)
+        while h.pool.requests and rng.random() < 0.5:
+            h.pool.give()
+        if h.closed:
+            break
+    h.lose()
+    assert failures == []
+    if lease is not None and phase != "pinned-in-transaction":
+        # The database still owes an answer (or file data is half sent): never back clean.
+        assert lease.released and lease.release_args["clean"] is False
+    for other in h.pool.leases:
+        if other.released and other.release_args["clean"]:
+            assert other.conn.tracker.idle
