@@ -1,0 +1,125 @@
+"""The split-command attack on real MariaDB through the proxy (issue 6, items 1-2, MySQL side).
+
+An authenticated attacker sends a command that ends its transaction followed by only part of the
+next command, then nothing.  Before the fix, a database connection could go back to the pool
+while the server still waited for the rest of a command, so the next session's bytes completed
+it.  Here, after every attack, other sessions are answered correctly and no state (a user
+variable, a session variable) crosses to them; the attacker's half command never runs.
+"""
+
+import struct
+import time
+
+import pymysql
+import pytest
+
+try:
+    from mysql_harness import start_mysql_proxy
+    from mysql_raw import RawMySQL
+except ImportError:
+    from tests.integration.mysql_harness import start_mysql_proxy
+    from tests.integration.mysql_raw import RawMySQL
+
+from txrdsproxy.wire.mysql import packets as P
+
+USER = "app_native"
+
+
+@pytest.fixture(scope="module")
+def proxy(mariadb_server, tmp_path_factory):
+    # max_connections=100 -> 2 database connections for the whole proxy.
+    proxy = start_mysql_proxy(tmp_path_factory.mktemp("isolation"), mariadb_server,
+                              MaxConnectionsPercent=2, ConnectionBorrowTimeout=10)
+    yield proxy
+    proxy.stop()
+
+
+def victim(proxy, server):
+    return pymysql.connect(host=proxy.host, port=proxy.port, user=USER,
+                           password=server.users[USER], database="appdb", autocommit=True)
+
+
+def attacker(proxy, server):
+    return RawMySQL(proxy.host, proxy.port, USER, server.users[USER], database="appdb")
+
+
+def one(conn, sql):
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()
+
+
+def header(length, seq=0):
+    return struct.pack("<I", length)[:3] + bytes((seq,))
+
+
+# The attacker's bytes after COMMIT: what a pooled connection would have swallowed.
+HIDDEN = b"SET @leak = 'crossed', SESSION sql_mode = 'ANSI_QUOTES'"
+ATTACKS = {
+    # A header announcing more than is sent: the hidden SET waits for bytes that never come.
+    "short query header": header(1 + len(HIDDEN) + 50) + b"\x03" + HIDDEN,
+    # A query too long to be read whole (streamed, pins), cut short.
+    "long query header": header(200 * 1024) + b"\x03" + HIDDEN + b" -- ",
+    # The first fragment of a 16 MiB multi-packet command, cut short.
+    "multi-packet first fragment": header(P.MAX_PACKET_CHUNK) + b"\x03" + HIDDEN + b" /* ",
+    # A command the proxy relays as it arrives without pinning (COM_FIELD_LIST), cut short.
+    "field list header": header(100 * 1024) + b"\x04" + b"t" * 100,
+}
+
+
+def state_of(conn):
+    return one(conn, "SELECT @leak, @@session.sql_mode = @@global.sql_mode, 42")
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_split_command_after_commit_never_reaches_another_session(proxy, mariadb_server, name):
+    a = attacker(proxy, mariadb_server)
+    a.query("BEGIN")
+    a.query("SELECT 1")
+    # COMMIT and the partial next command in one write: the OK that ends the transaction comes
+    # back while the client stream stands in the middle of a command.
+    a.send(P.encode_packet(b"\x03COMMIT", 0) + ATTACKS[name])
+    _, ok = a.packet()
+    assert ok[:1] == b"\x00" and not P.parse_ok(ok, a.caps).status & P.SERVER_STATUS_IN_TRANS
+    # Other sessions, one after another and together, are answered correctly and see no state.
+    sessions = [victim(proxy, mariadb_server) for _ in range(3)]
+    for _ in range(5):
+        for v in sessions:
+            assert state_of(v) == (None, 1, 42)
+            assert one(v, "SELECT CONNECTION_ID() > 0, 'mine'") == (1, "mine")
+    # The attacker leaves mid-command: its half command never ran anywhere.
+    a.sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the proxy notices the close asynchronously
+        for v in sessions:
+            assert state_of(v) == (None, 1, 42)
+        if time.monotonic() > deadline or proxy_sessions(proxy) <= 3:
+            break
+        time.sleep(0.05)
+    for v in sessions:
+        v.close()
+    # On the server, no connection kept the hidden state.
+    rows = mariadb_server.mariadb(
+        "SELECT COUNT(*) FROM information_schema.user_variables WHERE variable_name = 'leak'")
+    assert rows.strip() == "0"
+
+
+def proxy_sessions(proxy):
+    try:
+        return len(proxy.ctx.sessions)
+    except AttributeError:
+        return 0
+
+
+def test_whole_hidden_statement_after_commit_runs_only_for_its_own_session(proxy, mariadb_server):
+    """Control: the same bytes sent whole are the attacker's own business (pinned, not shared)."""
+    a = attacker(proxy, mariadb_server)
+    a.query("BEGIN")
+    a.send(P.encode_packet(b"\x03COMMIT", 0) + P.encode_packet(b"\x03" + HIDDEN, 0))
+    a.read_response()
+    a.read_response()
+    assert a.query("SELECT @leak") == [["crossed"]]
+    v = victim(proxy, mariadb_server)
+    assert state_of(v) == (None, 1, 42)
+    v.close()
+    a.close()
