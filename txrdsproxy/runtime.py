@@ -33,13 +33,13 @@ from twisted.python.failure import Failure
 from txrdsproxy.config import model
 from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import READ_WRITE, Topology
+from txrdsproxy.pool.janitor import PoolJanitor
 from txrdsproxy.pool.pool import BackendPool
 from txrdsproxy.proxy.session import ProxyContext
 from txrdsproxy.proxy.limits import ConnectionRateLimiter
 
 log = Logger()
 
-JANITOR_INTERVAL = 10.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
@@ -182,7 +182,7 @@ class ProxyRuntime:
         self.status = ProxyStatus.CREATING
         self.created = reactor.seconds()
         self.updated = self.created
-        self._janitor = None
+        self._janitor = PoolJanitor(self.ctx.pool, reactor)
         self._running = False
 
     @property
@@ -211,14 +211,10 @@ class ProxyRuntime:
         if self._running:
             return
         self._running = True
-        self._janitor = self.reactor.callLater(JANITOR_INTERVAL, self._tidy)
+        self._janitor.start()
         if self.ctx.monitor is not None:
             self.ctx.monitor.start()
         self.status = ProxyStatus.AVAILABLE
-
-    def _tidy(self):
-        self.ctx.pool.trim_idle()
-        self._janitor = self.reactor.callLater(JANITOR_INTERVAL, self._tidy)
 
     def stop_listening(self):
         """-> Deferred that fires once the port is closed (new clients are refused)."""
@@ -236,9 +232,7 @@ class ProxyRuntime:
         """
         self.status = ProxyStatus.DELETING
         self._running = False
-        if self._janitor is not None and self._janitor.active():
-            self._janitor.cancel()
-        self._janitor = None
+        self._janitor.stop()
         if self.ctx.monitor is not None:
             self.ctx.monitor.stop()
         d = self.stop_listening()

@@ -14,7 +14,7 @@ from txrdsproxy.auth.iam import PrincipalStore
 from txrdsproxy.auth.secrets import build_secrets_store
 from txrdsproxy.metrics import Metrics
 from txrdsproxy.runtime import (  # noqa: F401  (re-exported: older imports use service.*)
-    JANITOR_INTERVAL, ListenFailed, ProxyRegistry, bind_now, build_monitor, build_proxy)
+    ListenFailed, ProxyRegistry, bind_now, build_monitor, build_proxy)
 
 log = Logger()
 

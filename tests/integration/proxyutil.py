@@ -25,7 +25,8 @@ HOST = "127.0.0.1"
 
 # Keys of ConnectionPoolConfig; any other override goes on the DBProxy itself.
 POOL_KEYS = frozenset(("MaxConnectionsPercent", "MaxIdleConnectionsPercent",
-                       "ConnectionBorrowTimeout", "SessionPinningFilters", "InitQuery"))
+                       "ConnectionBorrowTimeout", "SessionPinningFilters", "InitQuery",
+                       "IdleConnectionTimeout"))
 
 
 def find_free_port():
@@ -77,6 +78,8 @@ def write_config(dir, engine, name, listen, entries, targets, overrides):
         (pool if key in POOL_KEYS else proxy)[key] = value
     if "MaxIdleConnectionsPercent" not in overrides:
         pool["MaxIdleConnectionsPercent"] = min(50, pool["MaxConnectionsPercent"])
+    elif pool["MaxIdleConnectionsPercent"] is None:  # not set: the RDS default (half)
+        del pool["MaxIdleConnectionsPercent"]
     proxy["TargetGroups"] = [{"TargetGroupName": "default", "ConnectionPoolConfig": pool,
                               "Targets": targets}]
     config = {"Secrets": {"Backend": "file", "Path": "secrets.json"}, "DBProxies": [proxy]}

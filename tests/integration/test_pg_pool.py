@@ -62,7 +62,8 @@ def test_200_clients_50_transactions_cap_10(pg_server_factory, pg_proxy_factory)
 
 def test_idle_connections_above_max_idle_percent_are_closed(pg_proxy_factory, pg_server):
     # max_connections 100: cap 10, at most 2 idle.
-    proxy = pg_proxy_factory(MaxConnectionsPercent=10, MaxIdleConnectionsPercent=2)
+    proxy = pg_proxy_factory(MaxConnectionsPercent=10, MaxIdleConnectionsPercent=2,
+                             IdleConnectionTimeout=0.2)
     conns = [psycopg.connect(proxy.dsn(pg_server)) for _ in range(6)]
     try:
         pids = set()

@@ -139,8 +139,14 @@ def test_pool_defaults_with_an_empty_pool_config():
     data = minimal()
     pool0(data)
     pool = parse_config(data).proxies[0].target_group.connection_pool_config
-    assert (pool.max_connections_percent, pool.max_idle_connections_percent, pool.connection_borrow_timeout) == \
-        (100, 50, 120)
+    assert (pool.max_connections_percent, pool.max_idle_connections_percent, pool.connection_borrow_timeout,
+            pool.idle_connection_timeout) == (100, 50, 120, 60)
+
+
+def test_idle_connection_timeout_is_read():
+    data = minimal()
+    pool0(data)["IdleConnectionTimeout"] = 0.5
+    assert parse_config(data).proxies[0].target_group.connection_pool_config.idle_connection_timeout == 0.5
 
 
 def test_idle_default_is_half_of_max_connections_percent_as_in_the_rds_api():
@@ -233,6 +239,8 @@ CASES = [
      "DBProxies[0].TargetGroups[0].ConnectionPoolConfig.MaxIdleConnectionsPercent: must be between 0 and 100"),
     (lambda d: pool0(d).update(MaxConnectionsPercent=40, MaxIdleConnectionsPercent=60),
      "DBProxies[0].TargetGroups[0].ConnectionPoolConfig.MaxIdleConnectionsPercent: must not exceed MaxConnectionsPercent (40)"),
+    (lambda d: pool0(d).update(IdleConnectionTimeout=0),
+     "DBProxies[0].TargetGroups[0].ConnectionPoolConfig.IdleConnectionTimeout: must be between 0.1 and 86400"),
     (lambda d: pool0(d).update(ConnectionBorrowTimeout=3601),
      "DBProxies[0].TargetGroups[0].ConnectionPoolConfig.ConnectionBorrowTimeout: must be between 0 and 3600"),
     (lambda d: proxy0(d).update(IdleClientTimeout=0), "DBProxies[0].IdleClientTimeout: must be between 1 and 28800"),

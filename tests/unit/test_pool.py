@@ -373,21 +373,42 @@ def test_release_of_a_connection_lost_while_borrowed_does_not_close_it_again():
     assert pool.connections() == []
 
 
-def test_idle_cap_closes_extra_connections():
+def test_release_never_closes_for_the_idle_cap():
+    # The regression of issue 7: with the idle cap at 2, the third connection returned used to
+    # be closed at once, and the next borrow opened a new one (a login per transaction).
     pool, connector, _ = make(max_pct=100, idle_pct=20, server_max=10)  # 2 idle at most
     leases = [borrow_now(pool, connector) for _ in range(3)]
     assert pool.max_idle_connections == 2
     for lease in leases:
         lease.release()
-    assert [lease.conn.state for lease in leases] == ["idle", "idle", "closed"]
-    assert leases[2].conn.closed_reason == "above MaxIdleConnectionsPercent"
+    assert [lease.conn.state for lease in leases] == ["idle", "idle", "idle"]
+    again = [borrow_now(pool, connector) for _ in range(3)]
+    assert {l.conn for l in again} == {l.conn for l in leases}
+    assert len(connector.made) == 3
 
 
-def test_zero_idle_percent_keeps_nothing_idle():
+def test_zero_idle_percent_still_reuses_under_load():
     pool, connector, _ = make(idle_pct=0)
     lease = borrow_now(pool, connector)
     lease.release()
-    assert lease.conn.state == "closed"
+    assert lease.conn.state == "idle"
+    assert borrow_now(pool, connector).conn is lease.conn
+    assert len(connector.made) == 1
+
+
+def test_steady_load_opens_no_more_than_the_pool_size():
+    # 20 clients on a pool of 20 with the RDS defaults (idle cap half the pool), each doing
+    # transactions in turn: 20 connections, then reuse only.
+    pool, connector, clock = make(max_pct=20, idle_pct=10, server_max=100)
+    leases = [None] * 20
+    for rnd in range(50):
+        for i in range(20):
+            if leases[i] is not None:
+                leases[i].release()
+            leases[i] = borrow_now(pool, connector, A)
+            clock.advance(0.001)
+    assert len(connector.made) == 20
+    assert all(c.state != "closed" for c in connector.made)
 
 
 def test_waiter_of_another_key_at_the_cap_evicts_an_idle_connection():
@@ -519,27 +540,34 @@ def test_reset_finishing_after_shutdown_closes_the_connection():
     assert pool.connections() == []
 
 
-def test_trim_idle_closes_long_idle_connections():
-    pool, connector, clock = make()
-    l1 = borrow_now(pool, connector)
-    l2 = borrow_now(pool, connector)
-    l1.release()
-    clock.advance(50)
-    l2.release()
-    clock.advance(20)
-    pool.trim_idle(max_idle_time=60)
-    assert l1.conn.state == "closed" and l1.conn.closed_reason == "idle too long"
-    assert l2.conn.state == "idle"
-    pool.trim_idle()
-    assert l2.conn.state == "idle"
+def test_trim_idle_closes_only_the_oldest_above_the_cap_once_idle_long_enough():
+    pool, connector, clock = make(idle_pct=20, server_max=10)  # idle cap 2; lifetime 60 s
+    assert pool.config.idle_connection_timeout == 60
+    leases = [borrow_now(pool, connector) for _ in range(4)]
+    for lease in leases:  # idle since 0, 10, 20, 30
+        lease.release()
+        clock.advance(10)
+    clock.advance(59 - clock.seconds())
+    assert pool.trim_idle() == 60  # the oldest is due at 60
+    assert all(l.conn.state == "idle" for l in leases)
+    clock.advance(65 - clock.seconds())
+    assert pool.trim_idle() == 70  # the second oldest is due at 70
+    assert [l.conn.state for l in leases] == ["closed", "idle", "idle", "idle"]
+    assert leases[0].conn.closed_reason == "above MaxIdleConnectionsPercent"
+    clock.advance(1000 - clock.seconds())
+    assert pool.trim_idle() is None
+    assert [l.conn.state for l in leases] == ["closed", "closed", "idle", "idle"]
+    assert pool.idle_count() == 2 == pool.max_idle_connections
 
 
-def test_trim_idle_closes_the_oldest_above_the_idle_cap():
+def test_trim_idle_follows_a_lower_max_connections():
     pool, connector, clock = make(idle_pct=50, server_max=10)  # 5 idle
     leases = [borrow_now(pool, connector) for _ in range(4)]
     for lease in leases:
         clock.advance(1)
         lease.release()
+    clock.advance(60)
+    assert pool.trim_idle() is None
     pool.db_max_connections = 4  # as a later connection would report: idle cap now 2
     pool.trim_idle()
     assert [l.conn.state for l in leases] == ["closed", "closed", "idle", "idle"]

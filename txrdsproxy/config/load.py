@@ -338,7 +338,7 @@ def _target_group(node, engine):
     cp = node.get("ConnectionPoolConfig", dict)
     if cp is not None:
         cp.mapping({"MaxConnectionsPercent", "MaxIdleConnectionsPercent", "ConnectionBorrowTimeout",
-                    "SessionPinningFilters", "InitQuery"})
+                    "SessionPinningFilters", "InitQuery", "IdleConnectionTimeout"})
         filters = []
         allowed = m.PINNING_FILTERS[engine]
         for f in cp.get("SessionPinningFilters", list, []):
@@ -353,6 +353,7 @@ def _target_group(node, engine):
             max_connections_percent=max_pct,
             max_idle_connections_percent=idle_pct,
             connection_borrow_timeout=cp.ranged("ConnectionBorrowTimeout", float, 120.0, 0, 3600),
+            idle_connection_timeout=cp.ranged("IdleConnectionTimeout", float, 60.0, 0.1, 86400),
             session_pinning_filters=tuple(filters),
             init_query=cp.get("InitQuery", str, ""),
         )

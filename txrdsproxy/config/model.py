@@ -47,6 +47,9 @@ class ConnectionPoolConfig:
     max_connections_percent: int = 100
     max_idle_connections_percent: int = 50
     connection_borrow_timeout: float = 120.0
+    # Ours (PgBouncer's server_idle_timeout): idle connections above MaxIdleConnectionsPercent
+    # are closed once idle this long (seconds), oldest first, by the pool's janitor.
+    idle_connection_timeout: float = 60.0
     session_pinning_filters: Tuple[str, ...] = ()
     init_query: str = ""
 

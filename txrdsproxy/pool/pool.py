@@ -6,7 +6,9 @@ Engine-neutral.  A connector (one per engine family) opens authenticated connect
 Limits (RDS Proxy's ConnectionPoolConfiguration):
 - all connections of the pool, over every key, stay within MaxConnectionsPercent of the database's
   `max_connections`, which each new connection reports (so a change on the server is followed);
-- idle connections above MaxIdleConnectionsPercent of `max_connections` are closed on return;
+- idle connections above MaxIdleConnectionsPercent of `max_connections` are closed by the janitor
+  (`pool/janitor.py`) once they have been idle for IdleConnectionTimeout, oldest first; never on
+  return, so a pool under load keeps the connections it is using;
 - a borrow that cannot be served waits in one FIFO queue for up to ConnectionBorrowTimeout.
 Until the first connection has reported `max_connections`, one connection may be opening.
 
@@ -266,10 +268,7 @@ class BackendPool:
             if limit is None or len(self._all) <= limit:
                 conn.state = "idle"
                 conn.idle_since = self.clock.seconds()
-                if len(self._all) <= self.max_idle_connections or self._idle_total() < self.max_idle_connections:
-                    self._idle[conn.key].append(conn)
-                else:
-                    self._close(conn, "above MaxIdleConnectionsPercent")
+                self._idle[conn.key].append(conn)
                 return
         decision, why = on_release(conn.state, clean, needs_reset, len(self._all), self.max_connections)
         if conn in self._retired:
@@ -309,9 +308,6 @@ class BackendPool:
         if self._waiters and not self._room_for_one():
             self._close(conn, "making room for a waiter of another user/database")
             self._dispatch()
-            return
-        if len(self._all) > self.max_idle_connections and self._idle_total() >= self.max_idle_connections:
-            self._close(conn, "above MaxIdleConnectionsPercent")
             return
         self._idle[conn.key].append(conn)
         if self._waiters:
@@ -389,8 +385,9 @@ class BackendPool:
         """Use *pool_config* (a ConnectionPoolConfig) from the next borrow on.
 
         A lower MaxConnectionsPercent closes idle connections above the new cap now and the
-        borrowed ones above it as they come back (the release rule); a lower idle cap trims
-        idle connections now; a higher cap serves waiting borrows at once.  The new
+        borrowed ones above it as they come back (the release rule); under a lower idle cap the
+        janitor closes the idle connections above it once idle for IdleConnectionTimeout (those
+        already idle that long now); a higher cap serves waiting borrows at once.  The new
         ConnectionBorrowTimeout applies to borrows made from now on."""
         self.config = pool_config
         limit = self.max_connections
@@ -416,17 +413,29 @@ class BackendPool:
         return self._stalled
 
     # -- maintenance ----------------------------------------------------------------------------
-    def trim_idle(self, max_idle_time=None):
-        """Close idle connections above the idle cap, and those idle longer than *max_idle_time*."""
+    def idle_count(self):
+        return self._idle_total()
+
+    def trim_idle(self):
+        """Close idle connections above the idle cap that have been idle for the pool's
+        IdleConnectionTimeout, oldest first (the janitor's job; never done on release, so a
+        pool under load keeps the connections it is using).
+
+        -> the time at which the next idle connection above the cap will have been idle long
+        enough, or None when the idle count is within the cap.
+        """
+        cap = self.max_idle_connections
+        if self._idle_total() <= cap:
+            return None
         now = self.clock.seconds()
-        idle = sorted((c for conns in self._idle.values() for c in conns), key=lambda c: c.idle_since)
-        excess = len(idle) - self.max_idle_connections
-        for conn in idle:
-            if excess > 0:
-                excess -= 1
-                self._close(conn, "above MaxIdleConnectionsPercent")
-            elif max_idle_time is not None and now - conn.idle_since > max_idle_time:
-                self._close(conn, "idle too long")
+        lifetime = self.config.idle_connection_timeout
+        idle = sorted((c for conns in self._idle.values() for c in conns), key=_idle_since)
+        excess = len(idle) - cap
+        for conn in idle[:excess]:
+            if now - conn.idle_since < lifetime:
+                return conn.idle_since + lifetime
+            self._close(conn, "above MaxIdleConnectionsPercent")
+        return None
 
     def close_all(self, reason):
         """Close every idle connection now; borrowed ones close when they are returned."""
@@ -443,6 +452,10 @@ class BackendPool:
             self._drop_waiter(waiter)
             waiter.deferred.errback(PoolClosed(self.name))
         self.close_all("proxy stopping")
+
+
+def _idle_since(conn):
+    return conn.idle_since
 
 
 class _Opening:
