@@ -906,7 +906,7 @@ def test_huge_data_row_is_forwarded_progressively():
             assert len(sink.data) == fed
     assert sink.data == stream
     assert sink.of("ready") == [(b"I",)]
-    assert len(conn._partial) == 0 and conn._skip == 0
+    assert conn._scanner.at_boundary
     # No chunk was copied into one big buffer: each delivery is at most a chunk (plus a header).
     assert max(len(e[1]) for e in sink.events if e[0] == "data") <= chunk + 5
 

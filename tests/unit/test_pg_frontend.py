@@ -646,6 +646,7 @@ def test_debug_logging_logs_statement_text_and_stops_after_24_hours():
         harness = Harness(DebugLogging=True)
         harness.login()
         harness.send(msg.query("SELECT 'visible'"))
+        harness.pool.give()  # statements are logged as they go to the database
         assert lines == ["SELECT 'visible'"]
         harness.clock.advance(24 * 3600 + 1)
         harness.send(msg.query("SELECT 'hidden'"))

@@ -4,7 +4,7 @@ import pytest
 
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation, message, split_messages
-from txrdsproxy.wire.pg.statements import StatementTracker
+from txrdsproxy.wire.pg.statements import PIN, StatementTracker
 
 
 class Conn:
@@ -143,8 +143,10 @@ def test_sql_deallocate_of_a_tracked_name_is_rewritten():
     out = t.rewrite(conn, msg.query("DEALLOCATE _pg3_0"))
     assert messages(out) == [(b"Q", b"DEALLOCATE txrds_8_0\0")]
     assert t.statements == {} and conn.prepared == set()
-    # Quoted names keep their case; unknown names are left for the server to refuse.
+    # Quoted names keep their case; a name the session does not own is not rewritten, and
+    # the session must pin (it may be another session's statement on this connection).
     assert t.rewrite(conn, msg.query('DEALLOCATE "Nope"')) == msg.query('DEALLOCATE "Nope"')
+    assert t.message(conn, ord("Q"), b'DEALLOCATE "Nope"\0') is PIN
 
 
 def test_deallocate_all_and_discard_all_forget_everything():

@@ -17,13 +17,16 @@ from twisted.logger import Logger
 from txrdsproxy.proxy.connector import BackendConnection, Connector
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
-from txrdsproxy.wire.pg.framing import ProtocolViolation, message, split_messages
+from txrdsproxy.wire.pg.framing import ProtocolViolation
+from txrdsproxy.wire.pg.scanner import DROP, HALT, MessageScanner, limits_table, maxima_table
 
-_unpack_len = struct.Struct("!I").unpack_from
-_Z = ord("Z")
-_S = ord("S")
-_E = ord("E")
-_PARSE_COMPLETE = ord("1")
+_R, _S, _K, _E, _Z, _D = (ord(c) for c in "RSKEZD")
+STREAM_MAX = 0x7FFFFFFF  # forwarded messages may be any length: they stream
+# Lent: the session's client gets everything; the proxy reads only these (body bytes needed).
+LENT_LIMITS = limits_table({b"Z": 1, b"S": 65536, b"E": 65536}, default=0)
+LENT_TRACKED_LIMITS = limits_table({b"Z": 1, b"S": 65536, b"E": 65536, b"1": 1}, default=0)
+# Not lent: every message is read whole (bounded by MaxMessageSize).
+WHOLE_LIMITS = limits_table({}, default=STREAM_MAX)
 MAX_TRACKED_STATEMENTS = 1000  # per connection; above this, DEALLOCATE ALL on the next return
 
 # Runtime parameters each client session owns.  None means "the server's default".
@@ -69,6 +72,8 @@ class PgBackendConnection(BackendConnection):
         self.target = target
         self.credentials = credentials
         self.init_query = init_query
+        self._sink = None
+        self._scanner = MessageScanner(WHOLE_LIMITS, max_message_size, self._login_scanned)
         self.max_message_size = max_message_size
         self.state = "connecting"
         self.idle_since = 0.0
@@ -86,14 +91,28 @@ class PgBackendConnection(BackendConnection):
         self.pending = set()  # ... sent, ParseComplete not yet seen
         self.statement_tracker = None  # the lending session's StatementTracker, if it has one
         self.ready = defer.Deferred()  # fires with self once logged in and initialised
-        self._buf = bytearray()
+        self._after = None  # what to do once the scanner halted (after a ReadyForQuery)
         self._op = None  # (Deferred, collected rows, first error) of the running internal op
         self._scram = None
         self._sink = None
-        self._skip = 0
-        self._partial = b""
         self._closing_reason = None
         self._on_made = on_connection_made
+
+    @property
+    def max_message_size(self):
+        """The longest message read whole while not lent (MaxMessageSize)."""
+        return self._max_message_size
+
+    @max_message_size.setter
+    def max_message_size(self, value):
+        self._max_message_size = value
+        # Lent: any length streams, except what the proxy reads (a ReadyForQuery is 5 bytes, a
+        # ParameterStatus at most 64 KB, an ErrorResponse at most MaxMessageSize).
+        self._lent_maxima = maxima_table(STREAM_MAX, {b"Z": 5, b"S": 65536 + 4, b"E": value, b"1": 4})
+        if self._sink is None:
+            self._scanner.max_size = value
+        else:
+            self._scanner.set_maxima(self._lent_maxima)
 
     def __repr__(self):
         return f"<pg {self.target.rds_resource_id} {self.key[0]}@{self.key[1]} pid={self.backend_pid} {self.state}>"
@@ -104,8 +123,8 @@ class PgBackendConnection(BackendConnection):
         self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
         self.transport.write(msg.startup_message({"user": user, "database": database}))
 
-    def _login_message(self, kind, payload):
-        if kind == b"R":
+    def _login_scanned(self, kind, payload):
+        if kind == _R:
             code, data = msg.parse_auth_request(payload)
             if code == msg.AUTH_OK:
                 return
@@ -128,19 +147,23 @@ class PgBackendConnection(BackendConnection):
                 self._scram.server_final(data)
             else:
                 raise ProtocolViolation(f"unsupported authentication request {code} from the database")
-        elif kind == b"S":
+        elif kind == _S:
             name, value = msg.parse_parameter_status(payload)
             self.server_params[name] = value
-        elif kind == b"K":
+        elif kind == _K:
             self.backend_pid, self.backend_secret = msg.parse_backend_key_data(payload)
-        elif kind == b"E":
+        elif kind == _E:
             self._fail_login(DatabaseError(msg.parse_error_fields(payload)))
-        elif kind == b"Z":
+            return HALT
+        elif kind == _Z:
             self.txn_status = payload[:1]
             self.initial_params = dict(self.server_params)
             self.state = "initialising"
-            self._initialise()
+            self._use_internal()
+            self._after = self._initialise
+            return HALT
         # NoticeResponse and others during login are ignored.
+        return None
 
     @defer.inlineCallbacks
     def _initialise(self):
@@ -176,29 +199,39 @@ class PgBackendConnection(BackendConnection):
         self.transport.write(msg.query(sql))
         return self.bounded(d, "internal query")
 
-    def _internal_message(self, kind, payload):
+    def _internal_scanned(self, kind, payload):
         op = self._op
-        if kind == b"S":
+        if kind == _S:
             name, value = msg.parse_parameter_status(payload)
             self.server_params[name] = value
-            return
+            return None
         if op is None:
-            if kind == b"E":
+            if kind == _E:
                 fields = msg.parse_error_fields(payload)
                 self.close(f"database error on an idle connection: {fields.get('M')}")
-            return  # notices on an idle connection
-        if kind == b"D":
+                return HALT
+            return None  # notices on an idle connection
+        if kind == _D:
             op[1].append(_data_row(payload))
-        elif kind == b"E":
+        elif kind == _E:
             if op[2] is None:
                 op[2] = DatabaseError(msg.parse_error_fields(payload))
-        elif kind == b"Z":
+        elif kind == _Z:
+            if self._scanner.length != 5:
+                raise ProtocolViolation(f"bad length {self._scanner.length} for ReadyForQuery")
             self.txn_status = payload[:1]
             self._op = None
-            if op[2] is not None:
-                op[0].errback(op[2])
-            else:
-                op[0].callback(op[1])
+            self._after = lambda: self._op_done(op)
+            return HALT
+        return None
+
+    def _op_done(self, op):
+        """An internal operation's ReadyForQuery: fire its Deferred (whose callbacks may lend
+        the connection: what the server sends next then goes to that session)."""
+        if op[2] is not None:
+            op[0].errback(op[2])
+        else:
+            op[0].callback(op[1])
 
     def sync_params(self, desired):
         """Bring this connection's session parameters to *desired*; Deferred fires when done."""
@@ -248,121 +281,83 @@ class PgBackendConnection(BackendConnection):
 
     # -- lending --------------------------------------------------------------------------------
     def attach(self, sink):
-        """Forward everything the server sends to *sink* (a session) until `detach`."""
+        """Forward everything the server sends to *sink* (a session) until `detach`; with a
+        `statement_tracker` set, ParseCompletes answering injected Parses are swallowed."""
         self._sink = sink
-        self._partial = b""
-        self._skip = 0
+        sc = self._scanner
+        sc.limits = LENT_TRACKED_LIMITS if self.statement_tracker is not None else LENT_LIMITS
+        sc.set_maxima(self._lent_maxima)
+        sc.inspect = self._lent_scanned
+        sc.emit = sink.backend_data
 
     def detach(self):
         self._sink = None
         self.statement_tracker = None
+        self._use_internal()
+
+    def _use_internal(self):
+        """Not lent: whole messages are read and decoded (login, internal operations)."""
+        sc = self._scanner
+        sc.limits = WHOLE_LIMITS
+        sc.max_size = self.max_message_size
+        sc.inspect = self._login_scanned if self.state == "connecting" else self._internal_scanned
+        sc.emit = None
 
     def write(self, data):
         self.transport.write(data)
 
     # -- reading --------------------------------------------------------------------------------
     def dataReceived(self, data):
-        if self._sink is not None:
-            try:
-                self._forward(data)
-            except ProtocolViolation as e:
-                self.close(f"protocol violation from the database: {e}")
-            return
-        buf = self._buf
-        buf += data
+        sc = self._scanner
         try:
-            msgs, used = split_messages(buf, self.max_message_size)
-            del buf[:used]
-            handler = self._login_message if self.state == "connecting" else self._internal_message
-            for i, (kind, payload) in enumerate(msgs):
-                handler(kind, payload)
-                if self.state == "connecting":
-                    handler = self._login_message
-                else:
-                    handler = self._internal_message
-                if self._sink is not None:  # lent by a callback of this Z: the rest is the session's
-                    rest = b"".join(message(k, p) for k, p in msgs[i + 1:]) + bytes(buf)
-                    del buf[:]
-                    if rest:
-                        self._forward(rest)
-                    break
+            sc.feed(data)
+            while sc.halted:
+                after, self._after = self._after, None
+                if after is not None:
+                    after()
+                if self.state == "closed":
+                    return
+                sc.scan()
         except (ProtocolViolation, pgauth.AuthError) as e:
             if self.ready is not None:
                 self._fail_login(e)
             else:
                 self.close(f"protocol violation from the database: {e}")
 
-    def _forward(self, data):
-        """Relay *data* to the sink, noticing ReadyForQuery and ParameterStatus."""
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        n = len(data)
-        pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
-            self._sink.backend_data(data)
-            return
-        self._skip = 0
-        start = 0
-        unpack = _unpack_len
-        tracker = self.statement_tracker
-        while n - pos >= 5:
-            kind = data[pos]
-            (length,) = unpack(data, pos + 1)
-            stop = pos + 1 + length
-            if kind == _E or (kind == _PARSE_COMPLETE and tracker is not None):
-                if length < 4 or length > self.max_message_size:
-                    raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
-                if stop > n:
-                    break
-                if kind == _E:
-                    self._error_forwarded(data[pos + 5:stop])
-                    if tracker is not None:
-                        tracker.error(self)
-                elif tracker.parse_completed(self):  # answers a Parse the proxy injected
-                    if pos > start:
-                        self._sink.backend_data(data[start:pos])
-                    start = stop
-                pos = stop
-                continue
-            if kind == _Z or kind == _S:
-                if length < 4 or length > 65536:
-                    raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
-                if stop > n:
-                    break
-                if kind == _S:
-                    name, value = msg.parse_parameter_status(data[pos + 5:stop])
-                    self.server_params[name] = value
-                    if name in REPORTED_PARAMS:
-                        self.client_params[name] = value
-                        self._sink.parameter_changed(name, value)
-                    pos = stop
-                    continue
-                if length != 5:
-                    raise ProtocolViolation(f"bad length {length} for ReadyForQuery")
-                self.txn_status = data[pos + 5:pos + 6]
-                sink = self._sink
-                sink.backend_data(data[start:stop] if start or stop != n else data)
-                start = pos = stop
-                sink.ready_for_query(self.txn_status)
-                if self._sink is None:  # released: what follows belongs to no session
-                    if pos < n:
-                        self._buf += data[pos:]
-                        self.dataReceived(b"")
-                    return
-                continue
-            if length < 4:
-                raise ProtocolViolation(f"bad length {length} for {chr(kind)}")
-            if stop > n:
-                self._skip = stop - n
-                pos = n
-                break
-            pos = stop
-        if pos < n:
-            self._partial = data[pos:]
-        if pos > start:
-            self._sink.backend_data(data[start:pos] if start or pos != n else data)
+    def _lent_scanned(self, kind, body):
+        """A message the session's client is sent (the scanner forwards it): look at the few
+        that matter."""
+        if kind == _Z:
+            if self._scanner.length != 5:
+                raise ProtocolViolation(f"bad length {self._scanner.length} for ReadyForQuery")
+            self.txn_status = body
+            self._after = self._ready_lent
+            return HALT
+        if kind == _S:
+            if not self._scanner.whole:
+                raise ProtocolViolation("ParameterStatus too long")
+            name, value = msg.parse_parameter_status(body)
+            self.server_params[name] = value
+            if name in REPORTED_PARAMS:
+                self.client_params[name] = value
+                self._sink.parameter_changed(name, value)
+            return None
+        if kind == _E:
+            self._error_forwarded(body if self._scanner.whole else body + b"\0\0")
+            tracker = self.statement_tracker
+            if tracker is not None:
+                tracker.error(self)
+            return None
+        # ParseComplete (inspected only with a statement tracker)
+        if self._scanner.length != 4:
+            raise ProtocolViolation("bad length for ParseComplete")
+        return DROP if self.statement_tracker.parse_completed(self) else None
+
+    def _ready_lent(self):
+        """A ReadyForQuery reached the client: tell the session (which may release us)."""
+        sink = self._sink
+        if sink is not None:
+            sink.ready_for_query(self.txn_status)
 
     def _error_forwarded(self, payload):
         """An ErrorResponse went to the client: remember a FATAL/PANIC, the server's last word."""

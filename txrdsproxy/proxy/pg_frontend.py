@@ -26,18 +26,20 @@ from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
-from txrdsproxy.wire.pg import pinning
 from txrdsproxy.wire.pg.framing import (
     CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, ProtocolViolation,
-    split_messages, split_startup,
+    split_startup,
 )
+from txrdsproxy.wire.pg.frontend import ClientStream, StreamState
+from txrdsproxy.wire.pg.scanner import HALT, MessageScanner, limits_table
 from txrdsproxy.wire.pg.statements import StatementTracker
 
-_unpack_len = struct.Struct("!I").unpack_from
-_Q, _P, _B, _X, _S, _F = (ord(c) for c in "QPBXSF")
-_EXTENDED = frozenset(ord(c) for c in "PBDECH")  # open a batch that a Sync closes
-_WHOLE = frozenset((_Q, _P, _B))  # looked inside (pinning)
-PENDING_PAUSE = 4 * 1024 * 1024
+_X = ord("X")
+# Client input not yet forwarded (held while there is no connection, in any phase) above this
+# pauses reading; the largest message the proxy holds whole is far below it.
+PENDING_PAUSE = 1024 * 1024
+AUTH_MAX = 65536  # a password / SASL message
+AUTH_LIMITS = limits_table({b"p": AUTH_MAX})
 ACCEPTED_STARTUP = frozenset(("user", "database", "replication") + SESSION_PARAMS)
 # Parameter names are case-insensitive (libpq sends PGTZ as "timezone", PGDATESTYLE as "datestyle").
 _CANONICAL = {name.lower(): name for name in ACCEPTED_STARTUP}
@@ -49,32 +51,41 @@ class PgFrontend(ClientSession):
     def __init__(self, ctx):
         super().__init__(ctx, "startup")
         self.desired = {}
-        self.outstanding = 0
-        self.unsynced = False
-        self._buf = bytearray()
-        self._pending = bytearray()
-        self._partial = b""
-        self._skip = 0
+        self._buf = bytearray()  # startup packets (each at most MAX_STARTUP_PACKET)
+        self._auth_scanner = None  # password messages while authenticating
         self._attaching = None  # a lease whose parameters are being synced
-        self._discard_until_sync = False
+        self._conn = None  # the lent connection while attached
         self._cancel_key = None
         self._auth = None
         pool_config = ctx.config.target_group.connection_pool_config
-        self._exclude_sets = pool_config.exclude_variable_sets
         # EXCLUDE_PREPARED_STATEMENTS: named statements follow the session instead of pinning it.
         self._stmts = StatementTracker(self.id) if pool_config.exclude_prepared_statements else None
         self._max = ctx.config.max_message_size
+        debug = (lambda text: ctx.debug_statement(self, text)) if ctx.debug_until else None
+        self._stream = ClientStream(self._max, pool_config.exclude_variable_sets, self._stmts, debug)
+        self._stream.reply = self._reply
+
+    def _reply(self, data):
+        self.transport.write(data)
+
+    @property
+    def outstanding(self):
+        return self._stream.outstanding
+
+    @property
+    def unsynced(self):
+        return self._stream.unsynced
 
     # -- ClientSession's questions and actions ----------------------------------------------------
     @property
     def busy(self):
-        return self.outstanding > 0
+        return self._stream.outstanding > 0
 
     def auth_timed_out(self):
         self._fatal(errors.AUTH_TIMEOUT)
 
     def left_cleanly(self, conn):
-        return self.outstanding == 0 and not self.unsynced and not self._partial and not self._skip
+        return self._stream.releasable
 
     def needs_reset(self, conn):
         return self.pin_reason is not None or conn.txn_status != b"I"
@@ -100,15 +111,20 @@ class PgFrontend(ClientSession):
             elif self._phase == "startup":
                 self._buf += data
                 self._startup()
+                self._check_pause()
             elif self._phase == "auth":
-                self._buf += data
+                self._auth_scanner.feed(data)
                 self._auth_data()
             elif self._phase == "login":
-                self._buf += data  # pipelined early: replayed once logged in
+                self._stream.feed(data)  # pipelined early: held until logged in
+                self._check_pause()
             # "closing": ignore
         except ProtocolViolation as e:
-            self.log.warn("{s}: protocol violation from client: {e}", s=self, e=e)
-            self._fatal(errors.protocol_violation(str(e)))
+            self._violation(e)
+
+    def _violation(self, e):
+        self.log.warn("{s}: protocol violation from client: {e}", s=self, e=e)
+        self._fatal(errors.protocol_violation(str(e)))
 
     # -- startup -----------------------------------------------------------------------------------
     def _startup(self):
@@ -209,6 +225,12 @@ class PgFrontend(ClientSession):
             return self._fatal(errors.no_credentials(self.user))
         entry, creds = found
         self._phase = "auth"
+        self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
+        if self._buf:  # sent on before our request: it can only be a password message
+            data = bytes(self._buf)
+            del self._buf[:]
+            self._auth_scanner.feed(data)
+            self._auth_data()
         if entry.client_password_auth_type == "POSTGRES_MD5":
             salt = os.urandom(4)
             self._auth = ["md5", creds, salt]
@@ -219,15 +241,22 @@ class PgFrontend(ClientSession):
             self.transport.write(msg.auth_sasl(["SCRAM-SHA-256"]))
 
     def _auth_data(self):
-        while self._phase == "auth":
-            msgs, used = split_messages(self._buf[:5 + 65536], 65536)
-            if not msgs:
-                return
-            kind, payload = msgs[0]
-            del self._buf[:5 + len(payload)]
-            if kind != b"p":
-                raise ProtocolViolation(f"expected a password message, got {kind!r}")
-            self._auth_message(payload)
+        sc = self._auth_scanner
+        while sc.halted and self._phase == "auth":
+            sc.scan()
+        if self._phase == "auth":
+            self._check_pause()
+        elif self._phase != "closing" and sc.buffered:
+            # Logged in (or logging in): what the client sent on belongs to the session.
+            self._stream.feed(sc.take_buffered())
+            if self._phase == "session":
+                self._after_input()
+            else:
+                self._check_pause()
+
+    def _auth_scanned(self, kind, payload):
+        self._auth_message(payload)
+        return HALT  # one message at a time: the phase may change after it
 
     def _auth_message(self, payload):
         method, creds, state = self._auth
@@ -331,98 +360,14 @@ class PgFrontend(ClientSession):
         self.start_idle_timer()
         if self.ctx.metrics is not None:
             self.ctx.metrics.client_connections_setup_succeeded.inc(self.ctx.name)
-        if self._buf:
-            data = bytes(self._buf)
-            del self._buf[:]
-            self._session_data(data)
+        if self._stream.buffered:  # sent during login: held until now
+            self._after_input()
 
     # -- the session: client -> database ------------------------------------------------------------
     def _session_data(self, data):
-        """Walk client message headers; count what will get a ReadyForQuery; classify pinning."""
-        if self._discard_until_sync:
-            data = self._drop_until_sync(data)
-            if not data:
-                return
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        n = len(data)
-        pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
-            self._to_backend(data)
-            return
-        self._skip = 0
-        start = 0
-        unpack = _unpack_len
-        while n - pos >= 5:
-            kind = data[pos]
-            (length,) = unpack(data, pos + 1)
-            if length < 4 or length > self._max:
-                raise ProtocolViolation(f"invalid length {length} for message {chr(kind)!r}")
-            stop = pos + 1 + length
-            if kind in _WHOLE:
-                if stop > n:
-                    break
-                if self.pin_reason is None:
-                    self._classify(kind, data[pos + 5:stop])
-                if self.ctx.debug_until and kind != _B:
-                    self._debug(kind, data[pos + 5:stop])
-                if kind == _Q:
-                    self.outstanding += 1
-                    self.queries += 1
-                else:
-                    self.unsynced = True
-            elif kind == _S:
-                self.outstanding += 1
-                self.queries += 1
-                self.unsynced = False
-            elif kind in _EXTENDED:
-                self.unsynced = True
-            elif kind == _F:
-                self.outstanding += 1
-            elif kind == _X:
-                if pos > start:
-                    self._to_backend(data[start:pos])
-                self._close_client()
-                return
-            if stop > n:
-                self._skip = stop - n
-                pos = n
-                break
-            pos = stop
-        if pos < n:
-            self._partial = data[pos:]
-        if pos > start:
-            self._to_backend(data[start:pos] if start or pos != n else data)
-
-    def _debug(self, kind, payload):
-        try:
-            text = msg.query_text(payload) if kind == _Q else msg.parse_parse(payload)[1]
-        except ProtocolViolation:
-            return
-        self.ctx.debug_statement(self, text)
-
-    def _classify(self, kind, payload):
-        try:
-            if kind == _Q:
-                reason = pinning.classify_query(msg.query_text(payload), self._exclude_sets)
-            elif kind == _P:
-                name, sql = msg.parse_parse(payload)
-                if self._stmts is not None:
-                    name = b""  # tracked by the StatementTracker: only the SQL may pin
-                reason = pinning.classify_parse(name, sql, self._exclude_sets)
-            else:
-                portal, _ = msg.parse_bind_portal(payload)
-                reason = pinning.classify_bind(portal)
-        except ProtocolViolation:
-            raise
-        if reason is not None:
-            self._pin(reason)
-
-    def _to_backend(self, data):
-        lease = self.lease
-        if lease is None and not self._pending and self._borrow_d is None and self._attaching is None:
+        stream = self._stream
+        if (self.lease is None and stream.state is StreamState.HELD and not stream.buffered
+                and self._borrow_d is None and self._attaching is None and len(data) >= 5 and data[0] != _X):
             # Start of a transaction, the common case: an idle connection whose parameters
             # already match is attached now and *data* goes straight out, without queueing.
             lease = self.ctx.pool.try_borrow(self.key)
@@ -430,23 +375,54 @@ class PgFrontend(ClientSession):
                 if lease.conn.client_params == self.desired:
                     self._attach(lease)
                 else:
-                    self._pending += data
                     self._got_lease(lease)
-                    return
-        if lease is not None:
-            if self._stmts is not None:
-                data = self._stmts.rewrite(lease.conn, data)
-                if not data:
-                    return
-            if not direct_write(lease.conn.transport, data):
-                self.write_queued(lease.conn)
+        stream.feed(data)
+        self._after_input()
+
+    def _after_input(self):
+        """After client bytes were taken: close, release, borrow or pause as they require."""
+        stream = self._stream
+        if stream.pin_reason is not None and self.pin_reason is None:
+            self._pin(stream.pin_reason)
+        if stream.terminated:
+            self._close_client()
             return
-        self._pending += data
-        if len(self._pending) > PENDING_PAUSE and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
-        if self._borrow_d is None and self._attaching is None:
-            self._borrow()
+        state = stream.state
+        if state is StreamState.FORWARDING:
+            # A message finished after the last ReadyForQuery (or one that gets no answer):
+            # the connection may be free now.
+            if (stream.releasable and self.pin_reason is None and self.lease is not None
+                    and self.lease.conn.txn_status == b"I"):
+                self._release()
+        elif state is StreamState.HELD and stream.wants_connection:
+            if self._borrow_d is None and self._attaching is None and self.lease is None:
+                try:
+                    first = stream.scanner.first_kind()
+                except ProtocolViolation as e:
+                    return self._violation(e)
+                if first == _X:
+                    self._close_client()
+                    return
+                self._borrow()
+        self._check_pause()
+
+    def _check_pause(self):
+        """Reading pauses while more than PENDING_PAUSE bytes wait unforwarded (any phase)."""
+        waiting = len(self._buf) + self._stream.buffered
+        if self._auth_scanner is not None:
+            waiting += self._auth_scanner.buffered
+        if waiting > PENDING_PAUSE:
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        elif self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _write_db(self, data):
+        conn = self._conn
+        if not direct_write(conn.transport, data):
+            self.write_queued(conn)
 
     def _borrow(self):
         lease = self.ctx.pool.try_borrow(self.key)
@@ -467,15 +443,20 @@ class PgFrontend(ClientSession):
             self._attach(lease)
             return
         # Bring the connection's session parameters to this session's first; the client's
-        # messages wait in _pending meanwhile.
+        # messages wait in the stream meanwhile.
         self._attaching = lease
         conn.sync_params(self.desired).addCallbacks(
-            lambda _: self._attach(lease), self._sync_failed, errbackArgs=(lease,))
+            lambda _: self._attach_later(lease), self._sync_failed, errbackArgs=(lease,))
 
     def _sync_failed(self, failure, lease):
         self._attaching = None
         lease.release(clean=lease.conn.state == "borrowed", needs_reset=True)
         self._borrow_failed(failure)
+
+    def _attach_later(self, lease):
+        self._attach(lease)
+        if self.lease is lease:
+            self._after_input()
 
     def _attach(self, lease):
         """The lease is usable: forward what the client sent meanwhile."""
@@ -485,21 +466,16 @@ class PgFrontend(ClientSession):
             return
         conn = lease.conn
         self.lease = lease
+        self._conn = conn
         if self.pin_reason is not None:
             conn.session_dirty = True
         conn.attach(self)
         conn.statement_tracker = self._stmts
         self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
-        if self._pending:
-            data = bytes(self._pending)
-            del self._pending[:]
-            if self._stmts is not None:
-                data = self._stmts.rewrite(conn, data)
-            if data and not direct_write(conn.transport, data):
-                self.write_queued(conn)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        try:
+            self._stream.attach(conn, self._write_db)
+        except ProtocolViolation as e:  # in bytes held until now
+            self._violation(e)
 
     def _borrow_failed(self, failure):
         self._borrow_d = None
@@ -507,50 +483,13 @@ class PgFrontend(ClientSession):
             return
         err = self._borrow_error(failure)
         self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
-        # Answer everything queued as PostgreSQL would after an error: one error per batch.
-        out = []
-        for _ in range(self.outstanding):
-            out.append(errors.as_error(err))
-            out.append(msg.ready_for_query(msg.IDLE))
-        if self.unsynced:
-            out.append(errors.as_error(err))
-            self._discard_until_sync = True
-        self.outstanding = 0
-        self.unsynced = False
-        del self._pending[:]
-        self._skip = 0
         self.set_state(SessionState.IDLE)
-        self.transport.write(b"".join(out))
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-        if self._partial and self._discard_until_sync:
-            data, self._partial = self._partial, b""
-            self._session_data(data)
-
-    def _drop_until_sync(self, data):
-        """After a failed borrow mid-batch: drop messages up to the Sync, answer it ourselves."""
-        buf = self._partial + data
-        self._partial = b""
-        pos = 0
-        while len(buf) - pos >= 5:
-            kind = buf[pos]
-            (length,) = _unpack_len(buf, pos + 1)
-            if length < 4 or length > self._max:
-                raise ProtocolViolation(f"invalid length {length}")
-            stop = pos + 1 + length
-            if stop > len(buf):
-                break
-            pos = stop
-            if kind == _S:
-                self._discard_until_sync = False
-                self.transport.write(msg.ready_for_query(msg.IDLE))
-                return buf[pos:]
-            if kind == _X:
-                self._close_client()
-                return b""
-        self._partial = buf[pos:]
-        return b""
+        # Answer everything queued as PostgreSQL would after an error: one error per batch.
+        try:
+            self._stream.refuse(err)
+        except ProtocolViolation as e:
+            return self._violation(e)
+        self._after_input()
 
     def _borrow_error(self, failure):
         if failure.check(BorrowTimeout):
@@ -576,25 +515,30 @@ class PgFrontend(ClientSession):
         if self._stmts is not None:
             self._stmts.ready()
         self.last_active = self.clock.seconds()  # IdleClientTimeout counts from the request's end
-        self.outstanding -= 1
-        if self.outstanding > 0 or self.unsynced:
-            return
-        self.outstanding = 0
-        if status == b"I" and self.pin_reason is None:
+        stream = self._stream
+        if stream.outstanding > 0:
+            stream.outstanding -= 1
+        if status == b"I" and self.pin_reason is None and stream.releasable:
+            # Only at a message boundary on this connection (DESIGN rule 9): a message the
+            # client began here is finished here first (see _after_input).
             self._release()
 
     def _release(self):
         lease, self.lease = self.lease, None
         conn = lease.conn
+        self._conn = None
         self._detach(conn)
+        self._stream.detach()
         self.set_state(SessionState.IDLE)
         cancelling = conn.cancel_in_flight
         if cancelling is not None and not cancelling.called:
             # A cancel for this session's query is on its way to the server: lend the connection
             # to nobody else until the server has taken it, so it can't hit another's query.
             cancelling.addBoth(lambda _: lease.release(clean=True))
-            return
-        lease.release(clean=True, needs_reset=conn.too_many_statements)
+        else:
+            lease.release(clean=True, needs_reset=conn.too_many_statements)
+        if self._stream.wants_connection:  # the next request has begun arriving
+            self._after_input()
 
     # -- ending -------------------------------------------------------------------------------------
     def _fatal(self, error):

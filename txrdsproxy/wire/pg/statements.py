@@ -24,10 +24,15 @@ import re
 import struct
 
 from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring, message
+from txrdsproxy.wire.pg.scanner import MessageScanner, limits_table
 
 _unpack_len = struct.Struct("!I").unpack_from
 _P, _B, _D, _C, _S, _Q, _F = (ord(c) for c in "PBDCSQF")
-_REWRITE = frozenset((_P, _B, _D, _C, _Q))
+# Body bytes the tracker needs per message kind (names; whole SQL up to the classifier's bound).
+NAMES_LIMIT = 65536
+QUERY_LIMIT = 16385  # pinning.MAX_STATEMENT_BYTES + NUL: longer statements pin anyway
+TRACKED_LIMITS = limits_table({b"Q": QUERY_LIMIT, b"P": NAMES_LIMIT, b"B": NAMES_LIMIT, b"D": NAMES_LIMIT,
+                               b"C": NAMES_LIMIT, b"S": 1, b"F": 1}, default=0)
 _DISCARD_ALL = re.compile(rb"^\s*discard\s+all\s*;?\s*$", re.IGNORECASE)
 _NAME = rb"(\"(?:[^\"]|\"\")+\"|[A-Za-z_][\w$]*)"
 _EXECUTE = re.compile(rb"^\s*execute\s+" + _NAME, re.IGNORECASE)
@@ -35,89 +40,101 @@ _DEALLOCATE = re.compile(rb"^\s*deallocate\s+(?:prepare\s+)?(all|\"(?:[^\"]|\"\"
                          re.IGNORECASE)
 
 
+PIN = object()  # returned by `message`: the session must pin (the name is not the session's)
+# Client statement names in the proxy's own namespace are mangled so they can never name a
+# statement the proxy prepared for another session ("txrds-" is never used for server names).
+_OWN = b"txrds_"
+_MANGLED = b"txrds-"
+
+
 class StatementTracker:
     """The named statements of one client session (client name -> server name, Parse body)."""
 
     def __init__(self, session_id):
         self.prefix = f"txrds_{session_id}_".encode()
-        self.statements = {}  # client name -> (server name, Parse body after the name)
+        self.statements = {}  # client name -> (server name, Parse body after the name or None)
         self._counter = 0
-        self._partial = b""
-        self._skip = 0
         self._batches = collections.deque([[]])  # per coming ReadyForQuery: [(server name, injected)]
+        self._scanner = None
 
     # -- client -> server ---------------------------------------------------------------------
     def rewrite(self, conn, data):
-        """The bytes to send to *conn* for client bytes *data* (whole messages where it matters).
-
-        Incomplete messages that may need rewriting are kept until the rest arrives; other
-        messages pass through as they come, even in pieces.
-        """
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        n = len(data)
-        pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
-            return data
-        self._skip = 0
+        """The bytes to send to *conn* for client bytes *data*, scanned with a MessageScanner of
+        the tracker's own (for callers that do not scan themselves; the session's ClientStream
+        calls `message` from its scanner instead).  Incomplete messages are held until the part
+        that may need rewriting is here."""
+        sc = self._scanner
+        if sc is None:
+            sc = self._scanner = MessageScanner(TRACKED_LIMITS, inspect=None, emit=None)
         out = []
-        start = 0
-        while n - pos >= 5:
-            kind = data[pos]
-            (length,) = _unpack_len(data, pos + 1)
-            stop = pos + 1 + length
-            if kind in _REWRITE:
-                if stop > n:
-                    break
-                new = self._message(conn, kind, data[pos + 5:stop])
-                if new is not None:
-                    out.append(data[start:pos])
-                    out.append(new)
-                    start = stop
-            else:
-                if kind == _S or kind == _F:  # each gets one ReadyForQuery: a batch ends
-                    self._batches.append([])
-                if stop > n:
-                    self._skip = stop - n
-                    pos = n
-                    break
-            pos = stop
-        if pos < n:
-            self._partial = data[pos:]
-        out.append(data[start:pos])
+        sc.emit = out.append
+
+        def inspect(kind, body):
+            out = self.message(conn, kind, body, sc.whole, sc.length)
+            return None if out is PIN else out
+
+        sc.inspect = inspect
+        sc.feed(data)
         return b"".join(out)
 
-    def _message(self, conn, kind, body):
-        """Rewritten bytes for one message, or None to send it unchanged."""
+    def message(self, conn, kind, body, whole=True, length=0):
+        """One client message seen by the scanner: -> replacement bytes (header and *body*),
+        None (unchanged) or PIN.  *body* is the whole body when *whole*, else its first bytes
+        and *length* the message's length field (a replacement then carries the new length)."""
         if kind == _Q:
-            out = self._query(conn, body)  # may inject a Parse: it belongs before this Query
+            out = self._query(conn, body) if whole else None  # may inject a Parse before the Query
             self._batches.append([])
             return out
+        if kind == _S or kind == _F:  # each gets one ReadyForQuery: a batch ends
+            self._batches.append([])
+            return None
         if kind == _P:
             name, pos = cstring(body)
+            rest = body[pos:]
             if not name:
-                return self._parse(conn, None, body[pos:], injected=False)
+                if whole:
+                    return self._parse(conn, None, rest, injected=False)
+                self._batches[-1].append((None, False))
+                return None
             server = self.prefix + str(self._counter).encode()
             self._counter += 1
-            rest = body[pos:]
+            if not whole:  # too large to keep: the session pins, the statement stays on its connection
+                self.statements[name] = (server, None)
+                conn.pending.add(server)
+                self._batches[-1].append((server, False))
+                return _header(b"P", length, len(server) - len(name)) + server + b"\0" + rest
             self.statements[name] = (server, rest)
             return self._parse(conn, server, rest, injected=False) or message(b"P", server + b"\0" + rest)
         if kind == _B:
             portal, pos = cstring(body)
             name, pos2 = cstring(body, pos)
-            found = self.statements.get(name) if name else None
-            if found is None:
+            if not name:
                 return None
-            return self._ensure(conn, found) + message(b"B", portal + b"\0" + found[0] + b"\0" + body[pos2:])
+            found = self.statements.get(name)
+            if found is None:
+                server = _foreign(name)
+                if server is name:
+                    return None
+                ensure = b""
+            else:
+                server = found[0]
+                ensure = self._ensure(conn, found)
+            new = portal + b"\0" + server + b"\0" + body[pos2:]
+            if whole:
+                return ensure + message(b"B", new)
+            return ensure + _header(b"B", length, len(server) - len(name)) + new
+        if kind != _D and kind != _C:
+            return None
         # Describe or Close: a kind byte then a name.
         if not body or body[0:1] != b"S":
             return None
         name, _ = cstring(body, 1)
-        found = self.statements.get(name) if name else None
-        if found is None:
+        if not name:
             return None
+        found = self.statements.get(name)
+        if found is None:
+            server = _foreign(name)
+            return None if server is name else message(bytes((kind,)), b"S" + server + b"\0")
         if kind == _D:
             return self._ensure(conn, found) + message(b"D", b"S" + found[0] + b"\0")
         del self.statements[name]
@@ -127,7 +144,7 @@ class StatementTracker:
     def _ensure(self, conn, found):
         """An injected Parse when *conn* lacks the statement, else b''."""
         server, rest = found
-        if server in conn.prepared or server in conn.pending:
+        if server in conn.prepared or server in conn.pending or rest is None:
             return b""
         return self._parse(conn, server, rest, injected=True)
 
@@ -169,7 +186,7 @@ class StatementTracker:
             return None
         found = self.statements.pop(_sql_name(target), None)
         if found is None:
-            return None
+            return PIN  # not this session's: it may be another's on this connection
         conn.prepared.discard(found[0])
         return message(b"Q", b"DEALLOCATE " + found[0] + b"\0")
 
@@ -209,6 +226,28 @@ class StatementTracker:
             self._batches.popleft()
         else:
             self._batches[0].clear()
+
+
+_MENTIONS_OWN = re.compile(rb"(?i)txrds_")
+
+
+def mentions_proxy_names(sql):
+    """True when SQL text may name a statement in the proxy's namespace (EXECUTE, DEALLOCATE,
+    PREPARE of `txrds_...`, in any disguise): the session must pin, so that whatever it does to
+    such a statement stays on a connection no other session uses until it is reset."""
+    return _MENTIONS_OWN.search(sql) is not None
+
+
+def _header(kind, length, delta):
+    """A message header for a message whose length field changes by *delta*."""
+    return kind + struct.pack("!I", length + delta)
+
+
+def _foreign(name):
+    """A name the session never prepared: unchanged, unless it is in the proxy's namespace."""
+    if name[:6].lower() == _OWN:
+        return _MANGLED + name[6:]
+    return name
 
 
 def _sql_name(token):

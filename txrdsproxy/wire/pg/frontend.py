@@ -1,0 +1,243 @@
+"""The client -> database direction of a logged-in PostgreSQL session, sans-IO.
+
+`ClientStream` reads the client's messages with the one `MessageScanner` and answers what the
+session (Twisted glue in proxy/pg_frontend.py) must know:
+
+- what to send to the database connection, and when (bytes are held while there is none);
+- how many requests will each get a ReadyForQuery (`outstanding`: Query, Sync, FunctionCall)
+  and whether an extended-protocol batch is open without its Sync (`unsynced`);
+- whether the connection may be given back (`releasable`): nothing outstanding, no open batch,
+  and no message half passed on to it -- a message begun on a connection is finished on it;
+- why the session pins (`pin_reason`), from the classifier and the statement tracker;
+- whether the client said goodbye (`terminated`).
+
+When no connection can be had (`refuse`), it answers queued requests itself as PostgreSQL
+would after an error: one error per Query/FunctionCall, one per extended batch, a ReadyForQuery
+at each Sync; messages of a batch after its error are dropped until the Sync.
+"""
+
+import enum
+
+from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.wire.pg import pinning
+from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring
+from txrdsproxy.wire.pg.scanner import DROP_HALT, MessageScanner, limits_table
+from txrdsproxy.wire.pg.statements import NAMES_LIMIT, PIN, QUERY_LIMIT, mentions_proxy_names
+
+_Q, _P, _B, _D, _E, _H, _C, _S, _F, _X = (ord(c) for c in "QPBDEHCSFX")
+_READY = msg.ready_for_query(msg.IDLE)
+
+# Every message type a client may send after login.  CopyData/CopyDone/CopyFail stream unseen
+# (PostgreSQL ignores them outside COPY); anything else is refused here rather than forwarded.
+SESSION_LIMITS = limits_table({
+    b"Q": QUERY_LIMIT, b"P": NAMES_LIMIT, b"B": NAMES_LIMIT, b"D": NAMES_LIMIT, b"C": NAMES_LIMIT,
+    b"E": 1, b"H": 1, b"S": 1, b"F": 1, b"X": 1, b"d": 0, b"c": 0, b"f": 0,
+})
+
+
+class StreamState(enum.Enum):
+    """Where the client's bytes go."""
+
+    HELD = "held"          # no database connection: bytes wait in the scanner
+    FORWARDING = "forwarding"  # scanned and sent to the attached connection
+    REFUSING = "refusing"  # no connection could be had: answered here, dropped
+
+
+class ClientStream:
+    """Client messages of one session after login (see the module docstring)."""
+
+    __slots__ = ("scanner", "outstanding", "unsynced", "requests", "pin_reason", "terminated",
+                 "state", "conn", "tracker", "exclude_sets", "reply", "debug", "_refusal",
+                 "_batch_failed")
+
+    def __init__(self, max_size, exclude_sets=False, tracker=None, debug=None):
+        self.scanner = MessageScanner(SESSION_LIMITS, max_size, self._message, hold=True)
+        self.outstanding = 0  # requests sent that will each get one ReadyForQuery
+        self.unsynced = False  # extended-protocol messages since the last Sync
+        self.requests = 0  # QueryRequests (Query, Sync) for the metrics
+        self.pin_reason = None  # pinning.PinReason once the session must keep its connection
+        self.terminated = False  # the client sent Terminate
+        self.state = StreamState.HELD
+        self.conn = None  # the connection bytes go to (the statement tracker's view of it)
+        self.tracker = tracker  # statements.StatementTracker with EXCLUDE_PREPARED_STATEMENTS
+        self.exclude_sets = exclude_sets
+        self.reply = None  # callable(bytes): answers to the client while refusing
+        self.debug = debug  # callable(statement text) while DebugLogging lasts, else None
+        self._refusal = None  # the ERROR sent for each refused request
+        self._batch_failed = False
+
+    # -- questions -------------------------------------------------------------------------------
+    @property
+    def releasable(self):
+        """The connection may go back: every request answered, no batch open, and the bytes sent
+        to it end at a message boundary (DESIGN rule 9)."""
+        return self.outstanding == 0 and not self.unsynced and not self.scanner.mid_message
+
+    @property
+    def wants_connection(self):
+        """Bytes wait and need a database connection (at least one whole header is here)."""
+        sc = self.scanner
+        return self.state is StreamState.HELD and sc.buffered >= 5
+
+    @property
+    def buffered(self):
+        return self.scanner.buffered
+
+    # -- driving ---------------------------------------------------------------------------------
+    def feed(self, data):
+        """Client bytes.  Sent on at once while FORWARDING, held while HELD, answered while
+        REFUSING.  Raises ProtocolViolation for bytes that are not valid client messages."""
+        self.scanner.feed(data)
+        if self.state is StreamState.REFUSING:
+            self._end_refusal()
+
+    def attach(self, conn, write):
+        """Send held and future bytes to *conn* with *write*(bytes)."""
+        sc = self.scanner
+        self.conn = conn
+        self.state = StreamState.FORWARDING
+        sc.emit = write
+        sc.hold = False
+        sc.scan()
+
+    def detach(self):
+        """Hold bytes again (the connection went back to the pool)."""
+        sc = self.scanner
+        sc.hold = True
+        sc.emit = None
+        self.conn = None
+        self.state = StreamState.HELD
+
+    def refuse(self, error):
+        """No connection can be had: answer what is held with *error* (an encoded ErrorResponse,
+        sent with severity ERROR) as PostgreSQL would, drop the rest of an open batch."""
+        self._refusal = msg.error_response(*_code_and_text(error), severity="ERROR")
+        self._batch_failed = False
+        sc = self.scanner
+        sc.emit = None
+        sc.hold = False
+        self.conn = None
+        self.state = StreamState.REFUSING
+        out = []
+        self.reply, reply = out.append, self.reply
+        try:
+            # Requests already counted went to no database: answer them first.
+            for _ in range(self.outstanding):
+                out.append(self._refusal + _READY)
+            self.outstanding = 0
+            if self.unsynced:
+                out.append(self._refusal)
+                self._batch_failed = True
+            sc.scan()
+        finally:
+            self.reply = reply
+        if out:
+            reply(b"".join(out))
+        self._end_refusal()
+
+    def _end_refusal(self):
+        if not self.unsynced and not self.scanner.mid_message and not self.terminated:
+            self._refusal = None
+            self.detach()
+
+    # -- one message (called by the scanner) -----------------------------------------------------
+    def _message(self, kind, body):
+        if self._refusal is not None:
+            return self._refused(kind)
+        tracker = self.tracker
+        if kind == _Q:
+            self.outstanding += 1
+            self.requests += 1
+            whole = self.scanner.whole
+            sql = msg.query_text(body) if whole else body
+            if self.pin_reason is None:
+                self._pin(pinning.classify_query(sql, self.exclude_sets))
+            if self.debug is not None:
+                self.debug(sql)
+            if tracker is not None:
+                if self.pin_reason is None and mentions_proxy_names(sql):
+                    self._pin(pinning.PinReason.PREPARED_STATEMENT)
+                out = tracker.message(self.conn, kind, body, whole)
+                if out is PIN:
+                    self._pin(pinning.PinReason.PREPARED_STATEMENT)
+                    return None
+                return out
+            return None
+        if kind == _S:
+            self.outstanding += 1
+            self.requests += 1
+            self.unsynced = False
+            if tracker is not None:
+                tracker.message(self.conn, kind, body)
+            return None
+        if kind == _X:
+            self.terminated = True
+            return DROP_HALT
+        if kind == _F:
+            self.outstanding += 1
+            if tracker is not None:
+                tracker.message(self.conn, kind, body)
+            return None
+        self.unsynced = True
+        if kind == _P:
+            self._parse(body)
+        elif kind == _B:
+            if self.pin_reason is None:
+                portal, _ = cstring(body)
+                self._pin(pinning.classify_bind(portal))
+        elif kind == _E or kind == _H:
+            return None
+        if tracker is None:
+            return None
+        sc = self.scanner
+        return tracker.message(self.conn, kind, body, sc.whole, sc.length)
+
+    def _parse(self, body):
+        whole = self.scanner.whole
+        if not whole:
+            # Longer than the classifier reads: it pins anyway (RDS Proxy pins above 16 KB).
+            self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
+            if self.debug is not None:
+                self.debug(body)
+            return
+        name, pos = cstring(body)
+        sql, _ = cstring(body, pos)
+        if self.debug is not None:
+            self.debug(sql)
+        if self.pin_reason is not None:
+            return
+        if self.tracker is not None:
+            if mentions_proxy_names(sql):
+                self._pin(pinning.PinReason.PREPARED_STATEMENT)
+                return
+            name = b""  # tracked by the StatementTracker: only the SQL may pin
+        self._pin(pinning.classify_parse(name, sql, self.exclude_sets))
+
+    def _pin(self, reason):
+        if reason is not None and self.pin_reason is None:
+            self.pin_reason = reason
+
+    def _refused(self, kind):
+        """A message while refusing: answered here, never forwarded."""
+        if kind == _Q or kind == _F:
+            if not self._batch_failed:
+                self.reply(self._refusal + _READY)
+            return None
+        if kind == _S:
+            self.unsynced = False
+            self._batch_failed = False
+            self.reply(_READY)
+            return None
+        if kind == _X:
+            self.terminated = True
+            return DROP_HALT
+        self.unsynced = True
+        if not self._batch_failed:
+            self._batch_failed = True
+            self.reply(self._refusal)
+        return None
+
+
+def _code_and_text(encoded):
+    fields = msg.parse_error_fields(encoded[5:])
+    return fields.get("C", "XX000"), fields.get("M", "")
