@@ -17,6 +17,7 @@ import pytest
 
 from tests.unit import test_pg_backend as be
 from tests.unit import test_pg_frontend as fe
+from txrdsproxy.testing.fakes import FakePgBackendConn, FakePool
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import message
 
@@ -80,19 +81,19 @@ class Lease:
         self.conn.detach()
         if clean:
             self.conn.state = "idle"
-            self.pool.idle.append(self.conn)
+            self.pool.free.append(self.conn)
 
 
-class Pool(fe.FakePool):
+class Pool(FakePool):
     """Login borrows are answered by hand (FakePool); session borrows get real connections."""
 
     def __init__(self):
-        super().__init__()
-        self.idle, self.servers, self.released = [], {}, []
+        super().__init__(FakePgBackendConn)
+        self.free, self.servers, self.released = [], {}, []
 
     def try_borrow(self, key):
-        if self.idle:
-            conn = self.idle.pop()
+        if self.free:
+            conn = self.free.pop()
         else:
             conn, t = be.logged_in()
             self.servers[conn] = Server(conn, t)
