@@ -53,6 +53,9 @@ class Metrics:
         self.client_connections_closed = c("ClientConnectionsClosed", "Client connections closed.", P)
         self.db_connection_requests = c("DatabaseConnectionRequests", "Requests to create a database connection.",
                                         ("ProxyName", "Target"))
+        self.db_connection_requests_tls = c(
+            "DatabaseConnectionRequestsWithTLS", "Requests to create a database connection with TLS.",
+            ("ProxyName", "Target"))
         self.db_connections_setup_succeeded = c(
             "DatabaseConnectionsSetupSucceeded", "Database connections successfully established.",
             ("ProxyName", "Target"))
@@ -93,6 +96,14 @@ class Metrics:
         for ctx in contexts:
             total = ctx.queries_closed + sum(getattr(s, "queries", 0) for s in list(ctx.sessions))
             out.append(f'{prefix}QueryRequests{{ProxyName="{_escape(ctx.name)}"}} {total}')
+        for name, tls in (("QueryRequestsTLS", True), ("QueryRequestsNoTLS", False)):
+            out.append(f"# HELP {prefix}{name} Queries received on client connections "
+                       f"{'with' if tls else 'without'} TLS.")
+            out.append(f"# TYPE {prefix}{name} counter")
+            for ctx in contexts:
+                n = sum(s.queries for s in list(ctx.sessions) if bool(s.tls) is tls)
+                n += ctx.queries_closed_tls if tls else ctx.queries_closed - ctx.queries_closed_tls
+                out.append(f'{prefix}{name}{{ProxyName="{_escape(ctx.name)}"}} {n}')
         for name, help_text, labels, rows in gauges(contexts):
             out.append(f"# HELP {prefix}{name} {help_text}")
             out.append(f"# TYPE {prefix}{name} gauge")
@@ -114,19 +125,20 @@ def _labels(names, values):
 def gauges(contexts):
     """The current-state metrics, read from sessions and connections at call time."""
     client, notls, withtls, pinned_s = [], [], [], []
-    db, borrowed, in_txn, maxed, waiting = [], [], [], [], []
+    db, borrowed, in_txn, maxed, waiting, db_tls = [], [], [], [], [], []
     for ctx in contexts:
         sessions = list(ctx.sessions)
         client.append(((ctx.name,), len(sessions)))
         tls = sum(1 for s in sessions if getattr(s, "tls", False))
         notls.append(((ctx.name,), len(sessions) - tls))
         withtls.append(((ctx.name,), tls))
-        by_target = collections.defaultdict(lambda: [0, 0, 0, 0])
+        by_target = collections.defaultdict(lambda: [0, 0, 0, 0, 0])
         for conn in ctx.pool.connections():
             target = getattr(conn, "target", None)
             name = target.rds_resource_id if target is not None else "connecting"
             row = by_target[name]
             row[0] += 1
+            row[4] += bool(getattr(conn, "tls", False))  # placeholders of opening connections have none
             if conn.state == "borrowed":
                 row[1] += 1
                 if getattr(conn, "txn_status", b"I") != b"I" or getattr(conn, "in_transaction", False):
@@ -135,9 +147,10 @@ def gauges(contexts):
             lease = getattr(session, "lease", None)
             if session.state.value == "pinned" and lease is not None:
                 by_target[lease.conn.target.rds_resource_id][3] += 1
-        for target, (n, b, t, p) in sorted(by_target.items()):
+        for target, (n, b, t, p, tls_n) in sorted(by_target.items()):
             labels = (ctx.name, "default", target)
             db.append((labels, n))
+            db_tls.append((labels, tls_n))
             borrowed.append((labels, b))
             in_txn.append((labels, t))
             pinned_s.append((labels, p))
@@ -151,6 +164,7 @@ def gauges(contexts):
         ("ClientConnectionsNoTLS", "Current client connections without TLS.", P, notls),
         ("ClientConnectionsTLS", "Current client connections with TLS.", P, withtls),
         ("DatabaseConnections", "Current database connections.", PT, db),
+        ("DatabaseConnectionsWithTLS", "Current database connections that use TLS.", PT, db_tls),
         ("DatabaseConnectionsCurrentlyBorrowed", "Database connections borrowed by a session.", PT, borrowed),
         ("DatabaseConnectionsCurrentlyInTransaction", "Borrowed database connections inside a transaction.",
          PT, in_txn),

@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txrdsproxy.backend_tls import DatabaseTLS
 from txrdsproxy.config import model
 from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import READ_WRITE, Topology
@@ -119,8 +120,10 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
     def credentials_for(user):
         return holder["ctx"].credentials_for(user)
 
+    database_tls = DatabaseTLS(proxy.database_tls)
     timeouts = dict(connect_timeout=proxy.database_connect_timeout,
-                    operation_timeout=proxy.database_operation_timeout)
+                    operation_timeout=proxy.database_operation_timeout,
+                    database_tls=database_tls)
     if proxy.engine_family == model.ENGINE_POSTGRESQL:
         from txrdsproxy.proxy.pg_backend import PgConnector
         connector = PgConnector(reactor, topology, credentials_for, pool_config.init_query,
@@ -133,6 +136,7 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
                                    health=health, **timeouts)
     pool = BackendPool(proxy.name, connector, pool_config, reactor, metrics)
     ctx = ProxyContext(proxy, pool, secrets, reactor, metrics, cancel_registry, connector)
+    ctx.database_tls = database_tls
     ctx.topology = topology
     if proxy.tls is not None:
         from txrdsproxy.tls import ServerTLS

@@ -6,9 +6,11 @@
 is when it looks at the files' mtimes and, when they changed, loads them again (a certificate
 rotated on disk is picked up without a restart, as RDS Proxy's ACM certificates are).  A reload
 that fails keeps the previous context and logs which file was wrong; key material is never
-logged.  Only TLS 1.2 and later are offered.
+logged.  Only TLS 1.2 and later are offered, and with TLS 1.2 only ECDHE key exchange with AEAD
+ciphers (AES-GCM, ChaCha20-Poly1305): forward secrecy and no CBC/RC4/3DES (TLS 1.3's suites are
+all of that kind already).
 
-Backend TLS (proxy -> database) is not here yet.
+Backend TLS (proxy -> database) is in `backend_tls.py`; both use `start_tls`.
 """
 
 import os
@@ -17,6 +19,25 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
+
+
+# OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are configured separately and all AEAD).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def start_tls(transport, creator, clock=None):
+    """Switch a TCP *transport* to TLS with *creator* (server or client side, as the transport
+    is), queueing what is written until the handshake is done.
+
+    Twisted's `startTLS` builds its TLS layer with a small-write aggregator that flushes on the
+    *global* reactor; point it at our injected clock, or writes would wait forever when the
+    proxy runs on another reactor (the integration tests' reactor thread).  The aggregator is a
+    private attribute: looked up defensively, and tests/unit/test_tls_context.py checks it.
+    """
+    transport.startTLS(creator)
+    aggregator = getattr(getattr(transport, "protocol", None), "_aggregator", None)
+    if clock is not None and getattr(aggregator, "_clock", None) is not None:
+        aggregator._clock = clock
 
 
 class TLSFilesError(Exception):
@@ -49,6 +70,7 @@ def build_context(cert_path, key_path):
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
                     | SSL.OP_SINGLE_DH_USE | SSL.OP_SINGLE_ECDH_USE)
+    ctx.set_cipher_list(TLS12_CIPHERS.encode())
     try:
         ctx.use_certificate_chain_file(os.fsencode(cert_path))
     except SSL.Error as e:
@@ -115,15 +137,8 @@ class ServerTLS:
         *received*: bytes that already arrived after the request for TLS (MySQL clients send
         their ClientHello right behind the SSLRequest, without waiting for an answer); they
         are the start of the TLS stream and go to the TLS layer.
-
-        Twisted's `startTLS` builds its TLS layer with a small-write aggregator that flushes
-        on the *global* reactor; point it at our injected clock, or writes would wait forever
-        when the proxy runs on another reactor (the integration tests' reactor thread).
         """
-        transport.startTLS(self)
-        aggregator = getattr(getattr(transport, "protocol", None), "_aggregator", None)
-        if self.clock is not None and getattr(aggregator, "_clock", None) is not None:
-            aggregator._clock = self.clock
+        start_tls(transport, self, self.clock)
         if received:
             transport.protocol.dataReceived(received)
 

@@ -55,7 +55,10 @@ def db_login_users(pg_server):
 @pytest.mark.parametrize("user", ["db_scram", "db_md5", "db_plain", "db_trust"])
 def test_proxy_logs_in_to_the_database(pg_server, db_login_users, tmp_path, user):
     secrets = {ARN + user: (user, pg_server.users[user], "POSTGRES_SCRAM_SHA_256")}
-    proxy = InProcessProxy(write_proxy_config(tmp_path, pg_server, secrets=secrets))
+    # pg_server has no TLS: a cleartext password ('password' method) goes only where allowed
+    # explicitly (tests/integration/test_database_tls.py covers the refusal).
+    extra = {"DatabaseTLS": {"AllowCleartextPassword": True}} if user == "db_plain" else {}
+    proxy = InProcessProxy(write_proxy_config(tmp_path, pg_server, secrets=secrets, **extra))
     try:
         with psycopg.connect(proxy.dsn(pg_server, user=user)) as conn:
             assert conn.execute("select current_user").fetchone() == (user,)

@@ -34,7 +34,10 @@ def cert(tmp_path):
 
 
 def _tls(cert):
-    return {"CertificateFile": cert[0], "PrivateKeyFile": cert[1]}
+    """Client-side TLS with *cert*; the test databases offer no TLS, so the proxy's side is
+    plaintext (DatabaseTLS: tests/integration/test_database_tls.py)."""
+    return {"TLS": {"CertificateFile": cert[0], "PrivateKeyFile": cert[1]},
+            "DatabaseTLS": {"Mode": "disable"}}
 
 
 def _gauge(proxy, name):
@@ -88,7 +91,7 @@ class Tap:
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
 def test_psql_sslmode_require_and_verify(pg_proxy_factory, pg_server, cert):
-    proxy = pg_proxy_factory(TLS=_tls(cert))
+    proxy = pg_proxy_factory(**_tls(cert))
     out = run_psql(proxy, pg_server, ["-tAc", "select 41 + 1"], PGSSLMODE="require")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "42"
@@ -102,7 +105,7 @@ def test_psql_sslmode_require_and_verify(pg_proxy_factory, pg_server, cert):
 
 
 def test_psycopg_tls_and_gauges(pg_proxy_factory, pg_server, cert):
-    proxy = pg_proxy_factory(TLS=_tls(cert))
+    proxy = pg_proxy_factory(**_tls(cert))
     secure = psycopg.connect(proxy.dsn(pg_server, sslmode="require"), autocommit=True)
     plain = psycopg.connect(proxy.dsn(pg_server, sslmode="disable"), autocommit=True)
     try:
@@ -120,7 +123,7 @@ def test_psycopg_tls_and_gauges(pg_proxy_factory, pg_server, cert):
 
 
 def test_require_tls_refuses_plaintext_with_the_rds_text(pg_proxy_factory, pg_server, cert):
-    proxy = pg_proxy_factory(TLS=_tls(cert), RequireTLS=True)
+    proxy = pg_proxy_factory(**_tls(cert), RequireTLS=True)
     out = run_psql(proxy, pg_server, ["-tAc", "select 1"], PGSSLMODE="disable")
     assert out.returncode != 0
     assert REQUIRES_TLS in out.stderr
@@ -146,7 +149,7 @@ def test_without_tls_config_sslrequest_is_still_refused(pg_proxy_factory, pg_ser
 
 def test_no_plaintext_on_the_wire(pg_proxy_factory, pg_server, cert):
     """Replies are relayed through the TLS layer, never around it (relay.direct_write)."""
-    proxy = pg_proxy_factory(TLS=_tls(cert))
+    proxy = pg_proxy_factory(**_tls(cert))
     assert proxy.call(lambda: proxy.ctx.tls is not None)
     tap = Tap(proxy.port)
     try:
@@ -183,7 +186,7 @@ def _no_verify():
 
 
 def test_pymysql_over_tls(mariadb_server, cert, tmp_path):
-    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, TLS=_tls(cert))
+    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, **_tls(cert))
     try:
         verified = _pymysql(proxy, mariadb_server, ssl={"ca": cert[0]})
         unverified = _pymysql(proxy, mariadb_server, ssl=_no_verify())
@@ -206,7 +209,7 @@ def test_pymysql_over_tls(mariadb_server, cert, tmp_path):
 
 
 def test_mariadb_cli_ssl(mariadb_server, cert, tmp_path):
-    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, TLS=_tls(cert), RequireTLS=True)
+    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, **_tls(cert), RequireTLS=True)
     try:
         out = mariadb_cli(proxy, mariadb_server, ["--ssl", f"--ssl-ca={cert[0]}", "-e",
                                                   "SELECT 'over-tls'"])
@@ -220,7 +223,7 @@ def test_mariadb_cli_ssl(mariadb_server, cert, tmp_path):
 
 
 def test_require_tls_mysql_3159(mariadb_server, cert, tmp_path):
-    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, TLS=_tls(cert), RequireTLS=True)
+    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, **_tls(cert), RequireTLS=True)
     try:
         with pytest.raises(pymysql.err.OperationalError) as info:
             _pymysql(proxy, mariadb_server, ssl_disabled=True)
@@ -235,7 +238,7 @@ def test_require_tls_mysql_3159(mariadb_server, cert, tmp_path):
 
 
 def test_mysql_no_plaintext_on_the_wire(mariadb_server, cert, tmp_path):
-    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, TLS=_tls(cert))
+    proxy = start_mysql_proxy(tmp_path / "p", mariadb_server, **_tls(cert))
     tap = Tap(proxy.port)
     try:
         conn = _pymysql(proxy, mariadb_server, port=tap.port, ssl=_no_verify())

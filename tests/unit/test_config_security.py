@@ -86,3 +86,24 @@ def test_secrets_backends(monkeypatch):
     fails(base(Secrets={"Backend": "aws", "Region": "x", "EndpointUrl": "ftp://x"}), "Secrets.EndpointUrl")
     fails(base(Secrets={"Path": "s.json", "Region": "x"}), "Secrets.Region: applies to Backend aws only")
     fails(base(Secrets={"Backend": "vault", "Path": "s"}), "Secrets.Backend: must be one of file, aws")
+
+
+def test_database_tls(tmp_path):
+    from txrdsproxy.testing.certs import TestCA
+    ca = TestCA(str(tmp_path), "ca")
+    data = base()
+    data["DBProxies"][0]["DatabaseTLS"] = {"Mode": "verify-full", "CAFile": "ca.crt",
+                                           "AllowCleartextPassword": True}
+    tls = parse_config(data, "cfg.yaml", str(tmp_path)).proxies[0].database_tls
+    assert (tls.mode, tls.ca_file, tls.allow_cleartext_password) == ("verify-full", ca.cert_path, True)
+    assert parse_config(base(), "cfg.yaml", str(tmp_path)).proxies[0].database_tls.mode == "follow-client"
+    data["DBProxies"][0]["DatabaseTLS"] = {"Mode": "sometimes"}
+    fails(data, "DBProxies[0].DatabaseTLS.Mode: must be one of follow-client, disable, prefer")
+    data["DBProxies"][0]["DatabaseTLS"] = {"CAFile": "missing.crt"}
+    fails(data, "DBProxies[0].DatabaseTLS.CAFile: /base/missing.crt: cannot read")
+    (tmp_path / "junk.crt").write_text("junk")
+    data["DBProxies"][0]["DatabaseTLS"] = {"CAFile": "junk.crt"}
+    with pytest.raises(ConfigError, match="DatabaseTLS.CAFile: .*not a PEM certificate bundle"):
+        parse_config(data, "cfg.yaml", str(tmp_path))
+    data["DBProxies"][0]["DatabaseTLS"] = {"ServerPublicKeyFile": "k.pem"}
+    fails(data, "DatabaseTLS.ServerPublicKeyFile: applies to MYSQL proxies only")

@@ -198,7 +198,8 @@ def test_client_fast_path_against_server():
 @pytest.mark.parametrize("tls,preload", [(True, False), (False, False), (False, True)])
 def test_client_full_path_against_server(rsa_key, tls, preload):
     c = A.CachingSha2ClientAuth("pw", NONCE, tls=tls,
-                                server_public_key=A.public_key_pem(rsa_key) if preload else None)
+                                server_public_key=A.public_key_pem(rsa_key) if preload else None,
+                                request_public_key=True)
     srv = server(cached=False, tls=tls, rsa_private_key=rsa_key)
     pending = srv.start(c.initial_response())
     while not srv.done:
@@ -206,6 +207,16 @@ def test_client_full_path_against_server(rsa_key, tls, preload):
         reply = c.feed(pending[0])
         pending = srv.feed(reply)
     assert srv.succeeded
+
+
+def test_client_full_auth_without_tls_or_a_known_key_is_refused(rsa_key):
+    """Asking an unauthenticated server for its RSA key would let a man in the middle read the
+    password: refused unless explicitly allowed."""
+    c = A.CachingSha2ClientAuth("pw", NONCE)
+    srv = server(cached=False, tls=False, rsa_private_key=rsa_key)
+    pending = srv.start(c.initial_response())
+    with pytest.raises(ProtocolError, match="needs TLS to the database or a configured server public key"):
+        c.feed(pending[0])
 
 
 def test_client_rejects_garbage():

@@ -40,7 +40,7 @@ CLIENT_CAPS = (P.CLIENT_LONG_PASSWORD | P.CLIENT_LONG_FLAG | P.CLIENT_PROTOCOL_4
                | P.CLIENT_DEPRECATE_EOF | P.CLIENT_CONNECT_WITH_DB)
 # What the database's greeting offers: everything, compression and TLS included.
 SERVER_CAPS = hs.DEFAULT_SERVER_CAPABILITIES | P.CLIENT_COMPRESS | P.CLIENT_SSL
-KEY = (USER, CLIENT_CAPS & CAPABILITY_PROFILE)
+KEY = (USER, CLIENT_CAPS & CAPABILITY_PROFILE, False)  # last: TLS to the database
 BACKEND_CAPS = (BASE_CAPABILITIES | (KEY[1] & CAPABILITY_PROFILE)) & SERVER_CAPS
 BASELINE = {"character_set_client": "utf8mb4", "character_set_connection": "utf8mb4",
             "character_set_results": "utf8mb4", "collation_connection": "utf8mb4_general_ci",

@@ -4,6 +4,7 @@ The server side is played by bytes built with wire/pg/messages.py (and a real Sc
 SCRAM exchange); what the connection writes is read back from the transport and split into messages.
 """
 
+import dataclasses
 import random
 import struct
 
@@ -270,8 +271,36 @@ def test_notice_during_login_is_ignored():
     assert result_of(ready) is conn
 
 
+def test_cleartext_password_is_sent_only_over_tls_or_when_allowed():
+    from txrdsproxy.backend_tls import NO_TLS
+    conn, t = new_conn()
+    take_startup(t)
+    ready = conn.ready
+    conn.dataReceived(msg.auth_request(msg.AUTH_CLEARTEXT))
+    assert [k for k, _ in written(t)] == [b"X"]  # Terminate; the password never left
+    assert "cleartext password on a connection without TLS" in str(failure_of(ready).value)
+    assert conn.state == "closed"
+    conn, t = new_conn()
+    conn.tls_plan = dataclasses.replace(NO_TLS, allow_cleartext_password=True)
+    take_startup(t)
+    conn.dataReceived(msg.auth_request(msg.AUTH_CLEARTEXT))
+    assert written(t) == [(b"p", PASSWORD.encode() + b"\0")]
+
+
+def test_authentication_ok_before_the_scram_server_signature_is_refused():
+    conn, t = new_conn()
+    take_startup(t)
+    ready = conn.ready
+    conn.dataReceived(msg.auth_request(msg.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
+    assert written(t)[0][0] == b"p"
+    conn.dataReceived(msg.auth_request(msg.AUTH_OK))  # a server that never proved the password
+    assert "before the SCRAM server signature was verified" in str(failure_of(ready).value)
+    assert conn.state == "closed"
+
+
 def test_cleartext_password():
     conn, t = new_conn()
+    conn.tls = True
     take_startup(t)
     conn.dataReceived(msg.auth_request(msg.AUTH_CLEARTEXT))
     assert written(t) == [(b"p", PASSWORD.encode() + b"\0")]
@@ -393,6 +422,7 @@ def test_sasl_continue_or_final_without_sasl_fails_login(code):
 
 def test_error_response_during_login_fails_with_sqlstate():
     conn, t = new_conn()
+    conn.tls = True  # a cleartext password request is answered over TLS only
     take_startup(t)
     ready = conn.ready
     listener = conn.pool_listener = PoolListener()
@@ -503,6 +533,7 @@ def test_malformed_login_message_closes(bad):
 
 def test_connection_lost_during_login_fails_ready():
     conn, t = new_conn()
+    conn.tls = True  # a cleartext password request is answered over TLS only
     take_startup(t)
     ready = conn.ready
     listener = conn.pool_listener = PoolListener()

@@ -19,7 +19,7 @@ from txrdsproxy.wire.pg.framing import split_messages
 
 ARN = "arn:aws:secretsmanager:local:000000000000:secret:app"
 USER, PASSWORD = "bob", "s3cret"
-KEY = (USER, "app")
+KEY = (USER, "app", False)  # last: TLS to the database
 SYNC = b"S\0\0\0\x04"
 EXECUTE = b"E\0\0\0\x09\0\0\0\0\0"
 PARSE = b"P\0\0\0\x10\0SELECT 1\0\0\0"  # unnamed statement: does not pin

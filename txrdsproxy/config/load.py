@@ -280,7 +280,6 @@ def _database_tls(node, base_dir, engine):
     if node is None:
         return m.DatabaseTLSConfig()
     node.mapping({"Mode", "CAFile", "AllowCleartextPassword", "ServerPublicKeyFile"})
-    node.fail("is not supported by this version yet (database connections are plaintext)")
     mode = node.choice("Mode", m.DB_TLS_MODES, "follow-client")
     ca = node.get("CAFile", str, "")
     if ca:

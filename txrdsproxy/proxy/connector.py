@@ -20,6 +20,12 @@ Every wait on a database has an end (DESIGN rule 10), on the injected clock:
   which frees the slot;
 - `send_oob` (PostgreSQL CancelRequest) gives up after `connect_timeout` too.
 TCP keepalive is switched on for every database socket (see `enable_keepalive`).
+
+TLS to the database (`backend_tls`): each connection gets a `tls_plan` from the proxy's
+`DatabaseTLS` (by the pool key's third element, "this key's connections use TLS").  An engine
+whose TLS upgrade comes before its protocol starts (PostgreSQL's SSLRequest) names a
+`tls_negotiation` protocol that the endpoint connects first and that hands the transport over;
+an engine that upgrades inside its handshake (MySQL) reads `conn.tls_plan` itself.
 """
 
 import socket
@@ -29,6 +35,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txrdsproxy.backend_tls import NO_TLS, tls_failure_text
 from txrdsproxy.failover.topology import NoWriter
 
 
@@ -77,11 +84,13 @@ class Connector:
 
     log = Logger()
     database_error = ()  # the engine's DatabaseError class: passed through, not wrapped
+    tls_negotiation = None  # protocol class(conn, plan, clock) run before conn (PostgreSQL)
 
     def __init__(self, reactor, topology, credentials_for, init_query, max_message_size,
                  connect_timeout=30.0, metrics=None, proxy_name="", health=None,
-                 operation_timeout=30.0):
+                 operation_timeout=30.0, database_tls=None):
         self.reactor = reactor
+        self.database_tls = database_tls  # backend_tls.DatabaseTLS, or None: never TLS
         self.operation_timeout = operation_timeout
         self.topology = topology
         self.credentials_for = credentials_for
@@ -126,11 +135,20 @@ class Connector:
         limit = timeout or self.connect_timeout
         conn.clock = self.reactor
         conn.operation_timeout = self.operation_timeout
-        connecting = self.endpoint(target, limit).connect(SingleUseFactory(conn))
+        plan = conn.tls_plan
+        if plan.use_tls and self.tls_negotiation is not None:
+            proto = self.tls_negotiation(conn, plan, self.reactor)
+        else:
+            proto = conn
+        if plan.use_tls and metrics is not None:
+            metrics.db_connection_requests_tls.inc(self.proxy_name, name)
+        connecting = self.endpoint(target, limit).connect(SingleUseFactory(proto))
         where = f"{target.endpoint}:{target.port}"
 
         def expired():
-            if conn.transport is None:  # TCP connect still under way
+            if proto is not conn and proto.pending:  # TLS negotiation under way
+                proto.fail(f"TLS negotiation with {where} timed out after {limit:g} s")
+            elif conn.transport is None:  # TCP connect still under way
                 connecting.cancel()
             else:
                 reason = f"database login to {where} timed out after {limit:g} s"
@@ -189,7 +207,15 @@ class Connector:
         creds = self.credentials_for(key[0])
         if creds is None:
             return defer.fail(self.no_credentials(key[0]))
-        return self.open(target, self.make_connection(key, target, creds))
+        conn = self.make_connection(key, target, creds)
+        conn.tls_plan = self.tls_plan(key, target)
+        return self.open(target, conn)
+
+    def tls_plan(self, key, target, probe=False):
+        """-> backend_tls.TLSPlan for a connection of *key* (its third element: TLS wanted)."""
+        if self.database_tls is None:
+            return NO_TLS
+        return self.database_tls.plan(len(key) > 2 and key[2] is True, target, probe=probe)
 
     # -- health checks (failover) ---------------------------------------------------------------
     def probe_key(self, creds):
@@ -210,6 +236,7 @@ class Connector:
         if creds is None:
             return defer.fail(BackendGone("no credentials for health checks (first Auth secret)"))
         conn = self.make_connection(self.probe_key(creds), target, creds)
+        conn.tls_plan = self.tls_plan((), target, probe=True)
         d = self.open(target, conn, metered=False, timeout=self.PROBE_TIMEOUT)
         # The role query is an internal operation: bounded by PROBE_TIMEOUT as well.
         d.addCallback(lambda c: c.bounded(self.query_role(c), "health check", self.PROBE_TIMEOUT))
@@ -281,6 +308,8 @@ class BackendConnection(protocol.Protocol):
     pool_listener = None
     ready = None  # Deferred until logged in and initialised
     clock = None  # set by Connector.open: the clock that bounds internal operations
+    tls_plan = NO_TLS  # backend_tls.TLSPlan, set by the Connector before `open`
+    tls = False  # True once the connection to the database is TLS
     operation_timeout = None  # seconds an internal operation may take (None: unbounded)
     _sink = None
     _closing_reason = None
@@ -318,6 +347,9 @@ class BackendConnection(protocol.Protocol):
         """Fail the internal operation in progress, if any."""
 
     def lost_reason(self, reason):
+        tls_failure = tls_failure_text(reason)
+        if tls_failure is not None:
+            return tls_failure
         return f"database closed the connection ({reason.getErrorMessage()})"
 
     def close(self, reason, abort=False):

@@ -19,6 +19,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txrdsproxy.backend_tls import DatabaseTLSError, start_client_tls
 from txrdsproxy.failover.topology import NoWriter
 from txrdsproxy.proxy import mysql_state as state
 from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, SingleUseFactory
@@ -172,6 +173,19 @@ class MySQLBackendConnection(BackendConnection):
             self.connector.note_greeting(greeting)
             self.capabilities = (BASE_CAPABILITIES | (self.key[1] & CAPABILITY_PROFILE)) \
                 & greeting.capabilities
+            plan = self.tls_plan
+            if plan.use_tls and greeting.capabilities & P.CLIENT_SSL:
+                # CLIENT_SSL: a short SSLRequest, TLS, then the real response (queued until the
+                # handshake is done) with the next sequence id.
+                self.capabilities |= P.CLIENT_SSL
+                self.transport.write(P.encode_packet(
+                    hs.build_ssl_request(self.capabilities, greeting.charset or 45), seq + 1))
+                start_client_tls(self.transport, plan, self.clock)
+                self.tls = True
+                seq += 1
+            elif plan.required:
+                self._fail_login(DatabaseTLSError("the database does not offer TLS (no CLIENT_SSL)"))
+                return
             plugin = greeting.auth_plugin
             if plugin not in (myauth.NATIVE_PASSWORD, myauth.CACHING_SHA2_PASSWORD):
                 plugin = myauth.NATIVE_PASSWORD  # the server will switch us if it must
@@ -193,7 +207,8 @@ class MySQLBackendConnection(BackendConnection):
         elif first == 0xFE:
             switch = hs.parse_auth_switch_request(payload)
             self._start_plugin(switch.plugin, switch.data)
-            response = myauth.auth_response_for(switch.plugin, password, switch.data)
+            response = myauth.auth_response_for(switch.plugin, password, switch.data,
+                                                tls=self.tls or self.tls_plan.allow_cleartext_password)
             self.transport.write(P.encode_packet(response, seq + 1))
         elif first == 0x01 and self._sha2 is not None:
             out = self._sha2.feed(payload)
@@ -205,7 +220,9 @@ class MySQLBackendConnection(BackendConnection):
     def _start_plugin(self, plugin, nonce):
         self._sha2 = None
         if plugin == myauth.CACHING_SHA2_PASSWORD:
-            self._sha2 = myauth.CachingSha2ClientAuth(self.credentials.password, nonce)
+            self._sha2 = myauth.CachingSha2ClientAuth(
+                self.credentials.password, nonce, tls=self.tls,
+                server_public_key=self.tls_plan.server_public_key)
 
     @defer.inlineCallbacks
     def _initialise(self):

@@ -233,7 +233,7 @@ class MySQLFrontend(ClientSession):
     def auth_succeeded(self, user, database, charset_id, seq):
         """ClientAuth: *user* proved its password; *seq* is the next sequence id to send."""
         self.user = user
-        self.key = (user, self.client_caps & CAPABILITY_PROFILE)
+        self.key = (user, self.client_caps & CAPABILITY_PROFILE, self.ctx.database_tls_for(self.tls))
         self.desired = {}
         self.charset_id = self.key_charset = charset_id
         self.database = database or None

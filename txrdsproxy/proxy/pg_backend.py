@@ -14,6 +14,7 @@ import struct
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from txrdsproxy.backend_tls import PgSSLNegotiation
 from txrdsproxy.proxy.connector import BackendConnection, Connector
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
@@ -119,7 +120,7 @@ class PgBackendConnection(BackendConnection):
 
     # -- login ----------------------------------------------------------------------------------
     def connectionMade(self):
-        user, database = self.key
+        user, database = self.key[0], self.key[1]  # key[2]: TLS to the database (backend_tls)
         self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
         self.transport.write(msg.startup_message({"user": user, "database": database}))
 
@@ -127,8 +128,14 @@ class PgBackendConnection(BackendConnection):
         if kind == _R:
             code, data = msg.parse_auth_request(payload)
             if code == msg.AUTH_OK:
+                if self._scram is not None and not self._scram.verified:
+                    raise ProtocolViolation("AuthenticationOk before the SCRAM server signature was verified")
                 return
             if code == msg.AUTH_CLEARTEXT:
+                if not (self.tls or self.tls_plan.allow_cleartext_password):
+                    raise ProtocolViolation(
+                        "the database asked for a cleartext password on a connection without TLS "
+                        "(use DatabaseTLS, or set DatabaseTLS.AllowCleartextPassword)")
                 self.transport.write(msg.password_message(self.credentials.password.encode()))
             elif code == msg.AUTH_MD5:
                 self.transport.write(msg.password_message(
@@ -402,9 +409,11 @@ def _data_row(payload):
 
 
 class PgConnector(Connector):
-    """Opens authenticated, initialised PostgreSQL connections for a pool key (user, database)."""
+    """Opens authenticated, initialised PostgreSQL connections for a pool key
+    (user, database, TLS to the database)."""
 
     database_error = (DatabaseError,)
+    tls_negotiation = PgSSLNegotiation  # SSLRequest before the StartupMessage
 
     def make_connection(self, key, target, creds):
         return PgBackendConnection(key, target, creds, self.init_query, self.max_message_size)

@@ -213,7 +213,7 @@ class PgFrontend(ClientSession):
                 return self._fatal(errors.unsupported_option(name))
         self.user = user
         self.database = params.get("database") or user
-        self.key = (self.user, self.database)
+        self.key = (self.user, self.database, self.ctx.database_tls_for(self.tls))
         self.desired = {name: params.get(name) for name in SESSION_PARAMS}
         self._begin_auth()
 

@@ -42,6 +42,7 @@ class ProxyContext:
         self.metrics = metrics
         self.connector = connector
         self.tls = None  # tls.ServerTLS when the proxy terminates client TLS
+        self.database_tls = None  # backend_tls.DatabaseTLS (the connector's); None: never TLS
         self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
         self.sessions = set()
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
@@ -53,12 +54,20 @@ class ProxyContext:
         self.login_replies = {}  # (pool key, session params) -> encoded ParameterStatus block
         self.pin_counts = {}  # PinReason value -> sessions pinned for it
         self.queries_closed = 0  # QueryRequests of sessions that have ended
+        self.queries_closed_tls = 0  # ... of those, sessions whose client connection was TLS
         # DebugLogging logs statement text, for 24 hours from start (RDS Proxy turns it off
         # by itself too: statement text can hold secrets).
         self.debug_until = clock.seconds() + DEBUG_LOGGING_SECONDS if proxy_config.debug_logging else 0.0
 
     def next_id(self):
         return next(self._ids)
+
+    def database_tls_for(self, client_tls):
+        """The pool key's TLS element for a session whose client connection is (not) TLS:
+        whether its database connections use TLS (backend_tls.DatabaseTLS.wants_tls)."""
+        if self.database_tls is None:
+            return False
+        return self.database_tls.wants_tls(client_tls)
 
     def auth_entry(self, arn):
         for entry in self.config.auth:
@@ -255,6 +264,8 @@ class ClientSession(protocol.Protocol):
         self._phase = "closing"
         ctx.sessions.discard(self)
         ctx.queries_closed += self.queries
+        if self.tls:
+            ctx.queries_closed_tls += self.queries
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.first_packet_seen()

@@ -280,13 +280,21 @@ class CachingSha2ClientAuth:
     AuthMoreData payload to :meth:`feed`, which returns the payload to send
     back or ``None`` (fast auth succeeded: wait for OK).  OK/ERR and auth
     switches are handled by the caller.
+
+    Full authentication sends the password: in clear over TLS (``tls``), or
+    RSA-encrypted with a ``server_public_key`` configured in advance.  Asking
+    the server for its key over an unencrypted connection would let anyone in
+    the middle hand us theirs, so it is refused unless ``request_public_key``
+    (ProtocolError "...needs TLS or a configured server public key").
     """
 
-    def __init__(self, password, nonce, tls=False, server_public_key=None):
+    def __init__(self, password, nonce, tls=False, server_public_key=None,
+                 request_public_key=False):
         self._password = _pw(password)
         self.nonce = bytes(nonce)
         self.tls = tls
         self.server_public_key = server_public_key
+        self.request_public_key = request_public_key
         self._awaiting_key = False
 
     def __repr__(self):
@@ -311,6 +319,10 @@ class CachingSha2ClientAuth:
             if self.server_public_key:
                 return rsa_encrypt_password(self._password, self.nonce,
                                             self.server_public_key)
+            if not self.request_public_key:
+                raise ProtocolError(
+                    "caching_sha2_password full authentication needs TLS to the "
+                    "database or a configured server public key")
             self._awaiting_key = True
             return REQUEST_PUBLIC_KEY
         raise ProtocolError("unexpected caching_sha2 status %r" % data[:1])

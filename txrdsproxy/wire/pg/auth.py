@@ -385,6 +385,12 @@ class ScramClient:
         self._state = "wait_server_final"
         return f"{without_proof},p={_b64(proof)}".encode("ascii")
 
+    @property
+    def verified(self) -> bool:
+        """The server proved it knows the password (its signature checked): only then may an
+        AuthenticationOk be believed."""
+        return self._state == _DONE
+
     def server_final(self, data: bytes) -> None:
         """Check server-final-message; AuthError on ``e=...`` or a wrong signature."""
         self._begin("wait_server_final")
