@@ -1,7 +1,7 @@
 # txrdsproxy developer targets.  All setup logic lives in scripts/setup.sh.
 PYTHON := .venv/bin/python
 
-.PHONY: setup test demo bench clean distclean
+.PHONY: setup test demo bench soak clean distclean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,10 @@ demo: setup
 
 bench: setup
 	$(PYTHON) bench/run.py
+
+# Not part of `make test`: SOAK_SECONDS (default 600) of mixed load, isolation checks, figures.
+soak: setup
+	$(PYTHON) soak/run.py
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info .state .venv/.setup-stamp twisted/plugins/dropin.cache
