@@ -65,6 +65,17 @@ class PgFrontend(ClientSession):
         self._stream = ClientStream(self._max, pool_config.exclude_variable_sets, self._stmts, debug)
         self._stream.reply = self._reply
 
+    @property
+    def queries(self):
+        """QueryRequests of this session (read by the metrics and at close): the client stream
+        counts them (Query, Sync)."""
+        stream = self.__dict__.get("_stream")
+        return stream.requests if stream is not None else 0
+
+    @queries.setter
+    def queries(self, value):
+        """ClientSession starts the count at 0; the stream's own count is the one that holds."""
+
     def _reply(self, data):
         self.transport.write(data)
 
