@@ -24,6 +24,7 @@ does not concern are never closed.
 
 import dataclasses
 import enum
+import re
 
 from twisted.application import service, strports
 from twisted.internet import defer
@@ -41,6 +42,8 @@ from txrdsproxy.proxy.limits import ConnectionRateLimiter
 
 log = Logger()
 
+_PORT_ZERO = re.compile(r"^(tcp6?):0(?=:|$)")
+_ANY_PORT = re.compile(r"^(tcp6?):\d+(?=:|$)")
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
@@ -206,8 +209,19 @@ class ProxyRuntime:
         if self.port is None:
             self.port = bind_now(self.config.listen, _frontend_factory(self.ctx), self.reactor,
                                  f"proxy {self.name}")
+            self._pin_port(self.port)
             log.info("proxy {name} ({engine}) listening on {addr}", name=self.name,
                      engine=self.config.engine_family, addr=self.port.getHost())
+
+    def _pin_port(self, port):
+        """Listen "tcp:0:..." asked for any free port: from now on the config names the port
+        it got, so a later change or a restart (the file is written with it) keeps it."""
+        listen = self.ctx.config.listen
+        match = _PORT_ZERO.match(listen)
+        number = getattr(port.getHost(), "port", None)
+        if match and number:
+            self.ctx.config = dataclasses.replace(
+                self.ctx.config, listen=f"{match.group(1)}:{number}{listen[match.end():]}")
 
     def start(self):
         """Bind (if not yet), start the janitor and the health checks: the proxy is available."""
@@ -270,6 +284,9 @@ class ProxyRuntime:
         if new.engine_family != old.engine_family:
             raise InvalidChange(f"proxy {old.name}: EngineFamily cannot change "
                                 f"({old.engine_family} -> {new.engine_family}); delete and create it")
+        match = _PORT_ZERO.match(new.listen)
+        if match and _ANY_PORT.sub(r"\1:0", old.listen) == new.listen:
+            new = dataclasses.replace(new, listen=old.listen)  # "any port": the one it has
         changes = [f.name for f in dataclasses.fields(model.DBProxy)
                    if getattr(old, f.name) != getattr(new, f.name)]
         if not changes:
@@ -285,6 +302,8 @@ class ProxyRuntime:
                 raise
             old_port.stopListening()
         ctx.config = new
+        if "listen" in changes and self.port is not None:
+            self._pin_port(self.port)
         ctx.name = new.name
         ctx.arns = [a.secret_arn for a in new.auth]
         ctx.pool.name = new.name
@@ -591,13 +610,15 @@ class ProxyRegistry(service.Service):
         new_group = dataclasses.replace(group, targets=left)
         return self.replace_proxy(name, dataclasses.replace(runtime.config, target_group=new_group))
 
-    def apply_config(self, config, drain_timeout=None):
+    def apply_config(self, config, drain_timeout=None, strict=False):
         """Make the registry run exactly the proxies of *config* (a validated Config): proxies
         only in *config* are added, proxies not in it removed, the others changed in place
         (an EngineFamily change replaces the proxy).  -> Deferred[[str]], one line per change.
 
         Add and change failures (a port that cannot be bound) do not stop the others; they
-        are in the lines and logged.  Removed proxies' drains are waited for."""
+        are in the lines and logged (with *strict*, the first one is raised instead: for a
+        change of one proxy that means nothing changed).  Removed proxies' drains are waited
+        for."""
         lines, removals = [], []
         wanted = {p.name: p for p in config.proxies}
         for name in list(self._runtimes):
@@ -625,6 +646,8 @@ class ProxyRegistry(service.Service):
                 if changed:
                     lines.append(f"changed proxy {proxy.name}: {', '.join(changed)}")
             except RegistryError as e:
+                if strict:
+                    raise
                 log.error("cannot apply proxy {name}: {error}", name=proxy.name, error=str(e))
                 lines.append(f"FAILED proxy {proxy.name}: {e}")
         d = defer.DeferredList(removals, consumeErrors=True)

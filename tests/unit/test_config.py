@@ -222,7 +222,7 @@ def test_empty_file(tmp_path):
 # -- key path errors ----------------------------------------------------------------------------------
 CASES = [
     # (change, expected message after "etc/x.yaml: ")
-    (lambda d: d.update(Extra=1), "Extra: unknown key (allowed: Admin, DBProxies, IAM, Secrets)"),
+    (lambda d: d.update(Extra=1), "Extra: unknown key (allowed: Admin, DBInstances, DBProxies, DrainTimeout, IAM, Secrets)"),
     (lambda d: proxy0(d).update(Bogus=1), "DBProxies[0].Bogus: unknown key"),
     (lambda d: proxy0(d)["Auth"][0].update(Password="x"), "DBProxies[0].Auth[0].Password: unknown key"),
     (lambda d: proxy0(d)["TargetGroups"][0]["Targets"][0].update(Host="h"),
@@ -290,15 +290,12 @@ CASES = [
      "DBProxies[0].TargetGroups: must hold exactly one target group"),
     (lambda d: proxy0(d)["TargetGroups"][0].update(TargetGroupName="other"),
      "DBProxies[0].TargetGroups[0].TargetGroupName: must be 'default'"),
-    (lambda d: proxy0(d)["TargetGroups"][0].update(Targets=[]), "DBProxies[0].TargetGroups[0].Targets: must list at least one target"),
-    (lambda d: proxy0(d)["TargetGroups"][0].pop("Targets"), "DBProxies[0].TargetGroups[0].Targets: is required"),
     (lambda d: proxy0(d)["TargetGroups"][0]["Targets"][0].pop("Port"),
      "DBProxies[0].TargetGroups[0].Targets[0].Port: is required"),
     (lambda d: proxy0(d)["TargetGroups"][0]["Targets"][0].update(Port=None),
      "DBProxies[0].TargetGroups[0].Targets[0].Port: is required"),
     (lambda d: proxy0(d)["TargetGroups"][0]["Targets"][0].pop("Endpoint"),
      "DBProxies[0].TargetGroups[0].Targets[0].Endpoint: is required"),
-    (lambda d: d.update(DBProxies=[]), "DBProxies: must list at least one proxy"),
     (lambda d: d.pop("DBProxies"), "DBProxies: is required"),
     (lambda d: d.pop("Secrets"), "Secrets: is required when a proxy uses AuthScheme SECRETS"),
     (lambda d: d.update(Secrets={}), "Secrets.Path: is required"),
@@ -402,3 +399,25 @@ def test_iam_auth_required_is_refused_not_ignored():
     data["DBProxies"][0]["Auth"][0]["IAMAuth"] = "REQUIRED"
     with pytest.raises(ConfigError, match=r"DBProxies\[0\]\.Auth\[0\]\.IAMAuth: 'REQUIRED' is not supported"):
         parse_config(data, "x.yaml", "/cfg")
+
+
+def test_proxies_and_targets_may_be_empty_for_the_api_to_fill():
+    """A proxy created through the API starts with an empty target group, and every proxy may
+    have been deleted through the API: both must survive a restart."""
+    config = parse_config({"DBProxies": []}, "x.yaml")
+    assert config.proxies == ()
+    doc = {"Secrets": {"Path": "s.json"}, "DBProxies": [{
+        "DBProxyName": "p", "EngineFamily": "POSTGRESQL", "Listen": "tcp:6432",
+        "Auth": [{"SecretArn": "a"}], "TargetGroups": [{"TargetGroupName": "default"}],
+        "RoleArn": "arn:aws:iam::000000000000:role/r", "VpcSubnetIds": ["s-1", "s-2"]}],
+        "DBInstances": [{"DBInstanceIdentifier": "pg-2", "Endpoint": "127.0.0.1", "Port": 5433}],
+        "DrainTimeout": 12, "Admin": {"AllowUnauthenticatedLoopbackReads": True}}
+    config = parse_config(doc, "x.yaml")
+    proxy = config.proxies[0]
+    assert proxy.target_group.targets == () and proxy.role_arn.endswith(":role/r")
+    assert proxy.vpc_subnet_ids == ("s-1", "s-2")
+    assert config.db_instances[0].identifier == "pg-2" and config.db_instances[0].port == 5433
+    assert config.drain_timeout == 12.0 and config.admin.allow_unauthenticated_loopback_reads
+    doc["DBInstances"].append(dict(doc["DBInstances"][0]))
+    with pytest.raises(ConfigError, match=r"DBInstances\[1\]\.DBInstanceIdentifier: duplicate"):
+        parse_config(doc, "x.yaml")

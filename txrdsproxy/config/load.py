@@ -108,17 +108,20 @@ def load_config(path):
 
 
 def parse_config(data, source="<config>", base_dir="."):
-    top = _Node(source, "", data if data is not None else {}).mapping({"Admin", "Secrets", "DBProxies", "IAM"})
+    top = _Node(source, "", data if data is not None else {}).mapping(
+        {"Admin", "Secrets", "DBProxies", "IAM", "DBInstances", "DrainTimeout"})
     admin = m.AdminConfig()
     node = top.get("Admin", dict)
     if node is not None:
-        node.mapping({"Listen"})
-        admin = m.AdminConfig(listen=node.endpoint("Listen", required=False))
+        node.mapping({"Listen", "AllowUnauthenticatedLoopbackReads", "DefaultListen"})
+        admin = m.AdminConfig(
+            listen=node.endpoint("Listen", required=False),
+            allow_unauthenticated_loopback_reads=node.get("AllowUnauthenticatedLoopbackReads", bool, False),
+            default_listen=node.endpoint("DefaultListen", required=False) or m.AdminConfig.default_listen)
     secrets = _secrets(top.get("Secrets", dict), base_dir)
     iam = _iam(top.get("IAM", dict))
+    # `DBProxies: []` is valid: proxies may be created through the API.
     proxies = tuple(_proxy(n, base_dir) for n in top.get("DBProxies", list, required=True))
-    if not proxies:
-        top.fail("must list at least one proxy", "DBProxies")
     names = [p.name for p in proxies]
     for i, p in enumerate(proxies):
         if names.index(p.name) != i:
@@ -127,7 +130,9 @@ def parse_config(data, source="<config>", base_dir="."):
             top.fail("is required when a proxy uses AuthScheme SECRETS", "Secrets")
         if any(a.iam_auth == "REQUIRED" for a in p.auth) and not iam.principals:
             top.fail(f"must list Principals when a proxy ({p.name}) has IAMAuth REQUIRED", "IAM")
-    return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin, iam=iam)
+    return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin, iam=iam,
+                    db_instances=_db_instances(top.get("DBInstances", list, [])),
+                    drain_timeout=top.ranged("DrainTimeout", float, 30.0, 0, 3600))
 
 
 def _secrets(node, base_dir):
@@ -202,11 +207,30 @@ def _iam(node):
     )
 
 
+def _db_instances(nodes):
+    """`DBInstances: [{DBInstanceIdentifier, Endpoint, Port}]`: what RegisterDBProxyTargets may
+    name (the instances RDS would know)."""
+    out, seen = [], set()
+    for n in nodes:
+        n.mapping({"DBInstanceIdentifier", "Endpoint", "Port"})
+        ident = n.get("DBInstanceIdentifier", str, required=True)
+        if ident in seen:
+            n.fail(f"duplicate DBInstanceIdentifier {ident!r}", "DBInstanceIdentifier")
+        seen.add(ident)
+        if n.value.get("Port") is None:
+            n.fail("is required", "Port")
+        out.append(m.DBInstance(identifier=ident, endpoint=n.get("Endpoint", str, required=True),
+                                port=n.ranged("Port", int, None, 1, 65535)))
+    return tuple(out)
+
+
+
 _PROXY_KEYS = {
     "DBProxyName", "EngineFamily", "Listen", "RequireTLS", "IdleClientTimeout", "DebugLogging",
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
     "HealthCheckInterval", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
     "DatabaseConnectTimeout", "DatabaseOperationTimeout", "DatabaseTLS", "DBProxyResourceId", "Endpoint",
+    "RoleArn", "VpcSubnetIds", "VpcSecurityGroupIds",
 }
 
 
@@ -256,7 +280,19 @@ def _proxy(node, base_dir="."):
         max_cancel_rate=node.ranged("MaxCancelRate", float, 100.0, 0, 1000000),
         database_connect_timeout=node.ranged("DatabaseConnectTimeout", float, 30.0, 0.1, 3600),
         database_operation_timeout=node.ranged("DatabaseOperationTimeout", float, 30.0, 0.1, 3600),
+        role_arn=node.get("RoleArn", str, ""),
+        vpc_subnet_ids=_strings(node, "VpcSubnetIds"),
+        vpc_security_group_ids=_strings(node, "VpcSecurityGroupIds"),
     )
+
+
+def _strings(node, key):
+    out = []
+    for item in node.get(key, list, []):
+        if not isinstance(item.value, str):
+            item.fail("must be a string")
+        out.append(item.value)
+    return tuple(out)
 
 
 def _tls(node, base_dir):
@@ -357,7 +393,7 @@ def _target_group(node, engine):
             init_query=cp.get("InitQuery", str, ""),
         )
     targets = []
-    for t in node.get("Targets", list, required=True):
+    for t in node.get("Targets", list, []):
         t.mapping({"RdsResourceId", "Endpoint", "Port", "Role"})
         targets.append(m.DBProxyTarget(
             rds_resource_id=t.get("RdsResourceId", str, required=True),
@@ -366,6 +402,6 @@ def _target_group(node, engine):
             else t.fail("is required", "Port"),
             role=t.choice("Role", ("READ_WRITE", "READ_ONLY"), ""),
         ))
-    if not targets:
-        node.fail("must list at least one target", "Targets")
+    # An empty target group is valid (a proxy created through the API has one until
+    # RegisterDBProxyTargets); its logins wait for a target, up to ConnectionBorrowTimeout.
     return m.DBProxyTargetGroup(name=name, connection_pool_config=pool, targets=tuple(targets))

@@ -128,6 +128,10 @@ class DBProxy:
     database_tls: DatabaseTLSConfig = field(default_factory=DatabaseTLSConfig)
     resource_id: str = ""  # prx- + 17 hex (DBProxyResourceId, or derived from the name at load)
     endpoint: str = ""  # the host name clients use (IAM tokens name it); "" = the listening address
+    # Kept for the RDS API's shapes (CreateDBProxy requires them); they change nothing here.
+    role_arn: str = ""
+    vpc_subnet_ids: Tuple[str, ...] = ()
+    vpc_security_group_ids: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,20 @@ class IAMConfig:
 @dataclass(frozen=True)
 class AdminConfig:
     listen: Optional[str] = None
+    # Read-only API calls (Describe*) from loopback without a SigV4 signature (the demo's).
+    allow_unauthenticated_loopback_reads: bool = False
+    # Where a proxy created through the API listens when its Tags name no txrdsproxy:Listen
+    # (port 0: a free port, written into the file once bound).
+    default_listen: str = "tcp:0:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class DBInstance:
+    """A database instance the API may register as a target (by DBInstanceIdentifier)."""
+
+    identifier: str
+    endpoint: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -174,3 +192,5 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     iam: IAMConfig = field(default_factory=IAMConfig)
+    db_instances: Tuple[DBInstance, ...] = ()
+    drain_timeout: float = 30.0  # SIGTERM / DeleteDBProxy: seconds open transactions may finish
