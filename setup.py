@@ -16,7 +16,8 @@ setup(
         "PyYAML>=5.4",
         "pyOpenSSL>=22.0",
         "service_identity>=21.1",
-        "botocore>=1.31",  # SigV4 (IAM tokens, management API) and Secrets Manager
+        "botocore>=1.31",  # SigV4 (IAM tokens, management API), the RDS model, Secrets Manager
+        "ruamel.yaml>=0.17",  # API changes written into the config file, comments and order kept
     ],
     extras_require={
         "test": [
@@ -28,6 +29,9 @@ setup(
             "boto3>=1.28",  # generate_db_auth_token in the IAM tests
             # 26.x C extensions need OpenSSL 3.2 (Debian 12 has 3.0); 9.x vendor their own libssl.
             "mysql-connector-python>=8.0,<26",
+            # The aws command (v1, from PyPI) drives the management API in tests; it pins the
+            # botocore it needs, and pip picks a boto3 that matches.
+            "awscli>=1.29",
         ],
     },
     classifiers=[

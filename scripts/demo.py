@@ -145,7 +145,10 @@ class Demo:
             f.write("\n")
         self.admin_port = port_or_free(8089)
         config = {
-            "Admin": {"Listen": "tcp:%d:interface=%s" % (self.admin_port, HOST)},
+            # Unsigned Describe* calls from loopback (the demo prints rdsproxy commands without
+            # credentials); every change through the API still needs a signed request.
+            "Admin": {"Listen": "tcp:%d:interface=%s" % (self.admin_port, HOST),
+                      "AllowUnauthenticatedLoopbackReads": True},
             # Relative paths resolve against this file's folder.
             "Secrets": {"Backend": "file", "Path": "secrets.json"},
             "DBProxies": proxies,
@@ -245,8 +248,8 @@ class Demo:
             say("   serving each; SET time_zone = '+02:00' in one does not pin, and the other")
             say("   session keeps its own @@time_zone.")
         say(" * See it from the outside (management API, Prometheus metrics):")
-        say("       .venv/bin/rdsproxy --endpoint http://%s:%d describe-db-proxies" % (HOST, self.admin_port))
-        say("       .venv/bin/rdsproxy --endpoint http://%s:%d describe-db-proxy-targets --db-proxy-name demo-pg"
+        say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxies" % (HOST, self.admin_port))
+        say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxy-targets --db-proxy-name demo-pg"
             % (HOST, self.admin_port))
         say("       curl -s http://%s:%d/metrics | grep -v '^#'" % (HOST, self.admin_port))
         say()

@@ -373,6 +373,10 @@ class ProxyRuntime:
                      name=new.name if hasattr(new, "name") else ctx.name,
                      old=writer.rds_resource_id, new=getattr(topology.current_writer(),
                                                              "rds_resource_id", None))
+        if topology.current_writer() is None and ctx.monitor is None and new.targets:
+            # the first target of an empty group (one target: its connections decide its health)
+            writers = [t for t in new.targets if t.role == READ_WRITE]
+            topology.set_writer((writers or list(new.targets))[0])
         if ctx.monitor is None and len(topology.targets) >= 2:
             ctx.monitor = build_monitor(ctx)
             if self._running:
@@ -430,7 +434,9 @@ def drain_sessions(ctx, timeout, clock):
 
 
 def _drain_one(session):
-    """Ask one session to end at its next transaction boundary (now if it is between two)."""
+    """Ask one session to end at its next transaction boundary (now if it is between two):
+    ClientSession.drain (the engine's shutdown error); a session object without it is closed
+    when it holds no connection."""
     drain = getattr(session, "drain", None)
     if drain is not None:
         drain()
@@ -621,6 +627,20 @@ class ProxyRegistry(service.Service):
         for."""
         lines, removals = [], []
         wanted = {p.name: p for p in config.proxies}
+        # A proxy under a new name with the resource id of a running one is that proxy renamed
+        # (ModifyDBProxy NewDBProxyName writes DBProxyResourceId, so the ARN stays).
+        by_resource = {getattr(r.config, "resource_id", ""): name for name, r in self._runtimes.items()}
+        for proxy in config.proxies:
+            old = by_resource.get(getattr(proxy, "resource_id", "") or None)
+            if (old is not None and proxy.name not in self._runtimes and old not in wanted
+                    and self._runtimes[old].config.engine_family == proxy.engine_family):
+                try:
+                    self.replace_proxy(old, proxy)
+                    lines.append(f"renamed proxy {old} to {proxy.name}")
+                except RegistryError as e:
+                    if strict:
+                        raise
+                    lines.append(f"FAILED proxy {proxy.name}: {e}")
         for name in list(self._runtimes):
             if name not in wanted:
                 removals.append(self.remove_proxy(name, drain_timeout))

@@ -5,11 +5,18 @@ library classes receive the clock and reactor they use.  The proxies themselves 
 `runtime.ProxyRegistry`, which can add, change and remove them while the process runs.
 """
 
+import os
+
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.web import server
 
+from txrdsproxy.admin.operations import RdsApi
+from txrdsproxy.admin.query import ApiAuthenticator, QueryResource
+from txrdsproxy.admin.reload import ReloadResource
 from txrdsproxy.admin.resources import admin_root
+from txrdsproxy.config.store import ConfigStore
+from txrdsproxy.control import ProxyControl
 from txrdsproxy.auth.iam import PrincipalStore
 from txrdsproxy.auth.secrets import build_secrets_store
 from txrdsproxy.metrics import Metrics
@@ -54,28 +61,51 @@ class AdminService(service.Service):
             return port.stopListening()
 
 
-def make_service(config, reactor=None):
+def make_service(config, reactor=None, config_path=None):
     """-> (MultiService, [ProxyContext]) for a validated Config.
 
-    The MultiService has `.registry` (the ProxyRegistry of the proxies), `.admin` (the
-    AdminService or None) and `.metrics`.  The contexts list is the proxies' at start."""
+    The MultiService has `.registry` (the ProxyRegistry of the proxies), `.control` (the
+    ProxyControl every change goes through), `.admin` (the AdminService or None), `.secrets`,
+    `.principals` and `.metrics`.  *config_path* (default: the file the Config was read from,
+    when it exists) is the file API changes are written to; without one they live in memory.
+    The contexts list is the proxies' at start."""
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
     secrets = build_secrets_store(config.secrets, reactor)
     metrics = Metrics()
-    registry = ProxyRegistry(reactor, secrets, metrics)
+    registry = ProxyRegistry(reactor, secrets, metrics, drain_timeout=config.drain_timeout)
     for proxy in config.proxies:
         registry.add_proxy(proxy)
     registry.setServiceParent(top)
     top.registry = registry
+    path = config_path or (config.source if os.path.isfile(config.source) else None)
+    store = ConfigStore(path) if path else None
+    if store is not None:
+        store.load()
+        for line in store.contradictions(store.document):
+            log.warn("start: the file undoes an API change: {line}", line=line)
+    control = ProxyControl(registry, config, store)
+    top.control = control
+    top.secrets = secrets  # ISecretsStore
+    top.principals = PrincipalStore(config.iam, secrets)  # IAM: tokens and management API SigV4
+
+    def principals():
+        if top.principals_config is not control.config.iam:  # reloaded: new principals
+            top.principals = PrincipalStore(control.config.iam, registry.secrets)
+            top.principals_config = control.config.iam
+        return top.principals
+
+    top.principals_config = config.iam
     top.admin = None
     if config.admin.listen:
-        site = server.Site(admin_root(metrics, registry))
+        authenticator = ApiAuthenticator(principals, lambda: control.config, reactor)
+        query = QueryResource(RdsApi(control), authenticator)
+        root = admin_root(metrics, registry, query)
+        root.putChild(b"reload", ReloadResource(control, authenticator))
+        site = server.Site(root)
         site.noisy = False
         top.admin = AdminService(site, config.admin.listen, reactor)
         top.admin.setServiceParent(top)
-    top.secrets = secrets  # ISecretsStore
-    top.principals = PrincipalStore(config.iam, secrets)  # IAM: tokens and management API SigV4
     top.metrics = metrics
     return top, registry.contexts()

@@ -61,10 +61,52 @@ class StartupGuard(service.MultiService):
             raise
 
 
+class SignalHandlers(service.Service):
+    """SIGHUP reloads; SIGTERM drains and exits 0.
+
+    - SIGHUP: re-read the configuration file and the secrets and apply the difference, as
+      `rdsproxy reload` does (control.ProxyControl.reload); an invalid file changes nothing and
+      is logged with its key path.
+    - SIGTERM: stop the reactor ourselves instead of through Twisted's handler, which would make
+      twistd re-raise the signal after the orderly stop (exit status -15).  The stop is the
+      same: every service stops, and the proxies drain (runtime.ProxyRegistry.stopService:
+      stop accepting, open transactions finish within DrainTimeout, idle clients get the
+      server's shutdown error) before the process exits 0.
+
+    The handlers are installed once the reactor runs (after its own)."""
+
+    def __init__(self, control, reactor):
+        self.control, self.reactor = control, reactor
+
+    def startService(self):
+        super().startService()
+        self.reactor.callLater(0, self._install)
+
+    def _install(self):
+        import signal
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self.terminate))
+
+    def reload(self):
+        log.info("Received SIGHUP, reloading the configuration.")
+        d = self.control.reload()
+        d.addErrback(lambda f: log.error("reload refused, nothing changed: {error}",
+                                         error=f.getErrorMessage()))
+        return d
+
+    def terminate(self):
+        log.info("Received SIGTERM, draining and shutting down.")
+        if self.reactor.running:
+            self.reactor.stop()
+
+
 def makeService(options):
+    from twisted.internet import reactor
+
     from txrdsproxy.service import make_service
-    top, _ = make_service(options.loaded)
+    top, _ = make_service(options.loaded, config_path=options["config"])
     parent = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
     guard = StartupGuard(foreground=bool(parent["nodaemon"]) if parent is not None else True)
     top.setServiceParent(guard)
+    SignalHandlers(top.control, reactor).setServiceParent(guard)
     return guard

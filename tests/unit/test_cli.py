@@ -1,161 +1,97 @@
-"""cli.py: argument parsing, the URL asked for, output and exit statuses (urlopen replaced)."""
+"""cli.py: commands and options from botocore's RDS model, shorthand values, defaults from the
+local config, output formats and exit statuses (no server: the API side is
+tests/integration/test_admin.py)."""
 
 import io
 import json
 import os
 import subprocess
 import sys
-import urllib.error
 
 import pytest
 
 from txrdsproxy import cli
 
-PROXIES = {"DBProxies": [{"DBProxyName": "app-pg", "Status": "available"}]}
+
+def parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
 
 
-class FakeResponse:
-    def __init__(self, body, status=200):
-        self.body, self.status = body, status
-
-    def read(self):
-        return self.body
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class FakeUrlopen:
-    """Records the requests; answers with *body* (a dict -> JSON), or raises *error*."""
-
-    def __init__(self, body=None, error=None):
-        self.body, self.error = body, error
-        self.requests = []
-
-    def __call__(self, request, timeout=None):
-        self.requests.append((request.full_url, timeout, request.get_method()))
-        if self.error is not None:
-            raise self.error
-        body = self.body if isinstance(self.body, bytes) else json.dumps(self.body).encode()
-        return FakeResponse(body)
-
-    @property
-    def url(self):
-        return self.requests[-1][0]
+def test_commands_and_options_are_the_aws_commands():
+    args = parse("modify-db-proxy-target-group", "--db-proxy-name", "p", "--target-group-name", "default",
+                 "--connection-pool-config",
+                 "MaxConnectionsPercent=50,MaxIdleConnectionsPercent=10,SessionPinningFilters=EXCLUDE_VARIABLE_SETS")
+    op = cli._model().operation_model(args.operation)
+    assert cli.build_params(op, args) == {
+        "DBProxyName": "p", "TargetGroupName": "default",
+        "ConnectionPoolConfig": {"MaxConnectionsPercent": 50, "MaxIdleConnectionsPercent": 10,
+                                 "SessionPinningFilters": ["EXCLUDE_VARIABLE_SETS"]}}
+    args = parse("register-db-proxy-targets", "--db-proxy-name", "p", "--db-instance-identifiers", "a", "b")
+    assert cli.build_params(cli._model().operation_model(args.operation), args)["DBInstanceIdentifiers"] == ["a", "b"]
+    args = parse("modify-db-proxy", "--db-proxy-name", "p", "--no-require-tls", "--debug-logging",
+                 "--idle-client-timeout", "60", "--new-db-proxy-name", "q")
+    assert cli.build_params(cli._model().operation_model(args.operation), args) == {
+        "DBProxyName": "p", "RequireTLS": False, "DebugLogging": True, "IdleClientTimeout": 60,
+        "NewDBProxyName": "q"}
 
 
-def run(argv, urlopen):
-    out, err = io.StringIO(), io.StringIO()
-    status = cli.main(argv, stdout=out, stderr=err, urlopen=urlopen)
-    return status, out.getvalue(), err.getvalue()
+def test_shorthand_list_of_structures_and_json():
+    args = parse("create-db-proxy", "--db-proxy-name", "p", "--engine-family", "POSTGRESQL",
+                 "--role-arn", "arn:aws:iam::000000000000:role/r", "--vpc-subnet-ids", "s1", "s2",
+                 "--auth", "AuthScheme=SECRETS,SecretArn=arn:a,IAMAuth=DISABLED",
+                 '{"SecretArn": "arn:b", "Description": "two"}')
+    params = cli.build_params(cli._model().operation_model(args.operation), args)
+    assert params["Auth"] == [{"AuthScheme": "SECRETS", "SecretArn": "arn:a", "IAMAuth": "DISABLED"},
+                              {"SecretArn": "arn:b", "Description": "two"}]
+    args = parse("describe-db-proxies", "--filters", "Name=db-proxy-name,Values=a,b")
+    assert cli.build_params(cli._model().operation_model(args.operation), args)["Filters"] == [
+        {"Name": "db-proxy-name", "Values": ["a", "b"]}]
 
 
-def http_error(url, code, body):
-    return urllib.error.HTTPError(url, code, "error", {}, io.BytesIO(body))
+def test_bad_shorthand_exits_252(capsys):
+    status = cli.main(["--endpoint-url", "http://127.0.0.1:9", "modify-db-proxy-target-group",
+                       "--db-proxy-name", "p", "--target-group-name", "default",
+                       "--connection-pool-config", "Bogus=1"])
+    assert status == 252 and "Bogus" in capsys.readouterr().err
 
 
-@pytest.fixture(autouse=True)
-def no_endpoint_env(monkeypatch):
-    monkeypatch.delenv("RDSPROXY_ENDPOINT", raising=False)
-
-
-def test_describe_db_proxies_prints_json_indented_by_4():
-    urlopen = FakeUrlopen(PROXIES)
-    status, out, err = run(["describe-db-proxies"], urlopen)
-    assert status == 0 and err == ""
-    assert out == json.dumps(PROXIES, indent=4) + "\n"
-    assert out.startswith('{\n    "DBProxies": [\n        {\n')
-    assert urlopen.requests == [("http://127.0.0.1:8089/v1/db-proxies", 30.0, "GET")]
-
-
-@pytest.mark.parametrize("argv,url", [
-    (["describe-db-proxies", "--db-proxy-name", "app-pg"],
-     "http://127.0.0.1:8089/v1/db-proxies?DBProxyName=app-pg"),
-    (["describe-db-proxy-target-groups", "--db-proxy-name", "app-pg"],
-     "http://127.0.0.1:8089/v1/db-proxy-target-groups?DBProxyName=app-pg"),
-    (["describe-db-proxy-target-groups", "--db-proxy-name", "app-pg", "--target-group-name", "default"],
-     "http://127.0.0.1:8089/v1/db-proxy-target-groups?DBProxyName=app-pg&TargetGroupName=default"),
-    (["describe-db-proxy-targets", "--db-proxy-name", "a b&c"],
-     "http://127.0.0.1:8089/v1/db-proxy-targets?DBProxyName=a+b%26c"),
-    (["--endpoint", "http://admin:9000/", "describe-db-proxy-targets", "--db-proxy-name", "x"],
-     "http://admin:9000/v1/db-proxy-targets?DBProxyName=x"),
-    (["--endpoint-url", "http://admin:9000", "describe-db-proxies"], "http://admin:9000/v1/db-proxies"),
-])
-def test_commands_ask_for_the_right_url(argv, url):
-    urlopen = FakeUrlopen({})
-    assert run(argv, urlopen)[0] == 0
-    assert urlopen.url == url
-
-
-def test_endpoint_from_environment(monkeypatch):
-    monkeypatch.setenv("RDSPROXY_ENDPOINT", "http://10.1.2.3:8089")
-    urlopen = FakeUrlopen({})
-    run(["describe-db-proxies"], urlopen)
-    assert urlopen.url == "http://10.1.2.3:8089/v1/db-proxies"
-    run(["--endpoint", "http://other:1", "describe-db-proxies"], urlopen)
-    assert urlopen.url == "http://other:1/v1/db-proxies"  # the option wins
-
-
-def test_timeout_option():
-    urlopen = FakeUrlopen({})
-    run(["--timeout", "2.5", "describe-db-proxies"], urlopen)
-    assert urlopen.requests[-1][1] == 2.5
-
-
-@pytest.mark.parametrize("argv", [
-    [],
-    ["describe-everything"],
-    ["describe-db-proxy-targets"],  # --db-proxy-name is required
-    ["describe-db-proxy-target-groups"],
-    ["describe-db-proxies", "--bogus"],
-])
+@pytest.mark.parametrize("argv", [[], ["no-such-command"], ["describe-db-proxy-targets"],
+                                  ["describe-db-proxies", "--output", "yaml"]])
 def test_usage_errors_exit_252(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(argv, urlopen=FakeUrlopen({}))
-    assert exc.value.code == 252
-    assert "usage: rdsproxy" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 252
 
 
-def test_api_error_prints_code_and_message_and_exits_254():
-    body = json.dumps({"Error": {"Code": "DBProxyNotFoundFault", "Message": "No proxy named 'x'."}})
-    urlopen = FakeUrlopen(error=http_error("http://h/v1/db-proxies?DBProxyName=x", 404, body.encode()))
-    status, out, err = run(["describe-db-proxies", "--db-proxy-name", "x"], urlopen)
-    assert status == 254 and out == ""
-    assert err.strip() == ("An error occurred (DBProxyNotFoundFault) when calling the DescribeDBProxies"
-                           " operation: No proxy named 'x'.")
+def test_endpoint_from_the_local_config(tmp_path, monkeypatch):
+    config = tmp_path / "rdsproxy.yaml"
+    config.write_text("Admin:\n  Listen: tcp:18089:interface=127.0.0.2\nIAM: {Region: eu-west-1}\n")
+    data = cli.local_config(str(config))
+    assert cli.endpoint_from_config(data) == "http://127.0.0.2:18089"
+    assert cli.endpoint_from_config({"Admin": {"Listen": "tcp:8089"}}) == "http://127.0.0.1:8089"
+    assert cli.endpoint_from_config({}) is None
 
 
-def test_non_json_error_body_still_exits_254():
-    urlopen = FakeUrlopen(error=http_error("http://h/v1/db-proxies", 502, b"Bad Gateway"))
-    status, _, err = run(["describe-db-proxies"], urlopen)
-    assert status == 254 and "(HTTP502)" in err and "Bad Gateway" in err
+def test_unreachable_endpoint_exits_255(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE000000001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    err = io.StringIO()
+    status = cli.main(["--endpoint-url", "http://127.0.0.1:9", "describe-db-proxies"], stderr=err)
+    assert status == 255 and "Could not connect to the endpoint URL" in err.getvalue()
 
 
-def test_connection_failure_exits_255():
-    urlopen = FakeUrlopen(error=urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")))
-    status, out, err = run(["describe-db-proxies"], urlopen)
-    assert status == 255 and out == ""
-    assert 'Could not connect to the endpoint URL: "http://127.0.0.1:8089/v1/db-proxies"' in err
-    assert "Connection refused" in err
-
-
-def test_timeout_exits_255():
-    status, _, err = run(["describe-db-proxies"], FakeUrlopen(error=TimeoutError("timed out")))
-    assert status == 255 and "timed out" in err
-
-
-def test_non_json_answer_exits_255():
-    status, out, err = run(["describe-db-proxies"], FakeUrlopen(b"<html>hello</html>"))
-    assert status == 255 and out == "" and "did not answer with JSON" in err
+def test_output_formats():
+    result = {"DBProxies": [{"DBProxyName": "p", "Status": "available", "Auth": [{"SecretArn": "a"}],
+                             "VpcSubnetIds": ["s1", "s2"]}], "ResponseMetadata": {"RequestId": "x"}}
+    assert json.loads(cli.render(result, "json", "DescribeDBProxies")) == {"DBProxies": result["DBProxies"]}
+    assert cli.render(result, "json", "T").startswith('{\n    "DBProxies": [\n')  # aws layout
+    text = cli.render(result, "text", "DescribeDBProxies").splitlines()
+    assert text == ["DBPROXIES\tp\tavailable", "AUTH\ta", "VPCSUBNETIDS\ts1\ts2"]
+    table = cli.render(result, "table", "DescribeDBProxies")
+    assert "DescribeDBProxies" in table.splitlines()[1] and "| DBProxies[0].DBProxyName" in table
 
 
 def test_python_dash_m_runs_the_cli():
-    env = dict(os.environ, RDSPROXY_ENDPOINT="http://127.0.0.1:8089")
-    proc = subprocess.run([sys.executable, "-m", "txrdsproxy.cli", "--help"], capture_output=True,
-                          text=True, timeout=60, env=env)
-    assert proc.returncode == 0
-    for command in cli.COMMANDS:
-        assert command in proc.stdout
+    out = subprocess.run([sys.executable, "-m", "txrdsproxy.cli", "--help"], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ))
+    assert out.returncode == 0 and "describe-db-proxies" in out.stdout and "deploy" in out.stdout

@@ -39,7 +39,7 @@ def namespace():
 
 def operation(action):
     """-> botocore OperationModel for *action*; QueryError InvalidAction when unknown."""
-    from botocore.exceptions import OperationNotFoundError
+    from botocore.model import OperationNotFoundError
     try:
         return rds_model().operation_model(action)
     except OperationNotFoundError:

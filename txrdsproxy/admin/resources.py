@@ -1,4 +1,4 @@
-"""The admin endpoint: the management API (/v1/), /metrics (Prometheus text) and /healthz.
+"""The admin endpoint: the RDS Query API (`POST /`), /metrics (Prometheus text) and /healthz.
 
 Each resource reads the registry (runtime.ProxyRegistry, or any iterable of objects with `.ctx`
 and `.port`) at request time, so proxies added or removed while running are seen at once.
@@ -7,8 +7,6 @@ and `.port`) at request time, so proxies added or removed while running are seen
 import json
 
 from twisted.web import resource
-
-from txrdsproxy.admin.api import api_root
 
 
 class MetricsResource(resource.Resource):
@@ -51,9 +49,27 @@ class HealthResource(resource.Resource):
         return json.dumps({"status": "ok" if ok else "starting", "proxies": body}).encode()
 
 
-def admin_root(metrics, registry):
-    root = resource.Resource()
+class AdminRoot(resource.Resource):
+    """`/` is the Query API; named children (metrics, healthz, ...) are served as usual."""
+
+    def __init__(self, query=None):
+        super().__init__()
+        self.query = query
+
+    def getChild(self, path, request):
+        if path == b"" and self.query is not None:
+            return self.query
+        return resource.NoResource()
+
+    def render(self, request):
+        if self.query is not None:
+            return self.query.render(request)
+        return resource.NoResource().render(request)
+
+
+def admin_root(metrics, registry, query=None):
+    """-> the admin site's root: *query* (admin.query.QueryResource) at `/`."""
+    root = AdminRoot(query)
     root.putChild(b"metrics", MetricsResource(metrics, registry))
     root.putChild(b"healthz", HealthResource(registry))
-    root.putChild(b"v1", api_root(registry))
     return root

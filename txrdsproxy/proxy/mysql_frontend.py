@@ -142,6 +142,13 @@ class MySQLFrontend(ClientSession):
     def needs_reset(self, conn):
         return self.pin_reason is not None or conn.tracker.in_transaction
 
+    def transaction_open(self, conn):
+        return conn.tracker is None or conn.tracker.in_transaction
+
+    def shutdown_now(self):
+        # What the server sends a connection it ends at shutdown: an unsolicited ERR (seq 0).
+        self._fatal(P.err_packet(1053, "08S01", "Server shutdown in progress"), 0)
+
     def lost_database(self, conn, why):
         self._close_client()  # as a crashed server would: the client sees the connection drop
 

@@ -101,6 +101,12 @@ class PgFrontend(ClientSession):
     def needs_reset(self, conn):
         return self.pin_reason is not None or conn.txn_status != b"I"
 
+    def transaction_open(self, conn):
+        return conn.txn_status != b"I"
+
+    def shutdown_now(self):
+        self._fatal(errors.ADMIN_SHUTDOWN)
+
     def lost_database(self, conn, why):
         if conn.fatal_error is not None:
             # The server said why it ended the session (FATAL, already forwarded), as it does

@@ -253,6 +253,35 @@ class ClientSession(protocol.Protocol):
         self.log.info("{s}: database connection lost: {why}", s=self, why=why)
         self.lost_database(conn, why)
 
+    # -- draining (the proxy or this proxy is stopping) ---------------------------------------------------
+    def drain(self):
+        """End this session with the engine's server-shutdown error as soon as it stands between
+        transactions: now when it does (or is still logging in), else at a later call (the
+        registry calls again until it has ended or the drain timeout closes it).
+
+        -> True once the session has ended (or was already ending).  A request on the wire or
+        an open transaction on its database connection keeps it going; a pinned session
+        between transactions is ended (its connection is reset or closed by the pool)."""
+        if self.state is SessionState.CLOSED or self._phase == "closing":
+            return True
+        if self.in_session:
+            if self.busy:
+                return False
+            lease = self.lease
+            if lease is not None and self.transaction_open(lease.conn):
+                return False
+        self.log.info("{s}: ending the session: the proxy is stopping", s=self)
+        self.shutdown_now()
+        return True
+
+    def transaction_open(self, conn):
+        """Engine question: is a transaction open on *conn* (the session's database connection)?"""
+        return True
+
+    def shutdown_now(self):
+        """Engine action: tell the client the server is shutting down, and close."""
+        self._close_client()
+
     # -- ending -----------------------------------------------------------------------------------------
     def _close_client(self):
         self._phase = "closing"

@@ -19,6 +19,8 @@ AUTH_TIMEOUT = error_response("08006", "Authentication timed out.")
 # refusal, which is the same situation).
 REQUIRES_TLS = error_response("28000", "This RDS Proxy requires TLS connections.")
 SHUTTING_DOWN = error_response("57P01", "The proxy is shutting down.")
+# Draining (SIGTERM, DeleteDBProxy): what the server itself says when it is shut down.
+ADMIN_SHUTDOWN = error_response("57P01", "terminating connection due to administrator command")
 UNKNOWN = error_response("XX000", "Unknown error.")
 
 
