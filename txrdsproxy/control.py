@@ -93,6 +93,9 @@ class ProxyControl:
         return config
 
     def _apply(self, config, strict):
+        self.registry.drain_timeout = config.drain_timeout
+        for runtime in self.registry:
+            runtime.drain_timeout = config.drain_timeout
         lines = []
         d = self.registry.apply_config(config, strict=strict)
         d.addCallback(lines.extend)
@@ -125,9 +128,12 @@ class ProxyControl:
         undone = self.store.contradictions(document)
         for line in undone:
             log.warn("reload: {line}", line=line)
+        self.registry.drain_timeout = config.drain_timeout
         d = self.registry.apply_config(config)
 
         def applied(lines):
+            for runtime in self.registry:
+                runtime.drain_timeout = config.drain_timeout
             self._record_bound_ports(document)
             self.store.adopt(document, digest)
             self.config = config

@@ -190,6 +190,7 @@ class ProxyRuntime:
         self.created = reactor.seconds()
         self.updated = self.created
         self._janitor = PoolJanitor(self.ctx.pool, reactor)
+        self.drain_timeout = DEFAULT_DRAIN_TIMEOUT  # the registry sets its own
         self._running = False
 
     @property
@@ -365,6 +366,15 @@ class ProxyRuntime:
         for target in removed:
             topology.forget_role(target)
             pool.retire_target(target, "target deregistered")
+        # A pinned session keeps its connection for as long as it lives: one on a removed
+        # target is ended (the server's shutdown error) once its transaction is over.
+        pinned = [s for s in ctx.sessions if getattr(s, "pin_reason", None) is not None
+                  and getattr(getattr(s, "lease", None), "conn", None) is not None
+                  and getattr(s.lease.conn, "target", None) in removed]
+        if pinned:
+            log.info("proxy {name}: ending {n} pinned session(s) on deregistered targets after "
+                     "their transactions", name=ctx.name, n=len(pinned))
+            drain_sessions(ctx, self.drain_timeout, self.reactor, pinned)
         if writer is not None and writer in removed:
             writers = [t for t in new.targets if topology.probed_role(t) == READ_WRITE
                        or t.role == READ_WRITE]
@@ -386,15 +396,15 @@ class ProxyRuntime:
             ctx.monitor.probe_now()
 
 
-def drain_sessions(ctx, timeout, clock):
-    """End every session of *ctx*: between transactions now, inside one when it ends or after
-    *timeout* seconds.  -> Deferred[None] once they are all gone.
+def drain_sessions(ctx, timeout, clock, sessions=None):
+    """End every session of *ctx* (or only *sessions*): between transactions now, inside one
+    when it ends or after *timeout* seconds.  -> Deferred[None] once they are all gone.
 
     A session's engine frontend may offer `drain()` (tell the client the server is shutting down
     with the engine's error, between transactions) and `busy_in_transaction()`; without them the
     session's transport is closed.
     """
-    sessions = list(ctx.sessions)
+    sessions = list(ctx.sessions if sessions is None else sessions)
     if not sessions:
         return defer.succeed(None)
     done = defer.Deferred()
@@ -526,6 +536,7 @@ class ProxyRegistry(service.Service):
         if proxy.name in self._runtimes or proxy.name in self._deleting:
             raise ProxyAlreadyExists(f"DBProxy {proxy.name} already exists.")
         runtime = ProxyRuntime(proxy, self.secrets, self.reactor, self.cancel_registry, self.metrics)
+        runtime.drain_timeout = self.drain_timeout
         if self.running:
             try:
                 runtime.start()

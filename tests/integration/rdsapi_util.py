@@ -30,12 +30,24 @@ POLICIES = {
 }
 
 
-def start(tmp_path, pg_server, anonymous_reads=False, extra_instances=(), **overrides):
-    """-> (InProcessProxy, admin endpoint URL, config path)."""
+MYSQL_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_native"
+
+
+def start(tmp_path, pg_server, anonymous_reads=False, extra_instances=(), mariadb_server=None,
+          **overrides):
+    """-> (InProcessProxy, admin endpoint URL, config path).  Proxies: test-pg, and test-my in
+    front of *mariadb_server* when given."""
     path = write_proxy_config(tmp_path, pg_server, name="test-pg", **overrides)
     config = yaml.safe_load(Path(path).read_text())
     secrets_path = Path(tmp_path) / "secrets.json"
     secrets = json.loads(secrets_path.read_text())
+    if mariadb_server is not None:
+        secrets[MYSQL_ARN] = {"username": "app_native", "password": mariadb_server.users["app_native"]}
+        config["DBProxies"].append({
+            "DBProxyName": "test-my", "EngineFamily": "MYSQL", "Listen": f"tcp:0:interface={HOST}",
+            "Auth": [{"SecretArn": MYSQL_ARN, "ClientPasswordAuthType": "MYSQL_NATIVE_PASSWORD"}],
+            "TargetGroups": [{"TargetGroupName": "default", "Targets": [
+                {"RdsResourceId": "mariadb-1", "Endpoint": mariadb_server.host, "Port": mariadb_server.port}]}]})
     principals = []
     for name, (akid, secret) in KEYS.items():
         arn = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:key-{name}"
