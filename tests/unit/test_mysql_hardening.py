@@ -242,3 +242,67 @@ def test_random_bytes_at_every_phase(phase, seed, failures):
     for other in h.pool.leases:
         if other.released and other.release_args["clean"]:
             assert other.conn.tracker.idle
+
+
+# -- the classifier as the frontend drives it ---------------------------------------------------------------
+def test_set_names_sjis_pins_with_the_reason(s):
+    s.send(my.query("SET NAMES sjis"))
+    lease = s.pool.give()
+    assert s.frontend.pin_reason.value == "client_charset"
+    lease.conn.respond(my.ok())
+    assert not lease.released
+
+
+def test_session_in_ansi_quotes_mode_is_lexed_in_that_mode(s):
+    s.send(my.query("SET sql_mode = 'ANSI_QUOTES'"))
+    lease = s.pool.give()
+    lease.conn.respond(my.ok())
+    assert lease.released and s.frontend.pin_reason is None
+    s.send(my.query('SELECT "a\\"; SET @x = 1; -- "'))
+    s.pool.give()
+    assert s.frontend.pin_reason.value == "user_variable"
+
+
+def test_failed_multi_statement_that_set_tracked_values_pins(s):
+    s.send(my.query("SET sql_mode = 'ANSI_QUOTES'; SELECT * FROM missing"))
+    lease = s.pool.give()
+    lease.conn.respond(P.err_packet(1146, "42S02", "Table 'missing' doesn't exist"))
+    assert s.frontend.pin_reason.value == "set_variable"
+    assert not lease.released  # the first statement ran: its connection stays with the session
+
+
+def test_failed_single_set_changes_nothing_and_does_not_pin(s):
+    s.send(my.query("SET time_zone = 'Nowhere/Else'"))
+    lease = s.pool.give()
+    lease.conn.respond(P.err_packet(1298, "HY000", "Unknown or incorrect time zone"))
+    assert s.frontend.pin_reason is None and lease.released
+    assert "time_zone" not in s.frontend.desired
+
+
+def no_tracking_session():
+    h = my.Harness()
+    h.login(caps=my.CLIENT_CAPS & ~P.CLIENT_SESSION_TRACK)
+    return h
+
+
+def test_use_is_followed_when_the_server_does_not_track_the_schema():
+    h = no_tracking_session()
+    h.send(my.query("SELECT 1; USE `other`"))
+    lease = h.pool.give()
+    lease.conn.respond(my.ok(AC | P.SERVER_MORE_RESULTS_EXISTS), my.ok())
+    assert h.frontend.database == "other" and lease.conn.database == "other"
+    assert h.frontend.pin_reason is None
+
+
+def test_use_that_cannot_be_followed_pins():
+    h = no_tracking_session()
+    h.send(my.query("USE /* where? */"))
+    h.pool.give()
+    assert h.frontend.pin_reason.value == "unknown_database"
+
+
+def test_init_db_is_followed(s):
+    s.send(my.command(P.COM_INIT_DB, b"shop"))
+    lease = s.pool.give()
+    lease.conn.respond(my.ok())
+    assert s.frontend.database == "shop" and lease.conn.database == "shop"

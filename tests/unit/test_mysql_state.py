@@ -49,8 +49,3 @@ def test_normalize_and_literals():
     assert st.literal("it's") == "'it\\'s'"
 
 
-def test_use_target():
-    assert st.use_target("USE appdb") == "appdb"
-    assert st.use_target("  use `we``ird`;") == "we`ird"
-    assert st.use_target("USE a; SELECT 1") is None
-    assert st.use_target("SELECT 1") is None

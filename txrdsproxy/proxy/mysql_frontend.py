@@ -41,6 +41,7 @@ from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql import pinning
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
+from txrdsproxy.wire.mysql.lexer import version_id
 from txrdsproxy.wire.mysql.packets import ProtocolError
 from txrdsproxy.wire.mysql.scanner import CommandScanner
 
@@ -83,8 +84,7 @@ class MySQLFrontend(ClientSession):
         self._relaying = False   # the stream's current command goes to the lease's connection
         self._statements = set()  # ids of the prepared statements this session made
         self._cmd = None
-        self._cmd_tracked = None
-        self._cmd_db = None
+        self._cmd_classified = None  # what classify_query said of the command on the wire
         self._server_caps = 0
         self._before_tls = bytearray()  # handshake bytes while an SSLRequest is possible
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
@@ -320,9 +320,15 @@ class MySQLFrontend(ClientSession):
         self.charset_id = None
         self._check_charset()
 
-    def _check_charset(self):
-        """sjis, big5 & co. as character_set_client: pin (see pinning.UNSAFE_CLIENT_CHARSETS)."""
-        if pinning.unsafe_charset_client(self.desired.get("character_set_client")):
+    def _check_charset(self, charset=None):
+        """sjis, big5 & co. as character_set_client (the session's, or *charset* about to be set):
+        pin, because the classifier cannot lex them (a multi-byte character may end in a quote
+        or backslash byte); see pinning.UNSAFE_CLIENT_CHARSETS."""
+        charset = charset or self.desired.get("character_set_client")
+        if pinning.unsafe_charset_client(charset) and self.pin_reason is None:
+            self.log.info("{s}: client charset {cs} cannot be classified statement by statement"
+                          " (its multi-byte characters can contain quote and backslash bytes):"
+                          " the session is pinned", s=self, cs=charset)
             self._pin(pinning.PinReason.CLIENT_CHARSET)
 
     # -- command phase: client -> database --------------------------------------------------------
@@ -393,7 +399,7 @@ class MySQLFrontend(ClientSession):
             seq, payload = stream.take_packet()
             self._change_user(seq, payload[1:])
             return
-        self._cmd_tracked = self._cmd_db = None
+        self._cmd_classified = None
         if cmd == P.COM_QUERY or cmd == P.COM_STMT_EXECUTE:
             self.queries += 1  # QueryRequests
         if cmd == P.COM_QUERY:
@@ -402,7 +408,8 @@ class MySQLFrontend(ClientSession):
             elif self._query(stream.peek(1, length)):
                 return  # answered here
         elif cmd == P.COM_INIT_DB:
-            self._cmd_db = stream.peek(1, length).decode("utf-8", "replace")
+            self._cmd_classified = pinning.TrackedSet(
+                {}, database=stream.peek(1, length).decode("utf-8", "replace"))
         elif cmd == P.COM_STMT_PREPARE:
             self._pin(pinning.PinReason.PREPARED_STATEMENT)
         elif cmd == P.COM_SET_OPTION:
@@ -433,30 +440,49 @@ class MySQLFrontend(ClientSession):
         kill = _KILL.match(sql) if b"ill" in sql[:16] or b"ILL" in sql[:16] else None
         if kill is not None:
             return self._kill(kill)  # KILL <id> alone: nothing in it to classify
-        result = pinning.classify_query(sql, self._exclude_sets, **self._lexing())
+        track_use = not self._schema_tracked()
+        result = pinning.classify_query(sql, self._exclude_sets, track_use=track_use,
+                                        **self._lexing())
         if isinstance(result, pinning.TrackedSet):
             bad = result.invalid_charset_client
             if bad is not None:
                 seq, _ = self._stream.take_packet()
                 self.write_packet(errors.bad_charset_client(bad), seq + 1)
                 return True
-            self._cmd_tracked = result
-            unsafe = result.unsafe_charset_client
-            if unsafe is not None:
-                self._pin(pinning.PinReason.UNSAFE_CHARSET)
+            self._cmd_classified = result
+            if result.unsafe_charset_client is not None:
+                self._check_charset(result.unsafe_charset_client)
         elif result is not None:
             self._pin(result)
-        if sql[:16].lstrip()[:3].lower() == b"use":  # cheap test before decoding
-            self._cmd_db = mstate.use_target(sql.decode("utf-8", "replace"))
         return False
 
+    def _tracked_value(self, name):
+        if name in self.desired:
+            return self.desired[name]
+        return (getattr(self.ctx.connector, "baseline", None) or {}).get(name)
+
+    def _schema_tracked(self):
+        """Whether the server reports this session's changes of database in its OK packets
+        (CLIENT_SESSION_TRACK negotiated and session_track_schema on).  Otherwise USE is parsed
+        here, and a change of database the proxy cannot follow pins the session."""
+        return bool(self.client_caps & P.CLIENT_SESSION_TRACK) \
+            and self._tracked_value("session_track_schema") != "0"
+
     def _lexing(self):
-        """How the server will lex this session's next statement (its sql_mode)."""
-        values = self.desired
-        mode = values.get("sql_mode")
-        if mode is None:
-            mode = (getattr(self.ctx.connector, "baseline", None) or {}).get("sql_mode")
-        return mstate.lexing_options(mode)
+        """How the server will lex this session's next statement: its sql_mode and version
+        (remembered while both stay the same: this runs for every query)."""
+        mode = self._tracked_value("sql_mode")
+        server = getattr(self.ctx.connector, "server_info", None)
+        cached = self._lex_cache
+        if cached is not None and cached[0] == mode and cached[1] is server:
+            return cached[2]
+        ansi_quotes, no_backslash_escapes = pinning.sql_mode_flags(mode)
+        options = {"ansi_quotes": ansi_quotes, "no_backslash_escapes": no_backslash_escapes,
+                   "server_version": version_id(server.server_version) if server else None}
+        self._lex_cache = (mode, server, options)
+        return options
+
+    _lex_cache = None  # (sql_mode, greeting, classify_query's lexing arguments)
 
     def _owns_statement(self, stmt_id):
         if stmt_id == LAST_STATEMENT:  # MariaDB: "the statement prepared last on this connection"
@@ -630,31 +656,24 @@ class MySQLFrontend(ClientSession):
         conn = self.lease.conn
         tracker = conn.tracker
         ok = tracker.last_error is None
-        if ok:
-            if self._cmd_tracked is not None:
-                applied = mstate.apply_assignments(
-                    self.desired, self._cmd_tracked.assignments, conn.connector.collations)
-                for name, value in applied.items():
-                    if value is None:
-                        conn.current.pop(name, None)
-                    else:
-                        conn.current[name] = value
-            if self._cmd_db is not None:
-                self.database = conn.database = self._cmd_db
-        for kind, value in tracker.take_session_state_changes():
-            if kind == P.SESSION_TRACK_SCHEMA:
-                self.database = conn.database = value or None
-            elif kind == P.SESSION_TRACK_SYSTEM_VARIABLES and value[0] in mstate.ORDER:
-                name = value[0]
-                self.desired[name] = conn.current[name] = mstate.normalize(name, value[1])
-                if name == "character_set_client":
-                    self._check_charset()
-        autocommit = "1" if tracker.status & P.SERVER_STATUS_AUTOCOMMIT else "0"
-        self.desired["autocommit"] = conn.current["autocommit"] = autocommit
+        learned = mstate.learn(self._cmd_classified, not ok, tracker.take_session_state_changes(),
+                               tracker.status, conn.connector.collations)
+        for name, value in learned.values.items():
+            self.desired[name] = value
+            if value is None:
+                conn.current.pop(name, None)
+            else:
+                conn.current[name] = value
+        if "character_set_client" in learned.values:
+            self._check_charset()
+        if learned.database is not mstate.UNCHANGED:
+            self.database = conn.database = learned.database
+        if learned.pin is not None:
+            self._pin(learned.pin)
         if self._cmd == P.COM_STMT_PREPARE and ok and tracker.last_prepare is not None:
             self._statements.add(tracker.last_prepare[0])
         self._wait = Wait.NOTHING
-        self._cmd = self._cmd_tracked = self._cmd_db = None
+        self._cmd = self._cmd_classified = None
         self._maybe_release()
         self._pump_safely()
 

@@ -12,9 +12,10 @@ Values are compared as text, after `normalize`; a harmless mismatch of spellings
 ``utf8mb3``) only costs one redundant SET.
 """
 
-import re
+from collections import namedtuple
 
-from txrdsproxy.wire.mysql.pinning import TRACKED_VARIABLES
+from txrdsproxy.wire.mysql import packets as P
+from txrdsproxy.wire.mysql.pinning import TRACKED_VARIABLES, PinReason, TrackedSet
 
 # Order matters: setting character_set_connection resets collation_connection.
 ORDER = ("character_set_client", "character_set_connection", "character_set_results",
@@ -50,18 +51,6 @@ def no_backslash_escapes(sql_mode):
     if not sql_mode:
         return False
     return "NO_BACKSLASH_ESCAPES" in (m.strip() for m in sql_mode.upper().split(","))
-
-
-def lexing_options(sql_mode):
-    """classify_query's keyword arguments for a session whose sql_mode is *sql_mode* (or None)."""
-    modes = {m.strip() for m in (sql_mode or "").upper().split(",")}
-    return {"no_backslash_escapes": "NO_BACKSLASH_ESCAPES" in modes,
-            "ansi_quotes": bool(modes & ANSI_QUOTES_MODES)}
-
-
-# sql_mode values that include ANSI_QUOTES (the combination modes, as MariaDB defines them).
-ANSI_QUOTES_MODES = frozenset({"ANSI_QUOTES", "ANSI", "ORACLE", "MSSQL", "DB2", "POSTGRESQL",
-                               "MAXDB"})
 
 
 def literal(value):
@@ -137,15 +126,38 @@ def apply_assignments(desired, assignments, collations):
     return applied
 
 
-_USE = re.compile(r"\A\s*USE\s+(`(?:[^`]|``)+`|[^\s;`]+)\s*;?\s*\Z", re.I | re.S)
+Learned = namedtuple("Learned", "values database pin")
+Learned.__doc__ = """What a completed response taught the proxy about its session.
+
+values: tracked variable -> normalized value now in force on the connection (and wanted by the
+session); database: the current database now (None: no database), or UNCHANGED; pin: a
+PinReason when the session's state can no longer be known (or None)."""
+UNCHANGED = object()
 
 
-def use_target(sql):
-    """The database of a ``USE db`` statement, or None (for when the server doesn't track it)."""
-    m = _USE.match(sql)
-    if m is None:
-        return None
-    name = m.group(1)
-    if name.startswith("`"):
-        name = name[1:-1].replace("``", "`")
-    return name
+def learn(classified, failed, changes, status, collations):
+    """-> Learned, from what the classifier said of the command (*classified*: TrackedSet,
+    PinReason or None), whether the response ended in ERR (*failed*), the OK packets'
+    session-state *changes* and the last server *status*.
+
+    The one place the proxy decides what a response did to tracked state (the frontend and the
+    differential test both use it).  A failed multi-statement query that set tracked values
+    leaves them unknown (the statements before the error ran): the session pins.
+    """
+    values = {}
+    database = UNCHANGED
+    pin = None
+    if isinstance(classified, TrackedSet):
+        if not failed:
+            values.update(apply_assignments({}, classified.assignments, collations))
+            if classified.database is not None:
+                database = classified.database
+        elif classified.multi:
+            pin = PinReason.SET_VARIABLE
+    for kind, value in changes:
+        if kind == P.SESSION_TRACK_SCHEMA:
+            database = value or None
+        elif kind == P.SESSION_TRACK_SYSTEM_VARIABLES and value[0] in ORDER:
+            values[value[0]] = normalize(value[0], value[1])
+    values["autocommit"] = "1" if status & P.SERVER_STATUS_AUTOCOMMIT else "0"
+    return Learned(values, database, pin)

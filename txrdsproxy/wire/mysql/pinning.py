@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass, field
 
 from txrdsproxy.wire.mysql import packets as P
+from txrdsproxy.wire.mysql.lexer import Ambiguous, Lexer
 
 MAX_STATEMENT_BYTES = 16 * 1024
 
@@ -60,6 +61,9 @@ class PinReason(enum.Enum):
     ROW_COUNT = "row_count"
     HANDLER = "handler"
     XA = "xa"
+    COMPOUND_STATEMENT = "compound_statement"  # BEGIN NOT ATOMIC, IF, ... outside a routine
+    UNCLASSIFIABLE = "unclassifiable"  # the server could read the text in more than one way
+    UNKNOWN_DATABASE = "unknown_database"  # a USE the proxy cannot follow (no schema tracking)
     # character_set_client is a multi-byte charset whose second bytes can be 0x5C ('\\') or
     # 0x27/0x22: the server reads quotes and backslashes differently from a byte-wise lexer.
     CLIENT_CHARSET = "client_charset"
@@ -102,6 +106,8 @@ class TrackedSet:
     """
 
     assignments: dict = field(default_factory=dict)
+    database: object = None  # USE's database (when asked: track_use), or None
+    multi: bool = False  # from a query of several statements (an ERR leaves the values unknown)
 
     @property
     def invalid_charset_client(self):
@@ -125,96 +131,19 @@ def classify_command(command):
 
 # --- cheap pre-check ---------------------------------------------------------------------------
 _PRECHECK = re.compile(
-    rb"@|(?<![A-Za-z_$])(?:set|prepare|execute|lock|flush|handler|xa|temporary|get_lock"
-    rb"|last_insert_id|found_rows|sql_calc_found_rows|row_count|charset)(?![A-Za-z0-9_$])",
-    re.I)
+    rb"@|(?<![A-Za-z_$])(?:set|prepare|execute|deallocate|lock|flush|handler|xa|temporary"
+    rb"|get_lock|last_insert_id|found_rows|sql_calc_found_rows|row_count|charset|binlog)"
+    rb"(?![A-Za-z0-9_$])", re.I)
+_PRECHECK_USE = re.compile(rb"(?<![A-Za-z_$])use(?![A-Za-z0-9_$])", re.I)
 
 # A cheaper first filter on the lower-cased text (a literal alternation, no case folding or
 # look-arounds): every _PRECHECK match contains one of these.
-_LITERALS = re.compile(rb"@|set|prepar|execute|lock|flush|handler|xa|temporary|found_rows|row_count|charset|last_insert_id")
-
-# --- tokenizer -------------------------------------------------------------------------------------
-_SQ = r"'(?:[^'\\]|\\.|'')*(?:'|\Z)"
-_DQ = r'"(?:[^"\\]|\\.|"")*(?:"|\Z)'
-_SQ_NBE = r"'(?:[^']|'')*(?:'|\Z)"
-_DQ_NBE = r'"(?:[^"]|"")*(?:"|\Z)'
-_BQ = r"`(?:[^`]|``)*(?:`|\Z)"
-
-
-def _token_re(sq, dq):
-    return re.compile(r"""
-      (?P<ws>\s+)
-    | (?P<xc>/\*M?!\d*)
-    | (?P<c>/\*.*?(?:\*/|\Z) | \#[^\n]* | --(?=\s|\Z)[^\n]*)
-    | (?P<s>%(sq)s|%(dq)s)
-    | (?P<q>%(bq)s)
-    | (?P<sv>@@(?:[A-Za-z_][\w$]*\.)?[\w$]+)
-    | (?P<uv>@(?:%(sq)s|%(dq)s|%(bq)s|[\w$.]+)?)
-    | (?P<op>:=)
-    | (?P<n>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?(?![\w$])|\.\d+)
-    | (?P<w>[\w$]+)
-    | (?P<xe>\*/)
-    | (?P<p>.)
-    """ % {"sq": sq, "dq": dq, "bq": _BQ}, re.S | re.X)
-
-
-_TOKENS = _token_re(_SQ, _DQ)
-_TOKENS_NBE = _token_re(_SQ_NBE, _DQ_NBE)
-_UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "Z": "\x1a", "b": "\b"}
-
-
-def _unquote(text, backslashes=True):
-    quote = text[0]
-    body = text[1:-1] if len(text) > 1 and text[-1] == quote else text[1:]
-    body = body.replace(quote * 2, quote)
-    if backslashes and quote != "`" and "\\" in body:
-        body = re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), body)
-    return body
-
-
-def _tokenize(text, no_backslash_escapes):
-    """List of statements, each a list of ``(kind, value, raw)`` tokens.
-
-    kind: w (value upper-cased), n, s (value unquoted), q, sv (value lower),
-    uv, op, p.
-    """
-    statements = [[]]
-    depth = 0  # executable comment nesting
-    regex = _TOKENS_NBE if no_backslash_escapes else _TOKENS
-    for m in regex.finditer(text):
-        kind = m.lastgroup
-        raw = m.group()
-        if kind in ("ws", "c"):
-            continue
-        if kind == "xc":
-            depth += 1
-            continue
-        if kind == "xe":
-            if depth:
-                depth -= 1
-                continue
-            statements[-1].append(("p", "*", "*"))
-            statements[-1].append(("p", "/", "/"))
-            continue
-        if kind == "p" and raw == ";":
-            statements.append([])
-            continue
-        if kind == "w":
-            value = raw.upper()
-        elif kind == "s":
-            value = _unquote(raw, not no_backslash_escapes)
-        elif kind == "q":
-            value = _unquote(raw, False)
-        elif kind == "sv":
-            value = raw[2:].lower()
-        else:
-            value = raw
-        statements[-1].append((kind, value, raw))
-    return [s for s in statements if s]
+_LITERALS = re.compile(rb"@|set|prepar|execute|deallocate|lock|flush|handler|xa|temporary"
+                       rb"|found_rows|row_count|charset|last_insert_id|binlog")
 
 
 # --- classification -----------------------------------------------------------------------------
-_STOP = object()
+_ROUTINE = object()  # a routine/trigger/event definition: its body runs later, not now
 _FUNCTIONS = {
     "GET_LOCK": PinReason.GET_LOCK,
     "LAST_INSERT_ID": PinReason.LAST_INSERT_ID,
@@ -225,14 +154,39 @@ _ROUTINES = {"PROCEDURE", "FUNCTION", "TRIGGER", "EVENT", "PACKAGE"}
 _SCOPES = {"GLOBAL": "global", "SESSION": "session", "LOCAL": "session",
            "PERSIST": "global", "PERSIST_ONLY": "global"}
 _VARIABLE_REASONS = (PinReason.USER_VARIABLE, PinReason.SET_VARIABLE)
+# Statements in which a user variable can only be read (an assignment needs := or INTO @v, both
+# caught anywhere).  Elsewhere (SET, CALL with OUT parameters, LOAD DATA ... (@v), GET
+# DIAGNOSTICS @v = ..., anything unknown) a user variable pins.
+_READING_STATEMENTS = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "DO", "WITH",
+                                 "VALUES", "TABLE", "EXECUTE", "SHOW", "EXPLAIN", "DESCRIBE",
+                                 "DESC", "(", "HANDLER"})
+# Compound statements outside stored programs (MariaDB runs BEGIN NOT ATOMIC, IF, CASE, LOOP,
+# WHILE, REPEAT at top level): procedural code can change anything, and it holds ';'.
+_COMPOUND = frozenset({"IF", "CASE", "LOOP", "WHILE", "REPEAT"})
 
 
-def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False, ansi_quotes=False):
-    """Classify the text of a COM_QUERY.
+def sql_mode_flags(sql_mode):
+    """-> (ansi_quotes, no_backslash_escapes) of an sql_mode value (None: the default)."""
+    modes = {m.strip() for m in (sql_mode or "").upper().split(",")}
+    return bool(modes & ANSI_QUOTES_MODES), "NO_BACKSLASH_ESCAPES" in modes
 
-    Returns a :class:`PinReason` (the first found), a :class:`TrackedSet`
-    (only tracked variables changed; values merged over all statements of a
-    multi-statement query), or None.
+
+# sql_mode values that include ANSI_QUOTES (MariaDB's combination modes included).
+ANSI_QUOTES_MODES = frozenset({"ANSI_QUOTES", "ANSI", "ORACLE", "MSSQL", "DB2", "POSTGRESQL",
+                               "MAXDB"})
+
+
+def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
+                   ansi_quotes=False, server_version=None, track_use=False):
+    """Classify the text of a COM_QUERY as the server will lex it.
+
+    *no_backslash_escapes* / *ansi_quotes*: the session's sql_mode; *server_version*: the
+    server's MYSQL_VERSION_ID (lexer.version_id), which decides versioned executable comments;
+    *track_use*: also report USE statements (when the server does not report schema changes).
+
+    Returns a :class:`PinReason` (the first found), a :class:`TrackedSet` (only tracked
+    variables changed, or USE; values merged over all statements of a multi-statement query),
+    or None.  Text the server could read in more than one way pins (UNCLASSIFIABLE).
     """
     if isinstance(sql, str):
         sql = sql.encode("utf-8")
@@ -241,18 +195,53 @@ def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
     if not isinstance(sql, (bytes, bytearray)):
         sql = bytes(sql)
     if _LITERALS.search(sql.lower()) is None or not _PRECHECK.search(sql):
-        return None
+        if not track_use or _PRECHECK_USE.search(sql) is None:
+            return None
     text = bytes(sql).decode("latin-1")  # 1:1 with the bytes; values re-decoded later
+    lexer = Lexer(text, ansi_quotes, no_backslash_escapes, server_version)
     tracked = {}
-    for stmt in _tokenize(text, no_backslash_escapes):
-        result = _statement(stmt, exclude_variable_sets)
-        if result is _STOP:
-            break
-        if isinstance(result, PinReason):
-            return result
-        if result:
-            tracked.update(result)
-    return TrackedSet(tracked) if tracked else None
+    database = None
+    count = 0
+    try:
+        while True:
+            stmt = lexer.statement()
+            if stmt is None:
+                break
+            if not stmt:
+                continue
+            count += 1
+            if _word(stmt, 0) == "USE":
+                database = _use_target(stmt)
+                continue
+            result = _statement(stmt, exclude_variable_sets)
+            if result is _ROUTINE:
+                continue
+            if isinstance(result, PinReason):
+                return result
+            if result:
+                tracked.update(result)
+                if "sql_mode" in result:  # the next statement is lexed in the new mode
+                    lexer.ansi_quotes, lexer.no_backslash_escapes = \
+                        sql_mode_flags(result["sql_mode"])
+    except Ambiguous:
+        return PinReason.UNCLASSIFIABLE
+    if database is UNKNOWN_DATABASE and track_use:
+        return PinReason.UNKNOWN_DATABASE
+    if tracked or (database is not None and track_use):
+        return TrackedSet(tracked, database if track_use else None, count > 1)
+    return None
+
+
+UNKNOWN_DATABASE = object()
+
+
+def _use_target(toks):
+    """The database a USE statement's tokens name, or UNKNOWN_DATABASE."""
+    if len(toks) == 2 and toks[1][0] in ("w", "q"):
+        kind, value, raw = toks[1]
+        name = raw if kind == "w" else value
+        return name.encode("latin-1", "replace").decode("utf-8", "replace")
+    return UNKNOWN_DATABASE
 
 
 def _word(toks, i):
@@ -265,12 +254,14 @@ def _statement(toks, exclude):
     first = _word(toks, 0)
     if first == "SET":
         set_result = _set_statement(toks[1:], exclude)
-        if isinstance(set_result, PinReason) or set_result is _STOP:
+        if isinstance(set_result, PinReason) or set_result is _ROUTINE:
             return set_result
-        generic = _scan(toks, exclude)
+        generic = _scan(toks, exclude)  # SET's own items handled user variables above
         return generic if generic is not None else set_result
     if first == "PREPARE" or (first == "EXECUTE" and _word(toks, 1) == "IMMEDIATE"):
         return PinReason.PREPARED_STATEMENT
+    if first in ("DEALLOCATE", "DROP") and _word(toks, 1) == "PREPARE":
+        return PinReason.PREPARED_STATEMENT  # only a session's own statements: it holds them
     if first == "LOCK":
         return PinReason.LOCK_TABLES
     if first == "FLUSH":
@@ -283,6 +274,11 @@ def _statement(toks, exclude):
         return PinReason.HANDLER
     if first == "XA":
         return PinReason.XA
+    if first == "BINLOG":
+        return PinReason.SET_VARIABLE  # replayed events set session variables
+    if (first in _COMPOUND or (first == "BEGIN" and _word(toks, 1) == "NOT")
+            or (len(toks) > 1 and toks[0][0] in ("w", "q") and toks[1][2] == ":")):
+        return PinReason.COMPOUND_STATEMENT
     if first == "CREATE":
         for t in toks[1:12]:
             if t[0] != "w":
@@ -290,26 +286,31 @@ def _statement(toks, exclude):
             if t[1] == "TEMPORARY":
                 return PinReason.TEMPORARY_TABLE
             if t[1] in _ROUTINES:
-                return _STOP
+                return _ROUTINE
             if t[1] in ("TABLE", "VIEW", "INDEX", "DATABASE", "SCHEMA", "USER"):
                 break
-    return _scan(toks, exclude)
+    reading = first in _READING_STATEMENTS or (toks[0][2] == "(")
+    return _scan(toks, exclude, reading)
 
 
-def _scan(toks, exclude):
-    """Pins that can appear anywhere: functions, := and INTO @var."""
+def _scan(toks, exclude, reading=True):
+    """Pins that can appear anywhere: functions (by any spelling: backticks, schema-qualified),
+    :=, INTO @var, and user variables where they may be written (*reading* False)."""
     n = len(toks)
     for i, (kind, value, _raw) in enumerate(toks):
-        if kind == "w":
-            if value in _FUNCTIONS:
-                if (i + 1 < n and toks[i + 1][2] == "("
-                        and not (i > 0 and toks[i - 1][2] == ".")):
-                    return _FUNCTIONS[value]
-            elif value == "SQL_CALC_FOUND_ROWS":
+        if kind in ("w", "q"):
+            name = value if kind == "w" else value.upper()
+            if name in _FUNCTIONS:
+                if i + 1 < n and toks[i + 1][2] == "(":
+                    return _FUNCTIONS[name]
+            elif name == "SQL_CALC_FOUND_ROWS" and kind == "w":
                 return PinReason.FOUND_ROWS
-            elif value == "INTO" and not exclude and i + 1 < n and toks[i + 1][0] == "uv":
+            elif name == "INTO" and kind == "w" and not exclude and i + 1 < n \
+                    and toks[i + 1][0] == "uv":
                 return PinReason.USER_VARIABLE
-        elif kind == "uv" and not exclude and i + 1 < n and toks[i + 1][0] == "op":
+        elif kind == "op" and not exclude:
+            return PinReason.USER_VARIABLE  # := assigns user variables only
+        elif kind == "uv" and not exclude and not reading:
             return PinReason.USER_VARIABLE
     return None
 
@@ -333,17 +334,17 @@ def _split_items(toks):
 
 def _literal(toks):
     """The value of a single-literal expression, or None."""
-    if len(toks) == 2 and toks[0][2] in ("-", "+") and toks[1][0] == "n":
+    if len(toks) == 2 and toks[0][2] in ("-", "+") and toks[1][0] == "w" and toks[1][2].isdigit():
         return toks[0][2] + toks[1][2]
     if len(toks) != 1:
         return None
     kind, value, raw = toks[0]
     if kind in ("s", "q"):
         text = value
-    elif kind in ("w", "n"):
-        text = raw
+    elif kind == "w" and value not in ("DEFAULT", "NULL"):
+        text = raw  # a bare word (SET sql_mode = ANSI) or a number
     else:
-        return None
+        return None  # DEFAULT: the global value, which the proxy does not know
     return text.encode("latin-1", "replace").decode("utf-8", "replace")
 
 
@@ -426,6 +427,8 @@ def _set_statement(toks, exclude):
         if var_scope == "global":
             continue
         literal = _literal(item[j + 2:])
+        if name == "sql_mode" and literal is not None and literal.lstrip("+-").isdigit():
+            literal = None  # a numeric bit mask: which modes it holds is the server's business
         if name in TRACKED_VARIABLES and literal is not None:
             tracked[name] = literal
         else:
