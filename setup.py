@@ -32,6 +32,7 @@ setup(
             # The aws command (v1, from PyPI) drives the management API in tests; it pins the
             # botocore it needs, and pip picks a boto3 that matches.
             "awscli>=1.29",
+            "hypothesis>=6",  # property-based differential tests of the classifiers
         ],
     },
     classifiers=[
