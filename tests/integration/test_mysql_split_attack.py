@@ -123,3 +123,30 @@ def test_whole_hidden_statement_after_commit_runs_only_for_its_own_session(proxy
     assert state_of(v) == (None, 1, 42)
     v.close()
     a.close()
+
+
+def test_a_session_without_a_database_never_inherits_another_sessions(proxy, mariadb_server):
+    mariadb_server.mariadb("CREATE DATABASE IF NOT EXISTS otherdb; "
+                           f"GRANT ALL ON otherdb.* TO '{USER}'@'%'")
+    a = victim(proxy, mariadb_server)
+    one(a, "USE otherdb")  # a's connection now stands in otherdb
+    assert one(a, "SELECT DATABASE()") == ("otherdb",)
+    a.close()
+    for _ in range(3):
+        b = pymysql.connect(host=proxy.host, port=proxy.port, user=USER,
+                            password=mariadb_server.users[USER], autocommit=True)
+        assert one(b, "SELECT DATABASE()") == (None,)
+        one(b, "USE appdb")  # and once it chose one, it has it
+        assert one(b, "SELECT DATABASE()") == ("appdb",)
+        b.close()
+
+
+def test_large_rows_are_relayed_intact(proxy, mariadb_server):
+    v = victim(proxy, mariadb_server)
+    size = 6 * 1024 * 1024
+    row = one(v, f"SELECT REPEAT('r', {size}), MD5(REPEAT('r', {size})), 7")
+    import hashlib
+    assert len(row[0]) == size and hashlib.md5(row[0].encode()).hexdigest() == row[1]
+    assert row[2] == 7
+    assert one(v, "SELECT 8") == (8,)
+    v.close()

@@ -347,3 +347,43 @@ def test_status_tracking_transaction_lifecycle():
     assert t.command == P.COM_QUERY
     t.feed(ok(AC))
     assert t.idle and not t.in_transaction and t.command is None
+
+
+@pytest.mark.parametrize("caps", [CAPS_EOF, CAPS_NOEOF])
+@pytest.mark.parametrize("row_size", [1 << 20, P.MAX_PACKET_CHUNK + 1000])
+def test_large_rows_are_streamed_not_buffered(caps, row_size):
+    """Driven as MySQLBackendConnection._forward does (buffer trimmed after each consume): the
+    proxy never holds more than one read of a large row, continuation fragments included."""
+    big = b"\xfc" + struct.pack("<H", 0xFFFF)  # starts like a length-encoded cell
+    row = big + b"r" * (row_size - len(big))
+    data = wire(resultset(caps, 1, [row, text_row(b"small")]))
+    t = C.ResponseTracker(caps)
+    t.expect(P.COM_QUERY)
+    buf = bytearray()
+    forwarded = 0
+    largest = 0
+    step = 64 * 1024
+    for i in range(0, len(data), step):
+        buf += data[i:i + step]
+        largest = max(largest, len(buf))
+        end = t.consume(buf, 0)
+        forwarded += end
+        del buf[:end]
+    assert t.idle and forwarded == len(data) and not buf
+    assert largest <= step + 8
+
+
+def test_a_streamed_row_followed_by_the_terminator_in_pieces():
+    caps = CAPS_NOEOF
+    row = text_row(b"x" * 5000)
+    payloads = resultset(caps, 1, [row], status=AC | INTX)
+    data = wire(payloads)
+    for cut in range(1, len(data)):
+        t = C.ResponseTracker(caps)
+        t.expect(P.COM_QUERY)
+        buf = bytearray(data[:cut])
+        end = t.consume(buf, 0)
+        del buf[:end]
+        buf += data[cut:]
+        end = t.consume(buf, 0)
+        assert end == len(buf) and t.idle and t.in_transaction

@@ -561,7 +561,7 @@ def test_query_is_written_unchanged_in_one_write(s):
     q = query("SELECT 1")
     s.send(q)
     assert s.frontend.state is SessionState.BORROWING
-    assert [k for k, _ in s.pool.requests] == [KEY]
+    assert [k for k, _ in s.pool.requests] == [KEY + (mysql_frontend.NO_DATABASE,)]
     lease = s.pool.give()
     assert lease.conn.writes == [q]
     assert lease.conn._sink is s.frontend

@@ -306,3 +306,39 @@ def test_init_db_is_followed(s):
     lease = s.pool.give()
     lease.conn.respond(my.ok())
     assert s.frontend.database == "shop" and lease.conn.database == "shop"
+
+
+# -- a session without a database never inherits another session's ---------------------------------------
+def test_sessions_without_a_database_borrow_connections_of_their_own_kind(s):
+    from txrdsproxy.proxy.mysql_frontend import NO_DATABASE
+    s.send(my.query("SELECT 1"))
+    [(key, _)] = s.pool.requests
+    assert key == my.KEY + (NO_DATABASE,)
+    lease = s.pool.give()
+    lease.conn.respond(my.ok())
+    assert lease.released and lease.release_args["clean"] is True
+    with_db = my.Harness(ctx=s.ctx)
+    with_db.handshake(database="app")  # checked at login on a connection of the other kind
+    [(key, _)] = s.pool.requests
+    assert key == my.KEY
+
+
+def schema_ok(database):
+    """An OK whose session-state information says the current database changed."""
+    entry = bytes((P.SESSION_TRACK_SCHEMA,)) + P.encode_lenenc_str(
+        P.encode_lenenc_str(database))
+    status = AC | P.SERVER_SESSION_STATE_CHANGED
+    return (b"\x00\x00\x00" + struct.pack("<HH", status, 0) + P.encode_lenenc_str(b"")
+            + P.encode_lenenc_str(entry))
+
+
+def test_use_on_a_connection_of_sessions_without_a_database_closes_it_after(s):
+    s.send(my.query("USE shop"))
+    lease = s.pool.give()
+    lease.conn.respond(schema_ok(b"shop"))
+    assert s.frontend.database == "shop"
+    # That connection never goes back to sessions without a database ...
+    assert lease.released and lease.release_args["clean"] is False
+    # ... and the session's next borrow is of the ordinary kind.
+    s.send(my.query("SELECT 1"))
+    assert s.pool.requests[-1][0] == my.KEY

@@ -137,6 +137,8 @@ def test_use_is_reported_only_when_asked():
     assert classify_query("SELECT 1; USE `we``ird`", track_use=True) == TrackedSet(
         {}, "we`ird", multi=True)
     assert classify_query("USE", track_use=True) == R.UNKNOWN_DATABASE
+    assert classify_query("DROP DATABASE IF EXISTS x", track_use=True) == R.UNKNOWN_DATABASE
+    assert classify_query("DROP DATABASE IF EXISTS x") is None  # the server reports it
     assert classify_query("SET NAMES utf8; USE a", track_use=True) == TrackedSet(
         {"character_set_client": "utf8", "character_set_connection": "utf8",
          "character_set_results": "utf8"}, "a", multi=True)

@@ -136,8 +136,15 @@ class MySQLFrontend(ClientSession):
         self._close_client()
 
     def left_cleanly(self, conn):
-        return (self._wait is Wait.NOTHING and not self._relaying
+        return (self._wait is Wait.NOTHING and not self._relaying and not _strayed(conn)
                 and not conn.busy and conn.tracker is not None and conn.tracker.idle)
+
+    def _pool_key(self):
+        """The pool key of the next borrow.  Sessions without a current database get connections
+        of their own kind (NO_DATABASE): MySQL cannot unset a connection's database (COM_INIT_DB
+        needs a name; COM_RESET_CONNECTION keeps it), so a connection another session left in
+        its database must never serve a session that has none."""
+        return self.key if self.database is not None else self.key + (NO_DATABASE,)
 
     def needs_reset(self, conn):
         return self.pin_reason is not None or conn.tracker.in_transaction
@@ -251,7 +258,7 @@ class MySQLFrontend(ClientSession):
             # dropped database shows as an error on the first command instead).
             return self._welcome(seq)
         self._phase = "login"
-        self._borrow_d = d = self.ctx.pool.borrow(self.key)
+        self._borrow_d = d = self.ctx.pool.borrow(self._pool_key())
         d.addCallback(self._login_lease, seq)
         d.addErrback(self._login_failed, seq)
 
@@ -569,11 +576,11 @@ class MySQLFrontend(ClientSession):
         if self.lease is not None:  # held (pinned or in a transaction): just sync
             self._got_lease(self.lease)
             return
-        lease = self.ctx.pool.try_borrow(self.key)
+        lease = self.ctx.pool.try_borrow(self._pool_key())
         if lease is not None:  # an idle connection right away: no Deferred
             self._got_lease(lease)
             return
-        self._borrow_d = d = self.ctx.pool.borrow(self.key)
+        self._borrow_d = d = self.ctx.pool.borrow(self._pool_key())
         d.addCallbacks(self._got_lease, self._borrow_failed).addErrback(self._unexpected)
 
     def _got_lease(self, lease):
@@ -694,7 +701,11 @@ class MySQLFrontend(ClientSession):
         self._detach(conn)
         if self._paused:  # uncoupling resumed the client: its own backlog still says pause
             self.transport.pauseProducing()
-        lease.release(clean=True, needs_reset=needs_reset)
+        if _strayed(conn):
+            lease.release(clean=False, reason="a database was selected on a connection of"
+                                              " sessions without one")
+        else:
+            lease.release(clean=True, needs_reset=needs_reset)
         self.set_state(SessionState.IDLE)
 
     # -- session-level commands ------------------------------------------------------------------------
@@ -755,6 +766,14 @@ class MySQLFrontend(ClientSession):
 # At most 20 digits: a longer number is no session id of ours (and int() of thousands of digits
 # raises); such statements go to the server, which answers them itself.
 _KILL = re.compile(rb"^\s*kill\s+(query\s+|connection\s+)?(\d{1,20})\s*;?\s*$", re.IGNORECASE)
+
+
+NO_DATABASE = "no-database"  # last element of the pool key of sessions without a database
+
+
+def _strayed(conn):
+    """A connection of sessions without a database now has one (cannot be undone)."""
+    return NO_DATABASE in conn.key and conn.database is not None
 
 
 def _known_databases(ctx):

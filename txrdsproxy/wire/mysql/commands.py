@@ -99,13 +99,14 @@ class ResponseTracker:
         self._defs_kind = _RESULTSET
         self._prep_columns = 0
         self._cont = False          # inside a continued (0xFFFFFF) server packet
+        self._row_left = 0          # bytes of a row packet (or continuation) still to stream
         self._client_cont = False   # same, for LOCAL INFILE client data
 
     # --- public properties -------------------------------------------------------------
     @property
     def idle(self):
         """No response outstanding (and not mid-packet)."""
-        return self._state == IDLE and not self._cont
+        return self._state == IDLE and not self._cont and not self._row_left
 
     @property
     def in_transaction(self):
@@ -172,19 +173,39 @@ class ResponseTracker:
     def consume(self, buf, pos=0, end=None):
         """Process complete physical packets in ``buf[pos:end]``.
 
-        Returns the offset just past the last packet processed: everything
+        Returns the offset just past the last byte processed: everything
         before it belongs to the outstanding responses and can be forwarded.
         Stops after the packet that leaves the tracker idle.  Allocates
-        nothing per row packet.  Raises :class:`ProtocolError` for packets
-        that cannot belong to the expected response (close the connection).
+        nothing per row packet.  Rows (and continuation fragments) are
+        streamed: once a row packet's header and first byte are here, what is
+        here of it is returned as processed, so a 16 MiB row never has to sit
+        whole in the proxy.  Raises :class:`ProtocolError` for packets that
+        cannot belong to the expected response (close the connection).
         """
         if end is None:
             end = len(buf)
         eof_limit = self._eof_limit
-        while end - pos >= 4:
+        while True:
+            if self._row_left:
+                step = min(self._row_left, end - pos)
+                pos += step
+                self._row_left -= step
+                if self._row_left:
+                    break
+                if self._state == IDLE and not self._cont:
+                    break
+                continue
+            if end - pos < 4:
+                break
             length = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
             nxt = pos + 4 + length
             if nxt > end:
+                if self._cont or (self._state == ROWS and end - pos > 4 and not (
+                        (buf[pos + 4] == 0xFE and length < eof_limit) or buf[pos + 4] == 0xFF)):
+                    # A row (or a fragment of one) only part of which is here: stream it.
+                    self._cont = length == P.MAX_PACKET_CHUNK
+                    self._row_left = nxt - end
+                    pos = end
                 break
             if self._cont:
                 self._cont = length == P.MAX_PACKET_CHUNK

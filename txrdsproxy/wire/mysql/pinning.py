@@ -134,7 +134,7 @@ _PRECHECK = re.compile(
     rb"@|(?<![A-Za-z_$])(?:set|prepare|execute|deallocate|lock|flush|handler|xa|temporary"
     rb"|get_lock|last_insert_id|found_rows|sql_calc_found_rows|row_count|charset|binlog)"
     rb"(?![A-Za-z0-9_$])", re.I)
-_PRECHECK_USE = re.compile(rb"(?<![A-Za-z_$])use(?![A-Za-z0-9_$])", re.I)
+_PRECHECK_USE = re.compile(rb"(?<![A-Za-z_$])(?:use|database|schema)(?![A-Za-z0-9_$])", re.I)
 
 # A cheaper first filter on the lower-cased text (a literal alternation, no case folding or
 # look-arounds): every _PRECHECK match contains one of these.
@@ -212,6 +212,9 @@ def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
             count += 1
             if _word(stmt, 0) == "USE":
                 database = _use_target(stmt)
+                continue
+            if _word(stmt, 0) == "DROP" and _word(stmt, 1) in ("DATABASE", "SCHEMA"):
+                database = UNKNOWN_DATABASE  # the current one may be the one dropped
                 continue
             result = _statement(stmt, exclude_variable_sets)
             if result is _ROUTINE:
