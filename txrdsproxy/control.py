@@ -129,7 +129,9 @@ class ProxyControl:
         for line in undone:
             log.warn("reload: {line}", line=line)
         self.registry.drain_timeout = config.drain_timeout
-        d = self.registry.apply_config(config)
+        self._reload_secrets(config)
+        d = self._watch_secrets(config)
+        d.addCallback(lambda _: self.registry.apply_config(config))
 
         def applied(lines):
             for runtime in self.registry:
@@ -137,7 +139,6 @@ class ProxyControl:
             self._record_bound_ports(document)
             self.store.adopt(document, digest)
             self.config = config
-            self._reload_secrets(config)
             out = lines + [f"the file undoes an API change: {line}" for line in undone]
             log.info("reload: {n} change(s){lines}", n=len(lines),
                      lines="".join(f"\n  {line}" for line in out))
@@ -153,16 +154,27 @@ class ProxyControl:
         return check_secrets(config)
 
     def _reload_secrets(self, config):
-        """A changed Secrets.Path takes effect for every proxy (the store re-reads its file by
-        itself when the file changes)."""
-        secrets = self.registry.secrets
-        path = getattr(config.secrets, "path", None)
-        if path and getattr(secrets, "path", path) != path:
-            from txrdsproxy.auth.secrets import FileSecretsStore
-            new = FileSecretsStore(path)
-            self.registry.secrets = new
-            for ctx in self.registry.contexts():
-                ctx.secrets = new
+        """A changed `Secrets` section takes effect for every proxy: a new store replaces the
+        old one (an unchanged section keeps the store, which re-reads its file by itself)."""
+        if config.secrets == self.config.secrets:
+            return
+        from txrdsproxy.auth.secrets import build_secrets_store
+        new = build_secrets_store(config.secrets, self.registry.reactor)
+        self.registry.secrets = new
+        for ctx in self.registry.contexts():
+            ctx.secrets = new
+        log.info("reload: secrets store replaced ({backend})", backend=config.secrets.backend)
+
+    def _watch_secrets(self, config):
+        """Tell the secrets store which secrets the configuration names now (a remote store
+        fetches the new ones before the change is applied).  -> Deferred."""
+        watch = getattr(self.registry.secrets, "watch", None)
+        if watch is None:
+            return defer.succeed(None)
+        arns = {a.secret_arn for p in config.proxies for a in p.auth}
+        for principal in getattr(getattr(config, "iam", None), "principals", ()):
+            arns.update(k.secret_arn for k in principal.access_keys)
+        return defer.maybeDeferred(watch, sorted(arns))
 
 
 # -- document edits (RDS key names) ------------------------------------------------------------------

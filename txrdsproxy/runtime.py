@@ -493,6 +493,10 @@ class ProxyRegistry(service.Service):
         except KeyError:
             raise ProxyNotFound(f"DBProxy {name} not found.") from None
 
+    def name_taken(self, name):
+        """Is *name* used by a running proxy or one still draining after its deletion?"""
+        return name in self._runtimes or name in self._deleting
+
     def contexts(self):
         """The ProxyContexts of the running proxies (metrics read these at scrape time)."""
         return [r.ctx for r in self._runtimes.values()]

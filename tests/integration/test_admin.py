@@ -123,6 +123,27 @@ def test_rdsproxy_command(admin, pg_server):
     assert proc.returncode == 0, proc.stderr
     proc = rdsproxy(endpoint, "delete-db-proxy", "--db-proxy-name", "test-pg", env=bare)
     assert proc.returncode == 254 and "MissingAuthenticationToken" in proc.stderr
+    # rdsproxy reload: applies the edited file; an invalid one changes nothing and names the key
+    from pathlib import Path
+    import yaml
+    good = Path(path).read_text()
+    data = yaml.safe_load(good)
+    data["DBProxies"][0]["IdleClientTimeout"] = 700
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = rdsproxy(endpoint, "reload")
+    assert proc.returncode == 0 and "changed proxy test-pg: idle_client_timeout" in proc.stdout, proc.stderr
+    assert proxy.call(lambda: proxy.service.registry.get("test-pg").config.idle_client_timeout) == 700
+    data["DBProxies"][0]["IdleClientTimeout"] = "soon"
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = rdsproxy(endpoint, "reload")
+    assert proc.returncode == 254 and "(InvalidConfiguration)" in proc.stderr
+    assert "DBProxies[0].IdleClientTimeout: must be a number" in proc.stderr
+    assert proxy.call(lambda: proxy.service.registry.get("test-pg").config.idle_client_timeout) == 700
+    proc = rdsproxy(endpoint, "reload", who="reader")
+    assert proc.returncode == 254 and "(AccessDenied)" in proc.stderr
+    data["DBProxies"][0]["IdleClientTimeout"] = 700
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    assert rdsproxy(endpoint, "reload").returncode == 0
     # /metrics and /healthz on the same listener
     with urllib.request.urlopen(endpoint + "/healthz", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 import yaml
 
 try:
-    from proxyutil import PGBENCH, SCRAM_ARN, TwistdProxy, client_env, find_free_port, write_proxy_config
+    from proxyutil import MD5_ARN, PGBENCH, SCRAM_ARN, TwistdProxy, client_env, find_free_port, write_proxy_config
 except ImportError:
-    from tests.integration.proxyutil import (PGBENCH, SCRAM_ARN, TwistdProxy, client_env, find_free_port,
+    from tests.integration.proxyutil import (MD5_ARN, PGBENCH, SCRAM_ARN, TwistdProxy, client_env, find_free_port,
                                              write_proxy_config)
 
 SCRIPT = """\\set pause random(1, 30)
@@ -77,10 +78,21 @@ def test_sigterm_drains_under_pgbench(pg_server, tmp_path):
 def test_sighup_and_rdsproxy_reload(pg_server, tmp_path):
     port, admin = find_free_port(), find_free_port()
     config = write_proxy_config(tmp_path, pg_server, listen=f"tcp:{port}:interface=127.0.0.1")
-    edit_config(config, lambda d: d.update(Admin={"Listen": f"tcp:{admin}:interface=127.0.0.1"}))
+    md5_auth = []
+
+    def start_without_md5(d):
+        d.update(Admin={"Listen": f"tcp:{admin}:interface=127.0.0.1"})
+        auth = d["DBProxies"][0]["Auth"]
+        md5_auth.extend(a for a in auth if a["SecretArn"] == MD5_ARN)
+        d["DBProxies"][0]["Auth"] = [a for a in auth if a["SecretArn"] != MD5_ARN]
+    edit_config(config, start_without_md5)
+    assert md5_auth
     proxy = TwistdProxy(config, port).start()
     dsn = f"host=127.0.0.1 port={port} user=app_scram password={pg_server.users['app_scram']} dbname=appdb"
+    md5_dsn = f"host=127.0.0.1 port={port} user=app_md5 password={pg_server.users['app_md5']} dbname=appdb"
     try:
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(md5_dsn).close()  # not an Auth entry of the proxy yet
         with psycopg.connect(dsn, autocommit=True) as kept:
             kept.execute("SET application_name = 'kept'")  # a pinned session the change does not concern
             # 1. SIGHUP: a new proxy starts and the idle timeout changes; the open session stays
@@ -92,6 +104,7 @@ def test_sighup_and_rdsproxy_reload(pg_server, tmp_path):
                 second["Listen"] = f"tcp:{port2}:interface=127.0.0.1"
                 d["DBProxies"].append(second)
                 d["DBProxies"][0]["IdleClientTimeout"] = 600
+                d["DBProxies"][0]["Auth"].extend(md5_auth)  # a new Auth entry
             edit_config(config, add_proxy)
             proxy.proc.send_signal(signal.SIGHUP)
             dsn2 = dsn.replace(f"port={port}", f"port={port2}")
@@ -105,6 +118,8 @@ def test_sighup_and_rdsproxy_reload(pg_server, tmp_path):
                     assert time.monotonic() < deadline, proxy.log()
                     time.sleep(0.1)
             assert kept.execute("show application_name").fetchone() == ("kept",)
+            with psycopg.connect(md5_dsn) as conn:  # the new Auth entry works without a restart
+                assert conn.execute("select current_user").fetchone() == ("app_md5",)
 
             # 2. an invalid file changes nothing and names the key path
             good = Path(config).read_text()
@@ -125,7 +140,7 @@ def test_sighup_and_rdsproxy_reload(pg_server, tmp_path):
             assert "nothing changed" in proxy.log()
             assert kept.execute("select 1").fetchone() == (1,)
 
-            # 3. the good file again, with a new Auth entry, through SIGHUP: the new user logs in
+            # 3. the good file again through SIGHUP: all as before
             Path(config).write_text(good)
             proxy.proc.send_signal(signal.SIGHUP)
             with psycopg.connect(dsn2) as conn:

@@ -85,6 +85,10 @@ def test_100_sessions_survive_every_operation(pg_server, mariadb_server, tmp_pat
         # register pg-2 (the same server under another id), then deregister the writer pg-1
         # while a session has a transaction open on it: that transaction commits
         rds.register_db_proxy_targets(DBProxyName=name, DBInstanceIdentifiers=["pg-2"])
+        # two targets now: the health checks probe the new one at once and it joins
+        proxy.wait_for(lambda: {t["RdsResourceId"]: t["TargetHealth"]["State"] for t in
+                                rds.describe_db_proxy_targets(DBProxyName=name)["Targets"]}.get("pg-2")
+                       == "AVAILABLE", what="pg-2 AVAILABLE")
         all_work("register-db-proxy-targets")
         pinned = psycopg.connect(host=HOST, port=pg_port, user="app_scram", autocommit=True,
                                  password=pg_server.users["app_scram"], dbname="appdb")
@@ -112,7 +116,7 @@ def test_100_sessions_survive_every_operation(pg_server, mariadb_server, tmp_pat
         name = "renamed-pg"
         all_work("rename")
         rds.delete_db_proxy(DBProxyName="extra-pg")
-        proxy.wait_for(lambda: "extra-pg" not in proxy.call(lambda: list(registry._deleting)) and
+        proxy.wait_for(lambda: not proxy.call(lambda: registry.name_taken("extra-pg")) and
                        _closed(extra_port), what="extra-pg gone")
         all_work("delete-db-proxy")
     finally:

@@ -1,6 +1,7 @@
 """`twistd -n rdsproxy --config FILE` as an operator runs it."""
 
 import os
+import time
 import socket
 import subprocess
 from pathlib import Path
@@ -98,9 +99,17 @@ def test_privileged_port_is_bound_before_privileges_drop(pg_server, tmp_path):
     proxy = TwistdProxy(config, port, twistd_args=["--uid=65534", "--gid=65534"])
     try:
         proxy.start()
-        status = Path(f"/proc/{proxy.proc.pid}/status").read_text()
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        assert uid_line.split()[1:3] == ["65534", "65534"], uid_line  # running unprivileged
+
+        def uid_line():
+            status = Path(f"/proc/{proxy.proc.pid}/status").read_text()
+            return next(line for line in status.splitlines() if line.startswith("Uid:"))
+
+        # The port accepts from the moment it is bound, a moment before twistd sheds its
+        # privileges: poll (bounded) for the drop.
+        deadline = time.monotonic() + 10
+        while uid_line().split()[1:3] != ["65534", "65534"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert uid_line().split()[1:3] == ["65534", "65534"], uid_line()  # running unprivileged
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(b"\0\0\0\x08\x04\xd2\x16\x2f")  # SSLRequest: the proxy answers it
             assert c.recv(1) == b"N"

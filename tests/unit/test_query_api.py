@@ -239,6 +239,7 @@ def test_authentication_errors(api):
     control.config = dataclasses.replace(control.config, admin=dataclasses.replace(
         control.config.admin, allow_unauthenticated_loopback_reads=True))
     assert call(root, "DescribeDBProxies", sign=False)[0] == 200
+    assert call(root, "DescribeDBProxies", secret="someone-elses")[0] == 200  # read as unsigned
     status, body = call(root, "DeleteDBProxy", {"DBProxyName": "app-pg"}, sign=False)
     assert (status, body["Error"]["Code"]) == (403, "MissingAuthenticationToken")
 
@@ -261,6 +262,12 @@ def test_changes_through_the_api_edit_the_document_and_the_registry(api):
         "Tags": [{"Key": "txrdsproxy:Listen", "Value": "tcp:7777:interface=127.0.0.1"}]})
     assert status == 200 and body["DBProxy"]["Status"] == "available"
     assert registry.get("new-pg").config.listen == "tcp:7777:interface=127.0.0.1"
+    status, body = call(root, "ModifyDBProxyTargetGroup", {
+        "DBProxyName": "new-pg", "TargetGroupName": "default", "NewName": "primary"})
+    group = body["DBProxyTargetGroup"]
+    assert (group["TargetGroupName"], group["IsDefault"]) == ("primary", False)
+    assert call(root, "DescribeDBProxyTargetGroups", {"DBProxyName": "new-pg", "TargetGroupName": "default"})[
+        1]["Error"]["Code"] == "DBProxyTargetGroupNotFoundFault"
     status, body = call(root, "DeleteDBProxy", {"DBProxyName": "new-pg"})
     assert status == 200 and body["DBProxy"]["Status"] == "deleting" and "new-pg" not in registry
     assert [p["DBProxyName"] for p in control.document["DBProxies"]] == ["app-pg", "app-my"]

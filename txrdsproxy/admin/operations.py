@@ -86,7 +86,7 @@ class RdsApi:
         name = params.get("DBProxyName")
         if name is None:
             return [arns.any_proxy()]
-        runtime = self.registry._runtimes.get(name) if name in self.registry else None
+        runtime = self.registry.get(name) if name in self.registry else None
         if runtime is None:
             from types import SimpleNamespace
             proxy = SimpleNamespace(name=name, resource_id="",
@@ -143,7 +143,7 @@ class RdsApi:
     # -- create / modify / delete ---------------------------------------------------------------------
     def _CreateDBProxy(self, params):
         name = params["DBProxyName"]
-        if name in self.registry or name in self.registry._deleting:
+        if self.registry.name_taken(name):
             raise ProxyAlreadyExists(f"DBProxy {name} already exists.")
         if params["EngineFamily"] not in ("POSTGRESQL", "MYSQL"):
             raise fault("InvalidParameterValue",
@@ -179,8 +179,7 @@ class RdsApi:
         self.registry.get(name)
         _refuse(params, "DefaultAuthScheme")
         new_name = params.get("NewDBProxyName")
-        if new_name is not None and new_name != name and (
-                new_name in self.registry or new_name in self.registry._deleting):
+        if new_name is not None and new_name != name and self.registry.name_taken(new_name):
             raise ProxyAlreadyExists(f"DBProxy {new_name} already exists.")
         keys = {"RequireTLS": "RequireTLS", "IdleClientTimeout": "IdleClientTimeout",
                 "DebugLogging": "DebugLogging", "RoleArn": "RoleArn",

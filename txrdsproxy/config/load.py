@@ -367,8 +367,10 @@ def _auth(node, engine):
 def _target_group(node, engine):
     node.mapping({"TargetGroupName", "ConnectionPoolConfig", "Targets"})
     name = node.get("TargetGroupName", str, "default")
-    if name != "default":
-        node.fail("must be 'default' (a proxy has one target group)", "TargetGroupName")
+    # One target group per proxy, as in RDS Proxy; it is named `default` unless renamed
+    # (ModifyDBProxyTargetGroup NewName).
+    if not name or not all(c.isalnum() or c == "-" for c in name) or not name[0].isalpha():
+        node.fail("must start with a letter and hold only letters, digits and hyphens", "TargetGroupName")
     pool = m.ConnectionPoolConfig()
     cp = node.get("ConnectionPoolConfig", dict)
     if cp is not None:
