@@ -149,3 +149,56 @@ def _closed(port):
     with socket.socket() as s:
         s.settimeout(2)
         return s.connect_ex((HOST, port)) != 0
+
+
+def test_deleting_a_mysql_proxy_drains_its_sessions(pg_server, mariadb_server, tmp_path):
+    """DeleteDBProxy on a MySQL proxy: an idle session gets MariaDB's own shutdown error (an
+    unsolicited ERR 1053, sequence 0) and the close; a session inside a transaction commits it
+    first; the PostgreSQL proxy's sessions are not touched."""
+    proxy, endpoint, path = start(tmp_path, pg_server, mariadb_server=mariadb_server)
+    rds = client(endpoint)
+    pg_port, my_port = proxy.ports
+    login = dict(host=HOST, port=my_port, user="app_native", password=mariadb_server.users["app_native"],
+                 database="appdb", autocommit=True)
+    try:
+        with pymysql.connect(**login) as setup:
+            with setup.cursor() as cur:
+                cur.execute("CREATE TABLE IF NOT EXISTS drain_my (n int)")
+                cur.execute("DELETE FROM drain_my")
+        idle = pymysql.connect(**login)
+        busy = pymysql.connect(**login)
+        other = psycopg.connect(host=HOST, port=pg_port, user="app_scram", dbname="appdb",
+                                password=pg_server.users["app_scram"])
+        with busy.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("INSERT INTO drain_my VALUES (1)")
+        rds.delete_db_proxy(DBProxyName="test-my")
+        # the idle session: an unsolicited ERR packet, sequence 0, code 1053, then EOF
+        # (read from PyMySQL's socket: the driver itself reports it as a lost connection)
+        sock = idle._sock
+        sock.settimeout(10)
+        data = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert data[3] == 0 and data[4] == 0xFF, data
+        assert int.from_bytes(data[5:7], "little") == 1053 and b"Server shutdown in progress" in data
+        # the session in a transaction finishes it, then is ended
+        with busy.cursor() as cur:
+            cur.execute("INSERT INTO drain_my VALUES (2)")
+            cur.execute("COMMIT")
+        with pytest.raises(pymysql.err.OperationalError):  # ended once the transaction is over
+            with busy.cursor() as cur:
+                cur.execute("select 1")
+        direct = pymysql.connect(host=mariadb_server.host, port=mariadb_server.port, user="app_native",
+                                 password=mariadb_server.users["app_native"], database="appdb")
+        with direct.cursor() as cur:
+            cur.execute("SELECT count(*) FROM drain_my")
+            assert cur.fetchone() == (2,)
+        direct.close()
+        assert other.execute("select 1").fetchone() == (1,)  # another proxy: untouched
+        other.close()
+    finally:
+        proxy.stop()

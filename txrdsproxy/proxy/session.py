@@ -141,12 +141,17 @@ class ClientSession(protocol.Protocol):
         self._borrow_d = None
         self._paused = False  # client reading paused while its data waits for a connection
         self._coupled = False  # transports coupled for backpressure (see relay.couple)
+        self._draining = False  # drain() was asked: end at the next transaction boundary
 
     def __repr__(self):
         return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
 
     def set_state(self, state):
         self.state = state
+        if self._draining and state is SessionState.IDLE:
+            # a transaction just ended while the proxy drains: end the session at once, after
+            # the engine has finished handing the connection back
+            self.clock.callLater(0, self.drain)
 
     @property
     def in_session(self):
@@ -264,6 +269,7 @@ class ClientSession(protocol.Protocol):
         between transactions is ended (its connection is reset or closed by the pool)."""
         if self.state is SessionState.CLOSED or self._phase == "closing":
             return True
+        self._draining = True
         if self.in_session:
             if self.busy:
                 return False
