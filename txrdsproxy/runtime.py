@@ -26,6 +26,8 @@ import dataclasses
 import enum
 import re
 
+from zope.interface import Attribute, Interface, implementer
+
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -457,6 +459,50 @@ def _drain_one(session):
 
 # -- the registry ---------------------------------------------------------------------------------
 
+class IProxyRegistry(Interface):
+    """The running proxies of a process and the operations that change them live (the seam the
+    management API, reload, deploy and the embedding API use).  Reactor thread only."""
+
+    drain_timeout = Attribute("seconds a removed proxy's open transactions may run on")
+
+    def get(name):
+        """-> the ProxyRuntime named *name*; raises ProxyNotFound."""
+
+    def name_taken(name):
+        """Is *name* used by a running proxy or one still draining?"""
+
+    def contexts():
+        """-> [ProxyContext] of the running proxies."""
+
+    def proxies():
+        """-> tuple of the DBProxy configs the proxies run with."""
+
+    def add_proxy(proxy):
+        """Build and (when running) start a DBProxy -> ProxyRuntime; ProxyAlreadyExists, ListenFailed."""
+
+    def remove_proxy(name, drain_timeout=None):
+        """Stop listening now, drain, close -> Deferred[None]; ProxyNotFound."""
+
+    def replace_proxy(name, new):
+        """Run proxy *name* with the DBProxy *new* (which may rename it) -> ProxyRuntime."""
+
+    def modify_proxy(proxy_name, **changes):
+        """replace_proxy with some DBProxy fields changed -> ProxyRuntime."""
+
+    def modify_target_group(name, group_name=None, connection_pool_config=None, new_name=None):
+        """Change the target group's ConnectionPoolConfig and/or name -> ProxyRuntime."""
+
+    def register_targets(name, targets, group_name=None):
+        """Add DBProxyTargets -> ProxyRuntime; TargetAlreadyRegistered."""
+
+    def deregister_targets(name, rds_resource_ids, group_name=None):
+        """Remove targets by RdsResourceId -> ProxyRuntime; TargetNotFound, InvalidChange."""
+
+    def apply_config(config, drain_timeout=None, strict=False):
+        """Run exactly the proxies of *config* -> Deferred[[str]] (one line per change)."""
+
+
+@implementer(IProxyRegistry)
 class ProxyRegistry(service.Service):
     """Every proxy of the process, by name (see the module docstring for the API).
 

@@ -68,6 +68,8 @@ def test_sigterm_drains_under_pgbench(pg_server, tmp_path):
     assert rows[1] == rows[2], rows
     processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
     failed = re.search(r"number of failed transactions: (\d+)", out)
+    print(f"drain under pgbench: {processed} transactions committed, "
+          f"{failed.group(1) if failed else 0} failed, {rows[1]} begun")
     # pgbench counts every transaction whose COMMIT it saw: none lost, none failed
     assert processed == rows[2], out
     assert failed is None or int(failed.group(1)) == 0, out

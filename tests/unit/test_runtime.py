@@ -74,6 +74,13 @@ def listening_ports(reactor):
     return sorted(port for port, *_ in reactor.tcpServers)
 
 
+def test_the_registry_provides_its_interface(running):
+    from zope.interface.verify import verifyObject
+    from txrdsproxy.runtime import IProxyRegistry
+    registry, _ = running
+    assert verifyObject(IProxyRegistry, registry)
+
+
 def test_start_binds_every_proxy_and_status_is_available(running):
     registry, reactor = running
     assert listening_ports(reactor) == [6432, 6433]
