@@ -224,3 +224,48 @@ def test_cancel_to_a_stopped_postmaster_gives_up(victim, make_proxy):
         cancel.close()
     assert read_messages(sock, until=b"Z")[-1] == (b"Z", b"I")  # the query finished normally
     sock.close()
+
+
+# -- MySQL / MariaDB: the server is one process; stopping it stops every connection ------------------
+def test_mysql_stopped_server_login_and_reset_are_bounded(mariadb_server, tmp_path):
+    import pymysql
+    try:
+        from mysql_harness import start_mysql_proxy
+    except ImportError:
+        from tests.integration.mysql_harness import start_mysql_proxy
+    proxy = start_mysql_proxy(tmp_path, mariadb_server, **TIMEOUTS)
+    server_pid = int(mariadb_server.pid_path.read_text().split()[0])
+
+    def connect(**kw):
+        return pymysql.connect(host=proxy.host, port=proxy.port, user="app_native",
+                               password=mariadb_server.users["app_native"], autocommit=True,
+                               connect_timeout=30, read_timeout=30, **kw)
+
+    try:
+        with connect() as warm:  # the greeting is known from here on
+            with warm.cursor() as cur:
+                cur.execute("select 1")
+        holder = connect()
+        with holder.cursor() as cur:
+            cur.execute("begin")
+            cur.execute("select 1")
+        proxy.wait_for(lambda: proxy.pool_state().get("borrowed") == 1, what="transaction holds a connection")
+        with Stopped() as stopped:
+            stopped.stop(server_pid)
+            holder.close()  # COM_QUIT between requests: the open transaction needs a ROLLBACK
+            with pytest.raises(pymysql.err.OperationalError):
+                with connect(database="appdb") as c:  # needs a new connection: login times out
+                    with c.cursor() as cur:
+                        cur.execute("select 1")
+            proxy.wait_for(lambda: proxy.pool_state() == {}, timeout=15,
+                           what="the resetting and the opening connection both closed")
+            text = proxy.logs.text()
+            assert "internal command timed out after 1.5 s" in text, text[-3000:]
+            assert "database login to" in text
+        with connect() as again:
+            with again.cursor() as cur:
+                cur.execute("select 40 + 2")
+                assert cur.fetchone()[0] == 42
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+        proxy.stop()
