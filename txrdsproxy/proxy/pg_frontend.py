@@ -493,6 +493,11 @@ class PgFrontend(ClientSession):
             self._stream.attach(conn, self._write_db)
         except ProtocolViolation as e:  # in bytes held until now
             self._violation(e)
+            return
+        # The held bytes were classified just now: a pin must hold before their ReadyForQuery
+        # (called from a borrow's Deferred, no _after_input follows to do it).
+        if self._stream.pin_reason is not None and self.pin_reason is None:
+            self._pin(self._stream.pin_reason)
 
     def _borrow_failed(self, failure):
         self._borrow_d = None
