@@ -150,3 +150,35 @@ def test_large_rows_are_relayed_intact(proxy, mariadb_server):
     assert row[2] == 7
     assert one(v, "SELECT 8") == (8,)
     v.close()
+
+
+def server_connections_total(server):
+    return int(server.mariadb("SHOW GLOBAL STATUS LIKE 'Connections'").split()[1])
+
+
+def test_accepting_sockets_costs_the_database_at_most_one_shared_probe(mariadb_server,
+                                                                        tmp_path_factory):
+    """Item 11: 40 unauthenticated sockets at once on a proxy that knows no greeting yet open
+    one database connection between them (the shared probe), then none."""
+    import socket
+    fresh = start_mysql_proxy(tmp_path_factory.mktemp("accept"), mariadb_server,
+                              MaxConnectionsPercent=2)
+    try:
+        before = server_connections_total(mariadb_server)
+        socks = [socket.create_connection((fresh.host, fresh.port), timeout=10)
+                 for _ in range(40)]
+        greetings = [s.recv(4) for s in socks]  # every socket gets a greeting header
+        assert all(len(g) == 4 for g in greetings)
+        for s in socks:
+            s.close()
+        # +1 for the probe, +1 for our own SHOW STATUS connection.
+        assert server_connections_total(mariadb_server) - before <= 2
+        before = server_connections_total(mariadb_server)
+        socks = [socket.create_connection((fresh.host, fresh.port), timeout=10)
+                 for _ in range(40)]
+        assert all(len(s.recv(4)) == 4 for s in socks)
+        for s in socks:
+            s.close()
+        assert server_connections_total(mariadb_server) - before == 1  # only our SHOW STATUS
+    finally:
+        fresh.stop()
