@@ -82,6 +82,25 @@ TEMPLATES = [
     "K:SELECT _ U:zz",
     "K:SELECT _ 'SET @a = 1'",
     "K:SELECT _ F:RELEASE_LOCK('lk_a')",
+    "K:SELECT _ 1, _ 2 _ K:INTO _ U:a, _ U:b",
+    "K:SET _ @@local.time_zone _ = _ '+04:00'",
+    "K:SET _ K:LOCAL _ wait_timeout _ = _ 50",
+    "K:SET _ `sql_mode` _ = _ ''",
+    "K:SET _ @@SESSION.sql_mode _ = _ 'NO_BACKSLASH_ESCAPES'",
+    "K:SET _ K:NAMES _ 'latin1'",
+    "K:SET _ K:CHARACTER _ K:SET _ latin1",
+    "K:SET _ collation_connection _ = _ utf8mb4_bin",
+    "K:SET _ sql_mode _ = _ 'ANSI_QUOTES' _ , _ K:SESSION _ time_zone _ = _ '+05:00'",
+    "K:SET _ autocommit _ = _ K:OFF",
+    "K:SET _ U:a _ = _ 1, _ sql_mode _ = _ ''",
+    "K:DO _ F:GET_LOCK('lk_a', _ 0) _ + _ F:RELEASE_LOCK('lk_a')",
+    "K:CREATE _ K:TEMPORARY _ K:SEQUENCE _ tt_b",
+    "K:SET _ @@session.autocommit _ = _ 0; _ K:SELECT _ 1",
+    "K:SET _ K:TRANSACTION _ K:READ _ K:ONLY",
+    "K:SET _ timestamp _ = _ K:DEFAULT",
+    "K:SET _ sql_mode _ = _ 4",
+    "K:SET _ time_zone _ = _ K:SYSTEM",
+    "K:SELECT _ U:a _ = _ 1",
 ]
 SEPARATORS = [" ", "  ", "\t", "\n", "\r\n", " /**/ ", "/* c */", " -- c\n", " #c\n", "\n-- \n",
               " /*!*/ ", " /*!999999 SET @never = 1 */ "]
@@ -195,32 +214,38 @@ def reset(conn):
 @settings(max_examples=EXAMPLES, derandomize=not FUZZ, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
-@given(sql=statements(), mode=st.sampled_from(MODES))
+@given(sql=statements(), mode=st.sampled_from(MODES), tracking=st.booleans())
 # Always tried (CI's short run included): the readings that depend on the session's sql_mode
-# and the server's version.
-@example(sql='SELECT 1 AS "a\\" ; SET @a = 1 ; -- "', mode="ANSI_QUOTES")
-@example(sql="SELECT 1 AS 'a\\' ; SET sql_mode = 'ANSI' ; -- '", mode="NO_BACKSLASH_ESCAPES")
-@example(sql='SELECT 1 AS "a\\" ; SELECT GET_LOCK(\'lk_a\', 0) ; -- "', mode="ANSI")
+# and the server's version, and USE without schema tracking.
+@example(sql='SELECT 1 AS "a\\" ; SET @a = 1 ; -- "', mode="ANSI_QUOTES", tracking=True)
+@example(sql="SELECT 1 AS 'a\\' ; SET sql_mode = 'ANSI' ; -- '", mode="NO_BACKSLASH_ESCAPES",
+         tracking=True)
+@example(sql='SELECT 1 AS "a\\" ; SELECT GET_LOCK(\'lk_a\', 0) ; -- "', mode="ANSI", tracking=True)
 @example(sql="SET sql_mode = 'ANSI_QUOTES'; SELECT 1 AS \"b\\\"; CREATE TEMPORARY TABLE tt_a (x INT); -- \"",
-         mode="")
-@example(sql="/*M!100000 SET @a = 1 */", mode="")
-@example(sql="/*!50700 SET @a = 1 */ SELECT 1", mode="")
-@example(sql="/*!999999 /* x */ SET @a = 1 */ SET @b = 2", mode="")
-@example(sql="SELECT `get_lock`('lk_b', 0)", mode="")
-@example(sql="SELECT 1 --\tSET @a = 1\n; SET time_zone = '+01:00'", mode="")
-def test_state_changes_are_pinned_or_tracked_exactly(sessions, sql, mode):
+         mode="", tracking=True)
+@example(sql="/*M!100000 SET @a = 1 */", mode="", tracking=True)
+@example(sql="/*!50700 SET @a = 1 */ SELECT 1", mode="", tracking=True)
+@example(sql="/*!999999 /* x */ SET @a = 1 */ SET @b = 2", mode="", tracking=True)
+@example(sql="SELECT `get_lock`('lk_b', 0)", mode="", tracking=True)
+@example(sql="SELECT 1 --\tSET @a = 1\n; SET time_zone = '+01:00'", mode="", tracking=True)
+@example(sql="SELECT 1; /*!USE*/ `otherdb`", mode="", tracking=False)
+@example(sql="SELECT 1; USE otherdb; SELECT 2", mode="ANSI_QUOTES", tracking=False)
+def test_state_changes_are_pinned_or_tracked_exactly(sessions, sql, mode, tracking):
     conn = sessions["session"]
     try:
         reset(conn)
     except (OSError, ConnectionError, DatabaseError):
         conn = sessions["session"] = sessions["connect"]()
     conn.query(f"SET SESSION sql_mode = '{mode}'")
+    if not tracking:  # the server no longer reports USE: the proxy must follow it itself
+        conn.query("SET SESSION session_track_schema = 0")
     conn.changes.clear()
     before = Fingerprint(conn)
     ansi_quotes, no_backslash_escapes = sql_mode_flags(before.tracked["sql_mode"])
     classified = classify_query(sql.encode(), ansi_quotes=ansi_quotes,
                                 no_backslash_escapes=no_backslash_escapes,
-                                server_version=version_id(conn.server_version))
+                                server_version=version_id(conn.server_version),
+                                track_use=not tracking)
     failed = False
     try:
         conn.query(sql)
