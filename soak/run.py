@@ -2,7 +2,7 @@
 the pool cap and the proxy's memory throughout.  Prints figures; not part of `make test`.
 
     SOAK_SECONDS=600 .venv/bin/python soak/run.py      (default 600 s; SOAK_SECONDS=60 for a quick look)
-    SOAK_HOSTILE=2                                       (hostile PostgreSQL sessions; 0 = none)
+    SOAK_HOSTILE=2                                       (hostile PostgreSQL sessions, +1 MySQL; 0 = none)
 
 Runs, against a real PostgreSQL 15 and MariaDB started in a temp dir, through
 `twistd -n rdsproxy` (one PostgreSQL and one MySQL proxy, pools capped at 20 connections each):
@@ -10,8 +10,9 @@ Runs, against a real PostgreSQL 15 and MariaDB started in a temp dir, through
 - psycopg and PyMySQL sessions that tag their state (SET, temporary tables, prepared
   statements, user variables, a tracked time_zone) with their own id and verify on every step
   that they see their own state and nobody else's; 20% of them are killed at a random point;
-- hostile raw-protocol PostgreSQL sessions: messages split at every byte, a message split
-  across the end of a transaction, disguised SETs;
+- hostile sessions: raw-protocol PostgreSQL (messages split at every byte, a message split
+  across the end of a transaction, disguised SETs) and PyMySQL (disguised user-variable
+  assignments and temporary tables);
 - a monitor that counts, from the databases' side, the proxy's connections (must stay within
   the cap) and samples the proxy's RSS.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from soak.sessions import MyTagged, PgHostile, PgTagged, Tally  # noqa: E402
+from soak.sessions import MyHostile, MyTagged, PgHostile, PgTagged, Tally  # noqa: E402
 from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
                                         find_free_port, stop_process)
 from txrdsproxy.testing import servers  # noqa: E402
@@ -205,6 +206,8 @@ def main():
         hostile = int(os.environ.get("SOAK_HOSTILE", "2"))
         for i in range(hostile):
             workers.append(PgHostile(pg_port, PG_USER, PG_PASSWORD, PG_DB, tally, stop, seed=100 + i))
+        for i in range(min(hostile, 1)):
+            workers.append(MyHostile(my_port, MY_USER, MY_PASSWORD, MY_DB, tally, stop, seed=300 + i))
         for i in range(4):
             workers.append(MyTagged(my_port, MY_USER, MY_PASSWORD, MY_DB, tally, stop, seed=200 + i))
         threads = [threading.Thread(target=w.run, daemon=True) for w in workers]

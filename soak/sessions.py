@@ -55,6 +55,14 @@ class Tally:
                 self.leak_examples.append(f"{kind}: {detail}")
 
 
+def leak_kind(kind, seen):
+    """'pg setting' -> 'pg setting <- evil-cr' when a hostile session's disguise got through."""
+    seen = str(seen)
+    if seen.startswith("evil-"):
+        return f"{kind} <- {seen.split('-h')[0] if seen.startswith('evil-straddle') else seen}"
+    return f"{kind} <- another session"
+
+
 def shutdown_socket(fileno):
     """Make the client vanish: RST-like abrupt end of the socket under a driver."""
     s = socket.socket(fileno=os.dup(fileno))
@@ -96,7 +104,7 @@ class PgTagged:
         cur.execute("select current_setting('soak.tag', true)")
         seen = cur.fetchone()[0]
         if seen not in (None, ""):
-            self.tally.leak("pg setting", f"{tag} saw soak.tag={seen!r}")
+            self.tally.leak(leak_kind("pg setting", seen), f"{tag} saw soak.tag={seen!r}")
         cur.execute("select string_agg(c.relname, ',') from pg_class c where c.relpersistence = 't'"
                     " and c.relname like 'soak_tmp%%' and pg_table_is_visible(c.oid)")
         seen = cur.fetchone()[0]
@@ -331,7 +339,7 @@ class MyTagged:
                         self.tally.leak("mysql temp table", f"{tag} read another's row")
                 else:
                     if seen is not None:
-                        self.tally.leak("mysql user variable", f"{tag} saw {seen!r}")
+                        self.tally.leak(leak_kind("mysql user variable", seen), f"{tag} saw {seen!r}")
                     try:
                         cur.execute("select t from soak_tmp")
                         self.tally.leak("mysql temp table", f"{tag} saw {cur.fetchall()!r}")
@@ -345,3 +353,48 @@ class MyTagged:
                 conn.close()
             except Exception:
                 pass
+
+
+class MyHostile:
+    """PyMySQL sessions that change session state in disguise; MyTagged's unpinned sessions must
+    never see it (user variables, temporary tables)."""
+
+    DISGUISED = [
+        "SET/**/@soak_tag = 'evil-comment'",
+        "sEt @soak_tag := 'evil-case'",
+        "select @soak_tag := 'evil-select-assign'",
+        "/*!SET @soak_tag = 'evil-executable-comment' */",
+        "set @`soak_tag` = 'evil-backtick'",
+        "select 1; set @soak_tag = 'evil-multi'",
+        "create /* x */ temporary table soak_tmp (t varchar(40))",
+        "do @soak_tag := 'evil-do'",
+    ]
+
+    def __init__(self, port, user, password, db, tally, stop, seed):
+        from pymysql.constants import CLIENT
+        self.args = dict(host=HOST, port=port, user=user, password=password, database=db,
+                         autocommit=True, connect_timeout=30, read_timeout=120,
+                         client_flag=CLIENT.MULTI_STATEMENTS)
+        self.tally, self.stop, self.rng = tally, stop, random.Random(seed)
+
+    def run(self):
+        while not self.stop.is_set():
+            conn = None
+            try:
+                conn = pymysql.connect(**self.args)
+                with conn.cursor() as cur:
+                    sql = self.rng.choice(self.DISGUISED)
+                    cur.execute(sql)
+                    while cur.nextset():
+                        pass
+                    cur.execute("select 1")
+                self.tally.count("mysql hostile disguised")
+            except (pymysql.err.Error, OSError) as e:
+                self.tally.error("mysql hostile", e)
+                time.sleep(0.05)
+            finally:
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
