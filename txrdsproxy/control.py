@@ -77,7 +77,10 @@ class ProxyControl:
             edit(document)
             config = parse_config(plain(document), self.config.source, ".")
         before = self.config
-        self._apply(config, strict=True)
+        old = {p.name: p for p in before.proxies}
+        new = {p.name: p for p in config.proxies}
+        affected = {n for n in set(old) | set(new) if old.get(n) != new.get(n)}
+        self._apply(config, strict=affected)
         self._record_bound_ports(document)
         try:
             if self.store is not None:

@@ -445,6 +445,10 @@ def drain_sessions(ctx, timeout, clock, sessions=None):
     return done
 
 
+def _strict(strict, name):
+    return strict is True or (not isinstance(strict, bool) and name in strict)
+
+
 def _drain_one(session):
     """Ask one session to end at its next transaction boundary (now if it is between two):
     ClientSession.drain (the engine's shutdown error); a session object without it is closed
@@ -683,8 +687,9 @@ class ProxyRegistry(service.Service):
         (an EngineFamily change replaces the proxy).  -> Deferred[[str]], one line per change.
 
         Add and change failures (a port that cannot be bound) do not stop the others; they
-        are in the lines and logged (with *strict*, the first one is raised instead: for a
-        change of one proxy that means nothing changed).  Removed proxies' drains are waited
+        are in the lines and logged.  *strict* (True, or the names of the proxies a change is
+        about) raises such a failure instead: for a change of one proxy that means nothing
+        changed, and a proxy of the file that cannot start does not block changes to others.  Removed proxies' drains are waited
         for."""
         lines, removals = [], []
         wanted = {p.name: p for p in config.proxies}
@@ -699,7 +704,7 @@ class ProxyRegistry(service.Service):
                     self.replace_proxy(old, proxy)
                     lines.append(f"renamed proxy {old} to {proxy.name}")
                 except RegistryError as e:
-                    if strict:
+                    if _strict(strict, proxy.name):
                         raise
                     lines.append(f"FAILED proxy {proxy.name}: {e}")
         for name in list(self._runtimes):
@@ -727,7 +732,7 @@ class ProxyRegistry(service.Service):
                 if changed:
                     lines.append(f"changed proxy {proxy.name}: {', '.join(changed)}")
             except RegistryError as e:
-                if strict:
+                if _strict(strict, proxy.name):
                     raise
                 log.error("cannot apply proxy {name}: {error}", name=proxy.name, error=str(e))
                 lines.append(f"FAILED proxy {proxy.name}: {e}")

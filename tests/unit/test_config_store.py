@@ -128,3 +128,40 @@ def test_lookup_by_name_survives_reordering():
     data = {"DBProxies": [{"DBProxyName": "b", "X": 2}, {"DBProxyName": "a", "X": 1}]}
     assert lookup(data, "DBProxies[DBProxyName=a].X") == (True, 1)
     assert lookup(data, "DBProxies[DBProxyName=c].X") == (False, None)
+
+
+def test_a_proxy_of_the_file_that_cannot_start_does_not_block_api_changes(tmp_path):
+    """A reload added a proxy whose port is taken (reported); API changes to another proxy
+    still work, and one to that proxy still says why it cannot start."""
+    from twisted.internet.error import CannotListenError
+    from txrdsproxy.runtime import ListenFailed
+
+    class Busy(MemoryReactorClock):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            if port == 7001:
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+            return super().listenTCP(port, factory, backlog, interface)
+
+    path = tmp_path / "rdsproxy.yaml"
+    path.write_text(FILE)
+    (tmp_path / "secrets.json").write_text(json.dumps({"arn:a": {"username": "app", "password": "pw"}}))
+    os.chmod(tmp_path / "secrets.json", 0o600)
+    store = ConfigStore(str(path))
+    config = store.load()
+    registry = ProxyRegistry(Busy(), FakeSecrets())
+    for proxy in config.proxies:
+        registry.add_proxy(proxy)
+    registry.startService()
+    control = ProxyControl(registry, config, store)
+    path.write_text(FILE + FILE[FILE.index("  - DBProxyName"):].replace("app-pg", "busy-pg").replace(
+        "tcp:0:", "tcp:7001:"))
+    lines = []
+    control.reload().addCallback(lines.extend)
+    assert any(line.startswith("FAILED proxy busy-pg: proxy busy-pg cannot listen on tcp:7001") for line in lines)
+    control.change("ModifyDBProxy", set_timeout(300), {})
+    assert registry.get("app-pg").config.idle_client_timeout == 300
+
+    def busy_timeout(document):
+        find_proxy(document, "busy-pg")["IdleClientTimeout"] = 60
+    with pytest.raises(ListenFailed):
+        control.change("ModifyDBProxy", busy_timeout, {})
