@@ -73,6 +73,11 @@ def test_every_operation_with_boto3(api, pg_server):
     unchecked = client(endpoint, parameter_validation=False)  # what botocore would refuse itself
     assert fault(unchecked.describe_db_proxies, MaxRecords=5) == ("InvalidParameterValue", 400)
 
+    # an empty target group: a login is refused with a clear reason
+    empty = f"host={HOST} port={port} user=app_scram password={pg_server.users['app_scram']} dbname=appdb"
+    with pytest.raises(psycopg.OperationalError, match="target group has no registered targets"):
+        psycopg.connect(empty).close()
+
     # -- RegisterDBProxyTargets: probed and joins; the proxy serves ------------------------------------
     (target,) = rds.register_db_proxy_targets(DBProxyName="api-pg", TargetGroupName="default",
                                               DBInstanceIdentifiers=["pg-2"])["DBProxyTargets"]

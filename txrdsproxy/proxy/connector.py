@@ -203,6 +203,8 @@ class Connector:
         try:
             target = self.topology.writer()
         except NoWriter:
+            if not self.topology.targets:  # a proxy created through the API, before its targets
+                return defer.fail(BackendGone("the proxy's target group has no registered targets"))
             return defer.fail()
         creds = self.credentials_for(key[0])
         if creds is None:
