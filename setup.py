@@ -18,6 +18,9 @@ setup(
         "service_identity>=21.1",
         "botocore>=1.31",  # SigV4 (IAM tokens, management API), the RDS model, Secrets Manager
         "ruamel.yaml>=0.17",  # API changes written into the config file, comments and order kept
+        "zope.interface>=5.0",
+        "prometheus_client>=0.17",
+        "txaio>=23.1",
     ],
     extras_require={
         "test": [
@@ -33,6 +36,7 @@ setup(
             # botocore it needs, and pip picks a boto3 that matches.
             "awscli>=1.29",
             "hypothesis>=6",  # property-based differential tests of the classifiers
+            "selenium>=4.10",  # the console page test drives Debian's chromium + chromium-driver
         ],
     },
     classifiers=[

@@ -6,7 +6,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-PACKAGES=(postgresql mariadb-server mariadb-client pgbouncer sysbench python3-venv)
+PACKAGES=(postgresql mariadb-server mariadb-client pgbouncer sysbench python3-venv chromium chromium-driver)
 VENV=.venv
 STAMP="$VENV/.setup-stamp"
 

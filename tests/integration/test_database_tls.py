@@ -300,22 +300,28 @@ def test_pg_cleartext_password_only_over_tls(make_proxy, pg_tls, pki):
 
 
 def test_pg_metrics(make_proxy, pg_tls, pki):
-    from txrdsproxy.metrics import gauges
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from txrdsproxy.metrics.collector import proxy_figures
     proxy = make_proxy("POSTGRESQL", pg_tls, None)
+    name = proxy.ctx.name
+    target = (name, "default", "db-1")
     with pg_connect(proxy, "require") as secure, pg_connect(proxy, "disable") as plain:
         secure.execute("SELECT 1")
         secure.execute("SELECT 2")
         plain.execute("SELECT 3")
-        rows = proxy.call(lambda: {n: dict(r) for n, _, _, r in gauges([proxy.ctx])})
-        assert rows["DatabaseConnectionsWithTLS"][(proxy.ctx.name, "default", "db-1")] == 1
-        assert rows["DatabaseConnections"][(proxy.ctx.name, "default", "db-1")] == 2
+        rows = proxy.call(lambda: {(n, tuple(labels)): v for n, labels, v in proxy_figures(proxy.ctx)})
+        assert rows[("database_connections_with_tls", target)] == 1
+        assert rows[("database_connections", target)] == 2
     text = proxy.call(lambda: proxy.service.metrics.render(proxy.service.registry.contexts()))
-    assert f'rdsproxy_DatabaseConnectionRequestsWithTLS{{ProxyName="{proxy.ctx.name}",Target="db-1"}} 1' in text
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("rdsproxy_QueryRequests"))
-    tls_n = int(lines[f'rdsproxy_QueryRequestsTLS{{ProxyName="{proxy.ctx.name}"}}'])
-    plain_n = int(lines[f'rdsproxy_QueryRequestsNoTLS{{ProxyName="{proxy.ctx.name}"}}'])
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("rdsproxy_database_connection_requests_with_tls_total", (
+        ("proxy_name", name), ("target", "db-1"), ("target_group", "default")))] == 1
+    tls_n = samples[("rdsproxy_query_requests_tls_total", (("proxy_name", name),))]
+    plain_n = samples[("rdsproxy_query_requests_no_tls_total", (("proxy_name", name),))]
     assert tls_n >= 2 and plain_n >= 1
-    assert tls_n + plain_n == int(lines[f'rdsproxy_QueryRequests{{ProxyName="{proxy.ctx.name}"}}'])
+    assert tls_n + plain_n == samples[("rdsproxy_query_requests_total", (("proxy_name", name),))]
 
 
 # -- MariaDB ---------------------------------------------------------------------------------------

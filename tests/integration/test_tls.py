@@ -20,7 +20,7 @@ except ImportError:
                                              startup_packet)
     from tests.integration.test_mysql_clients import USER as MYSQL_USER, mariadb_cli
 
-from txrdsproxy.metrics import gauges
+from txrdsproxy.metrics.collector import proxy_figures
 from txrdsproxy.testing.certs import write_self_signed
 
 REQUIRES_TLS = "This RDS Proxy requires TLS connections."
@@ -41,8 +41,8 @@ def _tls(cert):
 
 
 def _gauge(proxy, name):
-    rows = proxy.call(lambda: {n: r for n, _, _, r in gauges([proxy.ctx])})
-    return dict(rows[name])[(proxy.ctx.name,)]
+    rows = proxy.call(lambda: {(n, tuple(labels)): v for n, labels, v in proxy_figures(proxy.ctx)})
+    return rows[(name, (proxy.ctx.name,))]
 
 
 class Tap:
@@ -115,8 +115,8 @@ def test_psycopg_tls_and_gauges(pg_proxy_factory, pg_server, cert):
             cur.execute("select generate_series(1, 20000)")
             assert len(cur.fetchall()) == 20000
         assert plain.execute("select 2").fetchone()[0] == 2
-        assert _gauge(proxy, "ClientConnectionsTLS") == 1
-        assert _gauge(proxy, "ClientConnectionsNoTLS") == 1
+        assert _gauge(proxy, "client_connections_tls") == 1
+        assert _gauge(proxy, "client_connections_no_tls") == 1
     finally:
         secure.close()
         plain.close()
@@ -199,8 +199,8 @@ def test_pymysql_over_tls(mariadb_server, cert, tmp_path):
             assert isinstance(verified._sock, ssl.SSLSocket)
             assert isinstance(unverified._sock, ssl.SSLSocket)
             assert not isinstance(plain._sock, ssl.SSLSocket)
-            assert _gauge(proxy, "ClientConnectionsTLS") == 2
-            assert _gauge(proxy, "ClientConnectionsNoTLS") == 1
+            assert _gauge(proxy, "client_connections_tls") == 2
+            assert _gauge(proxy, "client_connections_no_tls") == 1
         finally:
             for conn in (verified, unverified, plain):
                 conn.close()

@@ -283,7 +283,7 @@ def test_every_output_shape_we_build_is_the_models():
 def test_metrics_and_healthz_still_served(api):
     _, root, _, _ = api
     request = DummyRequest([b"metrics"])
-    assert b"rdsproxy_ClientConnections" in getChildForRequest(root, request).render(request)
+    assert b"\nrdsproxy_client_connections{proxy_name=" in getChildForRequest(root, request).render(request)
     request = DummyRequest([b"healthz"])
     assert b'"status": "ok"' in getChildForRequest(root, request).render(request)
 

@@ -6,19 +6,30 @@ and `.port`) at request time, so proxies added or removed while running are seen
 
 import json
 
+from prometheus_client.exposition import choose_encoder
 from twisted.web import resource
 
 
 class MetricsResource(resource.Resource):
+    """GET /metrics: prometheus_client's exposition of `Metrics.registry(contexts)`.
+
+    Rendered in the reactor thread (not prometheus_client's threaded twisted resource): the
+    collectors read sessions and pools, which only the reactor thread may touch.  The format
+    follows the scraper's Accept header (Prometheus text 0.0.4, or OpenMetrics)."""
+
     isLeaf = True
 
     def __init__(self, metrics, registry):
         super().__init__()
-        self.metrics, self.registry = metrics, registry
+        self.metrics = metrics
+        # The proxy registry is read at each scrape: proxies added or removed live show up.
+        self.prometheus = metrics.registry(lambda: [r.ctx for r in registry])
 
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.metrics.render([r.ctx for r in self.registry]).encode()
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else None)
+        request.setHeader(b"content-type", content_type.encode())
+        return encoder(self.prometheus)
 
 
 class HealthResource(resource.Resource):

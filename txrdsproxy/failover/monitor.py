@@ -43,6 +43,7 @@ class TargetHealth:
     def __init__(self, clock=None):
         self.clock = clock
         self._records = {}
+        self.listeners = []  # callables(target, HealthRecord) told of every new record (metrics)
 
     def _now(self):
         return self.clock.seconds() if self.clock is not None else None
@@ -53,11 +54,16 @@ class TargetHealth:
 
     def record_success(self, target):
         """A connection to *target* was opened and logged in."""
-        self._records[target] = HealthRecord(AVAILABLE, since=self._now())
+        self._set(target, HealthRecord(AVAILABLE, since=self._now()))
 
     def record_failure(self, target, reason, description):
         """A connection attempt to *target* failed; *reason* is CONNECTION_FAILED or AUTH_FAILURE."""
-        self._records[target] = HealthRecord(UNAVAILABLE, reason, description, self._now())
+        self._set(target, HealthRecord(UNAVAILABLE, reason, description, self._now()))
+
+    def _set(self, target, record):
+        self._records[target] = record
+        for listener in list(self.listeners):
+            listener(target, record)
 
 
 class ProbeTimeout(Exception):

@@ -87,6 +87,11 @@ class BackendPool:
     def waiting(self):
         return len(self._waiters)
 
+    @property
+    def oldest_wait_since(self):
+        """Clock time the longest-waiting borrow started, or None when nobody waits (metrics)."""
+        return self._waiters[0].since if self._waiters else None
+
     # -- borrowing -----------------------------------------------------------------------------
     def borrow(self, key):
         """Deferred[Lease] for a connection of *key*.
@@ -125,7 +130,7 @@ class BackendPool:
         conn = idle.pop()
         conn.state = "borrowed"
         if self.metrics is not None:
-            self.metrics.borrow_latency.observe(self.name, 0.0)
+            self.metrics.borrow_latency.observe(self.name, 0.0)  # seconds
         return Lease(self, conn, self.clock.seconds())
 
     def _drop_waiter(self, waiter):
@@ -162,7 +167,7 @@ class BackendPool:
         conn.state = "borrowed"
         now = self.clock.seconds()
         if self.metrics is not None:
-            self.metrics.borrow_latency.observe(self.name, (now - since) * 1e6)
+            self.metrics.borrow_latency.observe(self.name, now - since)  # seconds
         return Lease(self, conn, now)
 
     def _serve(self, waiter, conn):
@@ -321,6 +326,8 @@ class BackendPool:
         if conn.state != "closed":
             self.log.info("pool {pool}: closing database connection {conn}: {reason}",
                           pool=self.name, conn=conn, reason=reason)
+            if self.metrics is not None:
+                self.metrics.connection_closed(self.name, conn, reason)
             conn.close(reason)
 
     def _forget(self, conn):
@@ -337,6 +344,8 @@ class BackendPool:
         if was_tracked:
             self.log.info("pool {pool}: database connection {conn} lost: {reason}",
                           pool=self.name, conn=conn, reason=reason)
+            if self.metrics is not None:
+                self.metrics.connection_closed(self.name, conn, reason)
             if self.failover is not None:
                 self.failover.connection_lost()
             self._dispatch()

@@ -18,11 +18,13 @@ Two ways of reading the server, as for PostgreSQL:
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from txrdsproxy.backend_tls import DatabaseTLSError, start_client_tls
 from txrdsproxy.failover.topology import NoWriter
 from txrdsproxy.proxy import mysql_state as state
 from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, SingleUseFactory
+from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
@@ -122,8 +124,20 @@ def _text_row(payload):
     return out
 
 
+@implementer(IBackendConnection)
 class MySQLBackendConnection(BackendConnection):
     log = Logger()
+    tls = False  # IBackendConnection: set True once the database connection is TLS
+
+    @property
+    def in_transaction(self):
+        """IBackendConnection: the server status of its last reply has SERVER_STATUS_IN_TRANS."""
+        return self.tracker is not None and self.tracker.in_transaction
+
+    @property
+    def backend_id(self):
+        """IBackendConnection: the MySQL connection (thread) id from the server's greeting."""
+        return self.handshake.connection_id if self.handshake is not None else None
 
     def __init__(self, key, target, credentials, init_query, max_message_size, connector):
         self.key = key

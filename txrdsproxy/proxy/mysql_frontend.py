@@ -229,6 +229,9 @@ class MySQLFrontend(MySQLLogin):
         self._cmd_classified = None
         if cmd == P.COM_QUERY or cmd == P.COM_STMT_EXECUTE:
             self.queries += 1  # QueryRequests
+            self.request_started = self.last_active  # read at this data's arrival (latencies)
+        else:
+            self.request_started = None
         if cmd == P.COM_QUERY:
             if length > pinning.MAX_STATEMENT_BYTES:
                 self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
@@ -501,6 +504,8 @@ class MySQLFrontend(MySQLLogin):
             self._statements.add(tracker.last_prepare[0])
         self._wait = Wait.NOTHING
         self._cmd = self._cmd_classified = None
+        if self.request_started is not None:
+            self.request_done(self.clock.seconds())
         self._maybe_release()
         self._pump_safely()
 

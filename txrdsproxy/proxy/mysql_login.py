@@ -103,6 +103,7 @@ class MySQLLogin(ClientSession):
             return self._fatal(P.err_packet(2026, "HY000", "TLS is not enabled on this proxy"),
                                seq + 1)
         if self.ctx.config.require_tls and not self.tls:
+            self.setup_failed("TLS required")
             return self._fatal(errors.requires_tls(), seq + 1)
         if response.capabilities & P.CLIENT_COMPRESS:
             return self._fatal(errors.compression_not_supported(), seq + 1)
@@ -130,9 +131,7 @@ class MySQLLogin(ClientSession):
         d.addErrback(self._login_failed, seq)
 
     def auth_failed(self, user, why, seq):
-        self.log.info("{s}: authentication failed for {user}: {why}", s=self, user=user, why=why)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.client_connections_setup_failed_auth.inc(self.ctx.name)
+        self.setup_failed(f"authentication failed for {user}: {why}")
         self._fatal(errors.access_denied(user, using_password=self._auth.used_password), seq)
 
     def write_packet(self, payload, seq):

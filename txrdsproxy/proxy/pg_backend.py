@@ -13,9 +13,11 @@ import struct
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txrdsproxy.backend_tls import PgSSLNegotiation
 from txrdsproxy.proxy.connector import BackendConnection, Connector
+from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation
@@ -65,8 +67,20 @@ def param_sync_sql(current, desired):
     return "; ".join(parts).encode()
 
 
+@implementer(IBackendConnection)
 class PgBackendConnection(BackendConnection):
     log = Logger()
+    tls = False  # IBackendConnection: set True once the database connection is TLS
+
+    @property
+    def in_transaction(self):
+        """IBackendConnection: the last ReadyForQuery said the session is not idle (T or E)."""
+        return self.txn_status != b"I"
+
+    @property
+    def backend_id(self):
+        """IBackendConnection: the PostgreSQL backend pid (BackendKeyData)."""
+        return self.backend_pid
 
     def __init__(self, key, target, credentials, init_query, max_message_size, on_connection_made=None):
         self.key = key

@@ -213,6 +213,7 @@ class PgFrontend(ClientSession):
 
     def _startup_message(self, code, payload):
         if self.ctx.config.require_tls and not self.tls:
+            self.setup_failed("TLS required")
             return self._fatal(errors.REQUIRES_TLS)
         params = {_CANONICAL.get(k.lower(), k): v for k, v in msg.parse_startup_params(payload).items()}
         ignored = [k for k in params if k.startswith("_pq_.")]
@@ -303,9 +304,7 @@ class PgFrontend(ClientSession):
         self._login()
 
     def _auth_failed(self, why):
-        self.log.info("{s}: authentication failed: {why}", s=self, why=why)
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.client_connections_setup_failed_auth.inc(self.ctx.name)
+        self.setup_failed(f"authentication failed: {why}")
 
     # -- login: learn the server's parameters, check the database --------------------------------
     def _login(self):
@@ -383,6 +382,8 @@ class PgFrontend(ClientSession):
     # -- the session: client -> database ------------------------------------------------------------
     def _session_data(self, data):
         stream = self._stream
+        if self.request_started is None and not stream.outstanding and not stream.unsynced:
+            self.request_started = self.clock.seconds()  # once per request (latency metrics)
         if (self.lease is None and stream.state is StreamState.HELD and not stream.buffered
                 and self._borrow_d is None and self._attaching is None and len(data) >= 5 and data[0] != _X):
             # Start of a transaction, the common case: an idle connection whose parameters
@@ -506,6 +507,7 @@ class PgFrontend(ClientSession):
         err = self._borrow_error(failure)
         self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
         self.set_state(SessionState.IDLE)
+        self.request_started = None  # answered by the proxy: no latency to record
         # Answer everything queued as PostgreSQL would after an error: one error per batch.
         try:
             self._stream.refuse(err)
@@ -536,10 +538,12 @@ class PgFrontend(ClientSession):
     def ready_for_query(self, status):
         if self._stmts is not None:
             self._stmts.ready()
-        self.last_active = self.clock.seconds()  # IdleClientTimeout counts from the request's end
+        now = self.last_active = self.clock.seconds()  # IdleClientTimeout counts from the request's end
         stream = self._stream
         if stream.outstanding > 0:
             stream.outstanding -= 1
+        if self.request_started is not None and not stream.outstanding and not stream.unsynced:
+            self.request_done(now)
         if status == b"I" and self.pin_reason is None and stream.releasable:
             # Only at a message boundary on this connection (DESIGN rule 9): a message the
             # client began here is finished here first (see _after_input).

@@ -7,6 +7,7 @@ admin API read these states instead of keeping parallel counters.
 import enum
 import itertools
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.internet import protocol
 from twisted.logger import Logger
 
@@ -133,6 +134,8 @@ class ClientSession(protocol.Protocol):
         self.lease = None
         self.pin_reason = None
         self.queries = 0  # QueryRequests (read by metrics)
+        self.request_started = None  # clock time the request being answered arrived (latencies)
+        self._setup_failure_counted = False
         self.last_active = self.clock.seconds()
         self._phase = first_phase
         self.refusal = None  # limits.Refusal decided at accept: the engine tells the client
@@ -288,6 +291,34 @@ class ClientSession(protocol.Protocol):
         """Engine action: tell the client the server is shutting down, and close."""
         self._close_client()
 
+    # -- metrics ---------------------------------------------------------------------------------------
+    def request_done(self, now):
+        """The response to the request that arrived at `request_started` ended at *now* (a clock
+        reading the engine already made): QueryResponseLatency, and QueryDatabaseResponseLatency
+        from when the request could go to the database (its arrival, or the lease's start when
+        it had to wait for a connection).  Once per request, never per message."""
+        started, self.request_started = self.request_started, None
+        metrics = self.ctx.metrics
+        if started is None or metrics is None:
+            return
+        metrics.query_response_latency.observe(self.ctx.name, now - started)
+        lease = self.lease
+        if lease is not None:
+            at_db = lease.borrowed_at if lease.borrowed_at > started else started
+            metrics.query_database_response_latency.observe(
+                self.ctx.name, lease.conn.target.rds_resource_id, now - at_db)
+
+    def setup_failed(self, why):
+        """The connection will not become a session because of authentication or TLS (wrong
+        password, unknown user, TLS required, TLS handshake failed): ClientConnectionsSetupFailedAuth,
+        counted once per connection."""
+        if self._setup_failure_counted:
+            return
+        self._setup_failure_counted = True
+        self.log.info("{s}: connection setup failed: {why}", s=self, why=why)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.client_connections_setup_failed_auth.inc(self.ctx.name)
+
     # -- ending -----------------------------------------------------------------------------------------
     def _close_client(self):
         self._phase = "closing"
@@ -301,6 +332,8 @@ class ClientSession(protocol.Protocol):
         ctx.queries_closed += self.queries
         if self.tls:
             ctx.queries_closed_tls += self.queries
+            if not self.in_session and _is_tls_failure(reason):
+                self.setup_failed(f"TLS handshake failed: {reason.getErrorMessage()}")
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.first_packet_seen()
@@ -323,3 +356,8 @@ class ClientSession(protocol.Protocol):
 
     def on_closed(self):
         """Engine bookkeeping when the client is gone (after the lease was given back)."""
+
+
+def _is_tls_failure(reason):
+    """The connection ended with a TLS error (a failed handshake, a bad record)."""
+    return reason is not None and reason.check(TLSError) is not None

@@ -7,8 +7,13 @@ test decides when (and how) a pending operation completes: `FakePool.give()` han
 waiting borrow a lease, `FakePool.refuse(error)` fails it.
 """
 
+from types import SimpleNamespace
+
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from txrdsproxy.proxy.interfaces import IBackendConnection
 
 __all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn"]
 
@@ -45,8 +50,9 @@ class FakeSecrets:
 class FakeLease:
     """A pool lease: records how (and whether) the session gave the connection back."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, borrowed_at=0.0):
         self.conn = conn
+        self.borrowed_at = borrowed_at  # clock time it was lent (as Lease.borrowed_at)
         self.released = False
         self.release_args = None
 
@@ -65,13 +71,27 @@ class FakePool:
     `requests` until the test calls `give()` or `refuse()`; cancelling the Deferred removes it.
     """
 
-    def __init__(self, make_conn, default_key=None):
+    def __init__(self, make_conn, default_key=None, clock=None):
         self.make_conn = make_conn
+        self.clock = clock  # when given, leases record the time they were lent
         self.default_key = default_key  # new_lease()'s key when none is given
         self.requests = []  # [(key, Deferred)]
         self.leases = []    # every lease handed out, in order
         self.idle = []      # leases try_borrow hands out at once
         self.try_borrows = 0
+
+    # -- what metrics and the admin API read ---------------------------------------------------
+    max_connections = None
+    oldest_wait_since = None
+
+    @property
+    def waiting(self):
+        return len(self.requests)
+
+    def connections(self):
+        """The connections of leases still held, and of idle leases."""
+        return [lease.conn for lease in self.leases if not lease.released] + [
+            lease.conn for lease in self.idle]
 
     def try_borrow(self, key):
         self.try_borrows += 1
@@ -87,7 +107,8 @@ class FakePool:
         return d
 
     def new_lease(self, key=None):
-        return FakeLease(self.make_conn(self.default_key if key is None else key))
+        conn = self.make_conn(self.default_key if key is None else key)
+        return FakeLease(conn, self.clock.seconds() if self.clock is not None else 0.0)
 
     def give(self, **conn_attrs):
         """Fire the oldest waiting borrow with a new lease (*conn_attrs* set on its connection)."""
@@ -105,16 +126,29 @@ class FakePool:
         d.errback(error)
 
 
+FAKE_TARGET = SimpleNamespace(rds_resource_id="db-1", endpoint="127.0.0.1", port=5432, role="")
+
+
+@implementer(IBackendConnection)
 class FakePgBackendConn:
     """A lent PgBackendConnection: the attributes and methods a PgFrontend session uses.
 
     `sink` is the session while attached; the test plays the database by calling the
     session's backend_data / ready_for_query.  `synced` records every sync_params request.
+    Provides IBackendConnection (verified in tests) so metrics and admin code can read it.
     """
 
-    def __init__(self, key):
+    tls = False
+    backend_id = 4242
+    server_max_connections = 100
+    idle_since = 0.0
+    pool_listener = None
+
+    def __init__(self, key, target=FAKE_TARGET):
         self.key = key
+        self.target = target
         self.transport = StringTransport()
+        self.closed_reason = None
         self.state = "borrowed"
         self.session_dirty = False
         self.cancel_in_flight = None
@@ -135,6 +169,18 @@ class FakePgBackendConn:
     def detach(self):
         self.sink = None
 
+    @property
+    def in_transaction(self):
+        return self.txn_status != b"I"
+
     def sync_params(self, desired):
         self.synced.append(dict(desired))
+        return defer.succeed(None)
+
+    def close(self, reason, abort=False):
+        if self.state != "closed":
+            self.state, self.closed_reason = "closed", reason
+
+    def reset(self):
+        self.session_dirty = False
         return defer.succeed(None)
