@@ -86,8 +86,11 @@ class Histogram:
         return found
 
     def observe(self, *args):
-        *label_values, value = args
-        self.series(*label_values).observe(value)
+        key = args[:-1]
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = HistogramSeries(self.bounds)
+        found.observe(args[-1])
 
     def items(self):
         return list(self._series.items())

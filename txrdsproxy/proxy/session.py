@@ -136,6 +136,8 @@ class ClientSession(protocol.Protocol):
         self.queries = 0  # QueryRequests (read by metrics)
         self.request_started = None  # clock time the request being answered arrived (latencies)
         self._setup_failure_counted = False
+        self._latency_series = None  # this proxy's QueryResponseLatency series, once looked up
+        self._db_latency_series = None  # (target, its QueryDatabaseResponseLatency series)
         self.last_active = self.clock.seconds()
         self._phase = first_phase
         self.refusal = None  # limits.Refusal decided at accept: the engine tells the client
@@ -301,12 +303,19 @@ class ClientSession(protocol.Protocol):
         metrics = self.ctx.metrics
         if started is None or metrics is None:
             return
-        metrics.query_response_latency.observe(self.ctx.name, now - started)
+        series = self._latency_series
+        if series is None:  # looked up once per session
+            series = self._latency_series = metrics.query_response_latency.series(self.ctx.name)
+        series.observe(now - started)
         lease = self.lease
         if lease is not None:
             at_db = lease.borrowed_at if lease.borrowed_at > started else started
-            metrics.query_database_response_latency.observe(
-                self.ctx.name, lease.conn.target.rds_resource_id, now - at_db)
+            target = lease.conn.target
+            cached = self._db_latency_series
+            if cached is None or cached[0] is not target:
+                cached = self._db_latency_series = (target, metrics.query_database_response_latency
+                                                    .series(self.ctx.name, target.rds_resource_id))
+            cached[1].observe(now - at_db)
 
     def setup_failed(self, why):
         """The connection will not become a session because of authentication or TLS (wrong
