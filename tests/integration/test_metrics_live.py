@@ -58,7 +58,8 @@ def test_postgresql_metrics_under_load(pg_server, tmp_path):
     cert = write_self_signed(str(tmp_path))
     path = write_proxy_config(tmp_path, pg_server, name="m-pg",
                               TLS={"CertificateFile": cert[0], "PrivateKeyFile": cert[1]},
-                              MaxConnectionsPercent=10, MaxIdleConnectionsPercent=1)
+                              DatabaseTLS={"Mode": "disable"},  # the fixture server has no TLS
+                              MaxConnectionsPercent=10, MaxIdleConnectionsPercent=10)
     proxy = start_with_admin(path)
     try:
         scrape = Scraper(proxy)
@@ -135,10 +136,19 @@ def test_postgresql_metrics_under_load(pg_server, tmp_path):
         assert v("rdsproxy_query_response_latency_seconds_bucket", le="+Inf", **P) == \
             v("rdsproxy_query_response_latency_seconds_count", **P)
         assert v("rdsproxy_database_connections_borrow_latency_seconds_count", **P) >= 4 * 150
-        # MaxIdleConnectionsPercent=1: connections coming back above one idle were closed.
-        assert v("rdsproxy_database_connections_closed_total", reason="idle_limit", **T) >= 1
         pinned.close()
         in_txn.close()
+        # The database ends the pool's idle connections: closes counted by reason.
+        proxy.wait_for(lambda: scrape.value("rdsproxy_client_connections", **P) == 0,
+                       what="held sessions to end")
+        pool_size = scrape.value("rdsproxy_database_connections", **T)
+        assert pool_size >= 1
+        pg_server.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE usename = 'app_scram' AND pid <> pg_backend_pid()")
+        proxy.wait_for(lambda: scrape.value("rdsproxy_database_connections_closed_total",
+                                            reason="database_closed", **T) == pool_size,
+                       what="closes counted")
+        assert scrape.value("rdsproxy_database_connections", **T) == 0
     finally:
         proxy.stop()
 
