@@ -148,4 +148,4 @@ def test_rdsproxy_command(admin, pg_server):
     with urllib.request.urlopen(endpoint + "/healthz", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ok"
     with urllib.request.urlopen(endpoint + "/metrics", timeout=10) as r:
-        assert b'ProxyName="test-pg"' in r.read()
+        assert b'proxy_name="test-pg"' in r.read()
