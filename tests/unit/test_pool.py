@@ -591,3 +591,41 @@ def test_reset_completing_after_shutdown_does_not_make_the_connection_idle():
     lease.conn.resets[0].callback(None)
     assert lease.conn.state == "closed" and lease.conn.closed_reason == "pool closed"
     assert pool.connections() == []
+
+
+# -- many waiters served by releases made inside their own callbacks ----------------------------
+def test_waiters_released_in_their_callbacks_are_served_in_a_loop_not_recursively():
+    # A login check that needs nothing from the connection releases it in the borrow's own
+    # callback; each release serves the next waiter.  3000 of them must not exhaust the stack.
+    pool, connector, _ = make(max_pct=10, server_max=10)  # cap 1
+    lease = borrow_now(pool, connector)
+    order = []
+
+    def use(l, i):
+        order.append(i)
+        l.release()
+
+    ds = [pool.borrow(A) for _ in range(3000)]
+    for i, d in enumerate(ds):
+        d.addCallback(use, i)
+    lease.release()
+    assert order == list(range(3000))
+    assert all(d.called for d in ds)
+    assert pool.waiting == 0
+    assert idle_conns(pool) == [lease.conn] and len(connector.made) == 1
+
+
+def test_a_waiter_cancelled_while_its_lease_is_queued_gives_it_back():
+    pool, connector, _ = make(max_pct=10, server_max=10)  # cap 1
+    lease = borrow_now(pool, connector)
+    first, second = pool.borrow(A), pool.borrow(A)
+
+    def use(l):
+        l.release()  # serves `second`: its lease is queued behind this callback
+        second.cancel()  # ... and cancelled before it fires
+
+    first.addCallback(use)
+    lease.release()
+    assert failure_of(second).check(defer.CancelledError)
+    assert lease.conn.state == "idle" and idle_conns(pool) == [lease.conn]
+    assert result(pool.borrow(A)).conn is lease.conn

@@ -37,11 +37,12 @@ class PoolClosed(Exception):
 
 
 class _Waiter:
-    __slots__ = ("key", "deferred", "since", "deadline")
+    __slots__ = ("key", "deferred", "since", "deadline", "served")
 
     def __init__(self, key, since, deadline):
         self.key, self.since, self.deadline = key, since, deadline
         self.deferred = None
+        self.served = False  # a lease is on its way (see BackendPool._serve)
 
 
 class BackendPool:
@@ -58,6 +59,8 @@ class BackendPool:
         self._idle = collections.defaultdict(list)  # key -> [conn], most recently used last
         self._connecting = collections.Counter()  # key -> connections being opened
         self._waiters = collections.deque()
+        self._handing = collections.deque()  # (Deferred, Lease) to fire, in order (see _serve)
+        self._handing_out = False
         self._timer = None  # fires at the oldest waiter's deadline
         self._closed = False
         self.failover = None  # the WriterMonitor (connection_failed / connection_lost hooks)
@@ -171,8 +174,30 @@ class BackendPool:
         return Lease(self, conn, now)
 
     def _serve(self, waiter, conn):
+        """Lend *conn* to *waiter* now; fire its Deferred from one loop, not recursively.
+
+        A waiter's callback may release at once (a login check that needs nothing from the
+        connection), which serves the next waiter from inside this call: with hundreds of
+        waiters that recursion would exhaust the stack.  The connection is lent (and the waiter
+        dropped) right away, so nothing else can take it; only the callbacks are queued.  A
+        waiter cancelled while its lease was queued gives the lease back.
+        """
         self._drop_waiter(waiter)
-        waiter.deferred.callback(self._lend(conn, waiter.since))
+        waiter.served = True
+        self._handing.append((waiter.deferred, self._lend(conn, waiter.since)))
+        if self._handing_out:
+            return
+        self._handing_out = True
+        try:
+            handing = self._handing
+            while handing:
+                d, lease = handing.popleft()
+                if d.called:  # cancelled meanwhile
+                    lease.release()
+                else:
+                    d.callback(lease)
+        finally:
+            self._handing_out = False
 
     def _dispatch(self):
         """Serve waiters in FIFO order: idle connections first, then new ones within the cap."""
@@ -180,7 +205,7 @@ class BackendPool:
             return
         coming = collections.Counter(self._connecting)
         for waiter in list(self._waiters):
-            if waiter.deferred.called:  # served re-entrantly by a callback of this loop
+            if waiter.served or waiter.deferred.called:  # served re-entrantly meanwhile
                 continue
             key = waiter.key
             idle = self._idle.get(key)
