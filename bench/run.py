@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+import idle_clients  # noqa: E402  (bench/idle_clients.py, beside this file)
 from txrdsproxy.testing import servers  # noqa: E402
 from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
                                         find_free_port, stop_process)
@@ -259,12 +260,18 @@ SCENARIOS = [
 ]
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+)", re.M)
+PROCESSED_RE = re.compile(r"number of transactions actually processed: (\d+)")
 FAILED_RE = re.compile(r"number of failed transactions: (\d+)")
 
 
+LAST_RUN = {}   # what the last pgbench run processed: {"transactions": N}
+
+
 def pgbench(pg, port, user_key, options, seconds, what, record=True):
-    """Run pgbench -S; return tps (float) or None on failure (recorded in `failures`)."""
+    """Run pgbench -S; return tps (float) or None on failure (recorded in `failures`).
+    The transactions it processed are left in LAST_RUN["transactions"]."""
     sink = failures if record else []
+    LAST_RUN.clear()
     name, password, _ = PG_USERS[user_key]
     argv = [find_binary("pgbench"), "-n", "-S", "-c", str(CLIENTS), "-j", "2", "-T", str(seconds),
             "-h", HOST, "-p", str(port), "-U", name] + options + [PG_DB]
@@ -277,6 +284,8 @@ def pgbench(pg, port, user_key, options, seconds, what, record=True):
         return None
     match = TPS_RE.search(proc.stdout)
     failed = FAILED_RE.search(proc.stdout)
+    processed = PROCESSED_RE.search(proc.stdout)
+    LAST_RUN["transactions"] = int(processed.group(1)) if processed else 0
     problem = None
     if proc.returncode != 0 or match is None:
         problem = "exit %s" % proc.returncode
@@ -314,8 +323,28 @@ def pg_proxy(root, pg, profile_path=None, **kw):
     return Proxy(root, "POSTGRESQL", pg.port, auth, secrets, profile_path, **kw)
 
 
+def pg_sessions(pg):
+    """Sessions PostgreSQL has accepted into the bench database so far (pg_stat_database)."""
+    out = pg.psql("SELECT sessions FROM pg_stat_database WHERE datname = '%s'" % PG_DB).strip()
+    return int(out or 0)
+
+
+POOL_SIZE = MAX_CONNECTIONS * POOL_PERCENT // 100
+warnings = []              # scenarios that opened more database connections than their pool
+
+
+def check_opened(label, target, opened, pool_size):
+    if opened is not None and opened > pool_size:
+        warnings.append("%s via %s opened %d database connections, more than its pool of %d"
+                        % (label, target, opened, pool_size))
+
+
 def ratio(a, b):
     return "%.2f" % (a / b) if a and b else "-"
+
+
+def fmt_us(seconds):
+    return "-" if seconds is None else "%.0f us" % (seconds * 1e6)
 
 
 def fmt_tps(v, missing="FAIL"):
@@ -343,12 +372,18 @@ def run_pg(args, stack, root):
 
     rows = []
     for label, key, options, info in SCENARIOS:
-        tps = {}
+        tps, opened, cpu = {}, {}, None
         for target, port in targets:
             if info and target == "pgbouncer":
                 continue   # PgBouncer 1.18 has no prepared statements in transaction mode
             what = "%s via %s" % (label, target)
+            before, cpu0 = pg_sessions(pg), idle_clients.cpu_seconds(proxy.proc.pid)
             tps[target] = pgbench(pg, port, key, options, args.time, what)
+            opened[target] = pg_sessions(pg) - before
+            if target == "proxy" and LAST_RUN.get("transactions"):
+                cpu = (idle_clients.cpu_seconds(proxy.proc.pid) - cpu0) / LAST_RUN["transactions"]
+            if target != "direct":
+                check_opened(label, target, opened[target], POOL_SIZE)
             if target == "proxy" and tps[target] is None and failures:
                 failures[-1] = (what, failures[-1][1] + "proxy log tail (%s):\n%s" % (
                     proxy.log_path.name, tail(proxy.log_path, 20)))
@@ -356,10 +391,12 @@ def run_pg(args, stack, root):
                 failures.append((what, "the proxy exited (%s); log tail:\n%s"
                                  % (proxy.proc.returncode, tail(proxy.log_path))))
                 break
-        rows.append((label + (" [info]" if info else ""), tps))
-        say("  %-36s direct %8s  proxy %8s  pgbouncer %8s" % (
-            label, fmt_tps(tps.get("direct")), fmt_tps(tps.get("proxy")),
-            fmt_tps(tps.get("pgbouncer"), "FAIL" if "pgbouncer" in tps else "n/a")))
+        rows.append((label + (" [info]" if info else ""), tps, opened, cpu))
+        say("  %-36s direct %8s  proxy %8s  pgbouncer %8s   db sessions opened %s"
+            "   proxy CPU/tx %s" % (
+                label, fmt_tps(tps.get("direct")), fmt_tps(tps.get("proxy")),
+                fmt_tps(tps.get("pgbouncer"), "FAIL" if "pgbouncer" in tps else "n/a"),
+                "/".join(str(opened.get(t, "-")) for t, _ in targets), fmt_us(cpu)))
         if not proxy.alive():
             break
 
@@ -369,37 +406,77 @@ def run_pg(args, stack, root):
                        filters=["EXCLUDE_PREPARED_STATEMENTS"]).start()
     stack.callback(tracked.stop)
     pgbench(pg, tracked.port, "scram", ["-M", "prepared"], 1, "warm-up", record=False)
-    label = "-M prepared, tracked, pool %d" % (MAX_CONNECTIONS * TRACKED_POOL_PERCENT // 100)
-    tps = {"direct": next((t.get("direct") for l, t in rows if l.startswith("persistent -M prepared")),
-                          None),
+    tracked_pool = MAX_CONNECTIONS * TRACKED_POOL_PERCENT // 100
+    label = "-M prepared, tracked, pool %d" % tracked_pool
+    before, cpu0 = pg_sessions(pg), idle_clients.cpu_seconds(tracked.proc.pid)
+    tps = {"direct": next((t.get("direct") for l, t, _, _ in rows
+                           if l.startswith("persistent -M prepared")), None),
            "proxy": pgbench(pg, tracked.port, "scram", ["-M", "prepared"], args.time,
                             label + " via proxy")}
-    rows.append((label + " [info]", tps))
+    opened = {"proxy": pg_sessions(pg) - before}
+    cpu = ((idle_clients.cpu_seconds(tracked.proc.pid) - cpu0) / LAST_RUN["transactions"]
+           if LAST_RUN.get("transactions") else None)
+    check_opened(label, "proxy", opened["proxy"], tracked_pool)
+    rows.append((label + " [info]", tps, opened, cpu))
     say("  %-36s direct %8s  proxy %8s" % (label, fmt_tps(tps["direct"]), fmt_tps(tps["proxy"])))
     tracked.stop()
 
     say("\nPostgreSQL results (TPS, pgbench -S, %d clients, -T %ss, %s CPUs shared by all):"
         % (CLIENTS, args.time, os.cpu_count()))
-    header = "%-38s %9s %9s %10s %13s %16s %16s" % (
+    header = "%-38s %9s %9s %10s %13s %16s %16s %10s %14s" % (
         "scenario", "direct", "proxy", "pgbouncer", "proxy/direct", "proxy/pgbouncer",
-        "pgbouncer/direct")
+        "pgbouncer/direct", "proxy CPU", "db conns p/b")
     say(header)
     say("-" * len(header))
-    for label, tps in rows:
+    for label, tps, opened, cpu in rows:
         d, p, b = tps.get("direct"), tps.get("proxy"), tps.get("pgbouncer")
-        say("%-38s %9s %9s %10s %13s %16s %16s" % (
+        say("%-38s %9s %9s %10s %13s %16s %16s %10s %14s" % (
             label, fmt_tps(d), fmt_tps(p), fmt_tps(b, "FAIL" if "pgbouncer" in tps else "n/a"),
-            ratio(p, d), ratio(p, b), ratio(b, d)))
+            ratio(p, d), ratio(p, b), ratio(b, d), fmt_us(cpu),
+            "%s/%s" % (opened.get("proxy", "-"), opened.get("pgbouncer", "-"))))
     say("[info]: -M prepared pins each proxy session (named prepared statements; pool 20 >= 20 "
         "clients); 'tracked': SessionPinningFilters [EXCLUDE_PREPARED_STATEMENTS], 20 clients over "
         "a pool of %d, nothing pinned; n/a: PgBouncer 1.18 has no prepared statements in "
-        "transaction mode." % (MAX_CONNECTIONS * TRACKED_POOL_PERCENT // 100))
+        "transaction mode; proxy CPU: the proxy's user+system CPU time per transaction; db "
+        "conns p/b: database sessions the proxy / PgBouncer opened during the run (pool %d; "
+        "all runs use the RDS defaults: MaxIdleConnectionsPercent unset)."
+        % (MAX_CONNECTIONS * TRACKED_POOL_PERCENT // 100, POOL_SIZE))
 
-    # Free the proxy's and PgBouncer's database connections before any profile phase.
+    # Free the proxy's and PgBouncer's database connections before the next phases.
     proxy.stop()
     bouncer.stop()
+    name, password, _ = PG_USERS["md5"]
+    idle_proxy = pg_proxy(root / "proxy-idle", pg).start()
+    stack.callback(idle_proxy.stop)
+    idle_phase("PostgreSQL", idle_proxy, args,
+               lambda: idle_clients.pg_login(HOST, idle_proxy.port, name, password, PG_DB))
+    idle_proxy.stop()
     if args.profile:
         profile_pg(args, root, pg)
+
+
+IDLE_TOTAL, IDLE_BURST = 10000, 5000
+
+
+def idle_phase(engine, proxy, args, login):
+    """Idle client sessions: the proxy's RSS per session and the login rate of a burst."""
+    total, burst = (IDLE_TOTAL, IDLE_BURST) if not args.quick else (2000, 1000)
+    try:
+        res = idle_clients.measure(proxy.proc.pid, login, total=total, burst=burst)
+    except Exception as exc:
+        failures.append(("%s idle clients" % engine, repr(exc)))
+        return
+    if res["errors"]:
+        failures.append(("%s idle clients" % engine, "%d of %d logins failed, first: %s" % (
+            len(res["errors"]), total, res["errors"][0])))
+    say("\n%s idle clients: %d sessions open at once: proxy RSS %s per idle session; "
+        "burst of %d logins: %s logins/s, proxy CPU %s per login" % (
+            engine, res["sessions"],
+            "-" if res["rss_per_client"] is None else "%.1f KiB" % (res["rss_per_client"] / 1024),
+            burst, fmt_tps(res["burst_rate"]), fmt_us(res["burst_cpu"])))
+    if not proxy.alive():
+        failures.append(("%s idle clients" % engine, "the proxy exited; log tail:\n%s"
+                         % tail(proxy.log_path)))
 
 
 def profile_pg(args, root, pg):
@@ -442,12 +519,15 @@ def print_profile(prof, proxy, top=25):
 # MySQL: sysbench and connection churn
 
 
-SYSBENCH_TPS_RE = re.compile(r"transactions:\s+\d+\s+\(([0-9.]+) per sec")
+SYSBENCH_TPS_RE = re.compile(r"transactions:\s+(\d+)\s+\(([0-9.]+) per sec")
 SYSBENCH_QPS_RE = re.compile(r"queries:\s+\d+\s+\(([0-9.]+) per sec")
 
 
 def sysbench(test, port, seconds, command, what, extra=(), record=True):
+    """-> (tps, qps) for `run` (True for other commands) or None; the transactions processed
+    are left in LAST_RUN["transactions"]."""
     sink = failures if record else []
+    LAST_RUN.clear()
     argv = ["sysbench", test, "--db-driver=mysql", "--mysql-host=%s" % HOST,
             "--mysql-port=%d" % port, "--mysql-user=%s" % MY_USER,
             "--mysql-password=%s" % MY_PASSWORD, "--mysql-db=%s" % MY_DB,
@@ -469,7 +549,8 @@ def sysbench(test, port, seconds, command, what, extra=(), record=True):
     if not tps or not qps:
         sink.append((what, "no figures in sysbench output:\n" + proc.stdout[-1500:]))
         return None
-    return float(tps.group(1)), float(qps.group(1))
+    LAST_RUN["transactions"] = int(tps.group(1))
+    return float(tps.group(2)), float(qps.group(1))
 
 
 def churn(port, seconds, threads=4):
@@ -533,20 +614,39 @@ def run_mysql(args, stack, root):
     for _, port in targets:   # warm-up, not reported
         sysbench("oltp_point_select", port, 1, "run", "warm-up", record=False)
 
+    def connections():
+        """MariaDB's Connections status counter, less the connection that reads it."""
+        return int(db.mariadb("SHOW GLOBAL STATUS LIKE 'Connections'").split()[1]) - 1
+
+    def cpu():
+        return idle_clients.cpu_seconds(proxy.proc.pid)
+
     rows = []
     for test in ("oltp_point_select", "oltp_read_write"):
-        res = {}
+        res, opened, per_tx = {}, {}, None
         for target, port in targets:
+            before, cpu0 = connections(), cpu()
             res[target] = sysbench(test, port, args.time, "run", "%s via %s" % (test, target))
-        rows.append((test, res))
-        say("  %-20s direct %8s tps  proxy %8s tps" % (
-            test, fmt_tps(res["direct"] and res["direct"][0]),
-            fmt_tps(res["proxy"] and res["proxy"][0])))
+            opened[target] = connections() - before - 1   # the first reading's own connection
+            if target == "proxy" and LAST_RUN.get("transactions"):
+                per_tx = (cpu() - cpu0) / LAST_RUN["transactions"]
+                check_opened(test, target, opened[target], POOL_SIZE)
+        rows.append((test, res, opened, per_tx))
+        say("  %-20s direct %8s tps  proxy %8s tps   db connections opened %s/%s   proxy CPU/tx %s"
+            % (test, fmt_tps(res["direct"] and res["direct"][0]),
+               fmt_tps(res["proxy"] and res["proxy"][0]), opened["direct"], opened["proxy"],
+               fmt_us(per_tx)))
     churn_seconds = 2 if args.quick else 5
-    churn_res = {}
+    churn_res, churn_opened, churn_cpu = {}, {}, None
     for target, port in targets:
+        before, cpu0 = connections(), cpu()
         rate, errors = churn(port, churn_seconds)
         churn_res[target] = rate
+        churn_opened[target] = connections() - before - 1
+        if target == "proxy":
+            check_opened("connection churn", target, churn_opened[target], POOL_SIZE)
+            if rate:
+                churn_cpu = (cpu() - cpu0) / (rate * churn_seconds)
         if errors:
             failures.append(("connection churn via %s" % target, "%d errors, first: %s"
                              % (len(errors), errors[0])))
@@ -555,19 +655,32 @@ def run_mysql(args, stack, root):
                          % (proxy.proc.returncode, tail(proxy.log_path))))
 
     say("\nMySQL results (sysbench --threads=%d --time=%s, tables 4 x 10000):" % (CLIENTS, args.time))
-    header = "%-22s %12s %12s %13s %12s %12s" % (
-        "test", "direct tps", "proxy tps", "proxy/direct", "direct qps", "proxy qps")
+    header = "%-22s %12s %12s %13s %12s %12s %10s %14s" % (
+        "test", "direct tps", "proxy tps", "proxy/direct", "direct qps", "proxy qps",
+        "proxy CPU", "db conns d/p")
     say(header)
     say("-" * len(header))
-    for test, res in rows:
+    for test, res, opened, per_tx in rows:
         d, p = res.get("direct"), res.get("proxy")
-        say("%-22s %12s %12s %13s %12s %12s" % (
+        say("%-22s %12s %12s %13s %12s %12s %10s %14s" % (
             test, fmt_tps(d and d[0]), fmt_tps(p and p[0]), ratio(p and p[0], d and d[0]),
-            fmt_tps(d and d[1]), fmt_tps(p and p[1])))
+            fmt_tps(d and d[1]), fmt_tps(p and p[1]), fmt_us(per_tx),
+            "%s/%s" % (opened.get("direct"), opened.get("proxy"))))
     d, p = churn_res.get("direct"), churn_res.get("proxy")
-    say("%-22s %12s %12s %13s   (conn/s: PyMySQL connect, SELECT 1, close; 4 threads, %ss)" % (
-        "connection churn", fmt_tps(d), fmt_tps(p), ratio(p, d), churn_seconds))
+    say("%-22s %12s %12s %13s %12s %12s %10s %14s" % (
+        "connection churn", fmt_tps(d), fmt_tps(p), ratio(p, d), "", "", fmt_us(churn_cpu),
+        "%s/%s" % (churn_opened.get("direct"), churn_opened.get("proxy"))))
+    say("churn: conn/s, PyMySQL connect, SELECT 1, close; 4 threads, %ss.  proxy CPU: per "
+        "transaction (churn: per connection); db conns: connections MariaDB accepted during the "
+        "run (pool %d, RDS defaults: MaxIdleConnectionsPercent unset)." % (churn_seconds, POOL_SIZE))
     proxy.stop()
+    idle_proxy = Proxy(root / "proxy-mysql-idle", "MYSQL", db.port,
+                       [("arn:bench:my", "MYSQL_NATIVE_PASSWORD")],
+                       {"arn:bench:my": {"username": MY_USER, "password": MY_PASSWORD}}).start()
+    stack.callback(idle_proxy.stop)
+    idle_phase("MySQL", idle_proxy, args,
+               lambda: idle_clients.mysql_login(HOST, idle_proxy.port, MY_USER, MY_PASSWORD, MY_DB))
+    idle_proxy.stop()
 
 
 # --------------------------------------------------------------------------
@@ -609,6 +722,10 @@ def main():
     except KeyboardInterrupt:
         say("\ninterrupted; cleaning up")
         status = 130
+    if warnings:
+        say("\nWARNING: the pool churned (more database connections than the pool size):")
+        for line in warnings:
+            say("  " + line)
     if failures:
         say("\nFAILURES (functional, not timing):")
         for what, detail in failures:
