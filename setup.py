@@ -30,6 +30,8 @@ setup(
             "asyncpg>=0.27",
             "PyMySQL>=1.0",
             "boto3>=1.28",  # generate_db_auth_token in the IAM tests
+            "awscli>=1.29",  # aws rds generate-db-auth-token in the IAM tests
+            "moto[server]>=5.0",  # a local Secrets Manager endpoint (Secrets Backend aws tests)
             # 26.x C extensions need OpenSSL 3.2 (Debian 12 has 3.0); 9.x vendor their own libssl.
             "mysql-connector-python>=8.0,<26",
             # The aws command (v1, from PyPI) drives the management API in tests; it pins the

@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txrdsproxy.auth.secrets import config_secret_arns
 from txrdsproxy.backend_tls import DatabaseTLS
 from txrdsproxy.config import model
 from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
@@ -537,6 +538,7 @@ class ProxyRegistry(service.Service):
         self.metrics = metrics
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
         self.drain_timeout = drain_timeout
+        self.iam = None  # auth.iam.DbTokenVerifier shared by every proxy (set by make_service)
         self._runtimes = {}  # name -> ProxyRuntime, in creation order
         self._deleting = {}  # name -> ProxyRuntime being removed
         self.observers = []  # callables(event, name) after each change: persistence, logs
@@ -606,6 +608,7 @@ class ProxyRegistry(service.Service):
             raise ProxyAlreadyExists(f"DBProxy {proxy.name} already exists.")
         runtime = ProxyRuntime(proxy, self.secrets, self.reactor, self.cancel_registry, self.metrics)
         runtime.drain_timeout = self.drain_timeout
+        runtime.ctx.iam = self.iam
         if self.running:
             try:
                 runtime.start()
@@ -696,6 +699,14 @@ class ProxyRegistry(service.Service):
         new_group = dataclasses.replace(group, targets=left)
         return self.replace_proxy(name, dataclasses.replace(runtime.config, target_group=new_group))
 
+    def reload_security(self, config):
+        """The security part of a reload (security's hook): new IAM principals and policies, and
+        the secrets store told every SecretArn the config names, so a remote store loads a new
+        Auth entry's secret before its first login (`ISecretsStore.watch`)."""
+        if self.iam is not None:
+            self.iam.update(config.iam)
+        self.secrets.watch(config_secret_arns(config))
+
     def apply_config(self, config, drain_timeout=None, strict=False):
         """Make the registry run exactly the proxies of *config* (a validated Config): proxies
         only in *config* are added, proxies not in it removed, the others changed in place
@@ -707,6 +718,7 @@ class ProxyRegistry(service.Service):
         changed, and a proxy of the file that cannot start does not block changes to others.  Removed proxies' drains are waited
         for."""
         lines, removals = [], []
+        self.reload_security(config)
         wanted = {p.name: p for p in config.proxies}
         # A proxy under a new name with the resource id of a running one is that proxy renamed
         # (ModifyDBProxy NewDBProxyName writes DBProxyResourceId, so the ARN stays).

@@ -17,8 +17,8 @@ from txrdsproxy.admin.reload import ReloadResource
 from txrdsproxy.admin.resources import admin_root
 from txrdsproxy.config.store import ConfigStore
 from txrdsproxy.control import ProxyControl
-from txrdsproxy.auth.iam import PrincipalStore
-from txrdsproxy.auth.secrets import build_secrets_store
+from txrdsproxy.auth.iam import DbTokenVerifier, PrincipalStore
+from txrdsproxy.auth.secrets import build_secrets_store, config_secret_arns
 from txrdsproxy.metrics import Metrics
 from txrdsproxy.runtime import (  # noqa: F401  (re-exported: older imports use service.*)
     ListenFailed, ProxyRegistry, bind_now, build_monitor, build_proxy)
@@ -75,6 +75,9 @@ def make_service(config, reactor=None, config_path=None):
     secrets = build_secrets_store(config.secrets, reactor)
     metrics = Metrics()
     registry = ProxyRegistry(reactor, secrets, metrics, drain_timeout=config.drain_timeout)
+    registry.iam = DbTokenVerifier(PrincipalStore(config.iam, secrets), reactor,
+                                   config.iam.max_concurrent_authentications)
+    secrets.watch(config_secret_arns(config))
     for proxy in config.proxies:
         registry.add_proxy(proxy)
     registry.setServiceParent(top)

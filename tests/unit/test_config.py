@@ -394,10 +394,10 @@ def test_tls_files_are_checked_at_load(tmp_path, tls, error):
     assert "PRIVATE KEY" not in str(info.value)
 
 
-def test_iam_auth_required_is_refused_not_ignored():
+def test_iam_auth_required_needs_client_tls_and_principals():
     data = yaml.safe_load(FULL)
     data["DBProxies"][0]["Auth"][0]["IAMAuth"] = "REQUIRED"
-    with pytest.raises(ConfigError, match=r"DBProxies\[0\]\.Auth\[0\]\.IAMAuth: 'REQUIRED' is not supported"):
+    with pytest.raises(ConfigError, match=r"DBProxies\[0\]\.TLS: IAMAuth REQUIRED needs TLS"):
         parse_config(data, "x.yaml", "/cfg")
 
 

@@ -107,3 +107,15 @@ def test_database_tls(tmp_path):
         parse_config(data, "cfg.yaml", str(tmp_path))
     data["DBProxies"][0]["DatabaseTLS"] = {"ServerPublicKeyFile": "k.pem"}
     fails(data, "DatabaseTLS.ServerPublicKeyFile: applies to MYSQL proxies only")
+
+
+def test_iam_auth_required_needs_principals(tmp_path):
+    from txrdsproxy.testing.certs import write_self_signed
+    cert, key = write_self_signed(str(tmp_path))
+    data = base()
+    data["DBProxies"][0]["TLS"] = {"CertificateFile": cert, "PrivateKeyFile": key}
+    data["DBProxies"][0]["Auth"][0]["IAMAuth"] = "REQUIRED"
+    fails(data, "IAM: must list Principals when a proxy (app-pg) has IAMAuth REQUIRED")
+    data["IAM"] = IAM
+    config = parse_config(data, "cfg.yaml", "/base")
+    assert config.proxies[0].auth[0].iam_auth == "REQUIRED"

@@ -78,13 +78,13 @@ def verifier():
     clock = Clock()
     clock.advance(SIGNED_TS + 30)
     store = PrincipalStore(IAM, StaticSecretsStore(SECRETS))
-    return DbTokenVerifier(store, RESOURCE_ID, clock)
+    return DbTokenVerifier(store, clock)
 
 
 def outcome(verifier, token, user=USER, hosts=(HOST,), port=PORT):
     """-> principal ARN or the AuthenticationFailed reason."""
     results = []
-    verifier.verify(token, user, hosts, port).addBoth(results.append)
+    verifier.verify(token, user, RESOURCE_ID, hosts, port).addBoth(results.append)
     (result,) = results
     if isinstance(result, str):
         return result
@@ -237,12 +237,12 @@ def test_concurrency_limit_counts_logins_waiting_for_their_key_secret():
             return d
 
     store = PrincipalStore(IAM, SlowStore(SECRETS))
-    verifier = DbTokenVerifier(store, RESOURCE_ID, clock, max_concurrent=2)
+    verifier = DbTokenVerifier(store, clock, max_concurrent=2)
     token = make_token()
-    first = verifier.verify(token, USER, (HOST,), PORT)
-    second = verifier.verify(token, USER, (HOST,), PORT)
+    first = verifier.verify(token, USER, RESOURCE_ID, (HOST,), PORT)
+    second = verifier.verify(token, USER, RESOURCE_ID, (HOST,), PORT)
     third = []
-    verifier.verify(token, USER, (HOST,), PORT).addErrback(lambda f: third.append(f.trap(TooManyAuthentications)))
+    verifier.verify(token, USER, RESOURCE_ID, (HOST,), PORT).addErrback(lambda f: third.append(f.trap(TooManyAuthentications)))
     assert third == [TooManyAuthentications] and verifier.in_progress == 2
     for d, arn in SlowStore.pending:
         assert arn == "arn:secret:app-key"

@@ -46,11 +46,17 @@ class Reactor(MemoryReactorClock):
 
 
 class FakeSecrets:
+    def __init__(self):
+        self.watched = []
+
     def get(self, arn):
         return None
 
     def find_user(self, arns, username):
         return None
+
+    def watch(self, arns):
+        self.watched.append(list(arns))
 
 
 @pytest.fixture

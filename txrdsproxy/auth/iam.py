@@ -18,6 +18,7 @@ Why a login failed is logged (access key id, principal, reason), never the token
 """
 
 import hashlib
+import ipaddress
 import re
 
 from twisted.internet import defer
@@ -50,12 +51,14 @@ def db_proxy_arn(region, account_id, resource_id):
 
 
 class AuthenticationFailed(Exception):
-    """The IAM check failed; `reason` is for the log (never secret material), not for the client."""
+    """The IAM check failed; `reason` is for the log (never secret material), not for the client.
+    `unauthorized`: the token was valid but the principal may not connect as that user."""
 
-    def __init__(self, reason, principal=None):
+    def __init__(self, reason, principal=None, unauthorized=False):
         super().__init__(reason)
         self.reason = reason
         self.principal = principal
+        self.unauthorized = unauthorized
 
 
 class TooManyAuthentications(Exception):
@@ -131,34 +134,38 @@ class PrincipalStore:
 
 
 class DbTokenVerifier:
-    """Checks RDS IAM auth tokens for one proxy (see the module docstring).
+    """Checks RDS IAM auth tokens for every proxy of the process (see the module docstring).
 
-    *hosts*: a callable(local_host) -> set of host names the token may name (the proxy's
-    Endpoint, the address the client reached, localhost on loopback); *max_concurrent*: the
-    most authentications in progress at once; above it `verify` fails with
-    TooManyAuthentications.
+    *store*: the PrincipalStore (swapped by `update` on a reload); *clock*: IReactorTime;
+    *max_concurrent*: the most authentications in progress at once over all proxies; above it
+    `verify` fails with TooManyAuthentications.
     """
 
     log = Logger()
 
-    def __init__(self, store, resource_id, clock, max_concurrent=DEFAULT_MAX_CONCURRENT):
+    def __init__(self, store, clock, max_concurrent=DEFAULT_MAX_CONCURRENT):
         self.store = store
-        self.resource_id = resource_id
         self.clock = clock
         self.max_concurrent = max_concurrent
         self.in_progress = 0
 
-    def check(self, token, db_user, hosts, port):
+    def update(self, iam):
+        """A reload: principals, policies and the limit from the new `IAMConfig`."""
+        self.store = PrincipalStore(iam, self.store.secrets)
+        self.max_concurrent = iam.max_concurrent_authentications
+
+    def check(self, token, db_user, resource_id, hosts, port):
         """Synchronous check -> principal ARN; raises AuthenticationFailed."""
+        store = self.store
         try:
-            verified = verify_presigned(token, self.store.signing_key, self.clock.seconds())
+            verified = verify_presigned(token, store.signing_key, self.clock.seconds())
         except SignatureError as e:
             raise AuthenticationFailed(e.reason) from None
-        principal = self.store.principal_for(verified.access_key_id)
+        principal = store.principal_for(verified.access_key_id)
         if principal is None:  # signing_key found it, so this cannot happen short of a reload
             raise AuthenticationFailed("access key belongs to no principal")
         where = principal.arn
-        if verified.service != "rds-db" or verified.region != self.store.region:
+        if verified.service != "rds-db" or verified.region != store.region:
             raise AuthenticationFailed(f"token signed for {verified.service} in {verified.region}", where)
         params = verified.params
         if params.get("Action") != "connect":
@@ -169,36 +176,40 @@ class DbTokenVerifier:
             raise AuthenticationFailed(f"token names host {verified.host}, not this proxy", where)
         if verified.port != port:
             raise AuthenticationFailed(f"token names port {verified.port}, not {port}", where)
-        resource = db_user_arn(self.store.region, self.store.account_id, self.resource_id, db_user)
-        decision = self.store.authorize(principal, DB_CONNECT_ACTION, resource)
+        resource = db_user_arn(store.region, store.account_id, resource_id, db_user)
+        decision = store.authorize(principal, DB_CONNECT_ACTION, resource)
         if decision is not Decision.ALLOW:
             why = "explicitly denied" if decision is Decision.EXPLICIT_DENY else "not allowed"
-            raise AuthenticationFailed(f"{DB_CONNECT_ACTION} on {resource} {why}", where)
+            raise AuthenticationFailed(f"{DB_CONNECT_ACTION} on {resource} {why}", where,
+                                       unauthorized=True)
         return where
 
-    def verify(self, token, db_user, hosts, port):
+    def verify(self, token, db_user, resource_id, hosts, port):
         """Deferred[principal ARN] once the token passed; fails with AuthenticationFailed or
-        TooManyAuthentications.
+        TooManyAuthentications.  *hosts*: the names the token may give for the proxy; *port*:
+        the proxy port the client reached.
 
         The signature work is done in the reactor thread (a few HMACs, well under a millisecond);
         what may take time is loading the access key's secret from a remote store the first
         time, and that is what the concurrency limit bounds.  The slot is held until the
-        Deferred fires.
+        Deferred fires.  Cancelling it (the client went away) frees the slot.
         """
         if self.in_progress >= self.max_concurrent:
+            self.log.warn("IAM authentication of {user} refused: {n} already in progress",
+                          user=db_user, n=self.in_progress)
             return defer.fail(TooManyAuthentications())
         self.in_progress += 1
         arn = self.store.secret_arn_for(presigned_access_key(token))
         d = self.store.secrets.fetch(arn) if arn else defer.succeed(None)
         hosts = {h.lower() for h in hosts}
-        d.addCallback(lambda _: self.check(token, db_user, hosts, port))
+        d.addCallback(lambda _: self.check(token, db_user, resource_id, hosts, port))
 
         def failed(f):
             if f.check(AuthenticationFailed):
                 e = f.value
                 self.log.info("IAM authentication of {user} failed: {reason} (principal {principal})",
                               user=db_user, reason=e.reason, principal=e.principal or "-")
-            else:
+            elif not f.check(defer.CancelledError):
                 self.log.failure("IAM authentication of {user}: unexpected error", f, user=db_user)
                 f = Failure(AuthenticationFailed("internal error"))
             return f
@@ -208,3 +219,30 @@ class DbTokenVerifier:
             return result
 
         return d.addErrback(failed).addBoth(release)
+
+
+def login_hosts(endpoint, local_host):
+    """The host names an IAM token may give for this proxy: its configured Endpoint, the address
+    the client connected to, and localhost when that address is a loopback one."""
+    hosts = {local_host}
+    if endpoint:
+        hosts.add(endpoint)
+    try:
+        if ipaddress.ip_address(local_host).is_loopback:
+            hosts.add("localhost")
+    except ValueError:
+        pass
+    return hosts
+
+
+def verify_login(ctx, token, db_user, transport):
+    """What a frontend calls with the password its client sent for an `IAMAuth: REQUIRED` user:
+    -> Deferred[principal ARN]; fails with AuthenticationFailed, TooManyAuthentications.
+
+    *ctx*: the ProxyContext (`iam`: the DbTokenVerifier, `config`: resource id and Endpoint);
+    *transport*: the client's, whose local address is the proxy's host and port."""
+    if ctx.iam is None:
+        return defer.fail(AuthenticationFailed("no IAM principal store configured"))
+    local = transport.getHost()
+    return ctx.iam.verify(token, db_user, ctx.config.resource_id,
+                          login_hosts(ctx.config.endpoint, local.host), local.port)

@@ -263,6 +263,13 @@ def check_secrets(config):
     return problems
 
 
+def config_secret_arns(config):
+    """Every SecretArn a Config names: the proxies' Auth entries and the IAM access keys."""
+    arns = {entry.secret_arn for proxy in config.proxies for entry in proxy.auth}
+    arns.update(key.secret_arn for p in config.iam.principals for key in p.access_keys)
+    return sorted(arns)
+
+
 def build_secrets_store(secrets_config, reactor):
     """-> the ISecretsStore a configuration's `Secrets` section asks for (the composition root
     calls this once; a reload keeps the store and calls its `watch` with the new ARNs)."""

@@ -344,21 +344,13 @@ def _database_tls(node, base_dir, engine):
     )
 
 
-def _not_yet(node, key, value, unsupported, why):
-    """Refuse a setting this version cannot honour, rather than silently ignore it."""
-    if value == unsupported:
-        node.fail(f"{value!r} is not supported by this version ({why})", key)
-    return value
-
-
 def _auth(node, engine):
     node.mapping({"AuthScheme", "SecretArn", "IAMAuth", "ClientPasswordAuthType", "Description", "UserName"})
     node.choice("AuthScheme", ("SECRETS",), "SECRETS")
     kind = node.choice("ClientPasswordAuthType", m.CLIENT_AUTH_TYPES[engine], m.DEFAULT_CLIENT_AUTH_TYPE[engine])
     return m.UserAuthConfig(
         secret_arn=node.get("SecretArn", str, required=True),
-        iam_auth=_not_yet(node, "IAMAuth", node.choice("IAMAuth", ("DISABLED", "REQUIRED"), "DISABLED"),
-                          "REQUIRED", "IAM authentication of database clients is not wired in yet"),
+        iam_auth=node.choice("IAMAuth", ("DISABLED", "REQUIRED"), "DISABLED"),
         client_password_auth_type=kind,
         description=node.get("Description", str, ""),
     )

@@ -16,7 +16,9 @@ take the fast path (the scramble, AuthMoreData 0x03).  Clients that refuse RSA o
 
 from collections import namedtuple
 
+from txrdsproxy.auth.iam import TooManyAuthentications, verify_login
 from txrdsproxy.config import model
+from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
@@ -66,6 +68,7 @@ class ClientAuth:
         self._creds = None
         self._plugin = None
         self._sha2 = None
+        self._iam_waiting = False
         self.used_password = True
 
     def start(self, user, client_plugin, response, database, charset, seq, switch):
@@ -76,6 +79,8 @@ class ClientAuth:
         if found is None:
             return self.session.auth_failed(user, "no secret for this user", seq)
         entry, self._creds = found
+        if entry.iam_auth == "REQUIRED":
+            return self._start_iam(client_plugin, response, seq, switch)
         if entry.client_password_auth_type == model.MYSQL_CACHING_SHA2:
             self._plugin = myauth.CACHING_SHA2_PASSWORD
         else:
@@ -88,12 +93,52 @@ class ClientAuth:
 
     def feed(self, seq, payload):
         """A further auth packet from the client (after a switch, or caching_sha2 full auth)."""
+        if self._iam_waiting:
+            return self.session.auth_failed(self._request[0], "packet while the IAM token is checked",
+                                            seq + 1)
+        if self._plugin == myauth.CLEAR_PASSWORD:
+            return self._verify_iam(payload, seq + 1)
         if self._sha2 is not None:
             for out in self._sha2.feed(payload):
                 self.session.write_packet(out, seq + 1)
                 seq += 1
             return self._finish_sha2(seq + 1)
         self._check(payload, seq + 1)
+
+    # -- IAMAuth REQUIRED: the password is an IAM token, sent in clear (over TLS only) -------------
+    def _start_iam(self, client_plugin, response, seq, switch):
+        user = self._request[0]
+        if not self.session.tls:
+            return self.session.auth_failed(user, "IAM authentication without TLS", seq,
+                                            error=errors.iam_requires_tls(user))
+        self._plugin = myauth.CLEAR_PASSWORD
+        if client_plugin == myauth.CLEAR_PASSWORD and response and not switch:
+            return self._verify_iam(response, seq)
+        self.session.write_packet(hs.auth_switch_request(myauth.CLEAR_PASSWORD, b""), seq)
+
+    def _verify_iam(self, response, seq):
+        user = self._request[0]
+        token = myauth.parse_clear_password(response)
+        self.used_password = True
+        self._iam_waiting = True
+        d = verify_login(self.session.ctx, token, user, self.session.transport)
+
+        def passed(principal):
+            self._iam_waiting = False
+            if self.session.closed:
+                return
+            self.session.log.info("{s}: IAM authentication of {user} as {principal}",
+                                  s=self.session, user=user, principal=principal)
+            self._succeed(seq)
+
+        def refused(failure):
+            self._iam_waiting = False
+            if self.session.closed:
+                return
+            error = errors.iam_rate_limit() if failure.check(TooManyAuthentications) else None
+            self.session.auth_failed(user, "IAM token refused", seq, error=error)
+
+        d.addCallbacks(passed, refused)
 
     def _check(self, response, seq):
         user = self._request[0]

@@ -130,9 +130,18 @@ class MySQLLogin(ClientSession):
         d.addCallback(self._login_lease, seq)
         d.addErrback(self._login_failed, seq)
 
-    def auth_failed(self, user, why, seq):
+    def auth_failed(self, user, why, seq, error=None):
+        """ClientAuth: refuse *user* (*why* is logged) with *error* (an ERR payload; default
+        Access denied)."""
         self.setup_failed(f"authentication failed for {user}: {why}")
-        self._fatal(errors.access_denied(user, using_password=self._auth.used_password), seq)
+        if error is None:
+            error = errors.access_denied(user, using_password=self._auth.used_password)
+        self._fatal(error, seq)
+
+    @property
+    def closed(self):
+        """The session ended (ClientAuth asks after an asynchronous IAM check)."""
+        return self.state is SessionState.CLOSED or self._phase == "closing"
 
     def write_packet(self, payload, seq):
         self.transport.write(P.encode_packet(payload, seq))

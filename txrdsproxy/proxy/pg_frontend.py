@@ -15,6 +15,7 @@ import struct
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from txrdsproxy.auth.iam import AuthenticationFailed, TooManyAuthentications, verify_login
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy.pg_backend import (
     REPORTED_PARAMS, SESSION_PARAMS, DatabaseError,
@@ -135,6 +136,9 @@ class PgFrontend(ClientSession):
             elif self._phase == "login":
                 self._stream.feed(data)  # pipelined early: held until logged in
                 self._check_pause()
+            elif self._phase == "iam":  # the IAM token is being checked: held
+                self._auth_scanner.feed(data)
+                self._check_pause()
             # "closing": ignore
         except ProtocolViolation as e:
             self._violation(e)
@@ -242,6 +246,8 @@ class PgFrontend(ClientSession):
             self._auth_failed("no credentials")
             return self._fatal(errors.no_credentials(self.user))
         entry, creds = found
+        if entry.iam_auth == "REQUIRED":
+            return self._begin_iam(creds)
         self._phase = "auth"
         self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
         if self._buf:  # sent on before our request: it can only be a password message
@@ -262,7 +268,7 @@ class PgFrontend(ClientSession):
         sc = self._auth_scanner
         while sc.halted and self._phase == "auth":
             sc.scan()
-        if self._phase == "auth":
+        if self._phase in ("auth", "iam"):
             self._check_pause()
         elif self._phase != "closing" and sc.buffered:
             # Logged in (or logging in): what the client sent on belongs to the session.
@@ -276,8 +282,55 @@ class PgFrontend(ClientSession):
         self._auth_message(payload)
         return HALT  # one message at a time: the phase may change after it
 
+    def _begin_iam(self, creds):
+        """IAMAuth REQUIRED: the password the client sends is an IAM token (auth/iam.py);
+        only over TLS."""
+        if not self.tls:
+            self._auth_failed("IAM authentication without TLS")
+            return self._fatal(errors.IAM_REQUIRES_TLS)
+        self._phase = "auth"
+        self._auth = ["iam", creds, None]
+        self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
+        self.transport.write(msg.auth_request(msg.AUTH_CLEARTEXT))
+        if self._buf:
+            data = bytes(self._buf)
+            del self._buf[:]
+            self._auth_scanner.feed(data)
+            self._auth_data()
+
+    def _iam_token(self, payload):
+        """The token in a PasswordMessage: verified (usually at once; a key secret not yet
+        loaded makes it wait, in phase "iam"), then the login goes on as after a password."""
+        token = bytes(payload).rstrip(b"\0").decode("ascii", "replace")
+        self._phase = "iam"
+        waiting = []
+        d = verify_login(self.ctx, token, self.user, self.transport)
+        d.addCallbacks(self._iam_passed, self._iam_refused, callbackArgs=(waiting,), errbackArgs=(waiting,))
+        waiting.append(True)
+
+    def _iam_passed(self, principal, waiting):
+        if self._phase != "iam" or self.state is SessionState.CLOSED:
+            return  # the client went away meanwhile
+        self.log.info("{s}: IAM authentication of {user} as {principal}", s=self, user=self.user,
+                      principal=principal)
+        self._auth_ok()
+        if waiting:  # fired later than _iam_token: what the client sent on is still buffered
+            self._auth_data()
+
+    def _iam_refused(self, failure, waiting):
+        if self._phase != "iam" or self.state is SessionState.CLOSED:
+            return
+        self._auth_failed("IAM token refused")
+        if failure.check(TooManyAuthentications):
+            return self._fatal(errors.IAM_TOO_MANY)
+        if failure.check(AuthenticationFailed) and failure.value.unauthorized:
+            return self._fatal(errors.iam_failed_role(self.user))
+        return self._fatal(errors.iam_failed_user(self.user))
+
     def _auth_message(self, payload):
         method, creds, state = self._auth
+        if method == "iam":
+            return self._iam_token(payload)
         try:
             if method == "md5":
                 ok = pgauth.md5_check(creds.username, creds.password, state, payload)
@@ -297,6 +350,9 @@ class PgFrontend(ClientSession):
         if not ok:
             self._auth_failed("wrong password")
             return self._fatal(errors.wrong_password(self.user))
+        self._auth_ok()
+
+    def _auth_ok(self):
         self._auth = None
         self._phase = "login"
         self.stop_auth_timer()  # from here the login is bounded by ConnectionBorrowTimeout

@@ -44,6 +44,7 @@ class ProxyContext:
         self.connector = connector
         self.tls = None  # tls.ServerTLS when the proxy terminates client TLS
         self.database_tls = None  # backend_tls.DatabaseTLS (the connector's); None: never TLS
+        self.iam = None  # auth.iam.DbTokenVerifier (the registry's) for IAMAuth REQUIRED users
         self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
         self.sessions = set()
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}

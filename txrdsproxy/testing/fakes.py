@@ -46,6 +46,18 @@ class FakeSecrets:
                 return arn, creds
         return None
 
+    def get_value(self, arn):
+        creds = self.by_arn.get(arn)
+        return None if creds is None else {"username": creds.username, "password": creds.password}
+
+    def fetch(self, arn):
+        from twisted.internet import defer
+        return defer.succeed(self.get_value(arn))
+
+    def watch(self, arns):
+        from twisted.internet import defer
+        return defer.succeed(None)
+
 
 class FakeLease:
     """A pool lease: records how (and whether) the session gave the connection back."""

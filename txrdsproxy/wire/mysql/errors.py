@@ -32,6 +32,18 @@ def access_denied(user, host="%", using_password=True):
                       % (user, host, "YES" if using_password else "NO"))
 
 
+def iam_rate_limit():
+    """1040 (HY000): more IAM authentications in progress than the proxy allows."""
+    return err_packet(ER_CON_COUNT_ERROR, "HY000", "IAM authentication rate limit exceeded")
+
+
+def iam_requires_tls(user, host="%"):
+    """1045 (28000): an IAMAuth REQUIRED user logging in without TLS."""
+    return err_packet(ER_ACCESS_DENIED_ERROR, "28000",
+                      "Access denied for user '%s'@'%s': IAM authentication is allowed only "
+                      "with SSL connections." % (user, host))
+
+
 def too_many_connections(limit):
     """1040 (HY000): simultaneous client connections exceeded the limit."""
     return err_packet(ER_CON_COUNT_ERROR, "HY000",

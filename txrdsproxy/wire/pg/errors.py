@@ -18,6 +18,24 @@ AUTH_TIMEOUT = error_response("08006", "Authentication timed out.")
 # RequireTLS and a StartupMessage in plaintext (PostgreSQL uses 28000 for a pg_hba "no encryption"
 # refusal, which is the same situation).
 REQUIRES_TLS = error_response("28000", "This RDS Proxy requires TLS connections.")
+# IAMAuth REQUIRED (auth/iam.py).
+IAM_REQUIRES_TLS = error_response("28000", "IAM authentication is allowed only with SSL connections.")
+IAM_TOO_MANY = error_response("53300", "The IAM authentication failed because of too many competing requests.")
+
+
+def iam_failed_user(user):
+    """The token is malformed, wrongly signed, expired or names another user, host or port."""
+    return error_response(
+        "28P01", f"IAM authentication failed for user {user}. Check the IAM token for this user and try again.")
+
+
+def iam_failed_role(role):
+    """The token is valid but its principal's policies do not allow rds-db:connect as *role*."""
+    return error_response(
+        "28000",
+        f"The IAM authentication failed for the role {role}. Check the IAM token for this role and try again.")
+
+
 SHUTTING_DOWN = error_response("57P01", "The proxy is shutting down.")
 # Draining (SIGTERM, DeleteDBProxy): what the server itself says when it is shut down.
 ADMIN_SHUTDOWN = error_response("57P01", "terminating connection due to administrator command")
