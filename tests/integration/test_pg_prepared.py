@@ -191,3 +191,29 @@ def test_sql_execute_of_a_named_protocol_statement(pg_server, pg_proxy_factory):
 
     asyncio.run(main())
     assert pins(proxy) == {}
+
+
+def test_another_sessions_statement_cannot_be_dropped_or_used(pg_server, pg_proxy_factory):
+    # Issue 6 item 8: session a's tracked statement lives on the shared connection under the
+    # proxy's name txrds_<a>_0.  Session b names it directly: DEALLOCATE pins b (so what it does
+    # stays on a connection nobody else gets until it is reset) and a keeps working; a
+    # protocol-level Bind of that name never reaches the server as such.
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
+    a = psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=0)
+    b = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
+    try:
+        assert a.execute("select %s::int + 1", (1,)).fetchone() == (2,)
+        names = [r[0] for r in b.execute("select name from pg_prepared_statements").fetchall()]
+        assert names and all(n.startswith("txrds_") for n in names)
+        try:
+            # b is pinned first, so whichever connection runs this is b's alone from now on
+            # (the name may exist there: then only that connection, reset before reuse, loses it).
+            b.execute(f"DEALLOCATE {names[0]}")
+        except psycopg.errors.InvalidSqlStatementName:
+            pass
+        assert pins(proxy) == {"prepared_statement": 1}
+        for n in range(5):
+            assert a.execute("select %s::int + 1", (n,)).fetchone() == (n + 1,)
+    finally:
+        a.close()
+        b.close()

@@ -203,3 +203,43 @@ def test_a_statement_that_executes_another_brings_it_along():
     assert out[0][1].startswith(b"txrds_12_0\0select 1")
     assert out[1][1].startswith(b"txrds_12_1\0EXECUTE txrds_12_0\0")
     assert t.parse_completed(second) is True and t.parse_completed(second) is True
+
+
+# -- the proxy's own namespace (issue 6 item 8) -------------------------------------------------------
+@pytest.mark.parametrize("name", [b"txrds_1_0", b"TXRDS_1_0", b"txrds_"])
+def test_client_names_in_the_proxy_namespace_never_reach_the_server(name):
+    """Another session's statement txrds_1_0 may be prepared on this connection: a session that
+    never prepared that name must not bind, describe or close it."""
+    t, conn = StatementTracker(2), Conn()
+    conn.prepared.add(b"txrds_1_0")  # session 1's, on the shared connection
+    for data in (bind(name), describe(b"S", name), close(b"S", name)):
+        out = messages(t.rewrite(conn, data))
+        assert len(out) == 1
+        kind, body = out[0]
+        assert b"txrds_1_0" not in body.lower() and b"txrds-" in body
+    assert conn.prepared == {b"txrds_1_0"}
+
+
+def test_a_parse_named_like_the_proxy_is_renamed_into_the_sessions_namespace():
+    t, conn = StatementTracker(2), Conn()
+    out = messages(t.rewrite(conn, parse(b"txrds_1_0", b"select 1") + bind(b"txrds_1_0")))
+    assert out[0] == (b"P", b"txrds_2_0\0select 1\0\0\0")
+    assert out[1][1].split(b"\0")[1] == b"txrds_2_0"
+
+
+def test_deallocate_of_a_name_the_session_does_not_own_pins():
+    t, conn = StatementTracker(2), Conn()
+    for sql in (b"DEALLOCATE txrds_1_0", b"deallocate prepare other", b'DEALLOCATE "X"'):
+        assert t.message(conn, ord("Q"), sql + b"\0") is PIN
+
+
+def test_large_bind_is_renamed_on_its_prefix_and_the_rest_streams():
+    t, conn = StatementTracker(3), Conn()
+    t.rewrite(conn, parse(b"big", b"select $1::bytea", b"\0\1\0\0\0\x11") + SYNC)
+    t.parse_completed(conn)
+    t.ready()
+    value = b"v" * 200000
+    data = bind(b"big", rest=b"\0\0\0\1" + len(value).to_bytes(4, "big") + value + b"\0\0")
+    out = b"".join(t.rewrite(conn, data[i:i + 8192]) for i in range(0, len(data), 8192))
+    [(kind, body)] = messages(out)
+    assert kind == b"B" and body.split(b"\0")[1] == b"txrds_3_0" and body.endswith(value + b"\0\0")

@@ -344,6 +344,14 @@ class PgBackendConnection(BackendConnection):
                 self._fail_login(e)
             else:
                 self.close(f"protocol violation from the database: {e}")
+        except Exception as e:
+            # A bug, here or in the session this connection serves: this connection's state is
+            # unknown, so it closes (its session is told through backend_lost); nothing else is hit.
+            self.log.failure("{c}: unexpected error reading from the database", c=self)
+            if self.ready is not None:
+                self._fail_login(e)
+            else:
+                self.close(f"unexpected error: {e!r}")
 
     def _lent_scanned(self, kind, body):
         """A message the session's client is sent (the scanner forwards it): look at the few

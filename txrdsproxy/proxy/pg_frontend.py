@@ -142,6 +142,11 @@ class PgFrontend(ClientSession):
             # "closing": ignore
         except ProtocolViolation as e:
             self._violation(e)
+        except Exception:
+            self.unexpected(where="dataReceived")
+
+    def internal_error(self):
+        self._fatal(errors.UNKNOWN)
 
     def _violation(self, e):
         self.log.warn("{s}: protocol violation from client: {e}", s=self, e=e)
@@ -373,6 +378,7 @@ class PgFrontend(ClientSession):
         self._borrow_d = d = ctx.pool.borrow(self.key)
         d.addCallback(self._login_lease)
         d.addErrback(self._login_failed)
+        d.addErrback(self.unexpected, "login")
 
     @defer.inlineCallbacks
     def _login_lease(self, lease):
@@ -505,7 +511,7 @@ class PgFrontend(ClientSession):
             return
         self.set_state(SessionState.BORROWING)
         self._borrow_d = d = self.ctx.pool.borrow(self.key)
-        d.addCallbacks(self._got_lease, self._borrow_failed)
+        d.addCallbacks(self._got_lease, self._borrow_failed).addErrback(self.unexpected, "borrowing")
 
     def _got_lease(self, lease):
         self._borrow_d = None
@@ -514,13 +520,14 @@ class PgFrontend(ClientSession):
             return
         conn = lease.conn
         if conn.client_params == self.desired:
-            self._attach(lease)
+            self._attach_or_release(lease)
             return
         # Bring the connection's session parameters to this session's first; the client's
         # messages wait in the stream meanwhile.
         self._attaching = lease
         conn.sync_params(self.desired).addCallbacks(
-            lambda _: self._attach_later(lease), self._sync_failed, errbackArgs=(lease,))
+            lambda _: self._attach_later(lease), self._sync_failed, errbackArgs=(lease,)
+        ).addErrback(self.unexpected, "attaching")
 
     def _sync_failed(self, failure, lease):
         self._attaching = None
@@ -528,9 +535,18 @@ class PgFrontend(ClientSession):
         self._borrow_failed(failure)
 
     def _attach_later(self, lease):
-        self._attach(lease)
+        self._attach_or_release(lease)
         if self.lease is lease:
             self._after_input()
+
+    def _attach_or_release(self, lease):
+        try:
+            self._attach(lease)
+        except Exception:
+            if self.lease is not lease:  # held by nobody: never leak a pool slot
+                self._attaching = None
+                lease.release(clean=False, reason="session ended by an unexpected error")
+            raise
 
     def _attach(self, lease):
         """The lease is usable: forward what the client sent meanwhile."""

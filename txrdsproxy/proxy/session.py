@@ -148,6 +148,7 @@ class ClientSession(protocol.Protocol):
         self._paused = False  # client reading paused while its data waits for a connection
         self._coupled = False  # transports coupled for backpressure (see relay.couple)
         self._draining = False  # drain() was asked: end at the next transaction boundary
+        self.broken = False  # an unexpected error ended the session: its connection is not reused
 
     def __repr__(self):
         return f"<session {self.ctx.name}#{self.id} {self.user}@{self.database} {self.state.value}>"
@@ -355,7 +356,9 @@ class ClientSession(protocol.Protocol):
             conn = lease.conn
             if conn.state != "closed":
                 self._detach(conn, client_gone=True)
-            if self.left_cleanly(conn):
+            if self.broken:
+                lease.release(clean=False, reason="session ended by an unexpected error")
+            elif self.left_cleanly(conn):
                 lease.release(clean=True, needs_reset=self.needs_reset(conn))
             else:
                 self.log.info("{s}: client left mid-request; closing its database connection", s=self)
@@ -366,6 +369,27 @@ class ClientSession(protocol.Protocol):
 
     def on_closed(self):
         """Engine bookkeeping when the client is gone (after the lease was given back)."""
+
+    # -- the unexpected -----------------------------------------------------------------------------
+    def unexpected(self, failure=None, where="a callback"):
+        """Something the code did not foresee was raised in a protocol or Deferred callback: end
+        this one session (never another, never the process) with the reason logged.  Its
+        database connection, whose state is then unknown, is closed rather than reused.  Usable
+        as an errback (returns None: the failure is handled); *failure* None means the exception
+        being handled."""
+        self.log.failure("{s}: unexpected error in {where}; closing this session", failure,
+                         s=self, where=where)
+        self.broken = True
+        if self.state is not SessionState.CLOSED:
+            try:
+                self.internal_error()
+            except Exception:
+                self.log.failure("{s}: could not report the error; aborting", s=self)
+                self.transport.abortConnection()
+
+    def internal_error(self):
+        """Tell the client the proxy failed (the engine's "unknown error") and close."""
+        self._close_client()
 
 
 def _is_tls_failure(reason):
