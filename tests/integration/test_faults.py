@@ -336,3 +336,37 @@ def test_mysql_client_vanishes_mid_result(my_relayed, mariadb_server):
     finally:
         other.close()
     assert _my_pool_size(r) <= 5
+
+
+def test_mysql_client_vanishes_mid_login(my_relayed, mariadb_server):
+    """The client names a database, so its login needs a database connection (slowed by the
+    relay); it vanishes before the answer.  The connection ends up idle or closed, the session
+    is gone, and the next client logs in normally."""
+    from txrdsproxy.wire.mysql import auth as myauth
+    from txrdsproxy.wire.mysql import handshake as hs
+    from txrdsproxy.wire.mysql import packets as P
+
+    r = my_relayed
+    with _my(r, mariadb_server) as warm:  # the greeting is known; the pool starts empty again
+        _my_one(warm, "select 1")
+    r.proxy.wait_for(r.pool_ok, what="settled")
+    r.relay.delay = 0.3
+    sock = socket.create_connection((r.proxy.host, r.proxy.port), timeout=10)
+    [(_, payload)] = P.PacketReader().feed(sock.recv(65536))
+    greeting = hs.parse_handshake_v10(payload)
+    caps = (P.CLIENT_LONG_PASSWORD | P.CLIENT_PROTOCOL_41 | P.CLIENT_TRANSACTIONS
+            | P.CLIENT_SECURE_CONNECTION | P.CLIENT_PLUGIN_AUTH | P.CLIENT_CONNECT_WITH_DB
+            | P.CLIENT_DEPRECATE_EOF) & greeting.capabilities
+    scramble = myauth.native_password_scramble(mariadb_server.users["app_native"], greeting.scramble)
+    sock.sendall(P.encode_packet(hs.build_handshake_response41(caps, "app_native", scramble,
+                                                               database="appdb"), 1))
+    _kill(sock)
+    r.proxy.wait_for(lambda: r.proxy.session_states() == [], what="session gone")
+    r.proxy.wait_for(lambda: r.pool_ok() and "connecting" not in r.proxy.pool_state(),
+                     timeout=15, what="slots back")
+    r.relay.delay = 0
+    other = _my(r, mariadb_server)
+    try:
+        assert _my_one(other, "select database()") == "appdb"
+    finally:
+        other.close()
