@@ -370,3 +370,30 @@ def test_mysql_client_vanishes_mid_login(my_relayed, mariadb_server):
         assert _my_one(other, "select database()") == "appdb"
     finally:
         other.close()
+
+
+def test_mysql_database_cut_mid_load_data_local(my_relayed, mariadb_server, my_table, tmp_path):
+    """LOAD DATA LOCAL (MySQL's COPY FROM STDIN): the connection to the database is cut while the
+    file streams to it.  The client gets an error, nothing was loaded, slots come back."""
+    r = my_relayed
+    data = tmp_path / "rows.txt"
+    data.write_text("".join(f"{i}\n" for i in range(20000)) + "cut-here\n" + "".join(
+        f"{i}\n" for i in range(20000)))
+    victim = _my(r, mariadb_server, local_infile=True)
+    with victim.cursor() as cur:  # the path works: a small file loads (then is removed)
+        small = tmp_path / "small.txt"
+        small.write_text("1\n2\n")
+        cur.execute(f"load data local infile '{small}' into table fault_t")
+        cur.execute("delete from fault_t")
+    rule = r.rule(TO_SERVER, b"cut-here", Action.CUT, offset=3)  # inside a file-content packet
+    with pytest.raises(pymysql.err.OperationalError):
+        with victim.cursor() as cur:
+            cur.execute(f"load data local infile '{data}' into table fault_t")
+    assert rule.fired is not None
+    victim.close()
+    r.proxy.wait_for(r.pool_ok, what="slots back")
+    other = _my(r, mariadb_server)
+    try:
+        assert _my_one(other, "select count(*) from fault_t") == 0  # the statement never completed
+    finally:
+        other.close()
