@@ -7,13 +7,16 @@ from txrdsproxy.wire.pg.pinning import (
     MAX_STATEMENT_BYTES,
     PinReason,
     classify_bind,
+    classify_function_call,
     classify_parse,
     classify_query,
+    unsafe_client_encoding,
 )
 
 P = PinReason
 SET, RESET, PREP, TEMP = P.SET_VARIABLE, P.RESET, P.PREPARED_STATEMENT, P.TEMPORARY_OBJECT
 SEQ, LOCK = P.SEQUENCE_FUNCTION, P.ADVISORY_LOCK
+PROC, SFUNC = P.PROCEDURAL_CODE, P.SESSION_FUNCTION
 
 # (sql, reason with exclude_variable_sets=False, reason with exclude_variable_sets=True)
 CASES = [
@@ -163,6 +166,68 @@ CASES = [
     (b"\xff\xfeSET x = 1", None, None),
     (b"SELECT \xe2nextval('s')", None, None),
     (b"SELECT nextval('\x80\x81')", SEQ, SEQ),
+    # the five leaks of issue 6, each verified against PostgreSQL 15 through the pool
+    (b"-- comment\rSET search_path = evil", SET, None),
+    (b"SELECT 1; -- comment\rSET search_path = evil", SET, None),
+    (b"SELECT 1 -- comment\r; CREATE TEMP TABLE t (i int)", TEMP, TEMP),
+    (b'SELECT U&"\\0073et_config"(\'search_path\', \'evil\', false)', SET, None),
+    (b'SELECT U&"!0073et_config" UESCAPE \'!\' (\'search_path\', \'evil\', false)', SET, None),
+    (b'SELECT U&"\\+00006Eextval"(\'s\')', SEQ, SEQ),
+    (b"UPDATE pg_settings SET setting = 'evil' WHERE name = 'search_path'", SET, SET),
+    (b"update PG_CATALOG.\"pg_settings\" set setting = 'x' where name = 'work_mem'", SET, SET),
+    (b"WITH u AS (UPDATE pg_settings SET setting = 'x' WHERE name = 'y' RETURNING 1) SELECT 1", SET, SET),
+    (b"SELECT setting FROM pg_settings WHERE name = 'search_path'", None, None),
+    (b"EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1", TEMP, TEMP),
+    (b"explain (analyze, buffers) create temporary table t as select 1", TEMP, TEMP),
+    (b"EXPLAIN ANALYZE VERBOSE SELECT pg_advisory_lock(1)", LOCK, LOCK),
+    (b"EXPLAIN ANALYZE DECLARE c CURSOR WITH HOLD FOR SELECT 1", P.HOLD_CURSOR, P.HOLD_CURSOR),
+    (b"EXPLAIN SELECT 1", None, None),
+    (b"DO $$ BEGIN PERFORM set_config('search_path', 'evil', false); END $$", PROC, PROC),
+    (b"do language plpgsql $x$ begin end $x$", PROC, PROC),
+    (b"CALL my_procedure(1)", PROC, PROC),
+    # quoted, schema-qualified and otherwise disguised names
+    (b'SELECT "pg_catalog"."set_config"(\'a.b\', \'c\', false)', SET, None),
+    (b"SELECT pg_catalog /* x */ . set_config('a.b', 'c', false)", SET, None),
+    (b'SELECT U&"pg\\005fcatalog".U&"set\\005fconfig"(\'a.b\', \'c\', false)', SET, None),
+    (b"SELECT appdb.pg_catalog.nextval('s')", SEQ, SEQ),
+    (b'SELECT "Set_Config"(\'a.b\', \'c\', false)', None, None),
+    (b"SELECT set_config(setting_name => 'a.b', new_value => 'c', is_local => true)", SET, SET),
+    (b"SELECT set_config($1, 'c', false)", SET, SET),
+    # settings that change how the server lexes pin even when local or excluded
+    (b"SET LOCAL standard_conforming_strings = off", SET, SET),
+    (b"SET SESSION client_encoding = 'SJIS'", SET, SET),
+    (b"set names 'BIG5'", SET, SET),
+    (b'SET "Standard_Conforming_Strings" TO on', SET, SET),
+    (b"SELECT set_config('standard_conforming_strings', 'off', true)", SET, SET),
+    (b"SELECT set_config(' Client_Encoding', 'GBK', true)", SET, SET),
+    # more indirect state
+    (b"SELECT setseed(0.5)", SFUNC, SFUNC),
+    (b"SELECT pg_catalog.pg_backup_start('label')", SFUNC, SFUNC),
+    (b"SELECT * FROM pg_create_logical_replication_slot('s', 'test_decoding', true)", SFUNC, SFUNC),
+    (b"SELECT public.dblink_connect('c', 'dbname=x')", SFUNC, SFUNC),
+    (b"CREATE FUNCTION pg_temp.f() RETURNS int AS 'select 1' LANGUAGE sql", TEMP, TEMP),
+    (b"CREATE TABLE pg_temp_7.t (i int)", TEMP, TEMP),
+    (b'create table U&"pg\\005ftemp".t (i int)', TEMP, TEMP),
+    (b"SELECT pg_temp.f()", TEMP, TEMP),
+    (b"SELECT 1 INTO LOCAL TEMP t", TEMP, TEMP),
+    (b"SELECT 1 INTO GLOBAL TEMPORARY TABLE t", TEMP, TEMP),
+    (b"SELECT temp FROM weather", None, None),
+    (b"SELECT pg_temp FROM t", None, None),
+    # lexical rules of PostgreSQL 15 that move statement boundaries
+    (b"SELECT $a$ $b$ ; SET x.y = 1; $a$", None, None),
+    (b"SELECT a$b$ ; SET x.y = 1; $b$", SET, None),
+    (b"SELECT 1$b$ ; SET x.y = 1; $b$", None, None),
+    (b"SELECT $1$b$ ; SET x.y = 1; $b$", None, None),
+    (b"SELECT B'\\'; SET x.y = 1; --'", SET, None),
+    (b"SELECT X'\\'; LISTEN c; --'", P.LISTEN, P.LISTEN),
+    (b"SELECT 'a'\n'\\'; LISTEN c; --'", P.LISTEN, P.LISTEN),
+    (b"SELECT E'a'\n'\\'; LISTEN c; --'", None, None),
+    (b"SELECT E'a' '\\'; LISTEN c; --'", P.LISTEN, P.LISTEN),
+    (b"SELECT 1 +/* c */ 1; LISTEN c", P.LISTEN, P.LISTEN),
+    (b"SELECT 1 =-- c\nLISTEN c", None, None),
+    (b"SELECT 1 /* a /* b */ c */; LISTEN c", P.LISTEN, P.LISTEN),
+    (b"SELECT \"a\"\"; LISTEN c; --\"", None, None),
+    (b"SELECT U&'\\'; LISTEN c; --'", P.LISTEN, P.LISTEN),
 ]
 
 
@@ -175,7 +240,8 @@ def test_classify_query(sql, reason, excluded_reason):
 
 def test_case_table_covers_every_reason():
     seen = {r for _, a, b in CASES for r in (a, b)}
-    expected = set(PinReason) - {P.STATEMENT_TOO_LARGE, P.NAMED_PORTAL}
+    protocol_only = {P.STATEMENT_TOO_LARGE, P.NAMED_PORTAL, P.FUNCTION_CALL, P.CLIENT_ENCODING}
+    expected = set(PinReason) - protocol_only
     assert expected <= seen
     assert len(CASES) >= 60
 
@@ -209,7 +275,7 @@ def test_precheck_skips_tokenizer(monkeypatch):
     def boom(sql):
         raise AssertionError("tokenizer ran")
 
-    monkeypatch.setattr(pinning, "_statements", boom)
+    monkeypatch.setattr(pinning, "statements", boom)
     assert classify_query(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1") is None
     assert classify_query(b"INSERT INTO pgbench_history VALUES (1, 2, 3)") is None
     assert classify_query(b"SELECT pg_advisory_xact_lock(1)") is None

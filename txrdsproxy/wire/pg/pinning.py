@@ -2,22 +2,30 @@
 
 The proxy hands a database connection to another client at each transaction boundary.
 That is only safe if the client left no session state behind on it (RDS Proxy user guide,
-"Avoiding Pinning"). This module looks at SQL text and extended-protocol names and
-answers with the ``PinReason`` that forbids reuse, or ``None``.
+"Avoiding Pinning").  This module looks at SQL text, extended-protocol names and fast-path
+function calls and answers with the ``PinReason`` that forbids reuse, or ``None``.
 
-Pure and cheap: ``classify_query`` runs on every simple Query. A single regex search
-rejects the vast majority of statements (plain SELECT/INSERT/...) before any tokenizing.
-The careful scanner understands comments, string literals, dollar quotes and quoted
-identifiers, so that ``SELECT 'set x'`` does not pin. It is a classifier, not a parser:
-state changed inside function bodies or DO blocks is not seen (as with RDS Proxy and
-stored procedures), and ``standard_conforming_strings`` is assumed on (the default).
+It fails closed.  Text is split into statements, comments, strings and identifiers exactly as
+PostgreSQL 15's scanner splits it (``lexer.py``), so no disguise (``--`` ended by ``\\r``,
+``U&"\\0073et_config"``, ``"pg_catalog"."set_config"``, ...) hides a statement; state changed
+indirectly pins too (``set_config`` and the sequence, advisory-lock and other session-state
+functions by any spelling, ``UPDATE pg_settings``, ``EXPLAIN ANALYZE`` of a pinning statement,
+objects in ``pg_temp``, ``SELECT ... INTO TEMP``); and code the proxy cannot read pins whole
+(``DO`` blocks, ``CALL``).  What no proxy can see: a user-defined function, trigger, rule or
+view that changes session state when called (docs/security.md).
+
+Fast: ``classify_query`` runs on every Query and Parse.  A verdict cache answers repeated texts;
+a literal pre-filter answers the rest of the common case (a text in which no rule's keyword
+occurs cannot pin; every rule below names its keywords in ``_LITERALS``/``_CANDIDATE``).
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional
+
+from txrdsproxy.wire.pg.lexer import IDENT, OP, STRING, WORD, Token, statements
 
 __all__ = [
     "PinReason",
@@ -25,6 +33,8 @@ __all__ = [
     "classify_query",
     "classify_parse",
     "classify_bind",
+    "classify_function_call",
+    "unsafe_client_encoding",
 ]
 
 MAX_STATEMENT_BYTES = 16384  # RDS Proxy pins on any statement text larger than 16 KB
@@ -45,171 +55,136 @@ class PinReason(enum.Enum):
     SEQUENCE_FUNCTION = "sequence_function"
     ADVISORY_LOCK = "advisory_lock"
     STATEMENT_TOO_LARGE = "statement_too_large"
+    PROCEDURAL_CODE = "procedural_code"  # DO blocks and CALL: the proxy cannot see inside
+    SESSION_FUNCTION = "session_function"  # setseed, pg_backup_start, temporary slots, dblink
+    FUNCTION_CALL = "function_call"  # a fast-path FunctionCall message (by OID)
+    CLIENT_ENCODING = "client_encoding"  # a client encoding the proxy cannot lex (SJIS, ...)
 
 
-# Cheap pre-check: every rule below needs one of these words somewhere in the text, so a
-# query without any of them cannot pin. It may over-match (words inside literals, UPDATE
-# ... SET); the scanner decides. Session advisory lock names all contain "advisory_lock"
-# (the *_xact_* ones and unlocks do not), and "pg_temp" has no word boundary before "temp".
-# Verdicts of recent statement texts (pure function of the text, so safe to share).
+# --- fast path -------------------------------------------------------------------------
+# Verdicts of recent statement texts (pure function of the arguments, so safe to share).
 _seen = {}
 _SEEN_MAX = 4096
 _SEEN_TEXT_MAX = 2048
 
-# A cheaper first filter on the lower-cased text: a literal alternation is ~6x faster than the
-# case-insensitive, word-bounded _CANDIDATE, and every _CANDIDATE match contains one of these.
-_LITERALS = re.compile(rb"set|prepar|temp|declare|discard|listen|load|val|advisory")
+# First filter on the lower-cased text: every rule needs one of these substrings (a keyword or
+# function name contains one), or a U& literal, which can spell any name in escapes.
+_LITERALS = re.compile(
+    rb"set|prepar|temp|declare|discard|listen|load|val|advisory|do|call|backup|slot|dblink|u&"
+)
+# Second filter, word-bounded: each rule's keyword or name as a whole token.  A PostgreSQL token
+# is never adjacent to [A-Za-z0-9_] (an identifier would absorb it, a digit before it is a
+# "trailing junk" error), so \b cannot miss one; it may over-match, which only costs time.
 _CANDIDATE = re.compile(
-    rb"(?i)\b(?:set|reset|prepare|temp|temporary|declare|discard|listen|load"
-    rb"|nextval|setval|currval|lastval|set_config)\b|advisory_lock|pg_temp"
+    rb"(?i)\b(?:set|reset|prepare|temp|temporary|declare|discard|listen|load|do|call"
+    rb"|nextval|setval|currval|lastval|set_config|setseed|pg_settings"
+    rb"|pg_backup_start|pg_start_backup|pg_replication_origin_session_setup"
+    rb"|pg_create_(?:logical|physical)_replication_slot|dblink_(?:connect|connect_u|open))\b"
+    rb"|advisory_lock|pg_temp|\bu&[\"']"
 )
 
-# Functions whose call pins wherever it appears in a statement.
+# --- rules -----------------------------------------------------------------------------
+
+# Built-in functions (schema pg_catalog) whose call pins wherever it appears in a statement.
 _PINNING_FUNCTIONS = {
     b"nextval": PinReason.SEQUENCE_FUNCTION,
     b"setval": PinReason.SEQUENCE_FUNCTION,
-    b"currval": PinReason.SEQUENCE_FUNCTION,
+    b"currval": PinReason.SEQUENCE_FUNCTION,  # reads what an earlier nextval left
     b"lastval": PinReason.SEQUENCE_FUNCTION,
     b"pg_advisory_lock": PinReason.ADVISORY_LOCK,
     b"pg_advisory_lock_shared": PinReason.ADVISORY_LOCK,
     b"pg_try_advisory_lock": PinReason.ADVISORY_LOCK,
     b"pg_try_advisory_lock_shared": PinReason.ADVISORY_LOCK,
     b"set_config": PinReason.SET_VARIABLE,  # unless its is_local argument is true
+    b"setseed": PinReason.SESSION_FUNCTION,  # the session's random() sequence
+    b"pg_backup_start": PinReason.SESSION_FUNCTION,  # a backup tied to this session
+    b"pg_start_backup": PinReason.SESSION_FUNCTION,  # (its name before 15)
+    b"pg_create_logical_replication_slot": PinReason.SESSION_FUNCTION,  # temporary slots
+    b"pg_create_physical_replication_slot": PinReason.SESSION_FUNCTION,
+    b"pg_replication_origin_session_setup": PinReason.SESSION_FUNCTION,
 }
+# Extension functions with session state: installed in any schema, so any qualification pins.
+_EXTENSION_FUNCTIONS = {
+    b"dblink_connect": PinReason.SESSION_FUNCTION,  # named connections live in the backend
+    b"dblink_connect_u": PinReason.SESSION_FUNCTION,
+    b"dblink_open": PinReason.SESSION_FUNCTION,
+}
+# Settings that change how the server lexes later statements: changing them pins always, even
+# SET LOCAL and even with EXCLUDE_VARIABLE_SETS, so that every statement the classifier reads
+# afterwards is read under the rules it was read with.
+_LEXER_SETTINGS = {b"standard_conforming_strings", b"client_encoding", b"names"}
 
 # Boolean input spellings PostgreSQL reads as true (boolin accepts unique prefixes).
 _TRUE_TEXTS = {b"t", b"tr", b"tru", b"true", b"y", b"ye", b"yes", b"on", b"1"}
-
-# --- tokenizer -------------------------------------------------------------------------
-
-_WORD, _QUOTED, _STRING, _PUNCT = "word", "quoted", "string", "punct"
-Token = Tuple[str, Optional[bytes]]
-# word: lowercased unquoted identifier/keyword/number; quoted: "identifier" (exact case);
-# string: literal's value (None when unknown or unterminated); punct: one byte.
-
-_TOKEN = re.compile(
-    rb"""
-      (?P<space>\s+)
-    | (?P<line_comment>--[^\n]*)
-    | (?P<block_comment>/\*)
-    | (?P<escape_string>[eE]')
-    | (?P<string>')
-    | (?P<quoted>")
-    | (?P<dollar>\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$)
-    | (?P<word>[A-Za-z0-9_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)
-    | (?P<punct>.)
-    """,
-    re.S | re.X,
-)
-_STRING_BODY = re.compile(rb"[^']*(?:''[^']*)*'")
-_ESCAPE_STRING_BODY = re.compile(rb"[^'\\]*(?:(?:\\.|'')[^'\\]*)*'", re.S)
-_QUOTED_BODY = re.compile(rb'[^"]*(?:""[^"]*)*"')
-_COMMENT_EDGE = re.compile(rb"/\*|\*/")
-
-
-def _skip_block_comment(sql: bytes, pos: int) -> int:
-    """End of a (nested) block comment opened just before ``pos``; unterminated: the end."""
-    depth = 1
-    while depth:
-        m = _COMMENT_EDGE.search(sql, pos)
-        if m is None:
-            return len(sql)
-        depth += 1 if m.group() == b"/*" else -1
-        pos = m.end()
-    return pos
-
-
-def _read_body(
-    body: "re.Pattern[bytes]", sql: bytes, pos: int, quote: bytes
-) -> Tuple[Optional[bytes], int]:
-    """Value and end of a quoted run starting at ``pos``; unterminated runs to the end."""
-    m = body.match(sql, pos)
-    if m is None:
-        return None, len(sql)
-    return m.group()[:-1].replace(quote + quote, quote), m.end()
-
-
-def _statements(sql: bytes) -> Iterator[List[Token]]:
-    """Tokens of each ``;``-separated statement, comments and whitespace dropped."""
-    stmt: List[Token] = []
-    pos, end = 0, len(sql)
-    while pos < end:
-        m = _TOKEN.match(sql, pos)
-        kind, pos = m.lastgroup, m.end()
-        if kind == "word":
-            stmt.append((_WORD, m.group().lower()))
-        elif kind == "punct":
-            if m.group() == b";":
-                if stmt:
-                    yield stmt
-                stmt = []
-            else:
-                stmt.append((_PUNCT, m.group()))
-        elif kind == "block_comment":
-            pos = _skip_block_comment(sql, pos)
-        elif kind == "string":
-            value, pos = _read_body(_STRING_BODY, sql, pos, b"'")
-            stmt.append((_STRING, value))
-        elif kind == "escape_string":
-            value, pos = _read_body(_ESCAPE_STRING_BODY, sql, pos, b"'")
-            stmt.append((_STRING, None if value is None or b"\\" in value else value))
-        elif kind == "quoted":
-            value, pos = _read_body(_QUOTED_BODY, sql, pos, b'"')
-            stmt.append((_QUOTED, value))
-        elif kind == "dollar":
-            close = sql.find(m.group(), pos)
-            if close < 0:
-                stmt.append((_STRING, None))
-                pos = end
-            else:
-                stmt.append((_STRING, sql[pos:close]))
-                pos = close + len(m.group())
-        # space and line_comment: nothing to keep
-    if stmt:
-        yield stmt
-
-
-# --- rules -----------------------------------------------------------------------------
+_TEMP_WORDS = (b"temp", b"temporary")
+_TEMP_SCHEMA = re.compile(rb"pg_(?:toast_)?temp(?:_[0-9]+)?")
+_DOT, _OPEN = (OP, b"."), (OP, b"(")
 
 
 def _word(tokens: List[Token], i: int) -> Optional[bytes]:
     """The unquoted word at ``i``, if that is what is there."""
-    if 0 <= i < len(tokens) and tokens[i][0] == _WORD:
+    if 0 <= i < len(tokens) and tokens[i][0] == WORD:
         return tokens[i][1]
     return None
 
 
 def _ident(tokens: List[Token], i: int) -> Optional[bytes]:
-    """The identifier at ``i`` as PostgreSQL would resolve it (quoted ones keep case)."""
-    if 0 <= i < len(tokens) and tokens[i][0] in (_WORD, _QUOTED):
+    """The identifier at ``i`` as PostgreSQL resolves it (quoted ones keep case)."""
+    if 0 <= i < len(tokens) and tokens[i][0] in (WORD, IDENT):
         return tokens[i][1]
     return None
 
 
-def _is_pg_temp_name(tokens: List[Token], i: int) -> bool:
-    """A ``pg_temp.`` schema-qualified name starts at ``i``."""
-    return _ident(tokens, i) == b"pg_temp" and tokens[i + 1 : i + 2] == [(_PUNCT, b".")]
+def _setting_name(tokens: List[Token], i: int) -> Optional[bytes]:
+    """A SET/RESET variable name at ``i``, lower-cased (GUC names ignore case, quoted too)."""
+    name = _ident(tokens, i)
+    return name.lower() if name is not None else None
 
 
-def _leading_reason(tokens: List[Token], exclude_variable_sets: bool) -> Optional[PinReason]:
+def _skip_explain(tokens: List[Token]) -> int:
+    """Index of the statement an EXPLAIN wraps (0 if ``tokens`` is not an EXPLAIN)."""
+    i = 0
+    while _word(tokens, i) == b"explain":
+        i += 1
+        if tokens[i : i + 1] == [_OPEN]:
+            depth = 0
+            while i < len(tokens):
+                if tokens[i] == _OPEN:
+                    depth += 1
+                elif tokens[i] == (OP, b")"):
+                    depth -= 1
+                    if depth == 0:
+                        break
+                i += 1
+            i += 1
+        while _word(tokens, i) in (b"analyze", b"analyse", b"verbose"):
+            i += 1
+    return i
+
+
+def _leading_reason(tokens: List[Token], i: int, exclude_sets: bool) -> Optional[PinReason]:
     """Rules decided by the statement's first keywords (only a leading SET is the SET command)."""
-    first = _word(tokens, 0)
+    first = _word(tokens, i)
     if first == b"set":
-        if _word(tokens, 1) in (b"local", b"transaction", b"constraints"):
+        scope = _word(tokens, i + 1)
+        name_at = i + 2 if scope in (b"session", b"local") else i + 1
+        if _setting_name(tokens, name_at) in _LEXER_SETTINGS:
+            return PinReason.SET_VARIABLE
+        if scope in (b"local", b"transaction", b"constraints"):
             return None  # lasts only until the end of the transaction
-        return None if exclude_variable_sets else PinReason.SET_VARIABLE
+        return None if exclude_sets else PinReason.SET_VARIABLE
     if first == b"reset":
-        return None if exclude_variable_sets else PinReason.RESET
+        return None if exclude_sets else PinReason.RESET
     if first == b"prepare":
-        if _word(tokens, 1) == b"transaction" and tokens[2:3] and tokens[2][0] == _STRING:
+        if _word(tokens, i + 1) == b"transaction" and [t[0] for t in tokens[i + 2 : i + 3]] == [STRING]:
             return None  # two-phase commit, not a prepared statement
         return PinReason.PREPARED_STATEMENT
     if first == b"declare":
-        for i in range(1, len(tokens)):
-            word = _word(tokens, i)
+        for j in range(i + 1, len(tokens)):
+            word = _word(tokens, j)
             if word == b"for":  # the cursor's query starts here
                 break
-            if word == b"with" and _word(tokens, i + 1) == b"hold":
+            if word == b"with" and _word(tokens, j + 1) == b"hold":
                 return PinReason.HOLD_CURSOR
         return None  # cursors without HOLD die with the transaction
     if first == b"discard":
@@ -218,99 +193,157 @@ def _leading_reason(tokens: List[Token], exclude_variable_sets: bool) -> Optiona
         return PinReason.LISTEN
     if first == b"load":
         return PinReason.LOAD
+    if first in (b"do", b"call"):
+        return PinReason.PROCEDURAL_CODE
     if first == b"create":
-        i = 1
-        while _word(tokens, i) in (b"or", b"replace", b"global", b"local"):
-            i += 1
-        if _word(tokens, i) in (b"temp", b"temporary"):
+        # OptTemp comes right after CREATE [OR REPLACE] in every statement that takes it.
+        j = i + 1
+        while _word(tokens, j) in (b"or", b"replace", b"global", b"local"):
+            j += 1
+        if _word(tokens, j) in _TEMP_WORDS:
             return PinReason.TEMPORARY_OBJECT
     return None
 
 
-def _set_config_is_local(tokens: List[Token], open_paren: int) -> bool:
-    """Whether ``set_config(name, value, is_local)`` surely has is_local true."""
+def _call_args(tokens: List[Token], open_paren: int) -> List[List[Token]]:
+    """Top-level arguments of the call opening at ``open_paren`` (as far as the text goes)."""
     args: List[List[Token]] = [[]]
     depth = 0
     for token in tokens[open_paren + 1 :]:
-        if token[0] == _PUNCT:
+        if token[0] == OP:
             if token[1] in (b"(", b"["):
                 depth += 1
             elif token[1] in (b")", b"]"):
                 if depth == 0:
-                    break
+                    return args
                 depth -= 1
             elif token[1] == b"," and depth == 0:
                 args.append([])
                 continue
         args[-1].append(token)
-    else:
-        return False  # unterminated call: can't tell
-    if len(args) != 3 or len(args[2]) != 1:
-        return False
-    kind, value = args[2][0]
-    if kind == _WORD:
-        return value == b"true"
-    if kind == _STRING and value is not None:
-        return value.strip().lower() in _TRUE_TEXTS
-    return False
+    args.append([])  # unterminated: mark the last argument as incomplete
+    return args
 
 
-def _classify_statement(tokens: List[Token], exclude_variable_sets: bool) -> Optional[PinReason]:
-    reason = _leading_reason(tokens, exclude_variable_sets)
+def _set_config_reason(tokens: List[Token], open_paren: int, exclude_sets: bool) -> Optional[PinReason]:
+    """``set_config(name, value, is_local)``: pins unless surely local (or excluded).
+
+    Changing a lexer setting pins whatever the scope; a name that is not a plain literal might
+    be one, so with EXCLUDE_VARIABLE_SETS it pins too.
+    """
+    args = _call_args(tokens, open_paren)
+    first = args[0]
+    name = first[0][1] if len(first) == 1 and first[0][0] == STRING else None
+    if name is None or name.strip().lower() in _LEXER_SETTINGS:
+        return PinReason.SET_VARIABLE
+    if exclude_sets:
+        return None
+    if len(args) == 3 and len(args[2]) == 1:
+        kind, value = args[2][0]
+        if kind == WORD and value == b"true":
+            return None
+        if kind == STRING and value is not None and value.strip().lower() in _TRUE_TEXTS:
+            return None
+    return PinReason.SET_VARIABLE
+
+
+def _function_reason(tokens: List[Token], i: int, exclude_sets: bool) -> Optional[PinReason]:
+    """The reason a call whose ``(`` is at ``i`` pins, if it is one of ours."""
+    name = _ident(tokens, i - 1)
+    if name is None:
+        return None
+    qualified = i >= 2 and tokens[i - 2] == _DOT
+    reason = _EXTENSION_FUNCTIONS.get(name)
     if reason is not None:
         return reason
-    is_create = _word(tokens, 0) == b"create"
+    reason = _PINNING_FUNCTIONS.get(name)
+    if reason is None:
+        return None
+    if qualified and _ident(tokens, i - 3) != b"pg_catalog":
+        return None  # some other schema's function of the same name (user code: not seen)
+    if reason is PinReason.SET_VARIABLE:
+        return _set_config_reason(tokens, i, exclude_sets)
+    return reason
+
+
+def _classify_statement(tokens: List[Token], exclude_sets: bool) -> Optional[PinReason]:
+    start = _skip_explain(tokens)  # EXPLAIN ANALYZE runs the statement it explains
+    reason = _leading_reason(tokens, start, exclude_sets)
+    if reason is not None:
+        return reason
+    settings = update = False
     for i, (kind, value) in enumerate(tokens):
-        if kind == _PUNCT and value == b"(":
-            name = _ident(tokens, i - 1)
-            reason = _PINNING_FUNCTIONS.get(name) if name else None
-            if reason is None:
-                continue
-            qualified = i >= 2 and tokens[i - 2] == (_PUNCT, b".")
-            if qualified and _ident(tokens, i - 3) != b"pg_catalog":
-                continue  # some other schema's function of the same name
-            if reason is PinReason.SET_VARIABLE and (
-                exclude_variable_sets or _set_config_is_local(tokens, i)
-            ):
-                continue
+        if kind == OP:
+            if value == b"(":
+                reason = _function_reason(tokens, i, exclude_sets)
+                if reason is not None:
+                    return reason
+            continue
+        if kind == WORD:
+            if value == b"into":
+                # SELECT ... INTO [LOCAL|GLOBAL] TEMP t; INSERT/MERGE INTO temp names a table.
+                if _word(tokens, i - 1) in (b"insert", b"merge"):
+                    continue
+                j = i + 2 if _word(tokens, i + 1) in (b"local", b"global") else i + 1
+                if _word(tokens, j) in _TEMP_WORDS:
+                    return PinReason.TEMPORARY_OBJECT
+            elif value == b"update":
+                update = True
+        if kind <= IDENT and value is not None and value[:3] == b"pg_":  # WORD or IDENT
+            if value == b"pg_settings":
+                settings = True  # UPDATE pg_settings SET setting = ... calls set_config
+            elif tokens[i + 1 : i + 2] == [_DOT] and _TEMP_SCHEMA.fullmatch(value):
+                return PinReason.TEMPORARY_OBJECT  # pg_temp.t, pg_temp_3.f(), ...
+    if settings and update:
+        return PinReason.SET_VARIABLE  # fails closed even with EXCLUDE_VARIABLE_SETS
+    return None
+
+
+def _classify_text(sql: bytes, exclude_sets: bool, scs: bool) -> Optional[PinReason]:
+    for tokens in statements(sql, scs):
+        reason = _classify_statement(tokens, exclude_sets)
+        if reason is not None:
             return reason
-        if kind == _WORD and value == b"into":
-            # SELECT ... INTO TEMP t; INSERT/MERGE INTO temp names a table called "temp".
-            if i and _word(tokens, i - 1) in (b"insert", b"merge"):
-                continue
-            if _word(tokens, i + 1) in (b"temp", b"temporary") or _is_pg_temp_name(tokens, i + 1):
-                return PinReason.TEMPORARY_OBJECT
-        if is_create and _is_pg_temp_name(tokens, i):
-            return PinReason.TEMPORARY_OBJECT
     return None
 
 
 # --- public API ------------------------------------------------------------------------
 
 
-def classify_query(sql: bytes, exclude_variable_sets: bool = False) -> Optional[PinReason]:
+def classify_query(
+    sql: bytes,
+    exclude_variable_sets: bool = False,
+    standard_conforming_strings: Optional[bool] = None,
+) -> Optional[PinReason]:
     """The first reason, in statement order, that this SQL text pins the session, or None.
 
     ``sql`` is a simple Query's or a Parse's text, possibly several ``;``-separated
-    statements, in any encoding (only ASCII keywords matter). ``exclude_variable_sets`` is
-    the EXCLUDE_VARIABLE_SETS session pinning filter: SET, RESET and set_config() then
-    never pin. Never raises on odd input: unterminated quotes and comments swallow the rest.
+    statements, in the server's byte structure (a client encoding for which
+    :func:`unsafe_client_encoding` is true must have pinned the session already).
+    ``exclude_variable_sets`` is the EXCLUDE_VARIABLE_SETS session pinning filter: SET,
+    RESET and set_config() then do not pin (except for settings that change lexing).
+    ``standard_conforming_strings`` is the value on the connection that will run the text
+    (ParameterStatus); ``None`` when not known: the text then pins if it would under either
+    value.  Never raises on odd input: unterminated quotes and comments swallow the rest
+    (the server rejects such text whole, so nothing in it runs).
     """
     if len(sql) > MAX_STATEMENT_BYTES:
         return PinReason.STATEMENT_TOO_LARGE
     if not isinstance(sql, bytes):
         sql = bytes(sql)  # bytearray, memoryview and other bytes-like input
-    key = (sql, exclude_variable_sets)
+    key = (sql, exclude_variable_sets, standard_conforming_strings)
     try:
         return _seen[key]  # applications send the same few statements over and over
     except KeyError:
         pass
     reason = None
     if _LITERALS.search(sql.lower()) is not None and _CANDIDATE.search(sql) is not None:
-        for tokens in _statements(sql):
-            reason = _classify_statement(tokens, exclude_variable_sets)
-            if reason is not None:
-                break
+        if standard_conforming_strings is None:
+            reason = _classify_text(sql, exclude_variable_sets, True)
+            if reason is None and b"\\" in sql:  # lexing differs only around backslashes
+                reason = _classify_text(sql, exclude_variable_sets, False)
+        else:
+            reason = _classify_text(sql, exclude_variable_sets, standard_conforming_strings)
     if len(sql) <= _SEEN_TEXT_MAX:  # bounded memory: 4096 texts of at most 2 KB
         if len(_seen) >= _SEEN_MAX:
             _seen.clear()
@@ -319,14 +352,78 @@ def classify_query(sql: bytes, exclude_variable_sets: bool = False) -> Optional[
 
 
 def classify_parse(
-    statement_name: bytes, sql: bytes, exclude_variable_sets: bool = False
+    statement_name: bytes,
+    sql: bytes,
+    exclude_variable_sets: bool = False,
+    standard_conforming_strings: Optional[bool] = None,
 ) -> Optional[PinReason]:
     """A Parse message: a named statement outlives the transaction, so it pins."""
     if statement_name:
         return PinReason.PREPARED_STATEMENT
-    return classify_query(sql, exclude_variable_sets)
+    return classify_query(sql, exclude_variable_sets, standard_conforming_strings)
 
 
 def classify_bind(portal_name: bytes) -> Optional[PinReason]:
     """A Bind message: a named portal may be executed again later, so it pins."""
     return PinReason.NAMED_PORTAL if portal_name else None
+
+
+# Large-object functions (pg_proc OIDs, stable across releases; libpq's lo_* API calls them
+# through FunctionCall).  Their descriptors close at transaction end: no session state.
+LARGE_OBJECT_FUNCTION_OIDS = frozenset(
+    {
+        715,  # lo_create
+        764,  # lo_import
+        765,  # lo_export
+        767,  # lo_import(text, oid)
+        952,  # lo_open
+        953,  # lo_close
+        954,  # loread
+        955,  # lowrite
+        956,  # lo_lseek
+        957,  # lo_creat
+        958,  # lo_tell
+        964,  # lo_unlink
+        1004,  # lo_truncate
+        3170,  # lo_lseek64
+        3171,  # lo_tell64
+        3172,  # lo_truncate64
+    }
+)
+
+
+def classify_function_call(function_oid: int) -> Optional[PinReason]:
+    """A FunctionCall ('F') message calls a function by OID, which may be ``set_config``,
+    ``nextval``, ``pg_advisory_lock`` or any user function: it pins, except for the
+    large-object functions libpq's lo_* API uses."""
+    return None if function_oid in LARGE_OBJECT_FUNCTION_OIDS else PinReason.FUNCTION_CALL
+
+
+# Client encodings in which a multi-byte character may contain the bytes of '\\', "'" or '"'
+# (PostgreSQL's client-only encodings; names as PostgreSQL matches them: lower case, letters
+# and digits only).  The server converts them before lexing, so the proxy, which reads the
+# client's bytes, would split a statement where the server does not.
+_UNSAFE_ENCODINGS = frozenset(
+    {
+        b"sjis", b"shiftjis", b"mskanji", b"win932", b"windows932",
+        b"shiftjis2004",
+        b"big5", b"win950", b"windows950",
+        b"gbk", b"win936", b"windows936", b"cp936",
+        b"gb18030",
+        b"uhc", b"win949", b"windows949",
+        b"johab",
+    }
+)  # fmt: skip
+_NOT_ALNUM = re.compile(rb"[^a-z0-9]")
+
+
+def unsafe_client_encoding(name) -> bool:
+    """Whether the proxy cannot lex SQL sent in client encoding ``name`` (str or bytes).
+
+    True for SJIS, SHIFT_JIS_2004, BIG5, GBK, GB18030, UHC and JOHAB under any of the names
+    PostgreSQL accepts for them.  The frontend pins a session that uses one (from its startup
+    packet, or when a ParameterStatus reports it), before it classifies another statement.
+    """
+    if isinstance(name, str):
+        name = name.encode("utf-8", "replace")
+    return _NOT_ALNUM.sub(b"", bytes(name).lower()) in _UNSAFE_ENCODINGS
