@@ -23,7 +23,8 @@ soak: setup
 # them with a fixed seed and few examples).  TXRDSPROXY_FUZZ_EXAMPLES sets the number of examples.
 fuzz: setup
 	TXRDSPROXY_FUZZ=1 CI=true $(PYTHON) -m pytest -q -p no:cacheprovider \
-		tests/integration/test_mysql_classifier_differential.py
+		tests/integration/test_mysql_classifier_differential.py \
+		tests/unit/test_pg_lexer.py tests/integration/test_pg_classifier_differential.py
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info .state .venv/.setup-stamp twisted/plugins/dropin.cache

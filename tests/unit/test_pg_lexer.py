@@ -2,6 +2,8 @@
 PostgreSQL 15's scanner draws them, and the pinning classifier's use of them (pre-filter and
 verdict cache soundness, standard_conforming_strings, client encodings, FunctionCall)."""
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,15 @@ from hypothesis import strategies as st
 from txrdsproxy.wire.pg import lexer, pinning
 from txrdsproxy.wire.pg.lexer import IDENT, NUMBER, OP, PARAM, STRING, WORD, statements
 from txrdsproxy.wire.pg.pinning import PinReason, classify_query
+
+
+# Fixed and quick in CI; `make fuzz` sets TXRDSPROXY_FUZZ_EXAMPLES for a long run with random seeds.
+FUZZ_EXAMPLES = int(os.environ.get("TXRDSPROXY_FUZZ_EXAMPLES", "2000")) if os.environ.get("TXRDSPROXY_FUZZ") else 0
+
+
+def fuzz_settings(examples):
+    return settings(max_examples=FUZZ_EXAMPLES * 10 or examples, derandomize=not FUZZ_EXAMPLES,
+                    database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def stmts(sql, scs=True):
@@ -164,7 +175,7 @@ _FRAGMENTS = [
 ]
 
 
-@settings(max_examples=400, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(400)
 @given(st.lists(st.sampled_from(_FRAGMENTS), max_size=24).map(b"".join), st.booleans())
 def test_prefilter_and_cache_never_hide_a_pin(sql, exclude):
     for scs in (True, False):
@@ -177,7 +188,7 @@ def test_prefilter_and_cache_never_hide_a_pin(sql, exclude):
     assert (classify_query(sql, exclude) is None) == (either is None)
 
 
-@settings(max_examples=300, derandomize=True)
+@fuzz_settings(300)
 @given(st.binary(max_size=80), st.booleans())
 def test_arbitrary_bytes_never_raise(sql, scs):
     for stmt in lexer.statements(sql, scs):
