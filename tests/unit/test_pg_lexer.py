@@ -172,10 +172,11 @@ _FRAGMENTS = [
     b"SELECT", b"INTO", b"pg_temp", b"pg_temp_3", b"DECLARE", b"CURSOR", b"WITH", b"HOLD",
     b"FOR", b"PREPARE", b"LOAD", b"DISCARD", b"setseed", b"false", b"true", b"1", b"\xc3\xa9",
     b"\x80", b"0", b"e", b"_", b"a", b"SESSION", b"LOCAL", b"standard_conforming_strings",
+    b"$", b"x$", b"reset", b"pg_toast_temp_1", b"CALL", b"do$", b"u&", b"setval", b"\x0b", b"\x0c",
 ]
 
 
-@fuzz_settings(400)
+@fuzz_settings(300)
 @given(st.lists(st.sampled_from(_FRAGMENTS), max_size=24).map(b"".join), st.booleans())
 def test_prefilter_and_cache_never_hide_a_pin(sql, exclude):
     for scs in (True, False):

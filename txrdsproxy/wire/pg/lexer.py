@@ -162,12 +162,15 @@ def _unicode_decode(text: bytes, escape: int) -> Optional[bytes]:
     return bytes(out)
 
 
-def tokens(sql: bytes, standard_conforming_strings: bool = True) -> Iterator[Token]:
+def tokens(sql: bytes, standard_conforming_strings: bool = True) -> List[Token]:
     """The tokens of ``sql`` in order, whitespace and comments dropped, ``;`` included.
 
     ``U&`` literals come out as ``(IDENT, raw)`` / ``(STRING, raw)`` marked by a preceding
     ``(OP, b"U&")`` token; :func:`statements` decodes them (it needs the ``UESCAPE`` after them).
+    One loop with local names: this runs on every statement the pre-filter lets through.
     """
+    out: List[Token] = []
+    add = out.append
     pos, end = 0, len(sql)
     match = _TOKEN.match
     plain_body = _XQ_BODY if standard_conforming_strings else _XE_BODY
@@ -177,55 +180,54 @@ def tokens(sql: bytes, standard_conforming_strings: bool = True) -> Iterator[Tok
         if kind == "space" or kind == "comment":
             continue
         if kind == "word":
-            yield WORD, m.group().lower()
+            add((WORD, m.group().lower()))
         elif kind == "op":
             op = m.group()
-            # An operator never swallows a comment start ("+/*", "=--").
-            cut = min((i for i in (op.find(b"--"), op.find(b"/*")) if i > 0), default=0)
-            if cut:
+            if len(op) > 1 and (b"--" in op or b"/*" in op):
+                # An operator never swallows a comment start ("+/*", "=--").
+                cut = min(i for i in (op.find(b"--"), op.find(b"/*")) if i > 0)
                 op, pos = op[:cut], m.start() + cut
-            yield OP, op
-        elif kind == "other":
-            yield OP, m.group()
-        elif kind == "block":
-            pos = _skip_block_comment(sql, pos)
+            add((OP, op))
+        elif kind == "other" or kind == "colon":
+            add((OP, m.group()))
+        elif kind == "number":
+            add((NUMBER, m.group()))
         elif kind == "xq":
             value, pos = _quoted(plain_body, sql, pos, b"'")
             if not standard_conforming_strings and value is not None and b"\\" in value:
                 value = None
-            yield STRING, value
-        elif kind == "xe":
-            value, pos = _quoted(_XE_BODY, sql, pos, b"'")
-            yield STRING, (None if value is None or b"\\" in value else value)
-        elif kind == "xb":
-            _, pos = _quoted(_XB_BODY, sql, pos, b"")
-            yield STRING, None
+            add((STRING, value))
+        elif kind == "block":
+            pos = _skip_block_comment(sql, pos)
         elif kind == "xd":
             value, pos = _quoted(_XD_BODY, sql, pos, b'"')
-            yield IDENT, value
+            add((IDENT, value))
+        elif kind == "param":
+            add((PARAM, m.group()))
+        elif kind == "xe":
+            value, pos = _quoted(_XE_BODY, sql, pos, b"'")
+            add((STRING, None if value is None or b"\\" in value else value))
+        elif kind == "xb":
+            _, pos = _quoted(_XB_BODY, sql, pos, b"")
+            add((STRING, None))
         elif kind == "xus":
             value, pos = _quoted(_XQ_BODY, sql, pos, b"'")
-            yield OP, b"U&"
-            yield STRING, value
+            add((OP, b"U&"))
+            add((STRING, value))
         elif kind == "xui":
             value, pos = _quoted(_XD_BODY, sql, pos, b'"')
-            yield OP, b"U&"
-            yield IDENT, value
-        elif kind == "dolq":
+            add((OP, b"U&"))
+            add((IDENT, value))
+        else:  # dolq
             delim = m.group()
             close = sql.find(delim, pos)
             if close < 0:
-                yield STRING, None
+                add((STRING, None))
                 pos = end
             else:
-                yield STRING, sql[pos:close]
+                add((STRING, sql[pos:close]))
                 pos = close + len(delim)
-        elif kind == "param":
-            yield PARAM, m.group()
-        elif kind == "number":
-            yield NUMBER, m.group()
-        else:  # colon
-            yield OP, m.group()
+    return out
 
 
 def _resolve_unicode(stmt: List[Token]) -> List[Token]:

@@ -16,7 +16,7 @@ view that changes session state when called (docs/security.md).
 
 Fast: ``classify_query`` runs on every Query and Parse.  A verdict cache answers repeated texts;
 a literal pre-filter answers the rest of the common case (a text in which no rule's keyword
-occurs cannot pin; every rule below names its keywords in ``_LITERALS``/``_CANDIDATE``).
+occurs cannot pin; every rule below names its keywords in ``_LITERALS``/``_CANDIDATE_WORDS``).
 """
 
 from __future__ import annotations
@@ -72,16 +72,23 @@ _SEEN_TEXT_MAX = 2048
 _LITERALS = re.compile(
     rb"set|prepar|temp|declare|discard|listen|load|val|advisory|do|call|backup|slot|dblink|u&"
 )
-# Second filter, word-bounded: each rule's keyword or name as a whole token.  A PostgreSQL token
-# is never adjacent to [A-Za-z0-9_] (an identifier would absorb it, a digit before it is a
-# "trailing junk" error), so \b cannot miss one; it may over-match, which only costs time.
-_CANDIDATE = re.compile(
-    rb"(?i)\b(?:set|reset|prepare|temp|temporary|declare|discard|listen|load|do|call"
-    rb"|nextval|setval|currval|lastval|set_config|setseed|pg_settings"
-    rb"|pg_backup_start|pg_start_backup|pg_replication_origin_session_setup"
-    rb"|pg_create_(?:logical|physical)_replication_slot|dblink_(?:connect|connect_u|open))\b"
-    rb"|advisory_lock|pg_temp|\bu&[\"']"
+# Second filter: the word around each literal hit must be a rule's keyword or name.  A word is
+# widened backwards over [a-z0-9_] only and forwards over [a-z0-9_$] (PostgreSQL's identifier
+# characters, less "$" before and bytes >= 0x80 either side, which can only make the word
+# shorter, so a hit is kept when unsure).  No pinning word can hide inside a longer identifier.
+_CANDIDATE_WORDS = frozenset(
+    b"set reset prepare temp temporary declare discard listen load do call nextval setval"
+    b" currval lastval set_config setseed pg_settings pg_backup_start pg_start_backup"
+    b" pg_replication_origin_session_setup pg_create_logical_replication_slot"
+    b" pg_create_physical_replication_slot dblink_connect dblink_connect_u dblink_open".split()
 )
+_BACK_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
+_FORWARD_CHARS = _BACK_CHARS | {ord("$")}
+# SET pins only as the first keyword of a statement.  The commonest candidate by far is the SET
+# of UPDATE ... SET: a text whose only candidate word is "set", that holds one statement (no ";"
+# before its end) and that starts, after plain whitespace, with a word other than SET cannot pin.
+_STARTS_WITH_OTHER_WORD = re.compile(rb"[ \t\n\r\f\v]*(?!set\b)[a-z_]")
+_TRAILER = b" \t\n\r\f\v;"
 
 # --- rules -----------------------------------------------------------------------------
 
@@ -299,6 +306,34 @@ def _classify_statement(tokens: List[Token], exclude_sets: bool) -> Optional[Pin
     return None
 
 
+def _needs_lexing(lowered: bytes) -> bool:
+    """Whether any rule could apply to the (lower-cased) text: the pre-filter."""
+    only_set = False
+    n = len(lowered)
+    for m in _LITERALS.finditer(lowered):
+        a, b = m.span()
+        if b - a == 2 and lowered[a] == 117:  # "u&": a U& literal can spell anything
+            return True
+        while a and lowered[a - 1] in _BACK_CHARS:
+            a -= 1
+        while b < n and lowered[b] in _FORWARD_CHARS:
+            b += 1
+        word = lowered[a:b]
+        if word == b"set":
+            only_set = True
+        elif (
+            word in _CANDIDATE_WORDS
+            or b"advisory_lock" in word
+            or (word[:3] == b"pg_" and b"temp" in word)
+        ):
+            return True
+    if only_set:  # the SET of UPDATE ... SET cannot pin; a leading SET does
+        if b";" in lowered.rstrip(_TRAILER):
+            return True
+        return _STARTS_WITH_OTHER_WORD.match(lowered) is None
+    return False
+
+
 def _classify_text(sql: bytes, exclude_sets: bool, scs: bool) -> Optional[PinReason]:
     for tokens in statements(sql, scs):
         reason = _classify_statement(tokens, exclude_sets)
@@ -337,7 +372,7 @@ def classify_query(
     except KeyError:
         pass
     reason = None
-    if _LITERALS.search(sql.lower()) is not None and _CANDIDATE.search(sql) is not None:
+    if _needs_lexing(sql.lower()):
         if standard_conforming_strings is None:
             reason = _classify_text(sql, exclude_variable_sets, True)
             if reason is None and b"\\" in sql:  # lexing differs only around backslashes
