@@ -27,6 +27,7 @@ from txrdsproxy.proxy.session import ClientSession, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.wire.pg import pinning
 from txrdsproxy.wire.pg.framing import (
     CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, ProtocolViolation,
     split_startup,
@@ -427,7 +428,9 @@ class PgFrontend(ClientSession):
                 ctx.login_replies.clear()
             ctx.login_replies[cache_key] = cached
         _, block, spelled = cached
+        self._pin_if_unlexable(self.desired.get("client_encoding"))  # as the client spelled it
         self.desired = dict(spelled)
+        self._pin_if_unlexable(self.desired.get("client_encoding"))  # as the server reports it
         pid = self.id & 0x7FFFFFFF
         secret = struct.unpack("!I", os.urandom(4))[0]
         self._cancel_key = (pid, secret)
@@ -606,6 +609,17 @@ class PgFrontend(ClientSession):
 
     def parameter_changed(self, name, value):
         self.desired[name] = value
+        if name == "client_encoding":
+            self._pin_if_unlexable(value)
+
+    def _pin_if_unlexable(self, encoding):
+        """SJIS, BIG5, GBK, ...: the proxy cannot split SQL sent in them (a multi-byte character
+        may hold a quote or backslash byte), the server can.  Pinned, the session needs no
+        classifying (docs/security.md)."""
+        if encoding and pinning.unsafe_client_encoding(encoding):
+            self._stream.pin_reason = self._stream.pin_reason or pinning.PinReason.CLIENT_ENCODING
+            if self.pin_reason is None:
+                self._pin(pinning.PinReason.CLIENT_ENCODING)
 
     def ready_for_query(self, status):
         if self._stmts is not None:

@@ -31,7 +31,7 @@ _READY = msg.ready_for_query(msg.IDLE)
 # (PostgreSQL ignores them outside COPY); anything else is refused here rather than forwarded.
 SESSION_LIMITS = limits_table({
     b"Q": QUERY_LIMIT, b"P": NAMES_LIMIT, b"B": NAMES_LIMIT, b"D": NAMES_LIMIT, b"C": NAMES_LIMIT,
-    b"E": 1, b"H": 1, b"S": 1, b"F": 1, b"X": 1, b"d": 0, b"c": 0, b"f": 0,
+    b"E": 1, b"H": 1, b"S": 1, b"F": 4, b"X": 1, b"d": 0, b"c": 0, b"f": 0,
 })
 
 
@@ -151,7 +151,7 @@ class ClientStream:
             whole = self.scanner.whole
             sql = msg.query_text(body) if whole else body
             if self.pin_reason is None:
-                self._pin(pinning.classify_query(sql, self.exclude_sets))
+                self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()))
             if self.debug is not None:
                 self.debug(sql)
             if tracker is not None:
@@ -175,6 +175,9 @@ class ClientStream:
             return DROP_HALT
         if kind == _F:
             self.outstanding += 1
+            if self.pin_reason is None:  # a function called by OID: set_config, nextval, ...
+                oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else -1
+                self._pin(pinning.classify_function_call(oid))
             if tracker is not None:
                 tracker.message(self.conn, kind, body)
             return None
@@ -211,7 +214,15 @@ class ClientStream:
                 self._pin(pinning.PinReason.PREPARED_STATEMENT)
                 return
             name = b""  # tracked by the StatementTracker: only the SQL may pin
-        self._pin(pinning.classify_parse(name, sql, self.exclude_sets))
+        self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()))
+
+    def _scs(self):
+        """standard_conforming_strings on the attached connection (as its server reported it):
+        it decides how the server lexes backslashes.  None when unknown: the classifier then
+        pins if either reading would."""
+        conn = self.conn
+        value = conn.server_params.get("standard_conforming_strings") if conn is not None else None
+        return None if value is None else value == "on"
 
     def _pin(self, reason):
         if reason is not None and self.pin_reason is None:
