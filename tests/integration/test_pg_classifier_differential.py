@@ -383,3 +383,29 @@ def test_large_object_function_oids(prepared_db):
     names = {oid: name for oid, name in rows}
     assert set(names) == set(pinning.LARGE_OBJECT_FUNCTION_OIDS)
     assert all(name.startswith("lo") for name in names.values()), names
+
+
+KNOWN_LEAKS = [
+    b"-- comment\rSET search_path = fz_a",
+    b"SELECT U&\"\\0073et_config\"('search_path', 'fz_a', false)",
+    b"UPDATE pg_settings SET setting = 'fz_a' WHERE name = 'search_path'",
+    b"EXPLAIN ANALYZE CREATE TEMP TABLE fz_leak AS SELECT 1",
+    b"DO $$ BEGIN PERFORM set_config('search_path', 'fz_a', false); END $$",
+]
+
+
+def test_known_leaks_stay_in_their_session_through_the_proxy(prepared_db, pg_proxy_factory):
+    """End to end, one pooled connection: each leak pins its session, the connection is reset
+    when that session ends, and the next session finds it as it was."""
+    proxy = pg_proxy_factory(prepared_db, MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1)
+
+    def connect():
+        return psycopg.connect(proxy.dsn(prepared_db), autocommit=True, prepare_threshold=None)
+
+    with connect() as observer:
+        baseline = observer.execute(FINGERPRINT).fetchone()
+        for n, sql in enumerate(KNOWN_LEAKS, 1):
+            with connect() as attacker:
+                attacker.execute(sql)
+            assert observer.execute(FINGERPRINT).fetchone() == baseline, sql
+            assert sum(proxy.call(lambda: dict(proxy.ctx.pin_counts)).values()) == n, sql
