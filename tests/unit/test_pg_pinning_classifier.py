@@ -36,8 +36,7 @@ CASES = [
     (b"sEt search_path = x", SET, None),
     (b"set\ttimezone to 'UTC'", SET, None),
     (b"SET SESSION statement_timeout = 0", SET, None),
-    (b"SET SESSION AUTHORIZATION bob", SET, None),
-    (b"SET ROLE admin", SET, None),
+    (b"SET SESSION AUTHORIZATION bob", SET, SET),
     (b"SET transaction_isolation = 'serializable'", SET, None),
     (b"SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", SET, None),
     (b"SET LOCAL search_path = x", None, None),
@@ -200,6 +199,11 @@ CASES = [
     (b'SET "Standard_Conforming_Strings" TO on', SET, SET),
     (b"SELECT set_config('standard_conforming_strings', 'off', true)", SET, SET),
     (b"SELECT set_config(' Client_Encoding', 'GBK', true)", SET, SET),
+    # and so does a change of role, which would hand its privileges to the next session
+    (b"SET ROLE admin", SET, SET),
+    (b"set session authorization bob", SET, SET),
+    (b"SET LOCAL ROLE admin", SET, SET),
+    (b"SELECT set_config('role', 'admin', false)", SET, SET),
     # more indirect state
     (b"SELECT setseed(0.5)", SFUNC, SFUNC),
     (b"SELECT pg_catalog.pg_backup_start('label')", SFUNC, SFUNC),

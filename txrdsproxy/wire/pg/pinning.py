@@ -116,10 +116,14 @@ _EXTENSION_FUNCTIONS = {
     b"dblink_connect_u": PinReason.SESSION_FUNCTION,
     b"dblink_open": PinReason.SESSION_FUNCTION,
 }
-# Settings that change how the server lexes later statements: changing them pins always, even
-# SET LOCAL and even with EXCLUDE_VARIABLE_SETS, so that every statement the classifier reads
-# afterwards is read under the rules it was read with.
-_LEXER_SETTINGS = {b"standard_conforming_strings", b"client_encoding", b"names"}
+# Settings whose change pins always, even by SET LOCAL and with EXCLUDE_VARIABLE_SETS: those that
+# change how the server lexes later statements (so that every statement the classifier reads
+# afterwards is read under the rules it was read with), and the role (a connection left with
+# another role would hand its privileges to the next session).
+_LEXER_SETTINGS = {
+    b"standard_conforming_strings", b"client_encoding", b"names",
+    b"role", b"authorization", b"session_authorization",
+}
 
 # Boolean input spellings PostgreSQL reads as true (boolin accepts unique prefixes).
 _TRUE_TEXTS = {b"t", b"tr", b"tru", b"true", b"y", b"ye", b"yes", b"on", b"1"}
