@@ -14,6 +14,7 @@ SYNC = message(b"S")
 class Conn:
     def __init__(self):
         self.prepared, self.pending = set(), set()
+        self.server_params = {}  # what the server reported (standard_conforming_strings)
 
 
 def forwarding(tracker=None, **kw):
