@@ -182,3 +182,77 @@ def test_accepting_sockets_costs_the_database_at_most_one_shared_probe(mariadb_s
         assert server_connections_total(mariadb_server) - before == 1  # only our SHOW STATUS
     finally:
         fresh.stop()
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-pool", "cold-pool"])
+def test_concurrent_sessions_each_keep_their_own_state(mariadb_server, tmp_path_factory, warm):
+    """12 sessions at once over at most 4 connections: each pins with its own user variable or
+    keeps its own tracked time_zone / sql_mode, and reads back only its own values."""
+    import threading
+    proxy = start_mysql_proxy(tmp_path_factory.mktemp("concurrent"), mariadb_server,
+                              MaxConnectionsPercent=4, ConnectionBorrowTimeout=30)
+    try:
+        if warm:
+            v = victim(proxy, mariadb_server)
+            one(v, "SELECT 1")
+            v.close()
+        seen, errors, start = [], [], threading.Barrier(12)
+
+        def session(i):
+            try:
+                c = victim(proxy, mariadb_server)
+                start.wait(30)
+                if i % 2:
+                    one(c, f"SET @tag = 't{i}'")  # pins
+                    for _ in range(5):
+                        seen.append((i, one(c, "SELECT @tag")[0], f"t{i}"))
+                else:  # tracked, not pinned: moves between connections
+                    zone = f"+{i // 2:02d}:00"
+                    one(c, f"SET time_zone = '{zone}'")
+                    one(c, "SET sql_mode = 'ANSI_QUOTES'" if i % 4 == 0 else "SET sql_mode = ''")
+                    for _ in range(5):
+                        row = one(c, "SELECT @@time_zone, @@sql_mode, @tag")
+                        want = (zone, "ANSI_QUOTES" if i % 4 == 0 else "", None)
+                        seen.append((i, row, want))
+                c.close()
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append((i, e))
+
+        threads = [threading.Thread(target=session, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert errors == []
+        assert len(seen) == 60
+        assert [s for s in seen if s[1] != s[2]] == []
+        assert proxy.call(lambda: proxy.ctx.pin_counts) == {"user_variable": 6}
+    finally:
+        proxy.stop()
+
+
+def test_a_failed_multi_statement_that_set_sql_mode_does_not_leak_it(mariadb_server,
+                                                                       tmp_path_factory):
+    """The SET ran before the error; the proxy cannot tell which statements ran, so the session
+    pins (before: the connection went back with ANSI_QUOTES and the next session got it)."""
+    from pymysql.constants import CLIENT
+
+    def multi():  # both sessions with the same capabilities: the same pool key
+        return pymysql.connect(host=proxy.host, port=proxy.port, user=USER,
+                               password=mariadb_server.users[USER], database="appdb",
+                               autocommit=True, client_flag=CLIENT.MULTI_STATEMENTS)
+
+    proxy = start_mysql_proxy(tmp_path_factory.mktemp("multi"), mariadb_server,
+                              MaxConnectionsPercent=1, ConnectionBorrowTimeout=5)
+    try:
+        a = multi()
+        with pytest.raises(pymysql.err.ProgrammingError):
+            with a.cursor() as cur:
+                cur.execute("SET sql_mode = 'ANSI_QUOTES'; SELECT * FROM no_such_table")
+        assert one(a, "SELECT @@sql_mode") == ("ANSI_QUOTES",)  # a keeps what it did
+        a.close()  # pinned: its connection is reset before anyone else gets it
+        b = multi()
+        assert one(b, "SELECT @@sql_mode = @@global.sql_mode") == (1,)
+        b.close()
+    finally:
+        proxy.stop()
