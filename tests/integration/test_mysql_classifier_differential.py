@@ -31,7 +31,8 @@ from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_backend import COLLATIONS_QUERY, DatabaseError
 from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql.lexer import version_id
-from txrdsproxy.wire.mysql.pinning import PinReason, classify_query, sql_mode_flags
+from txrdsproxy.wire.mysql.pinning import (PinReason, classify_query, other_grammar,
+                                           sql_mode_flags)
 
 USER = "app_native"
 FUZZ = bool(os.environ.get("TXRDSPROXY_FUZZ"))
@@ -101,6 +102,7 @@ TEMPLATES = [
     "K:SET _ sql_mode _ = _ 4",
     "K:SET _ time_zone _ = _ K:SYSTEM",
     "K:SELECT _ U:a _ = _ 1",
+    "K:BEGIN _ K:SET _ sql_mode _ = _ 'ANSI_QUOTES'; _ K:END",  # a block in ORACLE mode
 ]
 SEPARATORS = [" ", "  ", "\t", "\n", "\r\n", " /**/ ", "/* c */", " -- c\n", " #c\n", "\n-- \n",
               " /*!*/ ", " /*!999999 SET @never = 1 */ "]
@@ -111,7 +113,7 @@ DECOYS = [("", ""), ("SELECT 1; ", ""), ("", "; SELECT 2"), ("SELECT 'x;y'; ", "
           ('SELECT 1 AS "a\\" ; ', ' ; -- "'), ("SELECT 1 AS 'a\\' ; ", " ; -- '"),
           ("SELECT 1 AS 'a\\' , 2 AS \"b\\\" ; ", " ; -- \" '"),
           ("SELECT 1 --\t", "\n"), ("SELECT `a;b` FROM (SELECT 1 AS `a;b`) t; ", "")]
-MODES = ["", "ANSI_QUOTES", "NO_BACKSLASH_ESCAPES", "ANSI_QUOTES,NO_BACKSLASH_ESCAPES",
+MODES = ["", "ANSI_QUOTES", "NO_BACKSLASH_ESCAPES", "ANSI_QUOTES,NO_BACKSLASH_ESCAPES", "ORACLE",
          "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_AUTO_CREATE_USER,NO_ENGINE_SUBSTITUTION"]
 
 
@@ -245,7 +247,8 @@ def test_state_changes_are_pinned_or_tracked_exactly(sessions, sql, mode, tracki
     classified = classify_query(sql.encode(), ansi_quotes=ansi_quotes,
                                 no_backslash_escapes=no_backslash_escapes,
                                 server_version=version_id(conn.server_version),
-                                track_use=not tracking)
+                                track_use=not tracking,
+                                oracle=other_grammar(before.tracked["sql_mode"]))
     failed = False
     try:
         conn.query(sql)

@@ -148,3 +148,10 @@ def test_unsafe_client_charsets_are_flagged():
     assert classify_query("SET NAMES sjis").unsafe_charset_client == "sjis"
     assert classify_query("SET character_set_client = gbk").unsafe_charset_client == "gbk"
     assert classify_query("SET NAMES utf8mb4").unsafe_charset_client is None
+
+
+def test_oracle_grammar_pins_whatever_the_classifier_would_look_at():
+    assert classify_query("BEGIN SET sql_mode = ''; END", oracle=True) == R.UNCLASSIFIABLE
+    assert classify_query("SELECT 1", oracle=True) is None  # nothing to look at
+    assert classify_query("SET sql_mode = 'ORACLE'; BEGIN SET time_zone = '+01:00'; END") \
+        == R.UNCLASSIFIABLE

@@ -308,6 +308,7 @@ class MySQLFrontend(MySQLLogin):
             return cached[2]
         ansi_quotes, no_backslash_escapes = pinning.sql_mode_flags(mode)
         options = {"ansi_quotes": ansi_quotes, "no_backslash_escapes": no_backslash_escapes,
+                   "oracle": pinning.other_grammar(mode),
                    "server_version": version_id(server.server_version) if server else None}
         self._lex_cache = (mode, server, options)
         return options

@@ -171,18 +171,26 @@ def sql_mode_flags(sql_mode):
     return bool(modes & ANSI_QUOTES_MODES), "NO_BACKSLASH_ESCAPES" in modes
 
 
+def other_grammar(sql_mode):
+    """Whether *sql_mode* switches MariaDB to another grammar (ORACLE: its own parser, where
+    BEGIN ... END is a block and ':' a token): the classifier does not know it, so anything it
+    would look at pins (UNCLASSIFIABLE)."""
+    return "ORACLE" in {m.strip() for m in (sql_mode or "").upper().split(",")}
+
+
 # sql_mode values that include ANSI_QUOTES (MariaDB's combination modes included).
 ANSI_QUOTES_MODES = frozenset({"ANSI_QUOTES", "ANSI", "ORACLE", "MSSQL", "DB2", "POSTGRESQL",
                                "MAXDB"})
 
 
 def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
-                   ansi_quotes=False, server_version=None, track_use=False):
+                   ansi_quotes=False, server_version=None, track_use=False, oracle=False):
     """Classify the text of a COM_QUERY as the server will lex it.
 
     *no_backslash_escapes* / *ansi_quotes*: the session's sql_mode; *server_version*: the
     server's MYSQL_VERSION_ID (lexer.version_id), which decides versioned executable comments;
-    *track_use*: also report USE statements (when the server does not report schema changes).
+    *track_use*: also report USE statements (when the server does not report schema changes);
+    *oracle*: the session's sql_mode selects MariaDB's Oracle grammar (see other_grammar).
 
     Returns a :class:`PinReason` (the first found), a :class:`TrackedSet` (only tracked
     variables changed, or USE; values merged over all statements of a multi-statement query),
@@ -210,6 +218,8 @@ def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
             if not stmt:
                 continue
             count += 1
+            if oracle:
+                return PinReason.UNCLASSIFIABLE
             if _word(stmt, 0) == "USE":
                 database = _use_target(stmt)
                 continue
@@ -226,6 +236,7 @@ def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
                 if "sql_mode" in result:  # the next statement is lexed in the new mode
                     lexer.ansi_quotes, lexer.no_backslash_escapes = \
                         sql_mode_flags(result["sql_mode"])
+                    oracle = other_grammar(result["sql_mode"])
     except Ambiguous:
         return PinReason.UNCLASSIFIABLE
     if database is UNKNOWN_DATABASE and track_use:
