@@ -73,6 +73,8 @@ def make_service(config, reactor=None, config_path=None):
         from twisted.internet import reactor
     top = service.MultiService()
     secrets = build_secrets_store(config.secrets, reactor)
+    if isinstance(secrets, service.Service):  # the aws store's background refresh
+        secrets.setServiceParent(top)
     metrics = Metrics()
     registry = ProxyRegistry(reactor, secrets, metrics, drain_timeout=config.drain_timeout)
     registry.iam = DbTokenVerifier(PrincipalStore(config.iam, secrets), reactor,

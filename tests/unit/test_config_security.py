@@ -72,9 +72,7 @@ def test_proxy_resource_id_derived_or_configured():
     fails(data, "DBProxies[0].DBProxyResourceId: must be prx- followed by 17 lowercase hexadecimal")
 
 
-def test_secrets_backends(monkeypatch):
-    from txrdsproxy.config import load
-    monkeypatch.setattr(load, "_AWS_SECRETS_READY", True)
+def test_secrets_backends():
     config = parse_config(base(Secrets={"Backend": "aws", "Region": "us-east-1",
                                         "EndpointUrl": "http://127.0.0.1:5000", "RefreshInterval": 60}),
                           "cfg.yaml", "/base")

@@ -95,6 +95,10 @@ def test_stores_provide_the_interface():
     from txrdsproxy.auth.secrets import ISecretsStore, StaticSecretsStore
     assert verifyObject(ISecretsStore, FileSecretsStore("/nonexistent"))
     assert verifyObject(ISecretsStore, StaticSecretsStore({}))
+    from twisted.internet.task import Clock
+
+    from txrdsproxy.auth.aws import AwsSecretsStore
+    assert verifyObject(ISecretsStore, AwsSecretsStore(Clock(), "us-east-1"))
 
 
 def test_whole_values_are_kept_and_never_shown(tmp_path):

@@ -272,7 +272,12 @@ def config_secret_arns(config):
 
 def build_secrets_store(secrets_config, reactor):
     """-> the ISecretsStore a configuration's `Secrets` section asks for (the composition root
-    calls this once; a reload keeps the store and calls its `watch` with the new ARNs)."""
+    calls this once; a reload keeps the store and calls its `watch` with the new ARNs).  The aws
+    store is a twisted Service (its background refresh): the caller parents it."""
+    if secrets_config.backend == "aws":
+        from txrdsproxy.auth.aws import AwsSecretsStore
+        return AwsSecretsStore(reactor, secrets_config.region, secrets_config.endpoint_url,
+                               secrets_config.refresh_interval)
     store = FileSecretsStore(secrets_config.path)
     if secrets_config.path:
         store.warn_if_readable_by_others()

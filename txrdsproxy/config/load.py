@@ -149,8 +149,6 @@ def _secrets(node, base_dir):
         return m.SecretsConfig(backend=backend, path=os.path.join(base_dir, path))
     if "Path" in node.value:
         node.fail("applies to Backend file only", "Path")
-    if not _AWS_SECRETS_READY:
-        node.fail("'aws' is not supported by this version yet", "Backend")
     endpoint_url = node.get("EndpointUrl", str, "")
     if endpoint_url and not endpoint_url.startswith(("http://", "https://")):
         node.fail("must be an http:// or https:// URL", "EndpointUrl")
@@ -160,9 +158,6 @@ def _secrets(node, base_dir):
         endpoint_url=endpoint_url,
         refresh_interval=node.ranged("RefreshInterval", float, 300.0, 1, 86400),
     )
-
-
-_AWS_SECRETS_READY = False  # auth/aws.py lands next; tests flip this to check parsing
 
 
 def _iam(node):
