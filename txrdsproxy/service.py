@@ -20,8 +20,9 @@ from txrdsproxy.control import ProxyControl
 from txrdsproxy.auth.iam import DbTokenVerifier, PrincipalStore
 from txrdsproxy.auth.secrets import build_secrets_store, config_secret_arns
 from txrdsproxy.metrics import Metrics
+from txrdsproxy.registry import ProxyRegistry
 from txrdsproxy.runtime import (  # noqa: F401  (re-exported: older imports use service.*)
-    ListenFailed, ProxyRegistry, bind_now, build_monitor, build_proxy)
+    ListenFailed, bind_now, build_monitor, build_proxy)
 
 log = Logger()
 

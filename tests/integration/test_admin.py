@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 import urllib.request
 
 import pytest

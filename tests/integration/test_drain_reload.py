@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 try:
-    from proxyutil import MD5_ARN, PGBENCH, SCRAM_ARN, TwistdProxy, client_env, find_free_port, write_proxy_config
+    from proxyutil import MD5_ARN, PGBENCH, TwistdProxy, client_env, find_free_port, write_proxy_config
 except ImportError:
-    from tests.integration.proxyutil import (MD5_ARN, PGBENCH, SCRAM_ARN, TwistdProxy, client_env, find_free_port,
+    from tests.integration.proxyutil import (MD5_ARN, PGBENCH, TwistdProxy, client_env, find_free_port,
                                              write_proxy_config)
 
 SCRIPT = """\\set pause random(1, 30)

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from txrdsproxy.config.load import ConfigError
 from txrdsproxy.config.store import ConfigConflict, ConfigStore, lookup
 from txrdsproxy.control import ProxyControl, find_proxy, proxy_path
-from txrdsproxy.runtime import ProxyRegistry
+from txrdsproxy.registry import ProxyRegistry
 
 from test_runtime import FakeSecrets
 

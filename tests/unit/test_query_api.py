@@ -24,7 +24,7 @@ from txrdsproxy.admin.resources import admin_root
 from txrdsproxy.config.load import parse_config
 from txrdsproxy.control import ProxyControl
 from txrdsproxy.metrics import Metrics
-from txrdsproxy.runtime import ProxyRegistry
+from txrdsproxy.registry import ProxyRegistry
 
 from test_runtime import FakeSecrets, Reactor
 

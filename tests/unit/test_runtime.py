@@ -1,20 +1,18 @@
 """runtime.ProxyRegistry: proxies added, changed and removed while running (MemoryReactorClock:
 no sockets, no real time), and the pool's reconfigure / retire_target."""
 
-import dataclasses
-
 import pytest
-from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from txrdsproxy.config.load import parse_config
 from txrdsproxy.config.model import ConnectionPoolConfig, DBProxyTarget
+from txrdsproxy.registry import ProxyRegistry
 from txrdsproxy.runtime import (
-    InvalidChange, ListenFailed, ProxyAlreadyExists, ProxyNotFound, ProxyRegistry, ProxyStatus,
+    InvalidChange, ListenFailed, ProxyAlreadyExists, ProxyNotFound, ProxyStatus,
     TargetAlreadyRegistered, TargetGroupNotFound, TargetNotFound)
 
-from test_pool import FakeConnector, make, result
+from test_pool import make, result
 
 ARN = "arn:aws:secretsmanager:local:000000000000:secret:app"
 
@@ -82,9 +80,11 @@ def listening_ports(reactor):
 
 def test_the_registry_provides_its_interface(running):
     from zope.interface.verify import verifyObject
-    from txrdsproxy.runtime import IProxyRegistry
+    from txrdsproxy import runtime
+    from txrdsproxy.registry import IProxyRegistry
     registry, _ = running
     assert verifyObject(IProxyRegistry, registry)
+    assert runtime.ProxyRegistry is ProxyRegistry  # the old import path still works
 
 
 def test_start_binds_every_proxy_and_status_is_available(running):
