@@ -45,6 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 import idle_clients  # noqa: E402  (bench/idle_clients.py, beside this file)
+import iam as iam_bench  # noqa: E402  (bench/iam.py: IAM token verification rate)
 from txrdsproxy.testing import servers  # noqa: E402
 from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
                                         find_free_port, stop_process)
@@ -689,7 +690,7 @@ def run_mysql(args, stack, root):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (-T 3)")
-    parser.add_argument("--only", choices=("pg", "mysql"), help="run one engine family only")
+    parser.add_argument("--only", choices=("pg", "mysql", "iam"), help="run one part only")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the proxy with cProfile (PostgreSQL runs)")
     parser.add_argument("-T", "--time", type=int, help="seconds per run (default 10, 3 with --quick)")
@@ -719,6 +720,9 @@ def main():
             if args.only in (None, "mysql"):
                 with contextlib.ExitStack() as my_stack:
                     run_mysql(args, my_stack, root / "mysql-bench")
+            if args.only in (None, "iam"):
+                if not iam_bench.run(say):
+                    failures.append(("IAM token logins", "a valid token was refused"))
     except KeyboardInterrupt:
         say("\ninterrupted; cleaning up")
         status = 130

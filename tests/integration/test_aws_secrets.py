@@ -22,7 +22,22 @@ except ImportError:
     from tests.integration.proxyutil import InProcessProxy
     from tests.integration.servers import find_free_port
 
+from txrdsproxy.testing.secretscan import SecretScan
+
 REGION = "us-east-1"
+
+
+SCAN = SecretScan()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_secret_in_any_log_line():
+    """Every log event of this module's tests is scanned for the secrets they use (item 13)."""
+    SCAN.install()
+    SCAN.add("aws-rot-old-1", "aws-rot-new-2", "aws_first-pw", "aws_second-pw")
+    yield SCAN
+    SCAN.uninstall()
+    SCAN.check()
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": os.devnull,
            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}

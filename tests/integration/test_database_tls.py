@@ -23,6 +23,7 @@ except ImportError:  # tests/ became a package
     from tests.integration.test_tls import Tap
 
 from txrdsproxy.testing.certs import TestCA, write_self_signed
+from txrdsproxy.testing.secretscan import SecretScan
 
 PG_USER, PG_PASSWORD = "tls_app", "tls-app-pass-3e9c"
 PG_CLEAR_USER, PG_CLEAR_PASSWORD = "tls_clear", "tls-clear-pass-77d1"
@@ -32,6 +33,19 @@ PG_CLEAR_ARN = "arn:aws:secretsmanager:local:000000000000:secret:tls_clear"
 MY_ARN = "arn:aws:secretsmanager:local:000000000000:secret:tls_native"
 MARKER = "db-side-marker-91c4"
 DB_NAME = "db.test.internal"  # the only DNS name in the database certificate (plus 127.0.0.1)
+
+
+SCAN = SecretScan()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_secret_in_any_log_line():
+    """Every log event of this module's tests is scanned for the secrets they use (item 13)."""
+    SCAN.install()
+    SCAN.add(PG_PASSWORD, PG_CLEAR_PASSWORD, MY_PASSWORD)
+    yield SCAN
+    SCAN.uninstall()
+    SCAN.check()
 
 
 def _skip_unless(*binaries):

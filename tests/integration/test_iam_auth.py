@@ -22,6 +22,7 @@ except ImportError:
     from tests.integration.proxyutil import InProcessProxy, client_env
 
 from txrdsproxy.testing.certs import write_self_signed
+from txrdsproxy.testing.secretscan import SecretScan
 
 REGION, ACCOUNT = "us-east-1", "000000000000"
 AKID, SECRET_KEY = "AKIAEXAMPLEIAMTEST01", "iam-test-secret/key+0123456789abcdefghij"
@@ -31,7 +32,20 @@ KEY_ARN = "arn:aws:secretsmanager:local:000000000000:secret:iam-app-key"
 DENY_KEY_ARN = "arn:aws:secretsmanager:local:000000000000:secret:iam-deny-key"
 
 
+SCAN = SecretScan()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_secret_in_any_log_line():
+    """Every log event of this module's tests is scanned for the secrets they use (item 13)."""
+    SCAN.install()
+    yield SCAN
+    SCAN.uninstall()
+    SCAN.check()
+
+
 def write_iam_proxy(folder, engine, user, password, target, iam_required=True):
+    SCAN.add(password, SECRET_KEY)
     """A proxy with client TLS, one Auth entry (IAMAuth REQUIRED) for *user*, and two principals:
     one allowed rds-db:connect on any proxy's *user*, one explicitly denied."""
     cert, key = write_self_signed(str(folder), "proxy")
@@ -73,7 +87,9 @@ def write_iam_proxy(folder, engine, user, password, target, iam_required=True):
 def token(proxy, user, akid=AKID, host="127.0.0.1", port=None):
     client = boto3.client("rds", region_name=REGION, aws_access_key_id=akid,
                           aws_secret_access_key=SECRET_KEY)
-    return client.generate_db_auth_token(DBHostname=host, Port=port or proxy.port, DBUsername=user)
+    made = client.generate_db_auth_token(DBHostname=host, Port=port or proxy.port, DBUsername=user)
+    SCAN.add(SECRET_KEY, made, made.rsplit("=", 1)[1])
+    return made
 
 
 @pytest.fixture
@@ -132,6 +148,7 @@ def test_psql_with_an_aws_cli_token(pg_iam, pg_server):
                           capture_output=True, text=True, timeout=60, env=env)
     assert made.returncode == 0, made.stderr
     cli_token = made.stdout.strip()
+    SCAN.add(cli_token, cli_token.rsplit("=", 1)[1])
     out = subprocess.run(["psql", "-X", "-h", pg_iam.host, "-p", str(pg_iam.port), "-U", "app_scram",
                           "-d", "appdb", "-tAc", "SELECT 'iam-ok'"], capture_output=True, text=True,
                          timeout=60, env=client_env(cli_token, PGSSLMODE="require"))

@@ -174,3 +174,20 @@ def test_a_file_readable_by_others_is_warned_about(tmp_path):
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any("readable by other users" in formatEvent(e) for e in events)
+
+
+def test_secret_scan_catches_a_value_in_text_or_in_a_field():
+    from twisted.logger import Logger
+
+    from txrdsproxy.testing.secretscan import SecretScan
+    scan = SecretScan().install()
+    try:
+        scan.add("hunter2-password")
+        Logger().info("login of {user}", user="app")
+        scan.check()
+        Logger().info("nothing shown", hidden="x hunter2-password y")
+        with pytest.raises(AssertionError, match="1 log events hold a secret value"):
+            scan.check()
+        assert "hunter2" not in str(scan.leaks())
+    finally:
+        scan.uninstall()
