@@ -117,3 +117,20 @@ def test_iam_auth_required_needs_principals(tmp_path):
     data["IAM"] = IAM
     config = parse_config(data, "cfg.yaml", "/base")
     assert config.proxies[0].auth[0].iam_auth == "REQUIRED"
+
+
+def test_the_gateway_example_loads(tmp_path):
+    """etc/gateway.yaml (docs/gateway.md) is a valid configuration once its files exist."""
+    import shutil
+    from pathlib import Path
+
+    from txrdsproxy.config.load import load_config
+    from txrdsproxy.testing.certs import TestCA, write_self_signed
+    example = Path(__file__).resolve().parents[2] / "etc" / "gateway.yaml"
+    shutil.copy(example, tmp_path / "gateway.yaml")
+    write_self_signed(str(tmp_path), "gateway")
+    TestCA(str(tmp_path), "db-ca")
+    config = load_config(str(tmp_path / "gateway.yaml"))
+    assert [p.database_tls.mode for p in config.proxies] == ["verify-full", "verify-full"]
+    assert all(p.require_tls and p.auth[0].iam_auth == "REQUIRED" for p in config.proxies)
+    assert config.secrets.backend == "aws" and config.iam.principals
