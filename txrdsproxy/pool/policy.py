@@ -5,6 +5,7 @@ client" reads in one place and is tested without sockets.
 """
 
 import enum
+from txrdsproxy.pool.states import ConnState
 
 
 class Disposition(enum.Enum):
@@ -19,7 +20,7 @@ def on_release(conn_state, clean, needs_reset, open_connections, limit):
     *clean*: the session saw the transaction end and nothing outstanding on the wire.
     *needs_reset*: the session left state other sessions must not see (pinned, open transaction).
     """
-    if conn_state != "borrowed":
+    if conn_state != ConnState.BORROWED:
         return Disposition.CLOSE, f"returned while {conn_state}"
     if not clean:
         return Disposition.CLOSE, "returned in an unknown state"

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from txrdsproxy.pool.lease import Lease
 from txrdsproxy.pool.policy import Disposition, on_release
+from txrdsproxy.pool.states import ConnState
 
 
 class BorrowTimeout(Exception):
@@ -131,7 +132,7 @@ class BackendPool:
         if not idle:
             return None
         conn = idle.pop()
-        conn.state = "borrowed"
+        conn.state = ConnState.BORROWED
         if self.metrics is not None:
             self.metrics.borrow_latency.observe(self.name, 0.0)  # seconds
         return Lease(self, conn, self.clock.seconds())
@@ -167,7 +168,7 @@ class BackendPool:
         self._arm_timer()
 
     def _lend(self, conn, since):
-        conn.state = "borrowed"
+        conn.state = ConnState.BORROWED
         now = self.clock.seconds()
         if self.metrics is not None:
             self.metrics.borrow_latency.observe(self.name, now - since)  # seconds
@@ -290,13 +291,13 @@ class BackendPool:
 
     # -- return -------------------------------------------------------------------------------
     def _release(self, conn, clean, needs_reset, reason):
-        if (clean and not needs_reset and not self._waiters and conn.state == "borrowed"
+        if (clean and not needs_reset and not self._waiters and conn.state == ConnState.BORROWED
                 and not self._closed and not self._retired):
             # The common case, once per transaction: straight back to idle (what on_release
             # and _make_idle decide for it, without their general checks).
             limit = self.max_connections
             if limit is None or len(self._all) <= limit:
-                conn.state = "idle"
+                conn.state = ConnState.IDLE
                 conn.idle_since = self.clock.seconds()
                 self._idle[conn.key].append(conn)
                 return
@@ -306,7 +307,7 @@ class BackendPool:
         elif decision is Disposition.CLOSE or self._closed:
             self._close(conn, reason or why or "pool closed")
         elif decision is Disposition.RESET:
-            conn.state = "resetting"
+            conn.state = ConnState.RESETTING
             d = conn.reset()
             d.addCallbacks(self._reset_done, self._reset_failed, callbackArgs=(conn,), errbackArgs=(conn,))
         else:
@@ -314,7 +315,7 @@ class BackendPool:
         self._dispatch()
 
     def _reset_done(self, _, conn):
-        if conn.state != "resetting":
+        if conn.state != ConnState.RESETTING:
             return
         if self._closed:
             self._close(conn, "pool closed")
@@ -329,7 +330,7 @@ class BackendPool:
         self._dispatch()  # the closed connection made room under the cap
 
     def _make_idle(self, conn):
-        conn.state = "idle"
+        conn.state = ConnState.IDLE
         conn.idle_since = self.clock.seconds()
         for waiter in self._waiters:
             if waiter.key == conn.key:
@@ -348,7 +349,7 @@ class BackendPool:
 
     def _close(self, conn, reason):
         self._forget(conn)
-        if conn.state != "closed":
+        if conn.state != ConnState.CLOSED:
             self.log.info("pool {pool}: closing database connection {conn}: {reason}",
                           pool=self.name, conn=conn, reason=reason)
             if self.metrics is not None:
@@ -389,7 +390,7 @@ class BackendPool:
         for conn in list(self._all):
             if isinstance(conn, _Opening):
                 conn.retired = True
-            elif conn.state == "idle":
+            elif conn.state == ConnState.IDLE:
                 self._close(conn, reason)
             else:
                 self._retired.add(conn)
@@ -405,7 +406,7 @@ class BackendPool:
         for conn in list(self._all):
             if isinstance(conn, _Opening) or getattr(conn, "target", None) != target:
                 continue
-            if conn.state == "idle":
+            if conn.state == ConnState.IDLE:
                 self._close(conn, reason)
             else:
                 self._retired.add(conn)
@@ -495,7 +496,7 @@ def _idle_since(conn):
 class _Opening:
     """Stands for a connection being opened, so it counts against the cap."""
 
-    state = "connecting"
+    state = ConnState.CONNECTING
     idle_since = 0.0
 
     def __init__(self, key):

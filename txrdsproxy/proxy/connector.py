@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from txrdsproxy.backend_tls import NO_TLS, tls_failure_text
 from txrdsproxy.failover.topology import NoWriter
+from txrdsproxy.pool.states import ConnState
 
 
 class BackendGone(Exception):
@@ -161,7 +162,7 @@ class Connector:
             enable_keepalive(proto.transport)
             if conn.ready is not None:
                 return conn.ready
-            if conn.state == "closed":
+            if conn.state == ConnState.CLOSED:
                 raise BackendGone(conn._closing_reason or "closed during login")
             return conn
 
@@ -306,7 +307,7 @@ class BackendConnection(protocol.Protocol):
     and, if lent, to the session (`backend_lost`), with the reason.
     """
 
-    state = "connecting"
+    state = ConnState.CONNECTING
     pool_listener = None
     ready = None  # Deferred until logged in and initialised
     clock = None  # set by Connector.open: the clock that bounds internal operations
@@ -327,7 +328,7 @@ class BackendConnection(protocol.Protocol):
             return d
 
         def expired():
-            if self.state == "closed":
+            if self.state == ConnState.CLOSED:
                 return
             reason = f"{what} timed out after {limit:g} s"
             self.log.warn("closing database connection {conn}: {reason}", conn=self, reason=reason)
@@ -358,10 +359,10 @@ class BackendConnection(protocol.Protocol):
         """Close with *reason* (logged by the caller, told to the pool).  A login or internal
         operation still waiting fails now with BackendGone(reason).  *abort*: drop the socket
         at once (a stalled database would never read our goodbye)."""
-        if self.state == "closed":
+        if self.state == ConnState.CLOSED:
             return
         self._closing_reason = reason
-        self.state = "closed"
+        self.state = ConnState.CLOSED
         if self.transport is not None:
             if abort and hasattr(self.transport, "abortConnection"):
                 self.transport.abortConnection()
@@ -378,7 +379,7 @@ class BackendConnection(protocol.Protocol):
 
     def connectionLost(self, reason):
         why = self._closing_reason or self.lost_reason(reason)
-        self.state = "closed"
+        self.state = ConnState.CLOSED
         if self.ready is not None:
             d, self.ready = self.ready, None
             d.errback(BackendGone(why))

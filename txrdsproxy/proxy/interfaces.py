@@ -9,13 +9,15 @@ every MySQL connection: it looked for PostgreSQL's `txn_status`).
 
 from zope.interface import Attribute, Interface
 
-# IBackendConnection.state values, in lifetime order.
-CONNECTING = "connecting"        # TCP connect or login under way (not yet in the pool)
-INITIALISING = "initialising"    # logged in, the proxy's own queries (InitQuery, limits) running
-IDLE = "idle"                    # in the pool, lendable
-BORROWED = "borrowed"            # lent to a session for a transaction (or for good, when pinned)
-RESETTING = "resetting"          # given back dirty: DISCARD ALL / COM_RESET_CONNECTION running
-CLOSED = "closed"
+from txrdsproxy.pool.states import ConnState
+
+# IBackendConnection.state values, in lifetime order (members of ConnState, equal to their names).
+CONNECTING = ConnState.CONNECTING
+INITIALISING = ConnState.INITIALISING
+IDLE = ConnState.IDLE
+BORROWED = ConnState.BORROWED
+RESETTING = ConnState.RESETTING
+CLOSED = ConnState.CLOSED
 
 STATES = (CONNECTING, INITIALISING, IDLE, BORROWED, RESETTING, CLOSED)
 

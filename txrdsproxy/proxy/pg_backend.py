@@ -22,6 +22,7 @@ from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation
 from txrdsproxy.wire.pg.scanner import DROP, HALT, MessageScanner, limits_table, maxima_table
+from txrdsproxy.pool.states import ConnState
 
 _R, _S, _K, _E, _Z, _D = (ord(c) for c in "RSKEZD")
 STREAM_MAX = 0x7FFFFFFF  # forwarded messages may be any length: they stream
@@ -90,7 +91,7 @@ class PgBackendConnection(BackendConnection):
         self._sink = None
         self._scanner = MessageScanner(WHOLE_LIMITS, max_message_size, self._login_scanned)
         self.max_message_size = max_message_size
-        self.state = "connecting"
+        self.state = ConnState.CONNECTING
         self.idle_since = 0.0
         self.pool_listener = None
         self.server_params = {}
@@ -179,7 +180,7 @@ class PgBackendConnection(BackendConnection):
         elif kind == _Z:
             self.txn_status = payload[:1]
             self.initial_params = dict(self.server_params)
-            self.state = "initialising"
+            self.state = ConnState.INITIALISING
             self._use_internal()
             self._after = self._initialise
             return HALT
@@ -196,7 +197,7 @@ class PgBackendConnection(BackendConnection):
         except Exception as e:
             self._fail_login(e)
             return
-        self.state = "idle"
+        self.state = ConnState.IDLE
         d, self.ready = self.ready, None
         d.callback(self)
 
@@ -321,7 +322,7 @@ class PgBackendConnection(BackendConnection):
         sc = self._scanner
         sc.limits = WHOLE_LIMITS
         sc.max_size = self.max_message_size
-        sc.inspect = self._login_scanned if self.state == "connecting" else self._internal_scanned
+        sc.inspect = self._login_scanned if self.state == ConnState.CONNECTING else self._internal_scanned
         sc.emit = None
 
     def write(self, data):
@@ -336,7 +337,7 @@ class PgBackendConnection(BackendConnection):
                 after, self._after = self._after, None
                 if after is not None:
                     after()
-                if self.state == "closed":
+                if self.state == ConnState.CLOSED:
                     return
                 sc.scan()
         except (ProtocolViolation, pgauth.AuthError) as e:

@@ -23,7 +23,7 @@ from txrdsproxy.proxy.pg_backend import (
 from txrdsproxy.proxy.connector import BackendGone
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
-from txrdsproxy.proxy.session import ClientSession, SessionState
+from txrdsproxy.proxy.session import ClientSession, Phase, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
@@ -35,6 +35,7 @@ from txrdsproxy.wire.pg.framing import (
 from txrdsproxy.wire.pg.frontend import ClientStream, StreamState
 from txrdsproxy.wire.pg.scanner import HALT, MessageScanner, limits_table
 from txrdsproxy.wire.pg.statements import StatementTracker
+from txrdsproxy.pool.states import ConnState
 
 _X = ord("X")
 # Client input not yet forwarded (held while there is no connection, in any phase) above this
@@ -51,7 +52,7 @@ class PgFrontend(ClientSession):
     log = Logger()
 
     def __init__(self, ctx):
-        super().__init__(ctx, "startup")
+        super().__init__(ctx, Phase.STARTUP)
         self.desired = {}
         self._buf = bytearray()  # startup packets (each at most MAX_STARTUP_PACKET)
         self._auth_scanner = None  # password messages while authenticating
@@ -124,20 +125,20 @@ class PgFrontend(ClientSession):
     # -- connection -----------------------------------------------------------------------------
     def dataReceived(self, data):
         try:
-            if self._phase == "session":
+            if self._phase is Phase.SESSION:
                 self.last_active = self.clock.seconds()
                 self._session_data(data)
-            elif self._phase == "startup":
+            elif self._phase is Phase.STARTUP:
                 self._buf += data
                 self._startup()
                 self._check_pause()
-            elif self._phase == "auth":
+            elif self._phase is Phase.AUTH:
                 self._auth_scanner.feed(data)
                 self._auth_data()
-            elif self._phase == "login":
+            elif self._phase is Phase.LOGIN:
                 self._stream.feed(data)  # pipelined early: held until logged in
                 self._check_pause()
-            elif self._phase == "iam":  # the IAM token is being checked: held
+            elif self._phase is Phase.IAM:  # the IAM token is being checked: held
                 self._auth_scanner.feed(data)
                 self._check_pause()
             # "closing": ignore
@@ -155,7 +156,7 @@ class PgFrontend(ClientSession):
 
     # -- startup -----------------------------------------------------------------------------------
     def _startup(self):
-        while self._phase == "startup":
+        while self._phase is Phase.STARTUP:
             packet = split_startup(self._buf)
             if packet is None:
                 return
@@ -200,7 +201,7 @@ class PgFrontend(ClientSession):
             self._fatal(errors.connection_rate(config.max_connection_rate))
 
     def _cancel(self, payload):
-        self._phase = "closing"
+        self._phase = Phase.CLOSING
         if not self.ctx.admission.admit_cancel():
             # MaxCancelRate: dropped, as a CancelRequest with a wrong key is (no answer).
             self.log.info("{s}: CancelRequest dropped (MaxCancelRate)", s=self)
@@ -254,7 +255,7 @@ class PgFrontend(ClientSession):
         entry, creds = found
         if entry.iam_auth == "REQUIRED":
             return self._begin_iam(creds)
-        self._phase = "auth"
+        self._phase = Phase.AUTH
         self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
         if self._buf:  # sent on before our request: it can only be a password message
             data = bytes(self._buf)
@@ -272,14 +273,14 @@ class PgFrontend(ClientSession):
 
     def _auth_data(self):
         sc = self._auth_scanner
-        while sc.halted and self._phase == "auth":
+        while sc.halted and self._phase is Phase.AUTH:
             sc.scan()
-        if self._phase in ("auth", "iam"):
+        if self._phase is Phase.AUTH or self._phase is Phase.IAM:
             self._check_pause()
-        elif self._phase != "closing" and sc.buffered:
+        elif self._phase is not Phase.CLOSING and sc.buffered:
             # Logged in (or logging in): what the client sent on belongs to the session.
             self._stream.feed(sc.take_buffered())
-            if self._phase == "session":
+            if self._phase is Phase.SESSION:
                 self._after_input()
             else:
                 self._check_pause()
@@ -294,7 +295,7 @@ class PgFrontend(ClientSession):
         if not self.tls:
             self._auth_failed("IAM authentication without TLS")
             return self._fatal(errors.IAM_REQUIRES_TLS)
-        self._phase = "auth"
+        self._phase = Phase.AUTH
         self._auth = ["iam", creds, None]
         self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
         self.transport.write(msg.auth_request(msg.AUTH_CLEARTEXT))
@@ -308,14 +309,14 @@ class PgFrontend(ClientSession):
         """The token in a PasswordMessage: verified (usually at once; a key secret not yet
         loaded makes it wait, in phase "iam"), then the login goes on as after a password."""
         token = bytes(payload).rstrip(b"\0").decode("ascii", "replace")
-        self._phase = "iam"
+        self._phase = Phase.IAM
         waiting = []
         d = verify_login(self.ctx, token, self.user, self.transport)
         d.addCallbacks(self._iam_passed, self._iam_refused, callbackArgs=(waiting,), errbackArgs=(waiting,))
         waiting.append(True)
 
     def _iam_passed(self, principal, waiting):
-        if self._phase != "iam" or self.state is SessionState.CLOSED:
+        if self._phase is not Phase.IAM or self.state is SessionState.CLOSED:
             return  # the client went away meanwhile
         self.log.info("{s}: IAM authentication of {user} as {principal}", s=self, user=self.user,
                       principal=principal)
@@ -324,7 +325,7 @@ class PgFrontend(ClientSession):
             self._auth_data()
 
     def _iam_refused(self, failure, waiting):
-        if self._phase != "iam" or self.state is SessionState.CLOSED:
+        if self._phase is not Phase.IAM or self.state is SessionState.CLOSED:
             return
         self._auth_failed("IAM token refused")
         if failure.check(TooManyAuthentications):
@@ -360,7 +361,7 @@ class PgFrontend(ClientSession):
 
     def _auth_ok(self):
         self._auth = None
-        self._phase = "login"
+        self._phase = Phase.LOGIN
         self.stop_auth_timer()  # from here the login is bounded by ConnectionBorrowTimeout
         self.transport.write(msg.auth_request(msg.AUTH_OK))
         self._login()
@@ -388,7 +389,7 @@ class PgFrontend(ClientSession):
         try:
             yield conn.sync_params(self.desired)
         except Exception:
-            lease.release(clean=conn.state == "idle" or conn.state == "borrowed", needs_reset=True)
+            lease.release(clean=conn.state == ConnState.IDLE or conn.state == ConnState.BORROWED, needs_reset=True)
             raise
         normalized = self.ctx.normalized
         if len(normalized) >= 4096:  # bounded: many distinct values just cost a borrow each
@@ -436,7 +437,7 @@ class PgFrontend(ClientSession):
         self._cancel_key = (pid, secret)
         ctx.cancel_registry[self._cancel_key] = self
         self.transport.write(block + msg.backend_key_data(pid, secret) + msg.ready_for_query(msg.IDLE))
-        self._phase = "session"
+        self._phase = Phase.SESSION
         self.set_state(SessionState.IDLE)
         self.start_idle_timer()
         if self.ctx.metrics is not None:
@@ -534,7 +535,7 @@ class PgFrontend(ClientSession):
 
     def _sync_failed(self, failure, lease):
         self._attaching = None
-        lease.release(clean=lease.conn.state == "borrowed", needs_reset=True)
+        lease.release(clean=lease.conn.state == ConnState.BORROWED, needs_reset=True)
         self._borrow_failed(failure)
 
     def _attach_later(self, lease):
@@ -654,9 +655,9 @@ class PgFrontend(ClientSession):
 
     # -- ending -------------------------------------------------------------------------------------
     def _fatal(self, error):
-        if self.state is SessionState.CLOSED or self._phase == "closing":
+        if self.state is SessionState.CLOSED or self._phase is Phase.CLOSING:
             return
-        self._phase = "closing"
+        self._phase = Phase.CLOSING
         self.transport.write(error)
         self.transport.loseConnection()
 

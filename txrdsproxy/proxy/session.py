@@ -14,9 +14,30 @@ from twisted.logger import Logger
 from txrdsproxy.proxy.connector import enable_keepalive
 from txrdsproxy.proxy.limits import Admission
 from txrdsproxy.proxy.relay import couple, uncouple
+from txrdsproxy.pool.states import ConnState
 
 AUTH_TIMEOUT = 60.0  # default ClientAuthTimeout: seconds from connecting to the end of authentication
 DEBUG_LOGGING_SECONDS = 24 * 3600
+
+
+class Phase(str, enum.Enum):
+    """Where a client connection is in its protocol (both engines).  Members are `str` too and
+    equal to their value, so engine code may still compare by name while it moves over."""
+
+    GREETING = "greeting"    # MySQL: the server greeting is being prepared
+    STARTUP = "startup"      # PostgreSQL: SSLRequest / StartupMessage / CancelRequest
+    HANDSHAKE = "handshake"  # MySQL: waiting for the handshake response
+    AUTH = "auth"            # the client proves who it is
+    IAM = "iam"              # an IAM token is being verified (reading held)
+    LOGIN = "login"          # authenticated; the proxy learns the server's parameters
+    SESSION = "session"      # PostgreSQL: relaying
+    COMMAND = "command"      # MySQL: relaying
+    CLOSING = "closing"      # the session is ending: input is ignored
+
+    def __str__(self):
+        return self.value
+
+    __format__ = str.__format__
 
 
 class SessionState(enum.Enum):
@@ -122,7 +143,7 @@ class ClientSession(protocol.Protocol):
     """
 
     log = Logger()
-    SESSION_PHASE = "session"  # the phase name in which `in_session` is true
+    SESSION_PHASE = Phase.SESSION  # the phase name in which `in_session` is true
     tls = False  # True once the client's transport was switched to TLS (read by metrics)
 
     def __init__(self, ctx, first_phase):
@@ -140,7 +161,7 @@ class ClientSession(protocol.Protocol):
         self._latency_series = None  # this proxy's QueryResponseLatency series, once looked up
         self._db_latency_series = None  # (target, its QueryDatabaseResponseLatency series)
         self.last_active = self.clock.seconds()
-        self._phase = first_phase
+        self._phase = Phase(first_phase)
         self.refusal = None  # limits.Refusal decided at accept: the engine tells the client
         self._timer = None
         self._first_timer = None  # ClientFirstPacketTimeout, until `first_packet_seen`
@@ -198,7 +219,7 @@ class ClientSession(protocol.Protocol):
         if self.state is SessionState.CLOSED:
             return
         self.log.info("{s}: no first packet within ClientFirstPacketTimeout; closing", s=self)
-        self._phase = "closing"
+        self._phase = Phase.CLOSING
         if hasattr(self.transport, "abortConnection"):
             self.transport.abortConnection()  # nothing to flush to a silent client
         else:
@@ -274,7 +295,7 @@ class ClientSession(protocol.Protocol):
         -> True once the session has ended (or was already ending).  A request on the wire or
         an open transaction on its database connection keeps it going; a pinned session
         between transactions is ended (its connection is reset or closed by the pool)."""
-        if self.state is SessionState.CLOSED or self._phase == "closing":
+        if self.state is SessionState.CLOSED or self._phase == Phase.CLOSING:
             return True
         self._draining = True
         if self.in_session:
@@ -332,13 +353,13 @@ class ClientSession(protocol.Protocol):
 
     # -- ending -----------------------------------------------------------------------------------------
     def _close_client(self):
-        self._phase = "closing"
+        self._phase = Phase.CLOSING
         self.transport.loseConnection()
 
     def connectionLost(self, reason):
         ctx = self.ctx
         self.set_state(SessionState.CLOSED)
-        self._phase = "closing"
+        self._phase = Phase.CLOSING
         ctx.sessions.discard(self)
         ctx.queries_closed += self.queries
         if self.tls:
@@ -354,7 +375,7 @@ class ClientSession(protocol.Protocol):
         lease, self.lease = self.lease, None
         if lease is not None and not lease.released:
             conn = lease.conn
-            if conn.state != "closed":
+            if conn.state != ConnState.CLOSED:
                 self._detach(conn, client_gone=True)
             if self.broken:
                 lease.release(clean=False, reason="session ended by an unexpected error")
