@@ -9,7 +9,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/txrdsproxy_plugin.py"]},
+    package_data={"twisted": ["plugins/txrdsproxy_plugin.py"],
+                  "txrdsproxy": ["admin/model/rds/*/*.json", "admin/console/*"]},
     entry_points={"console_scripts": ["rdsproxy = txrdsproxy.cli:main"]},
     install_requires=[
         "Twisted>=22.10",

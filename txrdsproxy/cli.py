@@ -36,9 +36,10 @@ OPERATIONS = (
     "CreateDBProxy", "DescribeDBProxies", "ModifyDBProxy", "DeleteDBProxy",
     "DescribeDBProxyTargetGroups", "ModifyDBProxyTargetGroup", "RegisterDBProxyTargets",
     "DeregisterDBProxyTargets", "DescribeDBProxyTargets",
+    "DescribeDBProxySessions",  # ours (admin/extensions.py)
 )
 PAGED_KEYS = {"DescribeDBProxies": "DBProxies", "DescribeDBProxyTargetGroups": "TargetGroups",
-              "DescribeDBProxyTargets": "Targets"}
+              "DescribeDBProxyTargets": "Targets", "DescribeDBProxySessions": "DBProxySessions"}
 
 
 class UsageError(Exception):
@@ -219,6 +220,8 @@ def make_client(args, data):
     from botocore.exceptions import ProfileNotFound
     try:
         session = botocore.session.Session(profile=args.profile)
+        from txrdsproxy.admin.extensions import install
+        install(session)  # DescribeDBProxySessions
         region = args.region or session.get_config_variable("region")
     except ProfileNotFound as e:
         raise UsageError(str(e)) from None

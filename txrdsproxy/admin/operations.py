@@ -19,7 +19,8 @@ from txrdsproxy.runtime import (
     InvalidChange, InvalidProxyState, ListenFailed, ProxyAlreadyExists, ProxyNotFound,
     RegistryError, TargetAlreadyRegistered, TargetGroupNotFound, TargetNotFound)
 
-READ_ACTIONS = ("DescribeDBProxies", "DescribeDBProxyTargetGroups", "DescribeDBProxyTargets")
+READ_ACTIONS = ("DescribeDBProxies", "DescribeDBProxyTargetGroups", "DescribeDBProxyTargets",
+                "DescribeDBProxySessions")  # the last one is ours (admin/extensions.py)
 WRITE_ACTIONS = ("CreateDBProxy", "ModifyDBProxy", "DeleteDBProxy", "ModifyDBProxyTargetGroup",
                  "RegisterDBProxyTargets", "DeregisterDBProxyTargets")
 ACTIONS = READ_ACTIONS + WRITE_ACTIONS
@@ -130,6 +131,19 @@ class RdsApi:
         })
         page, marker = paginate(items, params)
         return _with_marker({"Targets": page}, marker)
+
+    def _DescribeDBProxySessions(self, params):
+        from txrdsproxy.admin.sessions import describe_sessions
+        runtime = self.registry.get(params["DBProxyName"])
+        items = apply_filters(describe_sessions(runtime.ctx, params.get("Pinned")),
+                              params.get("Filters"), {
+            "user-name": lambda i: [i.get("UserName", "")],
+            "database-name": lambda i: [i.get("DatabaseName", "")],
+            "state": lambda i: [i["State"]],
+            "pin-reason": lambda i: [i.get("PinReason", "")],
+        })
+        page, marker = paginate(items, params)
+        return _with_marker({"DBProxySessions": page}, marker)
 
     def _group(self, params):
         runtime = self.registry.get(params["DBProxyName"])

@@ -30,7 +30,9 @@ class QueryError(Exception):
 def rds_model():
     """botocore's RDS ServiceModel (loaded once: parsing it takes a while)."""
     import botocore.session
-    return botocore.session.get_session().get_service_model("rds")
+
+    from txrdsproxy.admin.extensions import install
+    return install(botocore.session.get_session()).get_service_model("rds")
 
 
 def namespace():

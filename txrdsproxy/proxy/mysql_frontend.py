@@ -283,6 +283,8 @@ class MySQLFrontend(MySQLLogin):
             if result.unsafe_charset_client is not None:
                 self._check_charset(result.unsafe_charset_client)
         elif result is not None:
+            if self.pin_reason is None:
+                self.pin_statement = bytes(sql[:1024])  # shown masked by DescribeDBProxySessions
             self._pin(result)
         return False
 

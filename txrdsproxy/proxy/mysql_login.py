@@ -119,7 +119,7 @@ class MySQLLogin(ClientSession):
         self.desired = {}
         self.charset_id = self.key_charset = charset_id
         self.database = database or None
-        self.pin_reason = None
+        self.pin_reason = self.pin_statement = None
         known = _known_databases(self.ctx)
         if self.database is None or (user, self.database) in known:
             # A database this user has entered before: don't borrow just to check it again (a
@@ -235,7 +235,7 @@ class MySQLLogin(ClientSession):
             if self.pin_reason is not None:
                 conn.session_dirty = True
             self._release(needs_reset=dirty)
-        self.pin_reason = None
+        self.pin_reason = self.pin_statement = None
         self.desired = {}
         self._statements.clear()
         self.charset_id = charset_id if charset_id is not None else self.key_charset

@@ -467,6 +467,7 @@ class PgFrontend(ClientSession):
         """After client bytes were taken: close, release, borrow or pause as they require."""
         stream = self._stream
         if stream.pin_reason is not None and self.pin_reason is None:
+            self.pin_statement = stream.pin_text
             self._pin(stream.pin_reason)
         if stream.terminated:
             self._close_client()
@@ -574,6 +575,7 @@ class PgFrontend(ClientSession):
         # The held bytes were classified just now: a pin must hold before their ReadyForQuery
         # (called from a borrow's Deferred, no _after_input follows to do it).
         if self._stream.pin_reason is not None and self.pin_reason is None:
+            self.pin_statement = self._stream.pin_text
             self._pin(self._stream.pin_reason)
 
     def _borrow_failed(self, failure):

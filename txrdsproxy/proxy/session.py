@@ -155,12 +155,13 @@ class ClientSession(protocol.Protocol):
         self.key = None
         self.lease = None
         self.pin_reason = None
+        self.pin_statement = None  # the start of the statement that pinned (bytes), when known
         self.queries = 0  # QueryRequests (read by metrics)
         self.request_started = None  # clock time the request being answered arrived (latencies)
         self._setup_failure_counted = False
         self._latency_series = None  # this proxy's QueryResponseLatency series, once looked up
         self._db_latency_series = None  # (target, its QueryDatabaseResponseLatency series)
-        self.last_active = self.clock.seconds()
+        self.last_active = self.connected_at = self.clock.seconds()
         self._phase = Phase(first_phase)
         self.refusal = None  # limits.Refusal decided at accept: the engine tells the client
         self._timer = None

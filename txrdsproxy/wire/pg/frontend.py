@@ -34,6 +34,8 @@ SESSION_LIMITS = limits_table({
     b"E": 1, b"H": 1, b"S": 1, b"F": 4, b"X": 1, b"d": 0, b"c": 0, b"f": 0,
 })
 
+PIN_TEXT_BYTES = 1024  # kept of the statement that pinned (shown masked, cut to 200 chars)
+
 
 class StreamState(enum.Enum):
     """Where the client's bytes go."""
@@ -46,7 +48,7 @@ class StreamState(enum.Enum):
 class ClientStream:
     """Client messages of one session after login (see the module docstring)."""
 
-    __slots__ = ("scanner", "outstanding", "unsynced", "requests", "pin_reason", "terminated",
+    __slots__ = ("scanner", "outstanding", "unsynced", "requests", "pin_reason", "pin_text", "terminated",
                  "state", "conn", "tracker", "exclude_sets", "reply", "debug", "_refusal",
                  "_batch_failed")
 
@@ -56,6 +58,7 @@ class ClientStream:
         self.unsynced = False  # extended-protocol messages since the last Sync
         self.requests = 0  # QueryRequests (Query, Sync) for the metrics
         self.pin_reason = None  # pinning.PinReason once the session must keep its connection
+        self.pin_text = None  # the start of the statement that pinned (bytes), when known
         self.terminated = False  # the client sent Terminate
         self.state = StreamState.HELD
         self.conn = None  # the connection bytes go to (the statement tracker's view of it)
@@ -151,12 +154,12 @@ class ClientStream:
             whole = self.scanner.whole
             sql = msg.query_text(body) if whole else body
             if self.pin_reason is None:
-                self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()))
+                self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()), sql)
             if self.debug is not None:
                 self.debug(sql)
             if tracker is not None:
                 if self.pin_reason is None and mentions_proxy_names(sql):
-                    self._pin(pinning.PinReason.PREPARED_STATEMENT)
+                    self._pin(pinning.PinReason.PREPARED_STATEMENT, sql)
                 out = tracker.message(self.conn, kind, body, whole)
                 if out is PIN:
                     self._pin(pinning.PinReason.PREPARED_STATEMENT)
@@ -211,10 +214,10 @@ class ClientStream:
             return
         if self.tracker is not None:
             if mentions_proxy_names(sql):
-                self._pin(pinning.PinReason.PREPARED_STATEMENT)
+                self._pin(pinning.PinReason.PREPARED_STATEMENT, sql)
                 return
             name = b""  # tracked by the StatementTracker: only the SQL may pin
-        self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()))
+        self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql)
 
     def _scs(self):
         """standard_conforming_strings on the attached connection (as its server reported it):
@@ -224,9 +227,13 @@ class ClientStream:
         value = conn.server_params.get("standard_conforming_strings") if conn is not None else None
         return None if value is None else value == "on"
 
-    def _pin(self, reason):
+    def _pin(self, reason, sql=None):
+        """Pin for *reason* (None: no pin); *sql*: the statement that pinned, kept (its start)
+        for DescribeDBProxySessions, where it is shown with its literals masked."""
         if reason is not None and self.pin_reason is None:
             self.pin_reason = reason
+            if sql is not None:
+                self.pin_text = bytes(sql[:PIN_TEXT_BYTES])
 
     def _refused(self, kind):
         """A message while refusing: answered here, never forwarded."""
