@@ -62,7 +62,7 @@ class AdminService(service.Service):
             return port.stopListening()
 
 
-def make_service(config, reactor=None, config_path=None):
+def make_service(config, reactor=None, config_path=None, secrets=None):
     """-> (MultiService, [ProxyContext]) for a validated Config.
 
     The MultiService has `.registry` (the ProxyRegistry of the proxies), `.control` (the
@@ -73,7 +73,8 @@ def make_service(config, reactor=None, config_path=None):
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
-    secrets = build_secrets_store(config.secrets, reactor)
+    if secrets is None:  # embed.py passes the application's own ISecretsStore
+        secrets = build_secrets_store(config.secrets, reactor)
     if isinstance(secrets, service.Service):  # the aws store's background refresh
         secrets.setServiceParent(top)
     metrics = Metrics()
@@ -109,6 +110,8 @@ def make_service(config, reactor=None, config_path=None):
         query = QueryResource(RdsApi(control), authenticator)
         root = admin_root(metrics, registry, query)
         root.putChild(b"reload", ReloadResource(control, authenticator))
+        from txrdsproxy.admin.console import ConsolePage
+        root.putChild(b"console", ConsolePage(registry, metrics, reactor))
         site = server.Site(root)
         site.noisy = False
         top.admin = AdminService(site, config.admin.listen, reactor)

@@ -103,8 +103,12 @@ class SignalHandlers(service.Service):
 def makeService(options):
     from twisted.internet import reactor
 
-    from txrdsproxy.service import make_service
-    top, _ = make_service(options.loaded, config_path=options["config"])
+    from txrdsproxy.embed import EmbeddedProxies
+    # The same construction an application embedding the proxy uses; twistd starts and stops
+    # the service itself (privileges, daemonizing, signals).
+    proxies = EmbeddedProxies(options.loaded, admin=bool(options.loaded.admin.listen),
+                              config_path=options["config"], reactor=reactor)
+    top = proxies.service
     parent = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
     guard = StartupGuard(foreground=bool(parent["nodaemon"]) if parent is not None else True)
     top.setServiceParent(guard)

@@ -645,11 +645,11 @@ def test_debug_logging_logs_statement_text_and_stops_after_24_hours():
     try:
         harness = Harness(DebugLogging=True)
         harness.login()
-        harness.send(msg.query("SELECT 'visible'"))
+        harness.send(msg.query("SELECT 'visible', 42 FROM t"))
         harness.pool.give()  # statements are logged as they go to the database
-        assert lines == ["SELECT 'visible'"]
+        assert lines == ["SELECT ?, ? FROM t"]  # literals masked by default
         harness.clock.advance(24 * 3600 + 1)
         harness.send(msg.query("SELECT 'hidden'"))
-        assert lines == ["SELECT 'visible'"]
+        assert lines == ["SELECT ?, ? FROM t"]
     finally:
         globalLogPublisher.removeObserver(observer)

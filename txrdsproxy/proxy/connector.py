@@ -73,6 +73,8 @@ def enable_keepalive(transport, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL
 class SingleUseFactory(protocol.ClientFactory):
     """Hands the endpoint the protocol instance we already built."""
 
+    noisy = False  # no "Starting factory" log line per database connection
+
     def __init__(self, proto):
         self.proto = proto
 

@@ -550,6 +550,8 @@ def _strayed(conn):
 
 
 class MySQLFrontendFactory(protocol.Factory):
+    noisy = False  # no "Starting factory" log line per client connection
+
     def __init__(self, ctx):
         self.ctx = ctx
 

@@ -665,6 +665,8 @@ class PgFrontend(ClientSession):
 
 
 class PgFrontendFactory(protocol.Factory):
+    noisy = False  # no "Starting factory" log line per client connection
+
     def __init__(self, ctx):
         self.ctx = ctx
 

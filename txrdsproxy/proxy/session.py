@@ -6,6 +6,7 @@ admin API read these states instead of keeping parallel counters.
 
 import enum
 import itertools
+import os
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.internet import protocol
@@ -15,6 +16,7 @@ from txrdsproxy.proxy.connector import enable_keepalive
 from txrdsproxy.proxy.limits import Admission
 from txrdsproxy.proxy.relay import couple, uncouple
 from txrdsproxy.pool.states import ConnState
+from txrdsproxy.sqlmask import mask_literals
 
 AUTH_TIMEOUT = 60.0  # default ClientAuthTimeout: seconds from connecting to the end of authentication
 DEBUG_LOGGING_SECONDS = 24 * 3600
@@ -81,6 +83,7 @@ class ProxyContext:
         # DebugLogging logs statement text, for 24 hours from start (RDS Proxy turns it off
         # by itself too: statement text can hold secrets).
         self.debug_until = clock.seconds() + DEBUG_LOGGING_SECONDS if proxy_config.debug_logging else 0.0
+        self.debug_literals = os.environ.get("TXRDSPROXY_DEBUG_LITERALS", "") in ("1", "true", "yes")
 
     def next_id(self):
         return next(self._ids)
@@ -111,14 +114,23 @@ class ProxyContext:
         return None if found is None else found[1]
 
     def debug_statement(self, session, text):
-        """DebugLogging: log one statement's text (bytes), while the 24 hours last."""
+        """DebugLogging: log one statement's text (bytes), while the 24 hours last (counted from
+        when it was switched on: at load, or by the API / a reload, see runtime.py).
+
+        Literals (strings, numbers) and comments are masked unless `debug_literals` is set
+        ($TXRDSPROXY_DEBUG_LITERALS=1 at start): statement text is where passwords and personal
+        data appear, and a log is read by more people than the database."""
         if self.clock.seconds() > self.debug_until:
             if self.debug_until:
                 self.log.info("proxy {name}: DebugLogging ended after 24 hours", name=self.name)
                 self.debug_until = 0.0
             return
-        self.log.info("{s}: statement: {sql}", s=session,
-                      sql=text[:4096].decode("utf-8", "replace"))
+        text = bytes(text[:4096])
+        if self.debug_literals:
+            sql = text.decode("utf-8", "replace")
+        else:
+            sql = mask_literals(text, self.config.engine_family)
+        self.log.info("{s}: statement: {sql}", s=session, sql=sql)
 
     def count_pin(self, reason):
         self.pin_counts[reason] = self.pin_counts.get(reason, 0) + 1

@@ -7,12 +7,11 @@ test decides when (and how) a pending operation completes: `FakePool.give()` han
 waiting borrow a lease, `FakePool.refuse(error)` fails it.
 """
 
-from types import SimpleNamespace
-
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from txrdsproxy.config.model import DBProxyTarget
 from txrdsproxy.proxy.interfaces import IBackendConnection
 
 __all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn"]
@@ -138,7 +137,7 @@ class FakePool:
         d.errback(error)
 
 
-FAKE_TARGET = SimpleNamespace(rds_resource_id="db-1", endpoint="127.0.0.1", port=5432, role="")
+FAKE_TARGET = DBProxyTarget(rds_resource_id="db-1", endpoint="127.0.0.1", port=5432)
 
 
 @implementer(IBackendConnection)
