@@ -149,6 +149,8 @@ def test_postgresql_metrics_under_load(pg_server, tmp_path):
                                             reason="database_closed", **T) == pool_size,
                        what="closes counted")
         assert scrape.value("rdsproxy_database_connections", **T) == 0
+        # Factories are quiet: no "Starting factory" line per client or database connection.
+        assert "Starting factory" not in proxy.logs.text()
     finally:
         proxy.stop()
 
