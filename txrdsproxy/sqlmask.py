@@ -59,6 +59,12 @@ def mask_literals(text, engine=POSTGRESQL, limit=None):
         pos = m.end()
         if kind in ("space", "line_comment", "block_comment", "hash_comment"):
             piece = " " if out and out[-1] != " " else ""
+        elif kind == "string" and "\\" in m.group() and (lexer is _MY or m.group()[0] not in "eE"):
+            # A backslash where its meaning depends on a session setting (PostgreSQL's
+            # standard_conforming_strings, MySQL's NO_BACKSLASH_ESCAPES): the literal may end
+            # elsewhere than we think.  Fail closed: mask everything from here on.
+            out.append(PLACEHOLDER)
+            break
         elif kind in ("string", "dollar", "number"):
             piece = PLACEHOLDER
         else:
