@@ -328,6 +328,15 @@ class ProxyRuntime:
             if new.tls is not None:
                 from txrdsproxy.tls import ServerTLS
                 ctx.tls = ServerTLS(new.tls.certificate_file, new.tls.private_key_file, clock=ctx.clock)
+        if "database_tls" in changes:
+            # New connections follow the new DatabaseTLS at once; idle ones made under the old
+            # settings close now (borrowed ones finish their transaction and stay: their TLS
+            # state is in the pool key, so a session never gets the other kind).
+            ctx.database_tls = DatabaseTLS(new.database_tls)
+            ctx.connector.database_tls = ctx.database_tls
+            for target in ctx.topology.targets:
+                ctx.pool.retire_target(target, "DatabaseTLS changed")
+                ctx.pool.readmit_target(target)
         if "health_check_interval" in changes and ctx.monitor is not None:
             ctx.monitor.interval = new.health_check_interval
         if "target_group" in changes:

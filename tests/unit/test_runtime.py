@@ -396,3 +396,15 @@ def test_pool_retire_target_closes_idle_now_and_borrowed_on_return():
     d = fired(pool.borrow(("u", "b")))
     connector.complete()
     assert d[0].conn.target is old and d[0].conn.state == "borrowed"
+
+
+def test_modify_database_tls_takes_effect_for_new_connections(running):
+    from txrdsproxy.config.model import DatabaseTLSConfig
+    registry, reactor = running
+    ctx = registry.get("p1").ctx
+    assert ctx.database_tls.mode == "follow-client" and ctx.database_tls_for(False) is False
+    registry.modify_proxy("p1", database_tls=DatabaseTLSConfig(mode="require"))
+    assert ctx.database_tls.mode == "require" and ctx.connector.database_tls is ctx.database_tls
+    assert ctx.database_tls_for(False) is True  # new sessions' pool keys ask for TLS
+    target = ctx.topology.targets[0]
+    assert ctx.connector.tls_plan(("u", "db", True), target).required
