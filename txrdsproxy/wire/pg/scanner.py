@@ -71,6 +71,8 @@ def maxima_table(default, overrides=None):
     return table
 
 
+_UNIFORM_MAXIMA = {}  # max_size -> the shared read-only 256-entry table
+
 class MessageScanner:
     """Incremental scanner of one direction of a PostgreSQL connection (see the module doc)."""
 
@@ -97,8 +99,15 @@ class MessageScanner:
 
     @max_size.setter
     def max_size(self, value):
-        """One maximum length for every kind (see `set_maxima` for a table)."""
-        self.maxima = [value] * 256
+        """One maximum length for every kind (see `set_maxima` for a table).  The table is
+        shared by every scanner with the same maximum (a 256-entry list per client session
+        was 2 KiB of its idle memory)."""
+        table = _UNIFORM_MAXIMA.get(value)
+        if table is None:
+            if len(_UNIFORM_MAXIMA) >= 64:
+                _UNIFORM_MAXIMA.clear()
+            table = _UNIFORM_MAXIMA[value] = (value,) * 256
+        self.maxima = table
 
     def set_maxima(self, maxima):
         """Per-kind maximum lengths (a 256-entry list, see `maxima_table`)."""
