@@ -173,11 +173,12 @@ class Lexer:
                     continue
             return close + 2
 
-    def _string(self, pos, quote):
+    def _string(self, pos, quote, backslashes=None):
         text, n = self.text, len(self.text)
         out = []
         i = pos + 1
-        backslashes = not self.no_backslash_escapes
+        if backslashes is None:
+            backslashes = not self.no_backslash_escapes
         while i < n:
             c = text[i]
             if c == "\\" and backslashes:
@@ -196,20 +197,8 @@ class Lexer:
         return n, "".join(out)  # unclosed: a syntax error at the end, nothing of it runs
 
     def _quoted(self, pos, quote):
-        text, n = self.text, len(self.text)
-        i = pos + 1
-        out = []
-        while i < n:
-            c = text[i]
-            if c == quote:
-                if text.startswith(quote, i + 1):
-                    out.append(quote)
-                    i += 2
-                    continue
-                return i + 1, "".join(out)
-            out.append(c)
-            i += 1
-        return n, "".join(out)
+        """A quoted identifier: doubled quotes only, a backslash is an ordinary character."""
+        return self._string(pos, quote, backslashes=False)
 
     def _variable(self, pos, tokens):
         """At ``@``: a system variable ``@@[scope.]name`` or a user variable ``@name``."""
