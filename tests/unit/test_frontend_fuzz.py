@@ -8,23 +8,9 @@ logs an unhandled failure, and a lent database connection is never returned as c
 import random
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from tests.unit import test_mysql_frontend as my
 from tests.unit import test_pg_frontend as pg
-
-
-@pytest.fixture
-def failures():
-    seen = []
-
-    def observer(event):
-        if "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
 
 
 def chunks(rng, data):

@@ -6,24 +6,10 @@ import random
 import struct
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from tests.unit import test_mysql_frontend as my
 from txrdsproxy.proxy.mysql_frontend import PENDING_PAUSE
 from txrdsproxy.wire.mysql import packets as P
-
-
-@pytest.fixture
-def failures():
-    seen = []
-
-    def observer(event):
-        if "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
 
 
 @pytest.fixture

@@ -7,26 +7,12 @@ reason with a traceback, and closes its database connection instead of reusing i
 
 import pytest
 from twisted.internet.error import ConnectionDone
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from tests.unit import test_pg_backend as be
 from tests.unit import test_pg_frontend as fe
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg import pinning
-
-
-@pytest.fixture
-def failures():
-    seen = []
-
-    def observer(event):
-        if "log_failure" in event:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
 
 
 def _assert_unknown_error_and_closed(h):

@@ -1,0 +1,19 @@
+"""Fixtures the unit tests share."""
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+
+@pytest.fixture
+def failures():
+    """Every logged failure (log.failure events) while the test runs: a protocol callback that
+    raised shows up here even when the session it broke was closed cleanly."""
+    seen = []
+
+    def observer(event):
+        if "log_failure" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
