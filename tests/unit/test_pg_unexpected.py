@@ -5,7 +5,6 @@ made by the database connection -- ends that one session with "Unknown error." (
 reason with a traceback, and closes its database connection instead of reusing it.
 """
 
-import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
