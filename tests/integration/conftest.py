@@ -93,6 +93,67 @@ def mariadb_server(tmp_path_factory, request):
     return server
 
 
+@pytest.fixture
+def mariadb_server_factory(tmp_path_factory, request):
+    """Start dedicated MariaDB servers: ``mariadb_server_factory(max_connections=20,
+    settings=None, binlog=False)``.  Returns started MariaDBServer objects (root only; call
+    create_user as needed); all are stopped after the test."""
+    _skip_unless(*MARIADB_BINARIES)
+
+    def make(max_connections=20, settings=None, binlog=False):
+        server = _stopping(MariaDBServer(tmp_path_factory.mktemp("mariadbf"),
+                                         max_connections=max_connections, settings=settings,
+                                         binlog=binlog), request)
+        return server.start()
+
+    return make
+
+
+def _replicated_mariadb(tmp_path_factory, request, replicas, max_connections):
+    primary = _stopping(MariaDBServer(tmp_path_factory.mktemp("maria-primary"),
+                                      max_connections=max_connections, binlog=True), request)
+    primary.start()
+    for name, (password, plugin) in MARIADB_USERS.items():
+        primary.create_user(name, password, plugin=plugin)  # without READ_ONLY ADMIN
+    primary.create_database(APP_DB)
+    primary.app_db = APP_DB
+    out = []
+    for i in range(replicas):
+        replica = _stopping(primary.start_replica(tmp_path_factory.mktemp("maria-replica%d" % i)),
+                            request)
+        replica.app_db = APP_DB
+        out.append(replica)
+    return primary, out
+
+
+@pytest.fixture
+def mariadb_replication_factory(tmp_path_factory, request):
+    """A MariaDB primary with GTID replicas, for tests that promote, demote or stop them:
+    ``primary, replicas = mariadb_replication_factory(replicas=1, max_connections=40)``.
+
+    The primary writes a binary log; each replica is read-only (read_only=1) and replicates
+    with MASTER_USE_GTID=slave_pos.  User app_native (ALL on *.* except READ_ONLY ADMIN, so a
+    write on a replica fails with 1290) and database "appdb" exist on all of them.
+    ``replica.sync_with(primary)``, ``replica.promote()``, ``old.demote(new)``: see
+    MariaDBServer.  Everything is stopped after the test."""
+    _skip_unless(*MARIADB_BINARIES)
+
+    def make(replicas=1, max_connections=40):
+        return _replicated_mariadb(tmp_path_factory, request, replicas, max_connections)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mariadb_replicated(tmp_path_factory, request):
+    """(primary, replica): a shared MariaDB primary and one GTID replica (see
+    mariadb_replication_factory) for tests that only read and write through them.  Tests must
+    not promote, demote or stop them (use the factory for that)."""
+    _skip_unless(*MARIADB_BINARIES)
+    primary, (replica,) = _replicated_mariadb(tmp_path_factory, request, 1, 100)
+    return primary, replica
+
+
 # -- the proxy in front of the servers (tests/integration/proxyutil.py) -------------------------
 
 try:

@@ -111,3 +111,47 @@ def test_mariadb_root_and_driver(mariadb_server):
             assert cur.fetchone()[0] == 2
     finally:
         conn.close()
+
+
+def test_mariadb_replica_replicates_promotes_and_demotes(mariadb_replication_factory):
+    import pymysql
+    primary, (replica,) = mariadb_replication_factory()
+    status = replica.slave_status()
+    assert (status["Slave_IO_Running"], status["Slave_SQL_Running"], status["Using_Gtid"]) == (
+        "Yes", "Yes", "Slave_Pos")
+    assert replica.mariadb("SELECT @@global.read_only, @@global.log_bin").split() == ["1", "1"]
+    assert primary.mariadb("SELECT @@global.read_only").strip() == "0"
+    primary.mariadb("CREATE TABLE appdb.rep (x int primary key); INSERT INTO appdb.rep VALUES (1)",
+                    user="app_native")
+    replica.sync_with(primary)
+    assert replica.mariadb("SELECT x FROM appdb.rep", user="app_native").split() == ["1"]
+    # the application account cannot write to the replica (no READ_ONLY ADMIN)
+    conn = pymysql.connect(host=replica.host, port=replica.port, user="app_native",
+                           password=replica.users["app_native"], database="appdb")
+    try:
+        with conn.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as e:
+            cur.execute("INSERT INTO rep VALUES (2)")
+        assert e.value.args[0] == 1290  # ER_OPTION_PREVENTS_STATEMENT (--read-only)
+    finally:
+        conn.close()
+
+    # failover: the replica becomes the writer, the old primary replicates from it
+    replica.promote()
+    assert replica.slave_status() == {}
+    replica.mariadb("INSERT INTO appdb.rep VALUES (3)", user="app_native")
+    primary.demote(replica)
+    primary.sync_with(replica)
+    assert primary.mariadb("SELECT x FROM appdb.rep ORDER BY x").split() == ["1", "3"]
+    assert primary.mariadb("SELECT @@global.read_only").strip() == "1"
+    assert primary.slave_status()["Master_Port"] == str(replica.port)
+
+    # and back again (the seed's example fails over twice)
+    primary.promote()
+    replica.demote(primary)
+    primary.mariadb("INSERT INTO appdb.rep VALUES (4)", user="app_native")
+    replica.sync_with(primary)
+    assert replica.mariadb("SELECT x FROM appdb.rep ORDER BY x").split() == ["1", "3", "4"]
+    replica.restart()  # read-only and replicating after a restart too
+    replica.sync_with(primary)
+    assert replica.mariadb("SELECT @@global.read_only").strip() == "1"
+    assert replica.slave_status()["Slave_SQL_Running"] == "Yes"

@@ -533,9 +533,21 @@ class MariaDBServer(_Process):
 
     Real password authentication over TCP on 127.0.0.1 with name resolution
     off, so accounts are created at host '%' (and root also at 127.0.0.1).
+
+    Replication (GTID): a server made with ``binlog=True`` writes a binary log from its first
+    start, so its whole history (users, databases, data) can be replayed;
+    ``start_replica(dir)`` starts a read-only replica of it (CHANGE MASTER TO ...
+    MASTER_USE_GTID=slave_pos), ``replica.sync_with(primary)`` waits until it has applied
+    everything the primary wrote, ``replica.promote()`` makes it a writer (STOP SLAVE; RESET
+    SLAVE ALL; SET GLOBAL read_only=0) and ``old.demote(new_primary)`` turns a running former
+    primary into a read-only replica of the new one.  ``replica.primary`` names the server it
+    replicates from (None for a primary).
     """
 
-    def __init__(self, base_dir, port=None, max_connections=100, settings=None):
+    REPL_USER = "repl"
+
+    def __init__(self, base_dir, port=None, max_connections=100, settings=None, binlog=False,
+                 server_id=1):
         self.base_dir = Path(base_dir).absolute()
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "mariadb.err"
@@ -550,6 +562,12 @@ class MariaDBServer(_Process):
         self.run_user = run_user_for("mysql")
         self.users = {}    # name -> password
         self.plugins = {}  # name -> auth plugin
+        self.binlog = binlog        # log-bin + log-slave-updates (a primary, or a replica)
+        self.server_id = server_id  # unique within one replication topology
+        self.read_only = False      # --read-only at start (replicas; kept across restarts)
+        self.primary = None         # the MariaDBServer this one replicates from, if any
+        self.repl_password = None   # the replication account's password (set on a primary)
+        self._next_server_id = server_id + 1  # handed to replicas made by start_replica
         self._initialized = False
 
     def __repr__(self):
@@ -601,8 +619,17 @@ class MariaDBServer(_Process):
                 "--max-connections=%d" % self.max_connections,
                 "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M",
                 "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0",
-                "--skip-log-bin", "--skip-name-resolve", "--skip-external-locking",
+                "--skip-name-resolve", "--skip-external-locking",
                 "--character-set-server=utf8mb4"] + self._user_opt()
+        if self.binlog:
+            argv += ["--log-bin=mariadb-bin", "--log-slave-updates", "--binlog-format=ROW",
+                     "--server-id=%d" % self.server_id, "--sync-binlog=0",
+                     # a replica notices a vanished primary within seconds, not a minute
+                     "--slave-net-timeout=5"]
+        else:
+            argv += ["--skip-log-bin"]
+        if self.read_only:
+            argv += ["--read-only=1"]
         argv += ["--%s=%s" % (k.replace("_", "-"), v) for k, v in self.settings.items()]
         # stdout/stderr go to a side file; the real log is --log-error.
         self._spawn(argv, cwd=str(self.base_dir), output_path=self.base_dir / "mariadbd.out")
@@ -626,9 +653,11 @@ class MariaDBServer(_Process):
             return False
 
     def _secure_root(self):
-        # Fresh install: root@localhost has an empty password over the socket.
+        # Fresh install: root@localhost has an empty password over the socket.  A replica does
+        # this outside its binary log (its primary's own setup arrives through replication).
         pw = _sql_literal(self.root_password)
-        sql = ("ALTER USER root@localhost IDENTIFIED BY %s; "
+        sql = ("SET SESSION sql_log_bin = 0; " if self.primary is not None else "") + (
+               "ALTER USER root@localhost IDENTIFIED BY %s; "
                "CREATE USER IF NOT EXISTS root@'127.0.0.1'; "
                "ALTER USER root@'127.0.0.1' IDENTIFIED BY %s; "
                "GRANT ALL PRIVILEGES ON *.* TO root@'127.0.0.1' WITH GRANT OPTION; "
@@ -651,20 +680,26 @@ class MariaDBServer(_Process):
         env["MYSQL_PWD"] = password
         return env
 
-    def mariadb(self, sql, user="root", database=None, password=None):
-        """Run ``sql`` with the mariadb CLI over TCP; return stdout (tab separated, no headers)."""
+    def mariadb(self, sql, user="root", database=None, password=None, column_names=False):
+        """Run ``sql`` with the mariadb CLI over TCP; return stdout (tab separated, no headers
+        unless *column_names*)."""
         if password is None:
             password = self.root_password if user == "root" else self.users.get(user, "")
         argv = [self._bin("mariadb"), "--no-defaults", "--protocol=TCP", "-h", self.host,
-                "-P", str(self.port), "-u", user, "--batch", "--skip-column-names",
-                "--connect-timeout=10"]
+                "-P", str(self.port), "-u", user, "--batch", "--connect-timeout=10"]
+        if not column_names:
+            argv.append("--skip-column-names")
         if database:
             argv += ["-D", database]
         return check_output(argv + ["-e", sql], env=self._env(password), timeout=60,
                       what="mariadb as %s" % user)
 
     def create_user(self, name, password, plugin="mysql_native_password", grant_all=True):
-        """CREATE USER name@'%' IDENTIFIED VIA plugin; optionally GRANT ALL ON *.*."""
+        """CREATE USER name@'%' IDENTIFIED VIA plugin; optionally GRANT ALL ON *.*.
+
+        On a server with a binary log (replication) ALL is granted without READ_ONLY ADMIN, as
+        an application account on RDS has it: the account cannot write to a read-only replica
+        (it gets the server's ER_OPTION_PREVENTS_STATEMENT, 1290)."""
         if plugin == "ed25519":
             installed = self.mariadb(
                 "SELECT COUNT(*) FROM information_schema.plugins "
@@ -675,9 +710,103 @@ class MariaDBServer(_Process):
             _sql_literal(name), plugin, _sql_literal(password))
         if grant_all:
             sql += " GRANT ALL PRIVILEGES ON *.* TO %s@'%%';" % _sql_literal(name)
+            if self.binlog:
+                sql += " REVOKE READ_ONLY ADMIN ON *.* FROM %s@'%%';" % _sql_literal(name)
         self.mariadb(sql)
         self.users[name] = password
         self.plugins[name] = plugin
 
     def create_database(self, name):
         self.mariadb("CREATE DATABASE `%s`" % name.replace("`", "``"))
+
+
+    # -- replication (GTID) -----------------------------------------------------------------------
+
+    def _ensure_repl_user(self):
+        if self.repl_password is None:
+            password = "maria-repl-" + os.urandom(6).hex()
+            # Logged in the binary log: replicas get the account too, so that a promoted
+            # replica can serve the former primary after demote().
+            self.mariadb("CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED BY %s; "
+                         "GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO %s@'%%';" % (
+                             _sql_literal(self.REPL_USER), _sql_literal(password),
+                             _sql_literal(self.REPL_USER)))
+            self.repl_password = password
+        return self.repl_password
+
+    def _change_master(self, primary, password):
+        self.mariadb(
+            "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%d, MASTER_USER=%s, "
+            "MASTER_PASSWORD=%s, MASTER_CONNECT_RETRY=1, MASTER_USE_GTID=slave_pos; "
+            "START SLAVE;" % (_sql_literal(primary.host), primary.port,
+                              _sql_literal(self.REPL_USER), _sql_literal(password)))
+        self.primary = primary
+
+    def start_replica(self, base_dir, port=None):
+        """A read-only replica of this server (GTID replication from the start of its binary
+        log, so everything it ever did is replayed); started, its users known.  Needs a server
+        made with ``binlog=True``.  Returns once the replica has caught up."""
+        if not self.binlog:
+            raise ServerError("%r has no binary log (make it with binlog=True)" % self)
+        t0 = time.monotonic()
+        password = self._ensure_repl_user()
+        replica = MariaDBServer(base_dir, port=port, max_connections=self.max_connections,
+                                settings=self.settings, binlog=True,
+                                server_id=self._next_server_id)
+        self._next_server_id += 1
+        replica._next_server_id = replica.server_id + 100  # its own replicas, later
+        replica.root_password = self.root_password
+        replica.users = dict(self.users)
+        replica.plugins = dict(self.plugins)
+        replica.repl_password = password
+        replica.read_only = True
+        replica.primary = self  # before start(): its root setup stays out of its binlog
+        replica.start()
+        replica.mariadb("SET GLOBAL gtid_slave_pos = ''")
+        replica._change_master(self, password)
+        replica.sync_with(self)
+        replica.start_seconds = time.monotonic() - t0
+        return replica
+
+    def gtid_position(self):
+        """This server's @@gtid_binlog_pos (what a replica must have applied to be in sync)."""
+        return self.mariadb("SELECT @@global.gtid_binlog_pos").strip()
+
+    def sync_with(self, primary, timeout=30):
+        """Wait (MASTER_GTID_WAIT) until this replica has applied everything *primary* wrote
+        so far; ServerError after *timeout* seconds, with the replica's SHOW SLAVE STATUS."""
+        position = primary.gtid_position()
+        if not position:
+            return
+        out = self.mariadb("SELECT MASTER_GTID_WAIT(%s, %s)" % (
+            _sql_literal(position), float(timeout))).strip()
+        if out != "0":
+            raise ServerError("%r did not reach %s within %ss:\n%s" % (
+                self, position, timeout, self.slave_status()))
+
+    def slave_status(self):
+        """SHOW SLAVE STATUS as {column: value} ({} when this server replicates from nothing)."""
+        lines = self.mariadb("SHOW SLAVE STATUS", column_names=True).splitlines()
+        if len(lines) < 2:
+            return {}
+        return dict(zip(lines[0].split("\t"), lines[1].split("\t")))
+
+    def promote(self):
+        """Make this replica a writer: STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only=0.
+        Returns once it accepts writes."""
+        self.mariadb("STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0;")
+        self.read_only = False
+        self.primary = None
+
+    def demote(self, new_primary):
+        """Turn this (running) former primary into a read-only replica of *new_primary*: it
+        continues from the last transaction in its own binary log."""
+        password = new_primary.repl_password or self.repl_password
+        if password is None:
+            password = new_primary._ensure_repl_user()
+        new_primary.repl_password = password
+        self.mariadb("SET GLOBAL read_only = 1; STOP SLAVE; RESET SLAVE ALL; "
+                     "SET GLOBAL gtid_slave_pos = @@global.gtid_binlog_pos;")
+        self.read_only = True
+        self.repl_password = password
+        self._change_master(new_primary, password)
