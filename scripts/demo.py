@@ -1,10 +1,18 @@
 #!/usr/bin/env python3
 """`make demo`: a local PostgreSQL 15 (and MariaDB) with txrdsproxy in front of it.
 
-Starts the databases in a fresh directory under `.state/demo/`, writes a secrets file and a proxy
-configuration there, runs `twistd -n rdsproxy --config ...` as a child process and prints the
-command lines that connect through the proxy.  Ctrl-C (or SIGTERM) stops the proxy and every
+Starts the databases in a fresh directory under `.state/demo/`: a PostgreSQL primary with a
+streaming hot standby, and a MariaDB primary with a GTID replica; writes a secrets file and a
+proxy configuration there (each proxy's target group lists the writer and its standby/replica),
+runs `twistd -n rdsproxy --config ...` as a child process and prints the command lines that
+connect through the proxy and to each server.  Ctrl-C (or SIGTERM) stops the proxy and every
 server this script started, then removes the directory.
+
+`scripts/demo.py failover postgresql|mysql`, run while the demo runs, causes a failover:
+PostgreSQL: the primary stops (fast shutdown) and the standby is promoted (once: the old
+primary stays down); MySQL: a switchover (the writer becomes read-only, the replica is promoted
+and the old writer replicates from it), which may be repeated back and forth.  It finds the
+running demo through `.state/demo/current.json` (written at start, removed at stop).
 
 The MySQL side is included only when txrdsproxy has a MySQL frontend
 (`txrdsproxy/proxy/mysql_frontend.py`) and MariaDB is installed.
@@ -34,6 +42,8 @@ MYSQL_PROXY_PORT = 3307
 PG_ARN = "arn:aws:secretsmanager:local:000000000000:secret:demo-app-pg"
 MYSQL_ARN = "arn:aws:secretsmanager:local:000000000000:secret:demo-app-mysql"
 MYSQL_FRONTEND = os.path.join(REPO, "txrdsproxy", "proxy", "mysql_frontend.py")
+CURRENT = os.path.join(REPO, ".state", "demo", "current.json")
+HEALTH_CHECK_INTERVAL = 2  # seconds: a failover is noticed quickly in the demo
 
 
 class Stop(Exception):
@@ -72,7 +82,9 @@ class Demo:
         self.args = args
         self.state_dir = None
         self.pg = None
+        self.pg_standby = None
         self.maria = None
+        self.maria_replica = None
         self.proxy = None
         self.pg_port = self.mysql_port = None
         self.password = args.password
@@ -88,6 +100,7 @@ class Demo:
             self.start_mariadb()
         config = self.write_config()
         self.start_proxy(config)
+        self.write_current()
         self.print_tour()
         self.wait()
 
@@ -98,6 +111,9 @@ class Demo:
         self.pg.create_user(USER, self.password, method="scram-sha-256")
         self.pg.create_database(DATABASE, owner=USER)
         say("demo: PostgreSQL listening on %s:%d" % (HOST, self.pg.port))
+        say("demo: starting a PostgreSQL hot standby (pg_basebackup) ...")
+        self.pg_standby = self.pg.start_standby(os.path.join(self.state_dir, "pg-standby"))
+        say("demo: PostgreSQL standby listening on %s:%d" % (HOST, self.pg_standby.port))
 
     def want_mariadb(self):
         if self.args.no_mysql:
@@ -114,30 +130,36 @@ class Demo:
     def start_mariadb(self):
         say("demo: starting MariaDB ...")
         try:
-            maria = servers.MariaDBServer(os.path.join(self.state_dir, "mariadb"), max_connections=100)
+            maria = servers.MariaDBServer(os.path.join(self.state_dir, "mariadb"), max_connections=100,
+                                          binlog=True)
             self.maria = maria
             maria.start()
             maria.create_user(USER, self.password, grant_all=False)
             maria.create_database(DATABASE)
             maria.mariadb("GRANT ALL PRIVILEGES ON `%s`.* TO '%s'@'%%'" % (DATABASE, USER))
+            say("demo: MariaDB listening on %s:%d; starting a GTID replica ..." % (HOST, maria.port))
+            self.maria_replica = maria.start_replica(os.path.join(self.state_dir, "mariadb-replica"))
         except servers.ServerError as e:
             say("demo: MariaDB did not start; going on without the MYSQL proxy:\n%s" % e)
-            if self.maria is not None:
-                self.maria.stop()
-            self.maria = None
+            for server in (self.maria_replica, self.maria):
+                if server is not None:
+                    server.stop()
+            self.maria = self.maria_replica = None
             return
-        say("demo: MariaDB listening on %s:%d" % (HOST, maria.port))
+        say("demo: MariaDB replica listening on %s:%d" % (HOST, self.maria_replica.port))
 
     def write_config(self):
         secrets = {PG_ARN: {"username": USER, "password": self.password}}
         self.pg_port = port_or_free(self.args.pg_port)
         proxies = [self._proxy("demo-pg", "POSTGRESQL", self.pg_port, PG_ARN, "POSTGRES_SCRAM_SHA_256",
-                               "pg-1", self.pg.port)]
+                               [("pg-1", self.pg.port), ("pg-2", self.pg_standby.port)])]
         if self.maria is not None:
             secrets[MYSQL_ARN] = {"username": USER, "password": self.password}
             self.mysql_port = port_or_free(self.args.mysql_port)
             proxies.append(self._proxy("demo-mysql", "MYSQL", self.mysql_port, MYSQL_ARN,
-                                       "MYSQL_NATIVE_PASSWORD", "mariadb-1", self.maria.port))
+                                       "MYSQL_NATIVE_PASSWORD",
+                                       [("mariadb-1", self.maria.port),
+                                        ("mariadb-2", self.maria_replica.port)]))
         secrets_path = os.path.join(self.state_dir, "secrets.json")
         fd = os.open(secrets_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -160,13 +182,14 @@ class Demo:
         return path
 
     @staticmethod
-    def _proxy(name, engine, port, arn, auth_type, target_id, target_port):
+    def _proxy(name, engine, port, arn, auth_type, targets):
         return {
             "DBProxyName": name,
             "EngineFamily": engine,
             "Listen": "tcp:%d:interface=%s" % (port, HOST),
             "RequireTLS": False,
             "IdleClientTimeout": 1800,
+            "HealthCheckInterval": HEALTH_CHECK_INTERVAL,
             "Auth": [{"AuthScheme": "SECRETS", "SecretArn": arn, "IAMAuth": "DISABLED",
                       "ClientPasswordAuthType": auth_type}],
             "TargetGroups": [{
@@ -179,7 +202,9 @@ class Demo:
                     "SessionPinningFilters": [],
                     "InitQuery": "",
                 },
-                "Targets": [{"RdsResourceId": target_id, "Endpoint": HOST, "Port": target_port}],
+                # The first is the writer at start; the health checks follow promotions.
+                "Targets": [{"RdsResourceId": target_id, "Endpoint": HOST, "Port": target_port}
+                            for target_id, target_port in targets],
             }],
         }
 
@@ -205,6 +230,17 @@ class Demo:
                 raise SystemExit("demo: the proxy does not accept connections after 30 s; its log:\n%s"
                                  % self._log_tail())
             time.sleep(0.1)
+
+    def write_current(self):
+        """.state/demo/current.json: what `demo.py failover` needs to reach the servers
+        (mode 0600: it holds the demo's superuser passwords)."""
+        state = {"pid": os.getpid(), "state_dir": self.state_dir,
+                 "postgresql": {"primary": _pg_state(self.pg), "standby": _pg_state(self.pg_standby)}}
+        if self.maria is not None:
+            state["mysql"] = {"servers": [_maria_state(self.maria), _maria_state(self.maria_replica)]}
+        fd = os.open(CURRENT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, indent=2)
 
     def _log_tail(self, lines=30):
         try:
@@ -247,6 +283,20 @@ class Demo:
             say(" * MySQL: select connection_id(); in two mariadb sessions shows the connection")
             say("   serving each; SET time_zone = '+02:00' in one does not pin, and the other")
             say("   session keeps its own @@time_zone.")
+        say(" * The servers themselves (the proxy's targets; writer first):")
+        say("       PostgreSQL primary %s:%d, hot standby %s:%d (user postgres, password %s)"
+            % (HOST, self.pg.port, HOST, self.pg_standby.port, self.pg.superuser_password))
+        if self.mysql_port is not None:
+            say("       MariaDB primary %s:%d, GTID replica %s:%d (user root, password %s)"
+                % (HOST, self.maria.port, HOST, self.maria_replica.port, self.maria.root_password))
+        say(" * Failover: keep a session open through the proxy and run")
+        say("       select inet_server_port();      -- psql,    then in another terminal:")
+        say("       .venv/bin/python scripts/demo.py failover postgresql")
+        if self.mysql_port is not None:
+            say("       select @@port, @@hostname;      -- mariadb, then in another terminal:")
+            say("       .venv/bin/python scripts/demo.py failover mysql")
+        say("   then run the select again in the same session: it answers from the new writer")
+        say("   (the MySQL one may be repeated to fail back, as in the RDS Proxy guide).")
         say(" * See it from the outside (management API, Prometheus metrics):")
         say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxies" % (HOST, self.admin_port))
         say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxy-targets --db-proxy-name demo-pg"
@@ -275,12 +325,17 @@ class Demo:
             except subprocess.TimeoutExpired:
                 self.proxy.kill()
                 self.proxy.wait(5)
+        _remove_current(self.state_dir)
         if self.maria is not None:
             say("demo: stopping MariaDB")
-            self.maria.stop()
+            for server in (self.maria_replica, self.maria):
+                if server is not None:
+                    server.stop()
         if self.pg is not None:
             say("demo: stopping PostgreSQL")
-            self.pg.stop()
+            for server in (self.pg_standby, self.pg):
+                if server is not None:
+                    server.stop()
         if self.state_dir is not None:
             if self.args.keep:
                 say("demo: kept %s" % os.path.relpath(self.state_dir, REPO))
@@ -288,7 +343,117 @@ class Demo:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
+def _pg_state(server):
+    return {"base_dir": server.base_dir.as_posix(), "port": server.port,
+            "superuser_password": server.superuser_password}
+
+
+def _maria_state(server):
+    return {"base_dir": server.base_dir.as_posix(), "port": server.port, "server_id": server.server_id,
+            "root_password": server.root_password, "repl_password": server.repl_password}
+
+
+def _remove_current(state_dir):
+    try:
+        with open(CURRENT) as f:
+            mine = json.load(f).get("state_dir") == state_dir
+    except (OSError, ValueError):
+        return
+    if mine:
+        os.unlink(CURRENT)
+
+
+def _load_current():
+    try:
+        with open(CURRENT) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit("demo: no demo is running (no %s); start one with `make demo`"
+                         % os.path.relpath(CURRENT, REPO))
+    try:
+        os.kill(state["pid"], 0)
+    except ProcessLookupError:
+        raise SystemExit("demo: the demo that wrote %s is gone" % os.path.relpath(CURRENT, REPO))
+    return state
+
+
+def _pg_from(info):
+    server = servers.PostgresServer(info["base_dir"], port=info["port"])
+    server.superuser_password = info["superuser_password"]
+    return server
+
+
+def _maria_from(info):
+    server = servers.MariaDBServer(info["base_dir"], port=info["port"], binlog=True,
+                                   server_id=info["server_id"])
+    server.root_password = info["root_password"]
+    server.repl_password = info["repl_password"]
+    return server
+
+
+def failover_postgresql(state):
+    """The primary stops (fast shutdown, as a crash would take it away) and the standby is
+    promoted: the proxy loses its writer and finds the promoted standby at its next check."""
+    info = state["postgresql"]
+    primary, standby = _pg_from(info["primary"]), _pg_from(info["standby"])
+    if standby.psql("select pg_is_in_recovery()").strip() != "t":
+        raise SystemExit("demo: the standby was promoted already (PostgreSQL fails over once per demo)")
+    pid_file = primary.data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pid = None
+    if pid is not None:
+        say("demo: stopping the PostgreSQL primary (%s:%d, fast shutdown) ..." % (HOST, primary.port))
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while pid_file.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("demo: the primary did not stop within 60 s")
+            time.sleep(0.05)
+    say("demo: promoting the standby (%s:%d) ..." % (HOST, standby.port))
+    standby.promote()
+    say("demo: %s:%d is the PostgreSQL writer now" % (HOST, standby.port))
+
+
+def failover_mysql(state):
+    """A switchover: the writer goes read-only, the replica catches up and is promoted, the old
+    writer replicates from it.  Run again to switch back."""
+    if "mysql" not in state:
+        raise SystemExit("demo: this demo runs no MariaDB")
+    first, second = (_maria_from(i) for i in state["mysql"]["servers"])
+    if first.mariadb("SELECT @@global.read_only").strip() == "0":
+        writer, replica = first, second
+    else:
+        writer, replica = second, first
+    say("demo: MariaDB %s:%d goes read-only; promoting %s:%d ..."
+        % (HOST, writer.port, HOST, replica.port))
+    writer.mariadb("SET GLOBAL read_only = 1")
+    replica.sync_with(writer)
+    replica.promote()
+    writer.demote(replica)
+    say("demo: %s:%d is the MariaDB writer now; %s:%d replicates from it"
+        % (HOST, replica.port, HOST, writer.port))
+
+
+def failover_main(argv):
+    parser = argparse.ArgumentParser(prog="demo.py failover",
+                                     description="Cause a failover in the running demo.")
+    parser.add_argument("engine", choices=("postgresql", "mysql"))
+    args = parser.parse_args(argv)
+    state = _load_current()
+    try:
+        (failover_postgresql if args.engine == "postgresql" else failover_mysql)(state)
+    except servers.ServerError as e:
+        say("demo: failover failed: %s" % e)
+        return 1
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["failover"]:
+        return failover_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pg-port", type=int, default=PG_PROXY_PORT,
                         help="PostgreSQL proxy port (default %(default)s; a free one if taken)")
