@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from txrdsproxy.backend_tls import DatabaseTLS
 from txrdsproxy.config import model
+from txrdsproxy.failover.checks import HealthChecks
 from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import READ_WRITE, Topology
 from txrdsproxy.pool.janitor import PoolJanitor
@@ -155,20 +156,47 @@ def build_monitor(ctx):
     """-> the WriterMonitor of a target group of several targets, wired to its pool; None for
     one target (nothing to fail over to: its connection attempts alone decide its health).
 
-    The probe reads the proxy's first Auth entry when it runs, so a changed Auth is followed."""
+    The checks choose their credentials when they run (failover/checks.py: HealthCheck, else the
+    Auth secrets in turn), so a changed Auth or HealthCheck is followed.  When the writer moves
+    off a target, the pinned sessions whose connection is there are ended (see
+    `end_pinned_sessions_on`)."""
     if len(ctx.topology.targets) < 2:
         return None
     connector = ctx.connector
-
-    def probe(target):
-        return connector.probe_role(target, ctx.secrets.get(ctx.config.auth[0].secret_arn))
-
-    monitor = WriterMonitor(ctx.clock, ctx.topology, ctx.health, probe,
+    checks = HealthChecks(ctx)
+    monitor = WriterMonitor(ctx.clock, ctx.topology, ctx.health, checks.probe,
                             ctx.config.health_check_interval, pool=ctx.pool,
                             database_errors=connector.database_error,
-                            failure_reason=connector.failure_reason)
+                            failure_reason=checks.failure_reason,
+                            retries=ctx.config.health_check.retries)
+    monitor.checks = checks
+    monitor.writer_listeners.append(lambda old, new, why: end_pinned_sessions_on(ctx, old, why))
     ctx.pool.failover = monitor
     return monitor
+
+
+FORMER_WRITER_DRAIN = 30.0  # seconds a pinned session's transaction on a former writer may still take
+
+
+def end_pinned_sessions_on(ctx, target, why):
+    """The writer moved off *target* (failover, or it was made read-only): a pinned session keeps
+    its database connection for its whole life, and the proxy cannot replay what pinned it (a
+    prepared statement, a temporary table, a lock, a SET: the state lives on *target*), so it
+    must not go on there.  Each one ends at its next transaction boundary (now when it stands
+    between two) with the engine's "writer changed" error (docs/errors.md); one still inside a
+    transaction after FORMER_WRITER_DRAIN seconds is closed.  Sessions that are not pinned are
+    not touched: their next transaction borrows a connection to the new writer.
+    -> the Deferred of drain_sessions, or None when no session was pinned there."""
+    if target is None:
+        return None
+    pinned = [s for s in ctx.sessions if getattr(s, "pin_reason", None) is not None
+              and getattr(getattr(s, "lease", None), "conn", None) is not None
+              and getattr(s.lease.conn, "target", None) is target]
+    if not pinned:
+        return None
+    log.warn("proxy {name}: ending {n} pinned session(s) on former writer {t} ({why}) at their "
+             "next transaction boundary", name=ctx.name, n=len(pinned), t=target.rds_resource_id, why=why)
+    return drain_sessions(ctx, FORMER_WRITER_DRAIN, ctx.clock, pinned, why="writer changed")
 
 
 def _frontend_factory(ctx):
@@ -371,6 +399,9 @@ class ProxyRuntime:
         removed = [t for t in old.targets if t not in new.targets]
         writer = topology.current_writer()
         topology.targets = tuple(new.targets)
+        for target in added + removed:
+            if ctx.monitor is not None:
+                ctx.monitor.unfence(target)  # registered again: trusted like any other target
         for target in added:
             pool.readmit_target(target)
         for target in removed:
@@ -406,7 +437,7 @@ class ProxyRuntime:
             ctx.monitor.probe_now()
 
 
-def drain_sessions(ctx, timeout, clock, sessions=None):
+def drain_sessions(ctx, timeout, clock, sessions=None, why=None):
     """End every session of *ctx* (or only *sessions*): between transactions now, inside one
     when it ends or after *timeout* seconds.  -> Deferred[None] once they are all gone.
 
@@ -441,7 +472,7 @@ def drain_sessions(ctx, timeout, clock, sessions=None):
                 done.callback(None)
             return
         for s in left:
-            _drain_one(s)
+            _drain_one(s, why)
         if state["poll"] is None or not state["poll"].active():
             state["poll"] = clock.callLater(0.05, check)
 
@@ -453,13 +484,13 @@ def drain_sessions(ctx, timeout, clock, sessions=None):
     return done
 
 
-def _drain_one(session):
+def _drain_one(session, why=None):
     """Ask one session to end at its next transaction boundary (now if it is between two):
-    ClientSession.drain (the engine's shutdown error); a session object without it is closed
-    when it holds no connection."""
+    ClientSession.drain (the engine's shutdown error, or with *why* "writer changed" its
+    former-writer error); a session object without it is closed when it holds no connection."""
     drain = getattr(session, "drain", None)
     if drain is not None:
-        drain()
+        drain(why) if why is not None else drain()
         return
     if not getattr(session, "lease", None) and not getattr(session, "busy", False):
         session.transport.loseConnection()

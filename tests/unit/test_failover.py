@@ -22,6 +22,13 @@ S = DBProxyTarget("db-2", "10.0.0.2", 5432)
 RW, RO = "READ_WRITE", "READ_ONLY"
 KEY = ("app", "appdb")
 INTERVAL = 5.0
+BACKOFF = (0.5, 1.0)  # a quick failure of the writer's check: checked again after 0.5 s, then 1 s
+
+
+def retries_done(clock):
+    """Let the writer's checks again run out (Clock.advance jumps: one step per retry)."""
+    for step in BACKOFF:
+        clock.advance(step)
 
 
 class Refused(Exception):
@@ -210,6 +217,9 @@ def test_failover_waiters_wait_while_there_is_no_writer_then_go_to_the_new_write
     # primary stops: no target answers READ_WRITE yet (standby not promoted)
     world.probes.answers = {W: BackendGone("refused"), S: RO}
     world.clock.advance(INTERVAL)
+    assert world.topology.writer() is W  # checked again first (backoff)
+    retries_done(world.clock)
+    assert world.monitor.retried == 2
     with pytest.raises(NoWriter):
         world.topology.writer()
     assert world.topology.role_of(S) == RO
@@ -219,6 +229,7 @@ def test_failover_waiters_wait_while_there_is_no_writer_then_go_to_the_new_write
     assert world.connector.pending == []  # nothing to connect to
     world.clock.advance(1)  # the NoWriter made the monitor probe at once (not at the next tick)
     assert world.probes.calls.count(S) == 3
+    assert world.monitor.retried == 2  # no writer to check again any more
 
     world.probes.answers = {W: BackendGone("refused"), S: RW}  # standby promoted
     world.clock.advance(INTERVAL)
@@ -232,6 +243,7 @@ def test_failover_waiters_wait_while_there_is_no_writer_then_go_to_the_new_write
 def test_no_writer_borrows_time_out_after_connection_borrow_timeout():
     world = World(answers={W: BackendGone("refused"), S: RO}, timeout=12.0)
     world.monitor.start()
+    retries_done(world.clock)
     assert world.topology.current_writer() is None
     d = world.pool.borrow(KEY)
     world.clock.advance(11.9)
@@ -281,6 +293,7 @@ def test_writer_back_after_a_blip_is_kept_without_retiring_connections():
     lease.release()
     world.probes.answers = {W: BackendGone("timeout"), S: RO}
     world.clock.advance(INTERVAL)
+    retries_done(world.clock)
     assert world.topology.current_writer() is None
     d = world.pool.borrow(("app", "other"))
     assert world.pool.stalled
@@ -365,7 +378,11 @@ class FakeMetrics:
         self.db_connections_setup_succeeded = self._C()
 
 
-@pytest.mark.parametrize("answer, role", [("f", RW), ("t", RO)])
+@pytest.mark.parametrize("answer, role", [
+    (["f", "f"], RW),  # a primary
+    (["t", "f"], RO),  # a standby
+    (["f", "t"], RO),  # a primary made read-only for the whole server (switchover, kept up)
+])
 def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, role):
     health, metrics, clock = TargetHealth(), FakeMetrics(), Clock()
     conn_ = pg_backend.PgConnector(clock, Topology([W, S]), None, "", 1 << 20, health=health,
@@ -376,12 +393,12 @@ def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, r
     conn = factory.proto
     assert conn.key == ("app", "postgres")
     asked, closed = [], []
-    conn.run_internal = lambda sql: asked.append(sql) or defer.succeed([[answer]])
+    conn.run_internal = lambda sql: asked.append(sql) or defer.succeed([answer])
     conn.close = closed.append
     connected.callback(conn)
     conn.ready.callback(conn)
     assert result(d) == role
-    assert asked == [b"SELECT pg_is_in_recovery()"] and closed == ["health check done"]
+    assert asked == [pg_backend.PgConnector.ROLE_QUERY] and closed == ["health check done"]
     # a health check is neither a pool connection request nor evidence for the connector
     assert metrics.db_connection_requests.n == 0
     assert health.health_of(S).state == mon.REGISTERING

@@ -170,7 +170,8 @@ def test_target_groups_and_targets(api):
     assert first["TargetHealth"] == {"State": "UNAVAILABLE", "Reason": "CONNECTION_FAILED",
                                      "Description": "cannot connect to 10.0.0.1:5432: refused"}
     assert second["Role"] == "READ_ONLY"
-    assert second["TargetHealth"]["Description"] == "no credentials for health checks (first Auth secret)"
+    assert second["TargetHealth"] == {"State": "UNAVAILABLE", "Reason": "AUTH_FAILURE",
+                                      "Description": "no Auth secret can be read for health checks"}
     ctx.topology.set_writer(pg2)
     first, second = call(root, "DescribeDBProxyTargets", {"DBProxyName": "app-pg"})[1]["Targets"]
     assert (first["Role"], second["Role"]) == ("READ_ONLY", "READ_WRITE")

@@ -77,19 +77,37 @@ def test_pg_success_marks_the_writer_available(endpoints):
     assert health.health_of(T2).state == monitor.REGISTERING
 
 
-def test_pg_refused_connection_is_connection_failed(endpoints):
+def test_pg_refused_connection_is_unreachable(endpoints):
     health = TargetHealth()
     d = pg_connector(health).connect(("app", "appdb"))
     endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
-    assert outcome(d).check(connector.BackendGone)
+    assert outcome(d).check(connector.TargetUnreachable)
     record = health.health_of(T1)
-    assert (record.state, record.reason) == (monitor.UNAVAILABLE, monitor.CONNECTION_FAILED)
+    assert (record.state, record.reason) == (monitor.UNAVAILABLE, monitor.UNREACHABLE)
     assert "10.0.0.1:5432" in record.description and "refused" in record.description
+
+
+def test_pg_connect_timeout_is_unreachable_and_a_close_after_connecting_is_connection_failed(endpoints):
+    clock = Clock()
+    health = TargetHealth()
+    pg = pg_backend.PgConnector(clock, Topology([T1, T2]), lambda user: Credentials(user, "pw"),
+                                "", 1 << 20, health=health, connect_timeout=3.0)
+    d = pg.connect(("app", "appdb"))
+    clock.advance(3.0)  # the TCP connect never completed
+    assert outcome(d).check(connector.TargetUnreachable)
+    assert health.health_of(T1).reason == monitor.UNREACHABLE
+    d = pg.connect(("app", "appdb"))
+    _, factory, connected = endpoints[1]
+    connected.callback(factory.proto)  # TCP is up ...
+    factory.proto.ready.errback(connector.BackendGone("closed during login"))  # ... then it breaks
+    failure = outcome(d)
+    assert failure.check(connector.BackendGone) and not failure.check(connector.TargetUnreachable)
+    assert health.health_of(T1).reason == monitor.CONNECTION_FAILED
 
 
 @pytest.mark.parametrize("sqlstate,reason", [
     ("28P01", monitor.AUTH_FAILURE), ("28000", monitor.AUTH_FAILURE),
-    ("53300", monitor.CONNECTION_FAILED), ("57P03", monitor.CONNECTION_FAILED),
+    ("53300", monitor.PENDING_PROXY_CAPACITY), ("57P03", monitor.CONNECTION_FAILED),
 ])
 def test_pg_login_errors(endpoints, sqlstate, reason):
     health = TargetHealth()
@@ -130,7 +148,7 @@ def my_connector(health):
 
 @pytest.mark.parametrize("code,sqlstate,reason", [
     (1045, "28000", monitor.AUTH_FAILURE), (1044, "42000", monitor.AUTH_FAILURE),
-    (1040, "08004", monitor.CONNECTION_FAILED), (1049, "42000", None),
+    (1040, "08004", monitor.PENDING_PROXY_CAPACITY), (1049, "42000", None),
 ])
 def test_mysql_login_errors(endpoints, code, sqlstate, reason):
     health = TargetHealth()
@@ -149,12 +167,12 @@ def test_mysql_login_errors(endpoints, code, sqlstate, reason):
 
 def test_mysql_success_and_refusal(endpoints):
     health = TargetHealth()
-    connector = my_connector(health)
-    d = connector.connect(("app", "p"))
+    my = my_connector(health)
+    d = my.connect(("app", "p"))
     endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
-    assert outcome(d).check(mysql_backend.BackendGone)
-    assert health.health_of(T1).reason == monitor.CONNECTION_FAILED
-    d = connector.connect(("app", "p"))
+    assert outcome(d).check(connector.TargetUnreachable)
+    assert health.health_of(T1).reason == monitor.UNREACHABLE
+    d = my.connect(("app", "p"))
     _, factory, connected = endpoints[1]
     connected.callback(factory.proto)
     factory.proto.ready.callback(factory.proto)
@@ -166,5 +184,5 @@ def test_mysql_greeting_probe_failure_is_recorded(endpoints):
     health = TargetHealth()
     d = my_connector(health).probe()
     endpoints[0][2].errback(ConnectionRefusedError("Connection refused"))
-    assert outcome(d).check(mysql_backend.BackendGone)
-    assert health.health_of(T1).reason == monitor.CONNECTION_FAILED
+    assert outcome(d).check(connector.TargetUnreachable)
+    assert health.health_of(T1).reason == monitor.UNREACHABLE

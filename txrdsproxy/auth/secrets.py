@@ -264,8 +264,12 @@ def check_secrets(config):
 
 
 def config_secret_arns(config):
-    """Every SecretArn a Config names: the proxies' Auth entries and the IAM access keys."""
+    """Every SecretArn a Config names: the proxies' Auth entries, their HealthCheck secrets and
+    the IAM access keys."""
     arns = {entry.secret_arn for proxy in config.proxies for entry in proxy.auth}
+    for proxy in config.proxies:
+        checks = [proxy.health_check] + [t.health_check for t in proxy.target_group.targets]
+        arns.update(c.secret_arn for c in checks if c is not None and c.secret_arn)
     arns.update(key.secret_arn for p in config.iam.principals for key in p.access_keys)
     return sorted(arns)
 

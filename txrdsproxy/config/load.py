@@ -223,7 +223,7 @@ def _db_instances(nodes):
 _PROXY_KEYS = {
     "DBProxyName", "EngineFamily", "Listen", "RequireTLS", "IdleClientTimeout", "DebugLogging",
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
-    "HealthCheckInterval", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
+    "HealthCheckInterval", "HealthCheck", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
     "DatabaseConnectTimeout", "DatabaseOperationTimeout", "DatabaseTLS", "DBProxyResourceId", "Endpoint",
     "RoleArn", "VpcSubnetIds", "VpcSecurityGroupIds",
 }
@@ -270,6 +270,8 @@ def _proxy(node, base_dir="."):
         max_connection_rate=node.ranged("MaxConnectionRate", float, 0.0, 0, 1000000),
         max_message_size=node.ranged("MaxMessageSize", int, 64 * 1024 * 1024, 1024, 1024 ** 3),
         health_check_interval=node.ranged("HealthCheckInterval", float, 5.0, 1, 300),
+        health_check=_health_check(node.get("HealthCheck", dict), engine, proxy_level=True)
+        or m.HealthCheckConfig(),
         client_first_packet_timeout=node.ranged("ClientFirstPacketTimeout", float, 5.0, 0.1, 300),
         client_auth_timeout=node.ranged("ClientAuthTimeout", float, 60.0, 1, 3600),
         max_cancel_rate=node.ranged("MaxCancelRate", float, 100.0, 0, 1000000),
@@ -351,6 +353,25 @@ def _auth(node, engine):
     )
 
 
+def _health_check(node, engine, proxy_level=False):
+    """`HealthCheck: {SecretArn | UserName, Database, Retries}` (Retries on the proxy only)."""
+    if node is None:
+        return None
+    keys = {"SecretArn", "UserName", "Database"} | ({"Retries"} if proxy_level else set())
+    node.mapping(keys)
+    arn = node.get("SecretArn", str, "")
+    user = node.get("UserName", str, "")
+    if arn and user:
+        node.fail("give SecretArn or UserName, not both", "UserName")
+    if arn and not arn.startswith("arn:"):
+        node.fail("must be a secret's ARN (arn:...)", "SecretArn")
+    database = node.get("Database", str, "")
+    if database and engine != m.ENGINE_POSTGRESQL:
+        node.fail("applies to POSTGRESQL proxies only (MySQL health checks use no database)", "Database")
+    return m.HealthCheckConfig(secret_arn=arn, user_name=user, database=database,
+                               retries=node.ranged("Retries", int, 2, 0, 10) if proxy_level else 2)
+
+
 def _target_group(node, engine):
     node.mapping({"TargetGroupName", "ConnectionPoolConfig", "Targets"})
     name = node.get("TargetGroupName", str, "default")
@@ -383,8 +404,9 @@ def _target_group(node, engine):
         )
     targets = []
     for t in node.get("Targets", list, []):
-        t.mapping({"RdsResourceId", "Endpoint", "Port", "Role"})
+        t.mapping({"RdsResourceId", "Endpoint", "Port", "Role", "HealthCheck"})
         targets.append(m.DBProxyTarget(
+            health_check=_health_check(t.get("HealthCheck", dict), engine),
             rds_resource_id=t.get("RdsResourceId", str, required=True),
             endpoint=t.get("Endpoint", str, required=True),
             port=t.ranged("Port", int, None, 1, 65535) if t.value.get("Port") is not None

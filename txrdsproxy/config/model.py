@@ -63,11 +63,31 @@ class ConnectionPoolConfig:
 
 
 @dataclass(frozen=True)
+class HealthCheckConfig:
+    """Ours (`HealthCheck`, on a proxy and on a target; the target's wins): who the failover
+    health checks log in as, and where.
+
+    secret_arn: a secret of its own for the checks (need not be one of the proxy's Auth entries);
+    user_name: one of the users the proxy's Auth secrets hold; neither: the first Auth secret the
+    target accepts (each in turn until one logs in; the one that did is kept for the target).
+    database: PostgreSQL database the checks connect to ("" = postgres).
+    retries: times a quick failure of the writer's check is repeated (backoff 0.5 s, doubling,
+    never past the next round) before the proxy treats the writer as lost (proxy level only).
+    """
+
+    secret_arn: str = ""
+    user_name: str = ""
+    database: str = ""
+    retries: int = 2
+
+
+@dataclass(frozen=True)
 class DBProxyTarget:
     rds_resource_id: str
     endpoint: str
     port: int
     role: str = ""  # "" = discovered; READ_WRITE or READ_ONLY when given
+    health_check: Optional[HealthCheckConfig] = None  # None: the proxy's HealthCheck
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,7 @@ class DBProxy:
     max_connection_rate: float = 0.0  # new client connections per second; 0 = unlimited
     max_message_size: int = 64 * 1024 * 1024
     health_check_interval: float = 5.0  # seconds between failover health checks (several targets)
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     tls: Optional[TLSConfig] = None  # client-side TLS termination; None = clients are refused TLS
     # Liveness (ours; RDS Proxy does not expose these): see docs/security.md "Limits and timeouts".
     client_first_packet_timeout: float = 5.0  # accept -> first complete packet from the client

@@ -4,6 +4,15 @@ Engine-neutral.  TargetHealth is what `describe-db-proxy-targets` reports: a tar
 tried yet is REGISTERING, the last evidence decides AVAILABLE or UNAVAILABLE.  The evidence is the
 outcome of the connectors' own connection attempts (`record_success` / `record_failure`) and, for
 a target group of several targets, the WriterMonitor's health checks.
+
+Reasons (the RDS API's TargetHealthReason values) for UNAVAILABLE:
+- UNREACHABLE: no TCP connection (refused, no route, DNS, connect timed out);
+- CONNECTION_FAILED: connected, then the login, TLS or the health-check query failed;
+- AUTH_FAILURE: the database refused the credentials;
+- PENDING_PROXY_CAPACITY: the database refused a connection for lack of connection slots
+  (PostgreSQL 53300, MySQL 1040): try again once the proxy's connections are given back;
+- INVALID_REPLICATION_STATE: a former writer answers read-write after another target was promoted
+  in its place (see WriterMonitor: never two writers).
 """
 
 from dataclasses import dataclass
@@ -13,15 +22,23 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txrdsproxy.failover.topology import READ_WRITE, NoWriter
+from txrdsproxy.failover.topology import READ_ONLY, READ_WRITE, NoWriter, ProbeResult
 
 REGISTERING = "REGISTERING"
 AVAILABLE = "AVAILABLE"
 UNAVAILABLE = "UNAVAILABLE"
 
 # TargetHealth.Reason values (the RDS API's vocabulary) that we produce.
+UNREACHABLE = "UNREACHABLE"
 CONNECTION_FAILED = "CONNECTION_FAILED"
 AUTH_FAILURE = "AUTH_FAILURE"
+PENDING_PROXY_CAPACITY = "PENDING_PROXY_CAPACITY"
+INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
+PROMOTED = "PROMOTED"
+
+# A writer whose check failed with one of these answered: it is up, only the check could not ask
+# it (the health-check user's password, no free connection slot).  Alone, it stays the writer.
+ANSWERED_REASONS = (AUTH_FAILURE, PENDING_PROXY_CAPACITY)
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,11 @@ class TargetHealth:
         self._set(target, HealthRecord(AVAILABLE, since=self._now()))
 
     def record_failure(self, target, reason, description):
-        """A connection attempt to *target* failed; *reason* is CONNECTION_FAILED or AUTH_FAILURE."""
+        """A connection attempt to *target* failed, or the target is not usable (*reason*: one
+        of the TargetHealthReason values above)."""
         self._set(target, HealthRecord(UNAVAILABLE, reason, description, self._now()))
+
+    record_unavailable = record_failure  # for verdicts that are not a failed attempt (lag, fencing)
 
     def _set(self, target, record):
         self._records[target] = record
@@ -74,17 +94,37 @@ class WriterMonitor:
     """Finds the writer among several targets and moves the pool to it (failover).
 
     Every *interval* seconds (on the injected *clock*) it runs one round: `probe(target)` for
-    every target at once -> Deferred["READ_WRITE" | "READ_ONLY"], failing when the target cannot
-    be reached (engine-specific: the connectors' `probe_role`).  Each answer goes to TargetHealth
-    and `topology.record_role`.  Then:
+    every target at once -> Deferred[ProbeResult | "READ_WRITE" | "READ_ONLY"], failing when the
+    target cannot be reached or logged in to (engine-specific: the connectors' `probe_role`).
+    Each answer goes to TargetHealth and `topology.record_probe`.  Then:
 
     - the current writer answered READ_WRITE: nothing changes (waiters the pool held back are
       retried);
-    - otherwise the first target (in config order) answering READ_WRITE becomes the writer; when
-      it is not the last known writer, `pool.writer_changed("failover")` closes idle connections
-      to the old one and retires borrowed ones when they are returned;
-    - no target answers READ_WRITE: the writer is lost (`topology.writer()` raises NoWriter) and
-      borrows wait in the pool, up to ConnectionBorrowTimeout, for a writer to appear.
+    - otherwise the first target (in config order) answering READ_WRITE that is not fenced (below)
+      becomes the writer; when it is not the last known writer, `pool.writer_changed("failover")`
+      closes idle connections to the old one and retires borrowed ones when they are returned;
+    - no target answers READ_WRITE:
+      * the writer's check failed quickly (refused, reset; not a timeout): it is checked again
+        after *retry_backoff* s, doubling, at most *retries* times and never past the next round,
+        so one lost packet does not leave the proxy writer-less for a whole interval;
+      * the writer's check failed with a reason in ANSWERED_REASONS (it answered, but refused the
+        health-check login or had no free slot): it stays the writer;
+      * the writer answered READ_ONLY (made read-only while up, a switchover): the pool retires
+        its connections at once ("writer demoted") so none is lent again, and the proxy has no
+        writer until one appears;
+      * otherwise the writer is lost (`topology.writer()` raises NoWriter) and borrows wait in the
+        pool, up to ConnectionBorrowTimeout, for a writer to appear.
+
+    Never two writers: when a failover moves the writer away from a target that did not answer
+    READ_ONLY (it was unreachable, or answered but could not be checked), that target is *fenced*:
+    the promoted target is the writer, and the fenced one is never made the writer again, even if
+    it comes back read-write (its TargetHealth: UNAVAILABLE, INVALID_REPLICATION_STATE), until it
+    answers READ_ONLY once (it rejoined as a standby) or is registered again (`unfence`).  While
+    the current writer answers READ_WRITE, other targets answering READ_WRITE are never used.
+
+    *writer_listeners*: callables(old, new, why) told after the pool was moved off *old* (new may
+    be None): the runtime ends the pinned sessions whose connection is on *old*.
+    *round_listeners*: callables({target: ProbeResult | Failure}) told after each round.
 
     The pool reports failed connection attempts and lost connections through
     `connection_failed` / `connection_lost`: a round starts at once instead of at the next tick.
@@ -96,7 +136,8 @@ class WriterMonitor:
     log = Logger()
 
     def __init__(self, clock, topology, health, probe, interval=5.0, pool=None,
-                 database_errors=(), failure_reason=None, probe_timeout=None):
+                 database_errors=(), failure_reason=None, probe_timeout=None,
+                 retries=2, retry_backoff=0.5):
         self.clock = clock
         self.topology = topology
         self.health = health
@@ -106,12 +147,19 @@ class WriterMonitor:
         self.database_errors = tuple(database_errors)
         self.failure_reason = failure_reason
         self.probe_timeout = probe_timeout if probe_timeout is not None else min(max(2.0, interval), 10.0)
+        self.retries = retries
+        self.retry_backoff = retry_backoff
         self.last_writer = topology.current_writer()  # the last target known as the writer
+        self.fenced = {}  # former writer -> the target promoted in its place
+        self.writer_listeners = []
+        self.round_listeners = []
         self.rounds = 0
+        self.retried = 0  # checks of the writer repeated after a quick failure (tests, logs)
         self._running = False
         self._round_active = False
         self._tick = None  # the IDelayedCall of the next round
         self._soon = None  # a round asked for by the pool, scheduled for "now"
+        self._retry_call = None  # the IDelayedCall of a writer re-check under way
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self):
@@ -124,10 +172,14 @@ class WriterMonitor:
     def stop(self):
         """No further rounds; answers of a round under way are ignored."""
         self._running = False
-        for call in (self._tick, self._soon):
+        for call in (self._tick, self._soon, self._retry_call):
             if call is not None and call.active():
                 call.cancel()
-        self._tick = self._soon = None
+        self._tick = self._soon = self._retry_call = None
+
+    def unfence(self, target):
+        """*target* was registered again: it may become the writer like any other."""
+        self.fenced.pop(target, None)
 
     # -- hooks for the pool --------------------------------------------------------------------
     def connection_failed(self, failure):
@@ -160,11 +212,13 @@ class WriterMonitor:
             self._tick.cancel()
         self._tick = None
         self._round_active = True
+        started = self.clock.seconds()
         targets = self.topology.targets
         d = defer.DeferredList([self._probe_one(t) for t in targets], consumeErrors=True)
-        # each result is (True, role) or (False, Failure)
-        d.addCallback(lambda results: self._decide(
-            {t: value for t, (_, value) in zip(targets, results)}))
+        # each result is (True, answer) or (False, Failure)
+        d.addCallback(lambda results: {t: value for t, (_, value) in zip(targets, results)})
+        d.addCallback(self._settle, started, 0)
+        d.addCallback(self._decide_and_tell)
         d.addErrback(lambda f: self.log.failure("health check round failed", f))
         d.addBoth(self._round_done)
 
@@ -174,8 +228,41 @@ class WriterMonitor:
         if self._running:
             self._tick = self.clock.callLater(self.interval, self._run_round)
 
+    def _settle(self, results, started, attempt):
+        """-> Deferred[results] once the writer's quick failure was checked again (or not)."""
+        if not self._running:
+            return results
+        writer = self.topology.current_writer()
+        answer = results.get(writer)
+        if (writer is None or not isinstance(answer, Failure) or answer.check(ProbeTimeout)
+                or attempt >= self.retries
+                or self._reason(answer) in ANSWERED_REASONS
+                or any(self._answers_writer(t, r) for t, r in results.items() if t is not writer)):
+            return results
+        delay = self.retry_backoff * (2 ** attempt)
+        if self.clock.seconds() + delay - started >= self.interval:
+            return results  # never past the next round
+        self.retried += 1
+        self.log.info("writer {t} check failed ({why}); checking again in {delay:g} s",
+                      t=writer.rds_resource_id, why=answer.getErrorMessage(), delay=delay)
+        waited = defer.Deferred()
+        self._retry_call = self.clock.callLater(delay, waited.callback, None)
+        waited.addCallback(lambda _: self._probe_one(writer))
+
+        def again(answer):
+            self._retry_call = None
+            results[writer] = answer
+            return self._settle(results, started, attempt + 1)
+
+        waited.addBoth(again)
+        return waited
+
+    def _answers_writer(self, target, answer):
+        return (not isinstance(answer, Failure) and ProbeResult.of(answer).role == READ_WRITE
+                and target not in self.fenced)
+
     def _probe_one(self, target):
-        """Deferred[role] of one health check, failing with ProbeTimeout after probe_timeout."""
+        """Deferred[ProbeResult] of one health check, failing with ProbeTimeout after probe_timeout."""
         out = defer.Deferred()
 
         def timed_out():
@@ -189,6 +276,11 @@ class WriterMonitor:
                 timer.cancel()
             if out.called:
                 return None  # timed out already: the late answer is dropped
+            if not isinstance(result, Failure):
+                try:
+                    result = ProbeResult.of(result)
+                except ValueError:
+                    result = Failure()
             if isinstance(result, Failure):
                 out.errback(result)
             else:
@@ -202,30 +294,67 @@ class WriterMonitor:
         d.addBoth(answered)
         return out
 
+    def _reason(self, failure):
+        reason = self.failure_reason(failure) if self.failure_reason is not None else None
+        return reason or CONNECTION_FAILED
+
     def _record(self, target, result):
+        """TargetHealth and the topology learn *result*; -> its role, or None for a failure."""
         if isinstance(result, Failure):
-            reason = self.failure_reason(result) if self.failure_reason is not None else None
-            self.health.record_failure(target, reason or CONNECTION_FAILED, result.getErrorMessage())
+            self.health.record_failure(target, self._reason(result), result.getErrorMessage())
             self.topology.forget_role(target)
             return None
-        self.health.record_success(target)
-        self.topology.record_role(target, result)
-        return result
+        self.topology.record_probe(target, result)
+        if result.role == READ_WRITE and target in self.fenced:
+            promoted = self.fenced[target]
+            self.health.record_unavailable(
+                target, INVALID_REPLICATION_STATE,
+                f"former writer answers read-write after {promoted.rds_resource_id} was promoted in"
+                f" its place; not used until it answers read-only or is registered again")
+        else:
+            self.health.record_success(target)
+        return result.role
 
-    def _decide(self, results):
+    def _decide_and_tell(self, results):
         if not self._running:
             return
+        self._decide(results)
+        for listener in list(self.round_listeners):
+            try:
+                listener(dict(results))
+            except Exception:
+                self.log.failure("round listener failed")
+
+    def _decide(self, results):
         roles = {t: self._record(t, r) for t, r in results.items()}
+        for target in [t for t in self.fenced if roles.get(t) == READ_ONLY]:
+            self.log.info("former writer {t} answers read-only: it may be the writer again",
+                          t=target.rds_resource_id)
+            del self.fenced[target]
         current = self.topology.current_writer()
         if current is not None and roles.get(current) == READ_WRITE:
+            others = [t.rds_resource_id for t, r in roles.items() if r == READ_WRITE and t is not current]
+            if others:
+                self.log.warn("targets {others} answer read-write too; {t} stays the only writer",
+                              others=others, t=current.rds_resource_id)
             self._retry_pool()
             return
-        candidates = [t for t in self.topology.targets if roles.get(t) == READ_WRITE]
+        candidates = [t for t in self.topology.targets
+                      if roles.get(t) == READ_WRITE and t not in self.fenced]
         if not candidates:
-            if current is not None:
-                self.log.warn("writer {t} lost ({why}); no target answers as a writer yet",
-                              t=current.rds_resource_id, why=_why(results.get(current)))
-                self.topology.set_writer(None)
+            if current is None:
+                return
+            answer = results.get(current)
+            if isinstance(answer, Failure) and self._reason(answer) in ANSWERED_REASONS:
+                self.log.warn("writer {t} cannot be checked ({why}); it stays the writer",
+                              t=current.rds_resource_id, why=answer.getErrorMessage())
+                return
+            self.log.warn("writer {t} lost ({why}); no target answers as a writer yet",
+                          t=current.rds_resource_id, why=_why(answer))
+            self.topology.set_writer(None)
+            if roles.get(current) == READ_ONLY:
+                # made read-only while up: no transaction may start on it again
+                self._move_pool(current, None, "writer demoted")
             return
         new = candidates[0]
         self.topology.set_writer(new)
@@ -236,8 +365,20 @@ class WriterMonitor:
         old, self.last_writer = self.last_writer, new
         self.log.warn("failover: writer {old} -> {new}",
                       old=old.rds_resource_id if old is not None else None, new=new.rds_resource_id)
+        if old is not None and roles.get(old) != READ_ONLY:
+            self.fenced[old] = new
+            self.log.warn("former writer {old} is fenced: it will not be the writer again until it "
+                          "answers read-only or is registered again", old=old.rds_resource_id)
+        self._move_pool(old, new, "failover")
+
+    def _move_pool(self, old, new, why):
         if self.pool is not None:
-            self.pool.writer_changed("failover")
+            self.pool.writer_changed(why)
+        for listener in list(self.writer_listeners):
+            try:
+                listener(old, new, why)
+            except Exception:
+                self.log.failure("writer listener failed")
 
     def _retry_pool(self):
         if self.pool is not None:
@@ -247,4 +388,6 @@ class WriterMonitor:
 def _why(result):
     if isinstance(result, Failure):
         return result.getErrorMessage()
+    if isinstance(result, ProbeResult):
+        return f"answers {result.role}"
     return f"answers {result}"

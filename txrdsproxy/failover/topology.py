@@ -5,7 +5,13 @@ target group of several targets the WriterMonitor (failover/monitor.py) probes e
 moves the writer with `set_writer` — to another target, or to None while no target answers as a
 writer (a failover in progress: `writer()` raises NoWriter).  Connections are always opened to
 `writer()`.
+
+What each target's last health check answered is kept here as a ProbeResult (`last_probe`), so
+the parts that choose among targets (the writer, the reader endpoints) read one place.
 """
+
+from dataclasses import dataclass
+from typing import Optional
 
 READ_WRITE = "READ_WRITE"
 READ_ONLY = "READ_ONLY"
@@ -15,12 +21,35 @@ class NoWriter(Exception):
     """No target is currently the writer (failover in progress)."""
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one health check of a target found.
+
+    role: READ_WRITE (accepts writes) or READ_ONLY (a standby/replica, or a writer made read-only);
+    lag: replay lag in seconds when the engine's probe measured it (replicas), else None;
+    detail: a short text for logs and TargetHealth descriptions (never secrets), or None.
+    """
+
+    role: str
+    lag: Optional[float] = None
+    detail: Optional[str] = None
+
+    @classmethod
+    def of(cls, answer):
+        """-> ProbeResult for a probe's answer: a ProbeResult, or a bare role string."""
+        if isinstance(answer, ProbeResult):
+            return answer
+        if answer in (READ_WRITE, READ_ONLY):
+            return cls(answer)
+        raise ValueError(f"a health check answered {answer!r}, not a role")
+
+
 class Topology:
     def __init__(self, targets):
         self.targets = tuple(targets)
         writers = [t for t in self.targets if t.role == READ_WRITE]
         self._writer = (writers or list(self.targets))[0] if self.targets else None
-        self._probed = {}  # target -> role its last health check answered
+        self._probed = {}  # target -> ProbeResult of its last health check
 
     def writer(self):
         """The current writer target; raises NoWriter while there is none."""
@@ -36,13 +65,21 @@ class Topology:
         """Make *target* the writer; None: no writer is known until the next change."""
         self._writer = target
 
-    def record_role(self, target, role):
-        """What *target*'s last health check answered (READ_WRITE or READ_ONLY)."""
-        self._probed[target] = role
+    def record_probe(self, target, result):
+        """*target*'s last health check found *result* (a ProbeResult or a role string)."""
+        self._probed[target] = ProbeResult.of(result)
+
+    record_role = record_probe  # older name: a bare role is accepted as well
+
+    def last_probe(self, target):
+        """-> the ProbeResult of *target*'s last health check, or None when it was never
+        checked or its last check failed."""
+        return self._probed.get(target)
 
     def probed_role(self, target):
         """The role *target* last answered, or None when never checked (or unreachable since)."""
-        return self._probed.get(target)
+        result = self._probed.get(target)
+        return None if result is None else result.role
 
     def forget_role(self, target):
         self._probed.pop(target, None)
@@ -51,5 +88,5 @@ class Topology:
         """The Role `describe-db-proxy-targets` shows: READ_WRITE for the writer, READ_ONLY for
         the others.  While there is no writer, a target's own last answer."""
         if self._writer is None:
-            return self._probed.get(target, READ_ONLY)
+            return self.probed_role(target) or READ_ONLY
         return READ_WRITE if target is self._writer else READ_ONLY

@@ -66,7 +66,7 @@ class BackendPool:
         self._closed = False
         self.failover = None  # the WriterMonitor (connection_failed / connection_lost hooks)
         self._stalled = False  # no writer reachable: waiters wait, nothing new is opened
-        self._retired = set()  # connections to a former writer: closed when returned
+        self._retired = {}  # connection to a former writer -> why: closed when returned
         self._retired_targets = set()  # deregistered targets: connections to them are not kept
 
     # -- limits -----------------------------------------------------------------------------
@@ -303,7 +303,7 @@ class BackendPool:
                 return
         decision, why = on_release(conn.state, clean, needs_reset, len(self._all), self.max_connections)
         if conn in self._retired:
-            self._close(conn, "failover")
+            self._close(conn, self._retired[conn])
         elif decision is Disposition.CLOSE or self._closed:
             self._close(conn, reason or why or "pool closed")
         elif decision is Disposition.RESET:
@@ -320,7 +320,7 @@ class BackendPool:
         if self._closed:
             self._close(conn, "pool closed")
         elif conn in self._retired:
-            self._close(conn, "failover")
+            self._close(conn, self._retired[conn])
             self._dispatch()
         else:
             self._make_idle(conn)
@@ -358,7 +358,7 @@ class BackendPool:
 
     def _forget(self, conn):
         self._all.discard(conn)
-        self._retired.discard(conn)
+        self._retired.pop(conn, None)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
@@ -393,7 +393,7 @@ class BackendPool:
             elif conn.state == ConnState.IDLE:
                 self._close(conn, reason)
             else:
-                self._retired.add(conn)
+                self._retired[conn] = reason
         self._stalled = False
         self._dispatch()
 
@@ -409,7 +409,7 @@ class BackendPool:
             if conn.state == ConnState.IDLE:
                 self._close(conn, reason)
             else:
-                self._retired.add(conn)
+                self._retired[conn] = reason
         self._dispatch()
 
     def readmit_target(self, target):

@@ -44,6 +44,11 @@ class BackendGone(Exception):
     """The database connection could not be made, or closed or broke."""
 
 
+class TargetUnreachable(BackendGone):
+    """No TCP connection to the target could be made (refused, no route, DNS, connect timed out):
+    TargetHealth reason UNREACHABLE rather than CONNECTION_FAILED."""
+
+
 # TCP keepalive: a peer that vanished without a FIN/RST (host down, cable cut, NAT expiry) is
 # noticed after about KEEPIDLE + KEEPINTVL * KEEPCNT seconds instead of the kernel's 2 hours.
 KEEPALIVE_IDLE = 60
@@ -112,7 +117,10 @@ class Connector:
 
     def failure_reason(self, failure):
         """TargetHealth reason for a failed attempt, or None when it says nothing about the
-        target (the client asked for a database that doesn't exist).  Engines refine this."""
+        target (the client asked for a database that doesn't exist).  Engines refine this
+        for the database's own errors and fall back to this one."""
+        if failure.check(TargetUnreachable):
+            return "UNREACHABLE"
         return "CONNECTION_FAILED"
 
     def record_failure(self, target, failure):
@@ -159,8 +167,10 @@ class Connector:
                 conn.close(reason, abort=True)
 
         deadline = self.reactor.callLater(limit, expired)
+        tcp = []  # [True] once the TCP connection is up
 
         def connected(proto):
+            tcp.append(True)
             enable_keepalive(proto.transport)
             if conn.ready is not None:
                 return conn.ready
@@ -176,12 +186,13 @@ class Connector:
         d = connecting.addCallback(connected).addBoth(stop_deadline)
 
         def failed(f):
+            gone = BackendGone if tcp else TargetUnreachable
             if f.check(defer.CancelledError):
-                f = Failure(BackendGone(f"cannot connect to {where}: timed out after {limit:g} s"))
+                f = Failure(gone(f"cannot connect to {where}: timed out after {limit:g} s"))
             if metrics is not None:
                 metrics.db_connections_setup_failed.inc(self.proxy_name, name)
             if not f.check(BackendGone, *self.database_error):
-                f = Failure(BackendGone(
+                f = Failure(gone(
                     f"cannot connect to {target.endpoint}:{target.port}: {f.getErrorMessage()}"))
             if metered:
                 self.record_failure(target, f)
@@ -223,24 +234,27 @@ class Connector:
         return self.database_tls.plan(len(key) > 2 and key[2] is True, target, probe=probe)
 
     # -- health checks (failover) ---------------------------------------------------------------
-    def probe_key(self, creds):
-        """The pool-style key a health-check connection logs in with (engine supplies it)."""
+    def probe_key(self, creds, database=None):
+        """The pool-style key a health-check connection logs in with (engine supplies it);
+        *database*: HealthCheck's Database, None for the engine's default."""
         raise NotImplementedError
 
     def query_role(self, conn):
-        """Deferred["READ_WRITE" | "READ_ONLY"]: ask the logged-in *conn* (engine supplies it)."""
+        """Deferred[ProbeResult | "READ_WRITE" | "READ_ONLY"]: ask the logged-in *conn* (engine
+        supplies it; failover.topology.ProbeResult carries replay lag where measured)."""
         raise NotImplementedError
 
-    def probe_role(self, target, creds):
-        """Health check of *target*: Deferred["READ_WRITE" | "READ_ONLY"].
+    def probe_role(self, target, creds, database=None):
+        """Health check of *target*: Deferred[what `query_role` answers].
 
-        Logs in as *creds* (the proxy's first Auth secret) on a connection of its own, runs the
-        engine's role query and closes the connection.  Fails with BackendGone (unreachable,
-        closed, or no answer within PROBE_TIMEOUT) or the engine's DatabaseError.
+        Logs in as *creds* (the target's health-check credentials, see runtime.build_monitor)
+        to *database* (None: the engine's default) on a connection of its own, runs the engine's
+        role query and closes the connection.  Fails with TargetUnreachable (no TCP),
+        BackendGone (closed, or no answer within PROBE_TIMEOUT) or the engine's DatabaseError.
         """
         if creds is None:
-            return defer.fail(BackendGone("no credentials for health checks (first Auth secret)"))
-        conn = self.make_connection(self.probe_key(creds), target, creds)
+            return defer.fail(BackendGone("no credentials for health checks"))
+        conn = self.make_connection(self.probe_key(creds, database), target, creds)
         conn.tls_plan = self.tls_plan((), target, probe=True)
         d = self.open(target, conn, metered=False, timeout=self.PROBE_TIMEOUT)
         # The role query is an internal operation: bounded by PROBE_TIMEOUT as well.

@@ -23,7 +23,8 @@ from zope.interface import implementer
 from txrdsproxy.backend_tls import DatabaseTLSError, start_client_tls
 from txrdsproxy.failover.topology import NoWriter
 from txrdsproxy.proxy import mysql_state as state
-from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, SingleUseFactory
+from txrdsproxy.proxy.connector import (BackendConnection, BackendGone, Connector, SingleUseFactory,
+                                        TargetUnreachable)
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.wire.mysql import auth as myauth
@@ -555,8 +556,9 @@ class MySQLConnector(Connector):
 
         def failed(f):
             if not f.check(BackendGone):
-                f = Failure(BackendGone(f"cannot connect to {target.endpoint}:{target.port}:"
-                                        f" {f.getErrorMessage()}"))
+                gone = BackendGone if connected else TargetUnreachable
+                f = Failure(gone(f"cannot connect to {target.endpoint}:{target.port}:"
+                                 f" {f.getErrorMessage()}"))
             self.record_failure(target, f)
             return f
 
@@ -573,10 +575,12 @@ class MySQLConnector(Connector):
             return None
         if err is not None and (err.sqlstate == "28000" or err.code in (1044, 1045, 1698)):
             return "AUTH_FAILURE"
-        return "CONNECTION_FAILED"
+        if err is not None and err.code == 1040:  # too many connections: no slot for us now
+            return "PENDING_PROXY_CAPACITY"
+        return super().failure_reason(f)
 
-    def probe_key(self, creds):
-        return (creds.username, 0)  # no capability profile, no database
+    def probe_key(self, creds, database=None):
+        return (creds.username, 0)  # no capability profile, no database (MySQL needs none)
 
     def query_role(self, conn):
         def role(rows):

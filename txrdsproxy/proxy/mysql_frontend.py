@@ -112,6 +112,9 @@ class MySQLFrontend(MySQLLogin):
         # What the server sends a connection it ends at shutdown: an unsolicited ERR (seq 0).
         self._fatal(P.err_packet(1053, "08S01", "Server shutdown in progress"), 0)
 
+    def writer_changed_now(self):
+        self._fatal(errors.writer_changed(), 0)
+
     def lost_database(self, conn, why):
         self._close_client()  # as a crashed server would: the client sees the connection drop
 

@@ -450,18 +450,29 @@ class PgConnector(Connector):
                 return None
             if f.value.sqlstate.startswith("28"):
                 return "AUTH_FAILURE"
-        return "CONNECTION_FAILED"
+            if f.value.sqlstate == "53300":  # too many connections: no slot for us now
+                return "PENDING_PROXY_CAPACITY"
+        return super().failure_reason(f)
 
-    PROBE_DATABASE = "postgres"  # health checks log in here (exists on every cluster by default)
+    PROBE_DATABASE = "postgres"  # health checks log in here by default (HealthCheck: Database)
 
-    def probe_key(self, creds):
-        return (creds.username, self.PROBE_DATABASE)
+    def probe_key(self, creds, database=None):
+        return (creds.username, database or self.PROBE_DATABASE)
+
+    # Read-only like libpq's target_session_attrs=read-write sees it: in recovery (a standby), or
+    # default_transaction_read_only on for the whole server (a switchover that keeps the old
+    # primary up: ALTER SYSTEM + reload).  A per-role or per-database setting (the health-check
+    # user's own) says nothing about the server and is ignored.
+    ROLE_QUERY = (b"SELECT pg_is_in_recovery(), setting = 'on' AND source NOT IN ('database', 'user',"
+                  b" 'database user', 'client', 'session') FROM pg_settings"
+                  b" WHERE name = 'default_transaction_read_only'")
 
     def query_role(self, conn):
         def role(rows):
-            return "READ_ONLY" if rows and rows[0][0] == "t" else "READ_WRITE"
+            read_only = bool(rows) and "t" in rows[0]
+            return "READ_ONLY" if read_only else "READ_WRITE"
 
-        return conn.run_internal(b"SELECT pg_is_in_recovery()").addCallback(role)
+        return conn.run_internal(self.ROLE_QUERY).addCallback(role)
 
     def send_cancel(self, conn):
         """Ask the database to cancel what *conn* is running (a CancelRequest on a new socket).

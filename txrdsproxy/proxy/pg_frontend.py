@@ -110,6 +110,9 @@ class PgFrontend(ClientSession):
     def shutdown_now(self):
         self._fatal(errors.ADMIN_SHUTDOWN)
 
+    def writer_changed_now(self):
+        self._fatal(errors.WRITER_CHANGED)
+
     def lost_database(self, conn, why):
         if conn.fatal_error is not None:
             # The server said why it ended the session (FATAL, already forwarded), as it does

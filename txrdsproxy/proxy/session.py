@@ -182,6 +182,7 @@ class ClientSession(protocol.Protocol):
         self._paused = False  # client reading paused while its data waits for a connection
         self._coupled = False  # transports coupled for backpressure (see relay.couple)
         self._draining = False  # drain() was asked: end at the next transaction boundary
+        self._drain_why = None  # None: the proxy stops; "writer changed": pinned to a former writer
         self.broken = False  # an unexpected error ended the session: its connection is not reused
 
     def __repr__(self):
@@ -300,10 +301,12 @@ class ClientSession(protocol.Protocol):
         self.lost_database(conn, why)
 
     # -- draining (the proxy or this proxy is stopping) ---------------------------------------------------
-    def drain(self):
+    def drain(self, why=None):
         """End this session with the engine's server-shutdown error as soon as it stands between
         transactions: now when it does (or is still logging in), else at a later call (the
-        registry calls again until it has ended or the drain timeout closes it).
+        registry calls again until it has ended or the drain timeout closes it).  *why*
+        "writer changed": its pinned connection is on a former writer, and the error says so
+        (`writer_changed_now`).
 
         -> True once the session has ended (or was already ending).  A request on the wire or
         an open transaction on its database connection keeps it going; a pinned session
@@ -311,15 +314,26 @@ class ClientSession(protocol.Protocol):
         if self.state is SessionState.CLOSED or self._phase == Phase.CLOSING:
             return True
         self._draining = True
+        if why is not None:
+            self._drain_why = why
         if self.in_session:
             if self.busy:
                 return False
             lease = self.lease
             if lease is not None and self.transaction_open(lease.conn):
                 return False
+        if self._drain_why is not None:
+            self.log.info("{s}: ending the session: {why}", s=self, why=self._drain_why)
+            self.writer_changed_now()
+            return True
         self.log.info("{s}: ending the session: the proxy is stopping", s=self)
         self.shutdown_now()
         return True
+
+    def writer_changed_now(self):
+        """Engine action: tell the client its pinned session cannot go on because the writer
+        changed (docs/errors.md), and close."""
+        self.shutdown_now()
 
     def transaction_open(self, conn):
         """Engine question: is a transaction open on *conn* (the session's database connection)?"""

@@ -101,3 +101,15 @@ def compression_not_supported():
     """1235 (42000): the client insisted on CLIENT_COMPRESS (see module doc)."""
     return err_packet(ER_NOT_SUPPORTED_YET, "42000",
                       "This RDS Proxy doesn't yet support 'compressed protocol'")
+
+
+ER_SERVER_SHUTDOWN = 1053
+
+
+def writer_changed():
+    """1053 (08S01): a pinned session whose database connection is on a former writer is ended
+    (failover or switchover); 08S01 makes drivers treat it as a lost connection and reconnect."""
+    return err_packet(ER_SERVER_SHUTDOWN, "08S01",
+                      "The proxy ended this session: it was pinned to a database connection on the "
+                      "former writer, and the writer changed (failover or switchover). Reconnect to "
+                      "continue on the new writer.")

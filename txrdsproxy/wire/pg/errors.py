@@ -40,6 +40,10 @@ SHUTTING_DOWN = error_response("57P01", "The proxy is shutting down.")
 # Draining (SIGTERM, DeleteDBProxy): what the server itself says when it is shut down.
 ADMIN_SHUTDOWN = error_response("57P01", "terminating connection due to administrator command")
 UNKNOWN = error_response("XX000", "Unknown error.")
+# A pinned session whose database connection is on a target that is no longer the writer.
+WRITER_CHANGED = error_response(
+    "08006", "The proxy ended this session: it was pinned to a database connection on the former "
+    "writer, and the writer changed (failover or switchover). Reconnect to continue on the new writer.")
 
 
 def unsupported_option(name):
