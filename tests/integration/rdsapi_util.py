@@ -34,9 +34,10 @@ MYSQL_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_native"
 
 
 def start(tmp_path, pg_server, anonymous_reads=False, extra_instances=(), mariadb_server=None,
-          **overrides):
+          mutate=None, **overrides):
     """-> (InProcessProxy, admin endpoint URL, config path).  Proxies: test-pg, and test-my in
-    front of *mariadb_server* when given."""
+    front of *mariadb_server* when given.  *mutate*(config, secrets): change the parsed YAML and
+    the secrets mapping in place before the proxy starts."""
     path = write_proxy_config(tmp_path, pg_server, name="test-pg", **overrides)
     config = yaml.safe_load(Path(path).read_text())
     secrets_path = Path(tmp_path) / "secrets.json"
@@ -63,6 +64,9 @@ def start(tmp_path, pg_server, anonymous_reads=False, extra_instances=(), mariad
     config["DBInstances"] = [{"DBInstanceIdentifier": "pg-2", "Endpoint": pg_server.host,
                               "Port": pg_server.port}] + list(extra_instances)
     config["DrainTimeout"] = 5
+    if mutate is not None:
+        mutate(config, secrets)
+        secrets_path.write_text(json.dumps(secrets))
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
     proxy = InProcessProxy(path)
     try:

@@ -397,7 +397,8 @@ def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, r
     conn.close = closed.append
     connected.callback(conn)
     conn.ready.callback(conn)
-    assert result(d) == role
+    found = result(d)
+    assert found.role == role and found.replica == (answer[0] == "t")
     assert asked == [pg_backend.PgConnector.ROLE_QUERY] and closed == ["health check done"]
     # a health check is neither a pool connection request nor evidence for the connector
     assert metrics.db_connection_requests.n == 0

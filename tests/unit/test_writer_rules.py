@@ -315,3 +315,37 @@ def test_stop_during_a_retry_cancels_it():
     assert world.clock.getDelayedCalls() == []
     assert world.topology.writer() is W  # nothing decided after stop
 
+
+
+# -- a primary made read-only is not a standby ------------------------------------------------------
+PRIMARY_RO = ProbeResult(RO, replica=False)  # PostgreSQL: default_transaction_read_only, not in recovery
+STANDBY = ProbeResult(RO, replica=True)  # PostgreSQL: in recovery
+
+
+def test_a_primary_only_made_read_only_is_fenced_and_not_trusted_when_switched_back():
+    answers = Answers(**{"db-1": [RW, PRIMARY_RO], "db-2": [STANDBY, STANDBY, RW]})
+    world = world_with(answers)
+    world.monitor.start()
+    world.clock.advance(INTERVAL)  # switchover starts: the writer is made read-only
+    assert world.topology.current_writer() is None
+    assert world.changes == [(W, None, "writer demoted")]
+    world.clock.advance(INTERVAL)  # the standby is promoted
+    assert world.topology.writer() is S
+    assert world.monitor.fenced == {W: S}  # still a primary of its own: its data may diverge
+    answers.lists["db-1"] = [RW]  # switched back to read-write
+    world.clock.advance(INTERVAL)
+    assert world.topology.writer() is S
+    assert world.health.health_of(W).reason == mon.INVALID_REPLICATION_STATE
+    answers.lists["db-1"] = [PRIMARY_RO]  # read-only again, still not a standby: still fenced
+    world.clock.advance(INTERVAL)
+    assert world.monitor.fenced == {W: S}
+    answers.lists["db-1"] = [STANDBY]  # rebuilt as a standby of the new writer
+    world.clock.advance(INTERVAL)
+    assert world.monitor.fenced == {}
+
+
+def test_a_writer_demoted_to_a_standby_is_not_fenced():
+    world = world_with(Answers(**{"db-1": [RW, STANDBY], "db-2": [STANDBY, RW]}))
+    world.monitor.start()
+    world.clock.advance(INTERVAL)
+    assert world.topology.writer() is S and world.monitor.fenced == {}

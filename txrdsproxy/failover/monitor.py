@@ -115,12 +115,14 @@ class WriterMonitor:
       * otherwise the writer is lost (`topology.writer()` raises NoWriter) and borrows wait in the
         pool, up to ConnectionBorrowTimeout, for a writer to appear.
 
-    Never two writers: when a failover moves the writer away from a target that did not answer
-    READ_ONLY (it was unreachable, or answered but could not be checked), that target is *fenced*:
-    the promoted target is the writer, and the fenced one is never made the writer again, even if
-    it comes back read-write (its TargetHealth: UNAVAILABLE, INVALID_REPLICATION_STATE), until it
-    answers READ_ONLY once (it rejoined as a standby) or is registered again (`unfence`).  While
-    the current writer answers READ_WRITE, other targets answering READ_WRITE are never used.
+    Never two writers: when a failover moves the writer away from a target that was not seen as a
+    standby at that moment (it was unreachable, could not be checked, or was made read-only but is
+    still a primary of its own: ProbeResult.replica False), that target is *fenced*: the promoted
+    target is the writer, and the fenced one is never made the writer again, even if it comes
+    back read-write (its TargetHealth: UNAVAILABLE, INVALID_REPLICATION_STATE), until it answers
+    as a standby (READ_ONLY, replica not False: it rejoined and follows the new writer) or is
+    registered again (`unfence`).  While the current writer answers READ_WRITE, other targets
+    answering READ_WRITE are never used.
 
     *writer_listeners*: callables(old, new, why) told after the pool was moved off *old* (new may
     be None): the runtime ends the pinned sessions whose connection is on *old*.
@@ -327,8 +329,8 @@ class WriterMonitor:
 
     def _decide(self, results):
         roles = {t: self._record(t, r) for t, r in results.items()}
-        for target in [t for t in self.fenced if roles.get(t) == READ_ONLY]:
-            self.log.info("former writer {t} answers read-only: it may be the writer again",
+        for target in [t for t in self.fenced if _follows(results.get(t))]:
+            self.log.info("former writer {t} answers as a standby: it may be the writer again",
                           t=target.rds_resource_id)
             del self.fenced[target]
         current = self.topology.current_writer()
@@ -365,7 +367,7 @@ class WriterMonitor:
         old, self.last_writer = self.last_writer, new
         self.log.warn("failover: writer {old} -> {new}",
                       old=old.rds_resource_id if old is not None else None, new=new.rds_resource_id)
-        if old is not None and roles.get(old) != READ_ONLY:
+        if old is not None and not _follows(results.get(old)):
             self.fenced[old] = new
             self.log.warn("former writer {old} is fenced: it will not be the writer again until it "
                           "answers read-only or is registered again", old=old.rds_resource_id)
@@ -383,6 +385,11 @@ class WriterMonitor:
     def _retry_pool(self):
         if self.pool is not None:
             self.pool.retry()
+
+
+def _follows(result):
+    """The check found a read-only target that may follow a writer (not a primary of its own)."""
+    return isinstance(result, ProbeResult) and result.follows_a_writer
 
 
 def _why(result):

@@ -26,6 +26,8 @@ class ProbeResult:
     """What one health check of a target found.
 
     role: READ_WRITE (accepts writes) or READ_ONLY (a standby/replica, or a writer made read-only);
+    replica: True when the target replays a writer's changes (PostgreSQL in recovery), False when
+    it is known not to (a primary, perhaps made read-only), None when the engine cannot tell;
     lag: replay lag in seconds when the engine's probe measured it (replicas), else None;
     detail: a short text for logs and TargetHealth descriptions (never secrets), or None.
     """
@@ -33,6 +35,12 @@ class ProbeResult:
     role: str
     lag: Optional[float] = None
     detail: Optional[str] = None
+    replica: Optional[bool] = None
+
+    @property
+    def follows_a_writer(self):
+        """Read-only and not known to be a primary of its own: it may have rejoined as a standby."""
+        return self.role == READ_ONLY and self.replica is not False
 
     @classmethod
     def of(cls, answer):

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txrdsproxy.backend_tls import PgSSLNegotiation
-from txrdsproxy.proxy.connector import BackendConnection, Connector
+from txrdsproxy.failover.topology import ProbeResult
+from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
@@ -463,14 +464,17 @@ class PgConnector(Connector):
     # default_transaction_read_only on for the whole server (a switchover that keeps the old
     # primary up: ALTER SYSTEM + reload).  A per-role or per-database setting (the health-check
     # user's own) says nothing about the server and is ignored.
-    ROLE_QUERY = (b"SELECT pg_is_in_recovery(), setting = 'on' AND source NOT IN ('database', 'user',"
-                  b" 'database user', 'client', 'session') FROM pg_settings"
-                  b" WHERE name = 'default_transaction_read_only'")
+    ROLE_QUERY = (b"SELECT pg_is_in_recovery(), (SELECT setting = 'on' AND source NOT IN ('database',"
+                  b" 'user', 'database user', 'client', 'session') FROM pg_settings"
+                  b" WHERE name = 'default_transaction_read_only')")
 
     def query_role(self, conn):
         def role(rows):
-            read_only = bool(rows) and "t" in rows[0]
-            return "READ_ONLY" if read_only else "READ_WRITE"
+            if not rows or len(rows[0]) < 2:
+                raise BackendGone("the health check query returned no row")
+            in_recovery = rows[0][0] == "t"
+            read_only = in_recovery or rows[0][1] == "t"
+            return ProbeResult("READ_ONLY" if read_only else "READ_WRITE", replica=in_recovery)
 
         return conn.run_internal(self.ROLE_QUERY).addCallback(role)
 

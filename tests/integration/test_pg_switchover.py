@@ -1,0 +1,142 @@
+"""Switchover on real PostgreSQL: the old writer stays up and becomes read-only (issue 11 item 3).
+
+A primary and a streaming standby behind one proxy.  The primary is made read-only for the whole
+server (ALTER SYSTEM default_transaction_read_only + reload), then the standby is promoted:
+- idle pooled connections to the demoted writer are closed at once, never lent again;
+- a pinned session between transactions is ended with the proxy's "writer changed" error, one
+  inside a transaction is ended right after it (no session goes on against the read-only server);
+- a session that is not pinned keeps its client connection and its next transaction runs, and
+  writes, on the new writer;
+then never two writers: the old primary switched back to read-write is not trusted over the
+promoted one (TargetHealth INVALID_REPLICATION_STATE), not even once the promoted one stops.
+"""
+
+import time
+
+import psycopg  # test extras: a missing driver must fail, not skip
+
+try:
+    from servers import ServerError
+except ImportError:
+    from tests.integration.servers import ServerError
+
+WRITER_CHANGED = "The proxy ended this session: it was pinned to a database connection on the former writer"
+
+
+def _writer_id(ctx):
+    writer = ctx.topology.current_writer()
+    return None if writer is None else writer.rds_resource_id
+
+
+def _health(ctx):
+    return {t.rds_resource_id: (ctx.health.health_of(t).state, ctx.health.health_of(t).reason)
+            for t in ctx.topology.targets}
+
+
+def _pool(ctx):
+    return sorted((c.target.rds_resource_id, c.state.name) for c in ctx.pool.connections())
+
+
+def _wait_replicated(standby, sql, expected, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if standby.psql(sql, dbname="appdb").strip() == expected:
+                return
+        except ServerError:
+            pass
+        assert time.monotonic() < deadline, "the standby never caught up"
+        time.sleep(0.05)
+
+
+def _ended_with_writer_changed(conn):
+    """The proxy ended *conn*: its next use fails with the writer-changed error."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.OperationalError as e:
+        return WRITER_CHANGED in str(e), str(e)
+    return False, "the session was not ended"
+
+
+def test_pg_switchover_demoted_writer_and_never_two_writers(pg_server_factory, pg_proxy_factory, tmp_path):
+    primary = pg_server_factory(max_connections=30)
+    primary.create_user("app_scram", "switchover-pass", method="scram-sha-256")
+    primary.create_database("appdb", owner="app_scram")
+    standby = primary.start_standby(tmp_path / "standby")
+    try:
+        _run(primary, standby, pg_proxy_factory)
+    finally:
+        standby.stop()
+
+
+def _run(primary, standby, pg_proxy_factory):
+    proxy = pg_proxy_factory(server=primary, targets=[primary, standby], HealthCheckInterval=1,
+                             ConnectionBorrowTimeout=4)
+    ctx = proxy.ctx
+    proxy.wait_for(lambda: proxy.call(_health, ctx) == {"pg-1": ("AVAILABLE", None),
+                                                       "pg-2": ("AVAILABLE", None)},
+                   what="the first health checks")
+    assert proxy.call(_writer_id, ctx) == "pg-1"
+
+    unpinned = psycopg.connect(proxy.dsn(primary), autocommit=True)
+    pinned = psycopg.connect(proxy.dsn(primary), autocommit=True)
+    pinned_in_txn = psycopg.connect(proxy.dsn(primary))  # not autocommit
+    try:
+        pinned.execute("SET work_mem = '8MB'")  # pins (no SessionPinningFilters)
+        pinned_in_txn.execute("SET work_mem = '4MB'")  # pins, and the transaction stays open
+        unpinned.execute("CREATE TABLE moved (x int)")
+        unpinned.execute("INSERT INTO moved VALUES (1)")
+        assert proxy.session_states().count("pinned") == 2
+        assert ("pg-1", "IDLE") in proxy.call(_pool, ctx)  # the unpinned session's connection
+        _wait_replicated(standby, "SELECT count(*) FROM moved", "1")
+
+        # -- switchover, step 1: the writer is made read-only and stays up
+        primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+        primary.reload()
+        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the demoted writer to be dropped")
+        # no idle connection to it is left to lend; only the open transaction's is still there
+        assert proxy.call(_pool, ctx) == [("pg-1", "BORROWED")]
+        ended, why = _ended_with_writer_changed(pinned)
+        assert ended, why
+        # the pinned session inside a transaction goes on until the transaction ends ...
+        assert pinned_in_txn.execute("SELECT current_setting('work_mem')").fetchone() == ("4MB",)
+        pinned_in_txn.commit()
+        # ... and is ended right after it
+        proxy.wait_for(lambda: proxy.session_states().count("pinned") == 0, what="the pinned session to end")
+        ended, why = _ended_with_writer_changed(pinned_in_txn)
+        assert ended, why
+        assert proxy.call(_pool, ctx) == []
+
+        # -- step 2: the standby is promoted; the unpinned session moves at its next transaction
+        standby.promote()
+        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) == "pg-2", what="the promoted writer")
+        unpinned.execute("INSERT INTO moved VALUES (2)")
+        assert unpinned.execute("SELECT count(*), inet_server_port(), pg_is_in_recovery() FROM moved"
+                                ).fetchone() == (2, standby.port, False)
+        assert {t for t, _ in proxy.call(_pool, ctx)} == {"pg-2"}
+
+        # -- never two writers: the old primary switched back to read-write is not trusted
+        primary.psql("ALTER SYSTEM RESET default_transaction_read_only")
+        primary.reload()
+        proxy.wait_for(lambda: proxy.call(_health, ctx)["pg-1"] == ("UNAVAILABLE", "INVALID_REPLICATION_STATE"),
+                       what="the former writer to be flagged")
+        assert proxy.call(_writer_id, ctx) == "pg-2"
+        assert unpinned.execute("SELECT inet_server_port()").fetchone() == (standby.port,)
+        description = proxy.call(lambda: ctx.health.health_of(ctx.topology.targets[0]).description)
+        assert "pg-2 was promoted in its place" in description
+
+        # ... not even once the promoted writer stops: requests wait, then time out
+        standby.stop()
+        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the promoted writer to be lost")
+        try:
+            unpinned.execute("INSERT INTO moved VALUES (3)")
+        except psycopg.OperationalError as e:
+            assert "Timed-out waiting to acquire database connection" in str(e), str(e)
+        else:
+            raise AssertionError("a write went to the former writer")
+        assert proxy.call(_writer_id, ctx) is None
+        assert "pg-1" not in {t for t, _ in proxy.call(_pool, ctx)}
+        assert primary.psql("SELECT count(*) FROM moved", dbname="appdb").strip() == "1"
+    finally:
+        for conn in (unpinned, pinned, pinned_in_txn):
+            conn.close()
