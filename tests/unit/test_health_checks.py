@@ -230,3 +230,61 @@ def test_build_monitor_wires_checks_retries_and_the_former_writer_rule():
     ctx.sessions.discard(pinned_old)  # it ended
     ctx.clock.advance(0.05)
     assert pinned_busy.drained == ["writer changed"] * 2  # asked again until its transaction ends
+
+
+# -- the engines' "writer changed" error --------------------------------------------------------------
+def test_mysql_pinned_session_ends_after_its_transaction_with_the_writer_changed_error():
+    from tests.unit.test_mysql_frontend import AC, INTX, Harness, err, ok, query
+    from txrdsproxy.wire.mysql import errors
+    s = Harness()
+    s.login()
+    s.send(query("BEGIN"))
+    lease = s.pool.give()
+    lease.conn.respond(ok(AC | INTX))
+    s.send(query("SET @x = 1"))  # pins
+    lease.conn.respond(ok(AC | INTX))
+    s.packets()
+    assert s.frontend.drain("writer changed") is False  # inside a transaction: not yet
+    assert not s.closed
+    s.send(query("COMMIT"))
+    lease.conn.respond(ok(AC))
+    assert [seq for seq, _ in s.packets()] == [1]  # the COMMIT's OK reached the client whole
+    assert s.frontend.drain("writer changed") is True
+    [(seq, payload)] = s.packets()
+    expected = P_err(errors.writer_changed())
+    assert seq == 0 and err(payload) == expected
+    assert expected[:2] == (1053, "08S01") and "writer changed" in expected[2]
+    assert s.closed
+
+
+def P_err(payload):
+    from txrdsproxy.wire.mysql import packets as P
+    e = P.parse_err(payload)
+    return e.code, e.sqlstate, e.message
+
+
+def test_pg_pinned_session_ends_after_its_transaction_with_the_writer_changed_fatal():
+    from tests.unit.test_pg_frontend import Harness, fatal
+    from txrdsproxy.proxy.session import SessionState
+    from txrdsproxy.wire.pg import messages as msg
+    s = Harness()
+    s.login()
+    s.send(msg.query("BEGIN; SET work_mem = '8MB'"))  # pins, inside a transaction
+    lease = s.pool.give()
+    lease.conn.txn_status = b"T"  # what the backend connection reads from ReadyForQuery
+    s.frontend.ready_for_query(b"T")
+    assert s.frontend.state is SessionState.PINNED
+    s.sent()
+    assert s.frontend.drain("writer changed") is False and not s.closed
+    s.send(msg.query("COMMIT"))
+    lease.conn.txn_status = b"I"
+    s.frontend.ready_for_query(b"I")
+    assert not lease.released  # pinned: kept until the session ends
+    assert s.frontend.drain("writer changed") is True
+    fields = fatal(s.sent())
+    assert (fields["S"], fields["C"]) == ("FATAL", "08006")
+    assert fields["M"].startswith("The proxy ended this session: it was pinned to a database "
+                                  "connection on the former writer, and the writer changed")
+    assert s.closed
+    s.lose()
+    assert lease.released and lease.release_args["needs_reset"] is True
