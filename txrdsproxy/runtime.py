@@ -305,6 +305,7 @@ class ProxyRuntime:
         - ConnectionPoolConfig: the next borrow (a lower cap closes idle connections above it now
           and borrowed ones as they come back; SessionPinningFilters apply to new sessions);
           InitQuery applies to connections opened from now on;
+        - HealthCheck, HealthCheckInterval: the next health check;
         - Targets: a new target is probed (health checks) and joins; a removed target's idle
           connections close now and its borrowed ones when their session gives them back (after
           the transaction); the writer moves to another target when it was removed;
@@ -367,6 +368,10 @@ class ProxyRuntime:
                 ctx.pool.readmit_target(target)
         if "health_check_interval" in changes and ctx.monitor is not None:
             ctx.monitor.interval = new.health_check_interval
+        if "health_check" in changes and ctx.monitor is not None:
+            # the checks read HealthCheck when they run; a login that worked before may not now
+            ctx.monitor.retries = new.health_check.retries
+            ctx.monitor.checks.working.clear()
         if "target_group" in changes:
             self._apply_target_group(old.target_group, new.target_group)
         self.updated = self.reactor.seconds()

@@ -288,3 +288,16 @@ def test_pg_pinned_session_ends_after_its_transaction_with_the_writer_changed_fa
     assert s.closed
     s.lose()
     assert lease.released and lease.release_args["needs_reset"] is True
+
+
+def test_a_changed_health_check_applies_to_the_next_check():
+    from txrdsproxy.runtime import ProxyRuntime
+    runtime = ProxyRuntime(config().proxies[0], FakeSecrets(), Clock(), {})
+    checks = runtime.ctx.monitor.checks
+    pg1 = runtime.ctx.topology.targets[0]
+    checks.working[pg1] = ARN2
+    assert checks.settings(pg1) == HealthCheckConfig()
+    changes = runtime.apply(config(HealthCheck={"Retries": 0, "UserName": "ops"}).proxies[0])
+    assert changes == ["health_check"]
+    assert runtime.ctx.monitor.retries == 0 and checks.working == {}
+    assert checks.settings(pg1) == HealthCheckConfig(user_name="ops", retries=0)
