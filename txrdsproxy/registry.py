@@ -96,6 +96,10 @@ class ProxyRegistry(service.Service):
         self._runtimes = {}  # name -> ProxyRuntime, in creation order
         self._deleting = {}  # name -> ProxyRuntime being removed
         self.observers = []  # callables(event, name) after each change: persistence, logs
+        # `Workers: N` > 1: this process is one worker (workers.WorkerIdentity) and binds its
+        # listeners with SO_REUSEPORT (workers/listen.py).  None / bind_now: the only process.
+        self.worker = None
+        self.binder = None
 
     # -- reading --------------------------------------------------------------------------------------
     def __iter__(self):
@@ -162,6 +166,10 @@ class ProxyRegistry(service.Service):
             raise ProxyAlreadyExists(f"DBProxy {proxy.name} already exists.")
         runtime = ProxyRuntime(proxy, self.secrets, self.reactor, self.cancel_registry, self.metrics)
         runtime.drain_timeout = self.drain_timeout
+        if self.worker is not None:
+            runtime.ctx.join_worker(self.worker)
+        if self.binder is not None:
+            runtime.binder = self.binder
         runtime.ctx.iam = self.iam
         if self.running:
             try:

@@ -220,6 +220,9 @@ class ProxyRuntime:
         self.updated = self.created
         self._janitor = PoolJanitor(self.ctx.pool, reactor)
         self.drain_timeout = DEFAULT_DRAIN_TIMEOUT  # the registry sets its own
+        # How listeners are bound: bind_now; a worker of several binds with SO_REUSEPORT
+        # (workers/listen.py).  Every listener of the proxy goes through it.
+        self.binder = bind_now
         self._running = False
 
     @property
@@ -237,8 +240,8 @@ class ProxyRuntime:
     def bind(self):
         """Listen on the proxy's endpoint now; raises ListenFailed (address and OS error)."""
         if self.port is None:
-            self.port = bind_now(with_backlog(self.config.listen), _frontend_factory(self.ctx),
-                                 self.reactor, f"proxy {self.name}")
+            self.port = self.binder(with_backlog(self.config.listen), _frontend_factory(self.ctx),
+                                    self.reactor, f"proxy {self.name}")
             self._pin_port(self.port)
             log.info("proxy {name} ({engine}) listening on {addr}", name=self.name,
                      engine=self.config.engine_family, addr=self.port.getHost())
@@ -379,8 +382,8 @@ class ProxyRuntime:
         return changes
 
     def bind_with(self, new):
-        self.port = bind_now(with_backlog(new.listen), _frontend_factory(self.ctx), self.reactor,
-                             f"proxy {new.name}")
+        self.port = self.binder(with_backlog(new.listen), _frontend_factory(self.ctx), self.reactor,
+                                f"proxy {new.name}")
         log.info("proxy {name} now listening on {addr}", name=new.name, addr=self.port.getHost())
 
     def _adopt_targets(self, new):

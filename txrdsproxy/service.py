@@ -62,14 +62,19 @@ class AdminService(service.Service):
             return port.stopListening()
 
 
-def make_service(config, reactor=None, config_path=None, secrets=None):
+def make_service(config, reactor=None, config_path=None, secrets=None, worker=None):
     """-> (MultiService, [ProxyContext]) for a validated Config.
 
     The MultiService has `.registry` (the ProxyRegistry of the proxies), `.control` (the
     ProxyControl every change goes through), `.admin` (the AdminService or None), `.secrets`,
     `.principals` and `.metrics`.  *config_path* (default: the file the Config was read from,
     when it exists) is the file API changes are written to; without one they live in memory.
-    The contexts list is the proxies' at start."""
+    The contexts list is the proxies' at start.
+
+    *worker*: a workers.WorkerIdentity when this process is one of `Workers: N` (worker.py):
+    listeners are bound with SO_REUSEPORT, session ids and pool caps are the worker's, and the
+    admin site (the parent's private view of this worker) reads the client address the parent
+    forwards."""
     if reactor is None:
         from twisted.internet import reactor
     top = service.MultiService()
@@ -79,6 +84,9 @@ def make_service(config, reactor=None, config_path=None, secrets=None):
         secrets.setServiceParent(top)
     metrics = Metrics()
     registry = ProxyRegistry(reactor, secrets, metrics, drain_timeout=config.drain_timeout)
+    if worker is not None:
+        from txrdsproxy.workers.listen import bind_reuseport
+        registry.worker, registry.binder = worker, bind_reuseport
     registry.iam = DbTokenVerifier(PrincipalStore(config.iam, secrets), reactor,
                                    config.iam.max_concurrent_authentications)
     secrets.watch(config_secret_arns(config))
@@ -114,6 +122,9 @@ def make_service(config, reactor=None, config_path=None, secrets=None):
         root.putChild(b"console", ConsolePage(registry, metrics, reactor))
         site = server.Site(root)
         site.noisy = False
+        if worker is not None:
+            from txrdsproxy.workers.admin import ForwardedRequest
+            site.requestFactory = ForwardedRequest
         top.admin = AdminService(site, config.admin.listen, reactor)
         top.admin.setServiceParent(top)
     top.metrics = metrics

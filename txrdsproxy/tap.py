@@ -103,14 +103,31 @@ class SignalHandlers(service.Service):
 def makeService(options):
     from twisted.internet import reactor
 
+    parent = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
+    guard = StartupGuard(foreground=bool(parent["nodaemon"]) if parent is not None else True)
+    if options.loaded.workers > 1:
+        return _workers_service(options, reactor, guard)
     from txrdsproxy.embed import EmbeddedProxies
     # The same construction an application embedding the proxy uses; twistd starts and stops
     # the service itself (privileges, daemonizing, signals).
     proxies = EmbeddedProxies(options.loaded, admin=bool(options.loaded.admin.listen),
                               config_path=options["config"], reactor=reactor)
     top = proxies.service
-    parent = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
-    guard = StartupGuard(foreground=bool(parent["nodaemon"]) if parent is not None else True)
     top.setServiceParent(guard)
     SignalHandlers(top.control, reactor).setServiceParent(guard)
+    return guard
+
+
+def _workers_service(options, reactor, guard):
+    """`Workers: N` > 1: this process supervises N worker processes (txrdsproxy/workers/) and
+    serves the admin endpoint for all of them; it holds no pool and no client itself."""
+    from txrdsproxy.service import AdminService
+    from txrdsproxy.workers.admin import parent_admin_site
+    from txrdsproxy.workers.supervisor import WorkerSupervisor
+    config = options.loaded
+    supervisor = WorkerSupervisor(config, options["config"], reactor)
+    supervisor.setServiceParent(guard)
+    if config.admin.listen:
+        AdminService(parent_admin_site(supervisor), config.admin.listen, reactor).setServiceParent(guard)
+    SignalHandlers(supervisor, reactor).setServiceParent(guard)
     return guard

@@ -109,7 +109,7 @@ def load_config(path):
 
 def parse_config(data, source="<config>", base_dir="."):
     top = _Node(source, "", data if data is not None else {}).mapping(
-        {"Admin", "Secrets", "DBProxies", "IAM", "DBInstances", "DrainTimeout"})
+        {"Admin", "Secrets", "DBProxies", "IAM", "DBInstances", "DrainTimeout", "Workers"})
     admin = m.AdminConfig()
     node = top.get("Admin", dict)
     if node is not None:
@@ -132,7 +132,37 @@ def parse_config(data, source="<config>", base_dir="."):
             top.fail(f"must list Principals when a proxy ({p.name}) has IAMAuth REQUIRED", "IAM")
     return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin, iam=iam,
                     db_instances=_db_instances(top.get("DBInstances", list, [])),
-                    drain_timeout=top.ranged("DrainTimeout", float, 30.0, 0, 3600))
+                    drain_timeout=top.ranged("DrainTimeout", float, 30.0, 0, 3600),
+                    workers=_workers(top, proxies))
+
+
+MAX_WORKERS = 64
+
+
+def _workers(top, proxies):
+    """`Workers: N | auto` (default 1): how many worker processes serve the proxies (see
+    txrdsproxy/workers/).  `auto` is the number of CPU cores this process may run on.  With more
+    than one, every Listen must be a TCP endpoint: the workers share each port (SO_REUSEPORT)."""
+    value = top.value.get("Workers", 1)
+    if value == "auto":
+        value = max(1, min(MAX_WORKERS, _cpu_count()))
+    elif isinstance(value, bool) or not isinstance(value, int):
+        top.fail("must be an integer or auto", "Workers")
+    if not 1 <= value <= MAX_WORKERS:
+        top.fail(f"must be between 1 and {MAX_WORKERS} (got {value})", "Workers")
+    if value > 1:
+        for i, p in enumerate(proxies):
+            if p.listen.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6"):
+                top.child("DBProxies", None).child(i, None).fail(
+                    "must be a tcp: or tcp6: endpoint when Workers is more than 1", "Listen")
+    return value
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _secrets(node, base_dir):

@@ -215,3 +215,4 @@ class Config:
     iam: IAMConfig = field(default_factory=IAMConfig)
     db_instances: Tuple[DBInstance, ...] = ()
     drain_timeout: float = 30.0  # SIGTERM / DeleteDBProxy: seconds open transactions may finish
+    workers: int = 1  # worker processes sharing the listeners (txrdsproxy/workers/); 1: no extra process

@@ -70,18 +70,31 @@ class BackendPool:
         self._retired_targets = set()  # deregistered targets: connections to them are not kept
 
     # -- limits -----------------------------------------------------------------------------
+    # `Workers: N`: (this worker's index, N).  The caps below are this worker's share of the
+    # proxy's: floor(cap / N), plus one for the first cap % N workers (workers.share_of), so
+    # the workers together never hold more than MaxConnectionsPercent allows.
+    share = (0, 1)
+
     @property
     def max_connections(self):
         """The cap over every key, or None before the database has told its max_connections."""
         if self.db_max_connections is None:
             return None
-        return max(1, self.db_max_connections * self.config.max_connections_percent // 100)
+        total = max(1, self.db_max_connections * self.config.max_connections_percent // 100)
+        index, count = self.share
+        if count == 1:
+            return total
+        return total // count + (1 if index < total % count else 0)
 
     @property
     def max_idle_connections(self):
         if self.db_max_connections is None:
             return 0
-        return self.db_max_connections * self.config.max_idle_connections_percent // 100
+        total = self.db_max_connections * self.config.max_idle_connections_percent // 100
+        index, count = self.share
+        if count == 1:
+            return total
+        return total // count + (1 if index < total % count else 0)
 
     def connections(self):
         """Every connection the pool holds, in any state (for metrics and the admin API)."""

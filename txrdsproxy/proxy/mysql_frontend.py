@@ -355,9 +355,16 @@ class MySQLFrontend(MySQLLogin):
         """
         target_id = int(match.group(2))  # at most 20 digits (see _KILL)
         target = next((s for s in self.ctx.sessions if s.id == target_id), None)
-        if target is None:
-            return False
         stream = self._stream
+        if target is None:
+            worker = self.ctx.worker
+            if worker is None or worker.owner(target_id) == worker.index:
+                return False
+            # `Workers: N`: the id names a session of another worker process, which this one
+            # cannot reach synchronously: refused, never sent to the database as a thread id.
+            seq, _ = stream.take_packet()
+            self.write_packet(errors.kill_other_worker(target_id, worker.count), seq + 1)
+            return True
         if target.user != self.user:
             seq, _ = stream.take_packet()
             self.write_packet(P.err_packet(1095, "HY000", f"You are not owner of thread {target_id}"),

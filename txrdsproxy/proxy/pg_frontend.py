@@ -223,6 +223,13 @@ class PgFrontend(ClientSession):
             done = session.ctx.connector.send_cancel(session.lease.conn)
             done.addBoth(lambda _: self.transport.loseConnection())
             return
+        worker = self.ctx.worker
+        if worker is not None and key is not None and worker.owner(key[0]) != worker.index:
+            # `Workers: N`: the key names another worker's session; it sends the cancel.
+            from txrdsproxy.workers.peer import forward_cancel
+            done = forward_cancel(worker, worker.owner(key[0]), key, self.ctx.clock)
+            done.addBoth(lambda _: self.transport.loseConnection())
+            return
         self.transport.loseConnection()
 
     def _startup_message(self, code, payload):

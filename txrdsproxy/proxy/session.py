@@ -88,6 +88,16 @@ class ProxyContext:
     def next_id(self):
         return next(self._ids)
 
+    worker = None  # workers.WorkerIdentity when this process is one worker of several
+
+    def join_worker(self, worker):
+        """This process is *worker* (workers.WorkerIdentity) of several: session ids become
+        `index + count * k` (so a cancel request or KILL names the worker holding the session)
+        and the pool takes this worker's share of the connection cap."""
+        self.worker = worker
+        self._ids = itertools.count(worker.first_id(), worker.count)
+        self.pool.share = (worker.index, worker.count)
+
     def database_tls_for(self, client_tls):
         """The pool key's TLS element for a session whose client connection is (not) TLS:
         whether its database connections use TLS (backend_tls.DatabaseTLS.wants_tls)."""

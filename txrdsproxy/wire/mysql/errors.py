@@ -113,3 +113,15 @@ def writer_changed():
                       "The proxy ended this session: it was pinned to a database connection on the "
                       "former writer, and the writer changed (failover or switchover). Reconnect to "
                       "continue on the new writer.")
+
+
+ER_NO_SUCH_THREAD = 1094
+
+
+def kill_other_worker(thread_id, workers):
+    """1094 (HY000): `KILL <id>` naming a session of another worker process (`Workers: N`);
+    the id names it (id % N), but a worker cannot reach another's session synchronously."""
+    return err_packet(ER_NO_SUCH_THREAD, "HY000",
+                      f"Unknown thread id: {thread_id} (a session of another of the proxy's "
+                      f"{workers} worker processes: KILL it from a connection that reaches "
+                      f"the same worker, or use Workers: 1)")

@@ -1,0 +1,260 @@
+"""`Workers: 2` as an operator runs it (`twistd -n rdsproxy`, real PostgreSQL): sessions spread
+over both workers, the connection cap holds for the proxy as a whole (pg_stat_activity), a
+cancel reaches its query whichever worker accepted the cancel connection, a SIGKILLed worker
+is restarted and only its clients are cut, and /metrics, /healthz, SIGHUP and SIGTERM answer
+for the whole proxy."""
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+try:
+    from proxyutil import TwistdProxy, find_free_port, write_proxy_config
+except ImportError:
+    from tests.integration.proxyutil import TwistdProxy, find_free_port, write_proxy_config
+
+USER = "app_workers"  # its own role: pg_stat_activity counts only this proxy's connections
+PASSWORD = "workers-pw-1"
+ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_workers"
+CAP = 5  # MaxConnectionsPercent 5 of max_connections 100: shares 3 (worker 0) and 2 (worker 1)
+
+
+def _get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=15) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def health(proxy):
+    return json.loads(_get(proxy.admin_port, "/healthz")[1])
+
+
+def wait_for(predicate, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def owner(conn):
+    """The worker holding *conn*'s session: its BackendKeyData process id names it."""
+    return conn.info.backend_pid % 2
+
+
+@pytest.fixture(scope="module")
+def workers_proxy(pg_server, tmp_path_factory):
+    if USER not in pg_server.users:
+        pg_server.create_user(USER, PASSWORD)
+        pg_server.psql(f"GRANT appdb_owner TO {USER}")
+        pg_server.users[USER] = PASSWORD
+    tmp = tmp_path_factory.mktemp("workers")
+    port, admin = find_free_port(), find_free_port()
+    config = write_proxy_config(tmp, pg_server, listen=f"tcp:{port}:interface=127.0.0.1",
+                                secrets={ARN: (USER, PASSWORD, "POSTGRES_SCRAM_SHA_256")},
+                                MaxConnectionsPercent=CAP, MaxIdleConnectionsPercent=CAP,
+                                ConnectionBorrowTimeout=60)
+    data = yaml.safe_load(Path(config).read_text())
+    data.update(Workers=2, DrainTimeout=10, Admin={"Listen": f"tcp:{admin}:interface=127.0.0.1"})
+    Path(config).write_text(yaml.safe_dump(data, sort_keys=False))
+    proxy = TwistdProxy(config, port).start()
+    proxy.admin_port = admin
+    proxy.dsn = (f"host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname=appdb "
+                 f"sslmode=disable connect_timeout=10")
+    proxy.connect = lambda: psycopg.connect(proxy.dsn, autocommit=True, prepare_threshold=None)
+    try:
+        wait_for(lambda: health(proxy)["status"] == "ok", what="both workers listening")
+        yield proxy
+    finally:
+        status = proxy.stop(timeout=60)
+        log = proxy.log()
+        assert status == 0, log
+        assert "Traceback" not in log, log
+
+
+def connect_on_both(proxy, per_worker=1, limit=64):
+    """-> {worker: [connections]}, at least *per_worker* on each (the kernel picks the
+    worker of each new connection by a hash of its address: keep connecting)."""
+    by_worker, spare = {0: [], 1: []}, []
+    for _ in range(limit):
+        conn = proxy.connect()
+        (by_worker[owner(conn)] if len(by_worker[owner(conn)]) < per_worker else spare).append(conn)
+        if all(len(c) >= per_worker for c in by_worker.values()):
+            break
+    for conn in spare:
+        conn.close()
+    assert all(len(c) >= per_worker for c in by_worker.values()), \
+        f"{limit} connections, all accepted by one worker"
+    return by_worker
+
+
+def test_sessions_spread_and_cap_holds_in_total(workers_proxy, pg_server):
+    proxy = workers_proxy
+    conns = [proxy.connect() for _ in range(24)]
+    try:
+        owners = [owner(c) for c in conns]
+        assert set(owners) == {0, 1}, owners  # 24 connections: both workers got some
+        pids = {c.info.backend_pid for c in conns}
+        assert len(pids) == len(conns)  # session ids are unique over the workers
+        stop, peak, errors = threading.Event(), [0], []
+
+        def load(conn):
+            try:
+                while not stop.is_set():
+                    with conn.transaction():
+                        conn.execute("SELECT pg_sleep(0.02)")
+            except Exception as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=load, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        try:
+            count = "SELECT count(*) FROM pg_stat_activity WHERE usename = '%s'" % USER
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                peak[0] = max(peak[0], int(pg_server.psql(count).strip()))
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not errors, errors
+        # The cap holds for the proxy as a whole, and more than one worker's share was in use.
+        assert 3 < peak[0] <= CAP, peak
+        h = health(proxy)["proxies"]["test-pg"]
+        assert h["max_database_connections"] == CAP, h
+        assert h["client_connections"] == len(conns), h
+        status, text = _get(proxy.admin_port, "/metrics")
+        assert status == 200
+        assert 'rdsproxy_max_database_connections_allowed{proxy_name="test-pg"' in text
+        allowed = [line for line in text.splitlines()
+                   if line.startswith("rdsproxy_max_database_connections_allowed{")]
+        assert allowed and float(allowed[0].rsplit(" ", 1)[1]) == CAP, allowed
+        for w in (0, 1):
+            line = next(line for line in text.splitlines()
+                        if line.startswith("rdsproxy_worker_client_connections{")
+                        and f'worker="{w}"' in line)
+            assert float(line.rsplit(" ", 1)[1]) == owners.count(w), (line, owners)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_cancel_reaches_the_query_whichever_worker_accepts_it(workers_proxy):
+    proxy = workers_proxy
+    by_worker = connect_on_both(proxy)
+    routed = local = 0
+    try:
+        for attempt in range(40):
+            conn = by_worker[attempt % 2][0]
+            before = proxy.log().count("passed on by another worker")
+            outcome = []
+
+            def run():
+                try:
+                    conn.execute("SELECT pg_sleep(60)")
+                    outcome.append("finished")
+                except psycopg.errors.QueryCanceled:
+                    outcome.append("cancelled")
+                except Exception as e:
+                    outcome.append(repr(e))
+
+            t = threading.Thread(target=run)
+            t.start()
+            pid = conn.info.backend_pid
+            wait_for(lambda: "pg_sleep(60)" in str(_active_queries(proxy)), what="the query running")
+            conn.cancel()  # a new connection: either worker accepts it
+            t.join(30)
+            assert outcome == ["cancelled"], (attempt, pid, outcome)
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+            if wait_for_count(proxy, "passed on by another worker", before):
+                routed += 1
+            else:
+                local += 1
+            if routed and local:
+                break
+        assert routed and local, (routed, local)
+    finally:
+        for conns in by_worker.values():
+            for c in conns:
+                c.close()
+
+
+def _active_queries(proxy):
+    with proxy.connect() as c:
+        return c.execute("SELECT query FROM pg_stat_activity WHERE usename = %s AND state = 'active'",
+                         (USER,)).fetchall()
+
+
+def wait_for_count(proxy, needle, before, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proxy.log().count(needle) > before:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_killed_worker_is_restarted_and_only_its_clients_are_cut(workers_proxy):
+    proxy = workers_proxy
+    by_worker = connect_on_both(proxy, per_worker=2)
+    try:
+        victim = health(proxy)["workers"][0]
+        restarts = victim["restarts"]
+        survivor_tx = by_worker[1][0]
+        survivor_tx.execute("BEGIN")
+        survivor_tx.execute("SELECT 1")
+        os.kill(victim["pid"], signal.SIGKILL)
+        for conn in by_worker[0]:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+        # The other worker's sessions never noticed, even inside a transaction.
+        assert survivor_tx.execute("SELECT 2").fetchone() == (2,)
+        survivor_tx.execute("COMMIT")
+        assert by_worker[1][1].execute("SELECT 3").fetchone() == (3,)
+        wait_for(lambda: (lambda h: h["status"] == "ok" and h["workers"][0]["restarts"] == restarts + 1
+                          and h["workers"][0]["pid"] != victim["pid"])(health(proxy)),
+                 what="worker 0 restarted")
+        fresh = connect_on_both(proxy)
+        for conns in fresh.values():
+            for c in conns:
+                assert c.execute("SELECT 4").fetchone() == (4,)
+                c.close()
+        assert "worker 0 (pid %d) died" % victim["pid"] in proxy.log()
+    finally:
+        for conns in by_worker.values():
+            for c in conns:
+                c.close()
+
+
+def test_sighup_reaches_every_worker(workers_proxy):
+    proxy = workers_proxy
+    path = Path(proxy.config_path)
+    data = yaml.safe_load(path.read_text())
+    group = data["DBProxies"][0]["TargetGroups"][0]["ConnectionPoolConfig"]
+    try:
+        group["MaxConnectionsPercent"] = 7
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        proxy.proc.send_signal(signal.SIGHUP)
+        # 7 = 4 + 3: both workers applied it (the figure is their shares summed).
+        wait_for(lambda: health(proxy)["proxies"]["test-pg"]["max_database_connections"] == 7,
+                 what="both workers reloaded")
+    finally:
+        group["MaxConnectionsPercent"] = CAP
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        proxy.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: health(proxy)["proxies"]["test-pg"]["max_database_connections"] == CAP,
+                 what="both workers reloaded back")
