@@ -98,10 +98,14 @@ def forward_cancel(worker, owner, key, reactor):
         if not done.called:
             done.callback(None)
 
+    connected = []
+    connecting.addCallback(connected.append)
     connecting.addErrback(failed)
 
     def timed_out():
         connecting.cancel()
+        for proto in connected:  # the owner never answered: give up on it
+            proto.transport.abortConnection()
         if not done.called:
             done.callback(None)
 

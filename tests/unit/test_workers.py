@@ -1,0 +1,207 @@
+"""`Workers: N` pieces that need no process: the cap split, session ids naming their worker,
+the config key, the merge of the workers' metrics, and cancel forwarding (fake transports,
+task.Clock)."""
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from txrdsproxy.config.load import ConfigError, parse_config
+from txrdsproxy.config.model import ConnectionPoolConfig
+from txrdsproxy.pool.pool import BackendPool
+from txrdsproxy.proxy.pg_frontend import PgFrontend
+from txrdsproxy.testing.fakes import ClientTransport
+from txrdsproxy.wire.mysql import errors as mysql_errors
+from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.workers import WorkerIdentity, share_of
+from txrdsproxy.workers.admin import merge_metrics
+from txrdsproxy.workers.peer import PEER_TIMEOUT, PeerFactory
+
+try:
+    from test_pg_frontend import FakeConnector, Harness
+except ImportError:
+    from tests.unit.test_pg_frontend import FakeConnector, Harness
+
+
+# -- the cap split ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7, 64])
+def test_shares_add_up_to_the_cap_and_differ_by_at_most_one(count):
+    for total in range(0, 300):
+        shares = [share_of(total, i, count) for i in range(count)]
+        assert sum(shares) == total
+        assert max(shares) - min(shares) <= 1
+        assert shares == sorted(shares, reverse=True)  # the remainder goes to the first workers
+
+
+def test_the_pool_caps_are_the_workers_share():
+    pools = []
+    for index in range(3):
+        cfg = ConnectionPoolConfig(max_connections_percent=10, max_idle_connections_percent=5)
+        pool = BackendPool("p", None, cfg, Clock())
+        pool.db_max_connections = 100  # cap 10, idle cap 5
+        pool.share = (index, 3)
+        pools.append(pool)
+    assert [p.max_connections for p in pools] == [4, 3, 3]
+    assert [p.max_idle_connections for p in pools] == [2, 2, 1]
+    alone = BackendPool("p", None, ConnectionPoolConfig(max_connections_percent=10), Clock())
+    alone.db_max_connections = 100
+    assert alone.max_connections == 10  # Workers: 1: the whole cap
+
+
+# -- session ids -----------------------------------------------------------------------------------
+
+def test_session_ids_name_their_worker_and_never_collide():
+    seen = set()
+    for index in range(3):
+        h = Harness()
+        worker = WorkerIdentity(index, 3, "/run")
+        h.ctx.join_worker(worker)
+        ids = [h.ctx.next_id() for _ in range(50)]
+        assert all(worker.owner(i) == index for i in ids)
+        assert all(i > 0 for i in ids)
+        assert not seen & set(ids)
+        seen.update(ids)
+        assert h.ctx.pool.share == (index, 3)
+
+
+# -- the config key --------------------------------------------------------------------------------
+
+def _config(workers, listen="tcp:6432"):
+    return {"Secrets": {"Path": "s.json"}, "Workers": workers, "DBProxies": [{
+        "DBProxyName": "p", "EngineFamily": "POSTGRESQL", "Listen": listen,
+        "Auth": [{"SecretArn": "arn:a"}],
+        "TargetGroups": [{"Targets": [{"RdsResourceId": "t", "Endpoint": "h", "Port": 5432}]}]}]}
+
+
+def test_workers_key():
+    assert parse_config(_config(3)).workers == 3
+    assert parse_config({k: v for k, v in _config(1).items() if k != "Workers"}).workers == 1
+    assert 1 <= parse_config(_config("auto")).workers <= 64
+    for bad, text in [(0, "between 1 and 64"), (65, "between 1 and 64"), ("two", "integer or auto"),
+                      (True, "integer or auto")]:
+        with pytest.raises(ConfigError, match=text):
+            parse_config(_config(bad), source="x.yaml")
+    with pytest.raises(ConfigError, match=r"DBProxies\[0\]\.Listen: must be a tcp"):
+        parse_config(_config(2, listen="unix:/tmp/p.sock"), source="x.yaml")
+    assert parse_config(_config(1, listen="unix:/tmp/p.sock")).workers == 1
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+W0 = """# HELP rdsproxy_client_connections Current client connections.
+# TYPE rdsproxy_client_connections gauge
+rdsproxy_client_connections{proxy_name="p"} 3.0
+# HELP rdsproxy_query_requests_total Queries.
+# TYPE rdsproxy_query_requests_total counter
+rdsproxy_query_requests_total{proxy_name="p"} 10.0
+# HELP rdsproxy_availability_percentage Availability.
+# TYPE rdsproxy_availability_percentage gauge
+rdsproxy_availability_percentage{proxy_name="p"} 100.0
+# HELP process_resident_memory_bytes RSS.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 1000.0
+"""
+W1 = W0.replace("} 3.0", "} 4.0").replace("} 10.0", "} 5.0").replace("} 100.0", "} 50.0") \
+    .replace(" 1000.0", " 2000.0")
+
+
+def test_merged_metrics_sum_what_adds_up_and_keep_the_rest_per_worker():
+    merged = {m.name: m for m in merge_metrics([(0, W0), (1, W1)])}
+
+    def values(name):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in merged[name].samples}
+
+    assert values("rdsproxy_client_connections") == {
+        ("rdsproxy_client_connections", (("proxy_name", "p"),)): 7.0}
+    assert values("rdsproxy_query_requests")[
+        ("rdsproxy_query_requests_total", (("proxy_name", "p"),))] == 15.0
+    assert values("rdsproxy_availability_percentage") == {
+        ("rdsproxy_availability_percentage", (("proxy_name", "p"),)): 50.0}
+    assert values("process_resident_memory_bytes") == {
+        ("process_resident_memory_bytes", (("worker", "0"),)): 1000.0,
+        ("process_resident_memory_bytes", (("worker", "1"),)): 2000.0}
+
+
+# -- cancel requests -------------------------------------------------------------------------------
+
+def _cancel(h, pid, secret):
+    other = PgFrontend(h.ctx)
+    transport = ClientTransport()
+    other.makeConnection(transport)
+    other.dataReceived(msg.cancel_request(pid, secret))
+    return transport
+
+
+def test_a_cancel_for_another_workers_session_is_passed_to_it(monkeypatch):
+    from txrdsproxy.workers import peer
+    h = Harness()
+    h.login()
+    h.ctx.connector = FakeConnector()
+    h.ctx.worker = WorkerIdentity(0, 2, "/run")
+    forwarded = []
+
+    def forward(worker, owner, key, reactor):
+        d = defer.Deferred()
+        forwarded.append((owner, key, d))
+        return d
+
+    monkeypatch.setattr(peer, "forward_cancel", forward)
+    transport = _cancel(h, 7, 1234)  # 7 % 2: worker 1's session
+    [(owner, key, done)] = forwarded
+    assert (owner, key) == (1, (7, 1234))
+    assert not transport.disconnecting  # closed once the owner has sent it
+    done.callback(None)
+    assert transport.disconnecting
+    assert h.ctx.connector.cancels == []
+    # This worker's own id with a wrong secret: dropped here, nothing forwarded.
+    assert _cancel(h, 8, 1234).disconnecting
+    assert len(forwarded) == 1
+
+
+class _Session:
+    def __init__(self, connector):
+        self.lease = type("Lease", (), {"conn": object()})()
+        self.ctx = type("Ctx", (), {"connector": connector})()
+
+
+def test_the_owner_sends_the_forwarded_cancel_and_closes_once_the_database_took_it():
+    clock, connector = Clock(), FakeConnector()
+    session = _Session(connector)
+    factory = PeerFactory({(7, 1234): session}, clock)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    for byte in msg.cancel_request(7, 1234)[8:]:  # the key, one byte at a time
+        proto.dataReceived(bytes([byte]))
+    [(conn, done)] = connector.cancels
+    assert conn is session.lease.conn and not transport.disconnecting
+    done.callback(None)
+    assert transport.disconnecting
+    proto.connectionLost(None)
+    assert not clock.getDelayedCalls()
+
+
+def test_the_owner_closes_at_once_for_an_unknown_key_and_bounds_a_silent_peer():
+    clock = Clock()
+    factory = PeerFactory({}, clock)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(msg.cancel_request(7, 1)[8:])
+    assert transport.disconnecting
+    silent = factory.buildProtocol(None)
+    silent_transport = StringTransport()
+    silent.makeConnection(silent_transport)
+    silent.dataReceived(b"\x00\x00")
+    clock.advance(PEER_TIMEOUT - 0.1)
+    assert not silent_transport.disconnecting
+    clock.advance(0.1)
+    assert silent_transport.disconnecting  # aborted: every wait has an end
+
+
+def test_kill_of_another_workers_session_is_a_clear_error():
+    payload = mysql_errors.kill_other_worker(9, 2)
+    assert payload[1:3] == (1094).to_bytes(2, "little")
+    assert b"another of the proxy's 2 worker processes" in payload
