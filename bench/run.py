@@ -46,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 import idle_clients  # noqa: E402  (bench/idle_clients.py, beside this file)
 import iam as iam_bench  # noqa: E402  (bench/iam.py: IAM token verification rate)
+import workers as workers_bench  # noqa: E402  (bench/workers.py: Workers 1 vs 2)
 from txrdsproxy.testing import servers  # noqa: E402
 from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
                                         find_free_port, stop_process)
@@ -121,7 +122,7 @@ class Proxy:
     """txrdsproxy as `twistd -n --pidfile= rdsproxy --config FILE`, optionally under cProfile."""
 
     def __init__(self, workdir, engine, target_port, auth, secrets, profile_path=None,
-                 pool_percent=None, filters=()):
+                 pool_percent=None, filters=(), workers=None):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = find_free_port()
@@ -132,6 +133,7 @@ class Proxy:
         (self.dir / "secrets.json").write_text(json.dumps(secrets))
         auth_lines = "".join('      - {SecretArn: "%s", ClientPasswordAuthType: %s}\n' % a for a in auth)
         self.config_path.write_text(
+            ("Workers: %d\n" % workers if workers else "") +
             "Secrets: {Backend: file, Path: secrets.json}\n"
             "DBProxies:\n"
             "  - DBProxyName: bench-%s\n"
@@ -446,6 +448,7 @@ def run_pg(args, stack, root):
     # Free the proxy's and PgBouncer's database connections before the next phases.
     proxy.stop()
     bouncer.stop()
+    workers_bench.run(args, say, pg, root, sys.modules[__name__])
     name, password, _ = PG_USERS["md5"]
     idle_proxy = pg_proxy(root / "proxy-idle", pg).start()
     stack.callback(idle_proxy.stop)
