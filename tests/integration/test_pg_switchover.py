@@ -6,7 +6,8 @@ server (ALTER SYSTEM default_transaction_read_only + reload), then the standby i
 - a pinned session between transactions is ended with the proxy's "writer changed" error, one
   inside a transaction is ended right after it (no session goes on against the read-only server);
 - a session that is not pinned keeps its client connection and its next transaction runs, and
-  writes, on the new writer;
+  writes, on the new writer; one whose named prepared statements are tracked
+  (EXCLUDE_PREPARED_STATEMENTS) has them prepared again there;
 then never two writers: the old primary switched back to read-write is not trusted over the
 promoted one (TargetHealth INVALID_REPLICATION_STATE), not even once the promoted one stops.
 """
@@ -71,7 +72,8 @@ def test_pg_switchover_demoted_writer_and_never_two_writers(pg_server_factory, p
 
 def _run(primary, standby, pg_proxy_factory):
     proxy = pg_proxy_factory(server=primary, targets=[primary, standby], HealthCheckInterval=1,
-                             ConnectionBorrowTimeout=4)
+                             ConnectionBorrowTimeout=4,
+                             SessionPinningFilters=["EXCLUDE_PREPARED_STATEMENTS"])
     ctx = proxy.ctx
     proxy.wait_for(lambda: proxy.call(_health, ctx) == {"pg-1": ("AVAILABLE", None),
                                                        "pg-2": ("AVAILABLE", None)},
@@ -81,13 +83,18 @@ def _run(primary, standby, pg_proxy_factory):
     unpinned = psycopg.connect(proxy.dsn(primary), autocommit=True)
     pinned = psycopg.connect(proxy.dsn(primary), autocommit=True)
     pinned_in_txn = psycopg.connect(proxy.dsn(primary))  # not autocommit
+    # named protocol statements, tracked (not pinned) under EXCLUDE_PREPARED_STATEMENTS
+    prepared = psycopg.connect(proxy.dsn(primary), autocommit=True, prepare_threshold=0)
     try:
         pinned.execute("SET work_mem = '8MB'")  # pins (no SessionPinningFilters)
         pinned_in_txn.execute("SET work_mem = '4MB'")  # pins, and the transaction stays open
         unpinned.execute("CREATE TABLE moved (x int)")
         unpinned.execute("INSERT INTO moved VALUES (1)")
+        count = "SELECT count(*), inet_server_port() FROM moved WHERE x > %s"
+        assert prepared.execute(count, (0,)).fetchone() == (1, primary.port)
         assert proxy.session_states().count("pinned") == 2
-        assert ("pg-1", "IDLE") in proxy.call(_pool, ctx)  # the unpinned session's connection
+        assert proxy.call(lambda: dict(ctx.pin_counts)) == {"set_variable": 2}  # the statement: tracked
+        assert ("pg-1", "IDLE") in proxy.call(_pool, ctx)  # the unpinned sessions' connection
         _wait_replicated(standby, "SELECT count(*) FROM moved", "1")
 
         # -- switchover, step 1: the writer is made read-only and stays up
@@ -113,6 +120,9 @@ def _run(primary, standby, pg_proxy_factory):
         unpinned.execute("INSERT INTO moved VALUES (2)")
         assert unpinned.execute("SELECT count(*), inet_server_port(), pg_is_in_recovery() FROM moved"
                                 ).fetchone() == (2, standby.port, False)
+        # the session with a prepared statement moved too: the statement is prepared again on
+        # the new writer, under the same name the driver keeps using
+        assert prepared.execute(count, (0,)).fetchone() == (2, standby.port)
         assert {t for t, _ in proxy.call(_pool, ctx)} == {"pg-2"}
 
         # -- never two writers: the old primary switched back to read-write is not trusted
@@ -138,5 +148,5 @@ def _run(primary, standby, pg_proxy_factory):
         assert "pg-1" not in {t for t, _ in proxy.call(_pool, ctx)}
         assert primary.psql("SELECT count(*) FROM moved", dbname="appdb").strip() == "1"
     finally:
-        for conn in (unpinned, pinned, pinned_in_txn):
+        for conn in (unpinned, pinned, pinned_in_txn, prepared):
             conn.close()
