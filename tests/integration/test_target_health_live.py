@@ -82,3 +82,39 @@ def test_target_health_states_through_the_rds_api(pg_server, tmp_path):
                 pg_server.port, "appdb")
     finally:
         proxy.stop()
+
+
+def test_no_free_connection_slot_is_pending_proxy_capacity(pg_server_factory, pg_proxy_factory):
+    """A database with every connection slot taken refuses the proxy with 53300: the target is
+    UNAVAILABLE / PENDING_PROXY_CAPACITY (not CONNECTION_FAILED), and AVAILABLE again once a
+    slot is free."""
+    import psycopg
+    import pytest
+    server = pg_server_factory(max_connections=4, settings={"superuser_reserved_connections": 1})
+    server.create_user("app_scram", "capacity-pass", method="scram-sha-256")
+    server.create_database("appdb", owner="app_scram")
+    proxy = pg_proxy_factory(server=server)
+    ctx = proxy.ctx
+
+    def health():
+        record = ctx.health.health_of(ctx.topology.targets[0])
+        return record.state, record.reason, record.description
+
+    holders = [psycopg.connect(host=server.host, port=server.port, user="app_scram",
+                               password="capacity-pass", dbname="appdb") for _ in range(3)]
+    try:
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(proxy.dsn(server))
+        # 53300: "sorry, too many clients already", or the slots left are the superuser's
+        full = ("too many clients", "remaining connection slots are reserved")
+        assert any(text in str(info.value) for text in full), str(info.value)
+        state, reason, description = proxy.call(health)
+        assert (state, reason) == ("UNAVAILABLE", "PENDING_PROXY_CAPACITY")
+        assert any(text in description for text in full), description
+        holders.pop().close()
+        with psycopg.connect(proxy.dsn(server)) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert proxy.call(health)[0] == "AVAILABLE"
+    finally:
+        for conn in holders:
+            conn.close()
