@@ -46,10 +46,10 @@ def test_bug_in_a_borrow_callback_closes_the_session(monkeypatch, failures):
     h.login()
     h.send(msg.query("SELECT 1"))
 
-    def broken(lease):
+    def broken(conn, waited):
         raise KeyError("attach bug")
 
-    monkeypatch.setattr(h.frontend, "_attach", broken)
+    monkeypatch.setattr(h.frontend, "attach_connection", broken)
     lease = h.pool.give()  # the Deferred's callback raises: no unhandled error in a Deferred
     _assert_unknown_error_and_closed(h)
     assert [f["log_failure"].type for f in failures] == [KeyError]

@@ -49,6 +49,12 @@ class TargetUnreachable(BackendGone):
     TargetHealth reason UNREACHABLE rather than CONNECTION_FAILED."""
 
 
+class DatabaseRefused(Exception):
+    """Base of each engine's DatabaseError: the database answered a request of the proxy (a
+    login, a parameter sync) with an error of its own, so the connection, if it is still open,
+    stands at a known point (sessions tell the client the database's error, not a proxy one)."""
+
+
 # TCP keepalive: a peer that vanished without a FIN/RST (host down, cable cut, NAT expiry) is
 # noticed after about KEEPIDLE + KEEPINTVL * KEEPCNT seconds instead of the kernel's 2 hours.
 KEEPALIVE_IDLE = 60

@@ -23,8 +23,8 @@ from zope.interface import implementer
 from txrdsproxy.backend_tls import DatabaseTLSError, start_client_tls
 from txrdsproxy.failover.topology import NoWriter
 from txrdsproxy.proxy import mysql_state as state
-from txrdsproxy.proxy.connector import (BackendConnection, BackendGone, Connector, SingleUseFactory,
-                                        TargetUnreachable)
+from txrdsproxy.proxy.connector import (BackendConnection, BackendGone, Connector, DatabaseRefused,
+                                        SingleUseFactory, TargetUnreachable)
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.wire.mysql import auth as myauth
@@ -47,7 +47,7 @@ COLLATIONS_QUERY = (b"SELECT ID, COLLATION_NAME, CHARACTER_SET_NAME, IS_DEFAULT"
                     b" FROM information_schema.COLLATIONS")
 
 
-class DatabaseError(Exception):
+class DatabaseError(DatabaseRefused):
     """The database answered with ERR; `payload` is the raw ERR payload (relayable)."""
 
     def __init__(self, payload):

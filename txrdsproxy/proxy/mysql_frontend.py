@@ -25,15 +25,13 @@ refused (or, for those the server never answers, dropped) and never reach a data
 import enum
 import re
 
-from twisted.internet import defer, protocol
+from twisted.internet import protocol
 from twisted.logger import Logger
 
-from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy import mysql_state as mstate
-from txrdsproxy.proxy.mysql_backend import BackendGone, DatabaseError
 from txrdsproxy.proxy.mysql_login import MAX_LOCAL_COMMAND, MySQLLogin
 from txrdsproxy.proxy.relay import direct_write
-from txrdsproxy.proxy.session import SessionState
+from txrdsproxy.proxy.session import BorrowFailure, SessionState
 from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql import pinning
@@ -95,7 +93,7 @@ class MySQLFrontend(MySQLLogin):
         return (self._wait is Wait.NOTHING and not self._relaying and not _strayed(conn)
                 and not conn.busy and conn.tracker is not None and conn.tracker.idle)
 
-    def _pool_key(self):
+    def pool_key(self):
         """The pool key of the next borrow.  Sessions without a current database get connections
         of their own kind (NO_DATABASE): MySQL cannot unset a connection's database (COM_INIT_DB
         needs a name; COM_RESET_CONNECTION keeps it), so a connection another session left in
@@ -405,87 +403,42 @@ class MySQLFrontend(MySQLLogin):
         self._cmd = None
         self.write_packet(err_payload, seq + 1)
 
-    # -- borrowing ----------------------------------------------------------------------------------
+    # -- getting a connection: ClientSession.borrow's engine hooks -----------------------------------
     def _borrow(self):
+        """The command at the head of the stream needs a connection: the held one (pinned, in a
+        transaction) or one from the pool, brought to the session's tracked values first."""
         self._wait = Wait.BORROW
-        self.set_state(SessionState.BORROWING)
-        if self.lease is not None:  # held (pinned or in a transaction): just sync
-            self._got_lease(self.lease)
-            return
-        lease = self.ctx.pool.try_borrow(self._pool_key())
-        if lease is not None:  # an idle connection right away: no Deferred
-            self._got_lease(lease)
-            return
-        self._borrow_d = d = self.ctx.pool.borrow(self._pool_key())
-        d.addCallbacks(self._got_lease, self._borrow_failed).addErrback(self._unexpected)
+        self.borrow()
 
-    def _got_lease(self, lease):
-        self._borrow_d = None
-        if self.state is SessionState.CLOSED:
-            lease.release(clean=True)
-            return
-        self.lease = lease
-        conn = lease.conn
-        if self.pin_reason is not None:
-            conn.session_dirty = True
+    def prepare_lease(self, conn):
+        """Bring the connection to the session's tracked values (database, character set,
+        variables); None when it has them already (no Deferred per command)."""
         self._resolve_charset(conn)
         if not conn.needs_sync(self.desired, self.database):
-            self._synced(None, lease)
-            return
-        conn.sync(self.desired, self.database).addCallbacks(
-            self._synced, self._sync_failed, callbackArgs=(lease,), errbackArgs=(lease,)
-        ).addErrback(self._unexpected)
+            return None
+        return conn.sync(self.desired, self.database)
 
-    def _unexpected(self, failure):
-        """A bug met in a callback: end this session (its connection is then not reused clean)."""
-        self.log.failure("{s}: unexpected error; closing this session", failure, s=self)
-        if self.state is not SessionState.CLOSED:
-            self._close_client()
-
-    def _synced(self, _, lease):
-        if self.state is SessionState.CLOSED or lease.released or self.lease is not lease:
-            return
-        conn = lease.conn
+    def attach_connection(self, conn, waited):
         conn.attach(self)
-        self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
         self._dispatch()
+        if waited:
+            self._pump_safely()
+
+    def refuse_request(self, error):
+        self._fail_command(error)
         self._pump_safely()
 
-    def _sync_failed(self, failure, lease):
-        if self.state is SessionState.CLOSED or self.lease is not lease:
-            return
-        conn = lease.conn
-        self.lease = None
-        if failure.check(DatabaseError):
-            lease.release(clean=conn.state == "borrowed" and not conn.busy,
-                          needs_reset=conn.session_dirty or conn.tracker.in_transaction)
-        else:
-            lease.release(clean=False, reason=f"sync failed: {failure.getErrorMessage()}")
-        self._command_failed(failure)
+    _ERRORS = {
+        BorrowFailure.TIMEOUT: errors.borrow_timeout(),
+        BorrowFailure.UNREACHABLE: P.err_packet(2013, "HY000", "Lost connection to the database"),
+        BorrowFailure.SHUTTING_DOWN: P.err_packet(1053, "08S01", "Server shutdown in progress"),
+        BorrowFailure.UNKNOWN: errors.unknown_error(),
+    }
 
-    def _borrow_failed(self, failure):
-        self._borrow_d = None
-        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
-            return
-        self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
-        self._command_failed(failure)
-
-    def _command_failed(self, failure):
-        self.set_state(SessionState.IDLE)
-        self._fail_command(self._error_payload(failure))
-        self._pump_safely()
-
-    def _error_payload(self, failure):
-        if failure.check(BorrowTimeout):
-            return errors.borrow_timeout()
-        if failure.check(DatabaseError):
+    def error_bytes(self, kind, failure):
+        if kind is BorrowFailure.DATABASE_ERROR:
             return failure.value.payload
-        if failure.check(BackendGone):
-            return P.err_packet(2013, "HY000", "Lost connection to the database")
-        if failure.check(PoolClosed):
-            return P.err_packet(1053, "08S01", "Server shutdown in progress")
-        self.log.failure("{s}: unexpected failure", failure, s=self)
-        return errors.unknown_error()
+        return self._ERRORS[kind]
 
     # -- database -> client (called by the backend connection) ---------------------------------------
     def backend_data(self, data):

@@ -126,7 +126,8 @@ class MySQLLogin(ClientSession):
             # dropped database shows as an error on the first command instead).
             return self._welcome(seq)
         self._phase = "login"
-        self._borrow_d = d = self.ctx.pool.borrow(self._pool_key())
+        key = self.pool_key()
+        self._borrow_d = d = self.pool_for(key).borrow(key)
         d.addCallback(self._login_lease, seq)
         d.addErrback(self._login_failed, seq)
 
@@ -172,7 +173,7 @@ class MySQLLogin(ClientSession):
         self._borrow_d = None
         if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
             return
-        self._fatal(self._error_payload(failure), seq)
+        self._fatal(self.client_error(failure), seq)
 
     def _welcome(self, seq):
         self.write_packet(P.ok_packet(status=self._status()), seq)

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from txrdsproxy.backend_tls import PgSSLNegotiation
 from txrdsproxy.failover.topology import ProbeResult
-from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector
+from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, DatabaseRefused
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import messages as msg
@@ -40,7 +40,7 @@ SESSION_PARAMS = ("application_name", "client_encoding", "DateStyle", "TimeZone"
 REPORTED_PARAMS = frozenset(SESSION_PARAMS) - {"extra_float_digits"}
 
 
-class DatabaseError(Exception):
+class DatabaseError(DatabaseRefused):
     """The database answered with an ErrorResponse; `fields` holds its S/C/M... fields."""
 
     def __init__(self, fields):

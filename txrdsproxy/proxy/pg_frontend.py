@@ -16,14 +16,10 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from txrdsproxy.auth.iam import AuthenticationFailed, TooManyAuthentications, verify_login
-from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
-from txrdsproxy.proxy.pg_backend import (
-    REPORTED_PARAMS, SESSION_PARAMS, DatabaseError,
-)
-from txrdsproxy.proxy.connector import BackendGone
+from txrdsproxy.proxy.pg_backend import REPORTED_PARAMS, SESSION_PARAMS
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
-from txrdsproxy.proxy.session import ClientSession, Phase, SessionState
+from txrdsproxy.proxy.session import BorrowFailure, ClientSession, Phase, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
@@ -56,7 +52,6 @@ class PgFrontend(ClientSession):
         self.desired = {}
         self._buf = bytearray()  # startup packets (each at most MAX_STARTUP_PACKET)
         self._auth_scanner = None  # password messages while authenticating
-        self._attaching = None  # a lease whose parameters are being synced
         self._conn = None  # the lent connection while attached
         self._cancel_key = None
         self._auth = None
@@ -387,7 +382,8 @@ class PgFrontend(ClientSession):
         if welcome is not None and all(kv in ctx.normalized for kv in requested):
             self._finish_login(welcome)
             return
-        self._borrow_d = d = ctx.pool.borrow(self.key)
+        key = self.pool_key()
+        self._borrow_d = d = self.pool_for(key).borrow(key)
         d.addCallback(self._login_lease)
         d.addErrback(self._login_failed)
         d.addErrback(self.unexpected, "login")
@@ -419,7 +415,7 @@ class PgFrontend(ClientSession):
         self._borrow_d = None
         if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
             return
-        self._fatal(self._borrow_error(failure))
+        self._fatal(self.client_error(failure))
 
     def _finish_login(self, welcome):
         ctx = self.ctx
@@ -464,12 +460,7 @@ class PgFrontend(ClientSession):
                 and self._borrow_d is None and self._attaching is None and len(data) >= 5 and data[0] != _X):
             # Start of a transaction, the common case: an idle connection whose parameters
             # already match is attached now and *data* goes straight out, without queueing.
-            lease = self.ctx.pool.try_borrow(self.key)
-            if lease is not None:
-                if lease.conn.client_params == self.desired:
-                    self._attach(lease)
-                else:
-                    self._got_lease(lease)
+            self.borrow_if_idle()
         stream.feed(data)
         self._after_input()
 
@@ -498,7 +489,7 @@ class PgFrontend(ClientSession):
                 if first == _X:
                     self._close_client()
                     return
-                self._borrow()
+                self.borrow()
         self._check_pause()
 
     def _check_pause(self):
@@ -519,101 +510,52 @@ class PgFrontend(ClientSession):
         if not direct_write(conn.transport, data):
             self.write_queued(conn)
 
-    def _borrow(self):
-        lease = self.ctx.pool.try_borrow(self.key)
-        if lease is not None:  # the common case: an idle connection, no Deferred needed
-            self._got_lease(lease)
-            return
-        self.set_state(SessionState.BORROWING)
-        self._borrow_d = d = self.ctx.pool.borrow(self.key)
-        d.addCallbacks(self._got_lease, self._borrow_failed).addErrback(self.unexpected, "borrowing")
-
-    def _got_lease(self, lease):
-        self._borrow_d = None
-        if self.state is SessionState.CLOSED:
-            lease.release(clean=True)
-            return
-        conn = lease.conn
+    # -- getting a connection: ClientSession.borrow's engine hooks -----------------------------------
+    def prepare_lease(self, conn):
+        """The connection's session parameters must be this session's first (a Deferred of
+        sync_params); the client's messages wait in the stream meanwhile."""
         if conn.client_params == self.desired:
-            self._attach_or_release(lease)
-            return
-        # Bring the connection's session parameters to this session's first; the client's
-        # messages wait in the stream meanwhile.
-        self._attaching = lease
-        conn.sync_params(self.desired).addCallbacks(
-            lambda _: self._attach_later(lease), self._sync_failed, errbackArgs=(lease,)
-        ).addErrback(self.unexpected, "attaching")
+            return None
+        return conn.sync_params(self.desired)
 
-    def _sync_failed(self, failure, lease):
-        self._attaching = None
-        lease.release(clean=lease.conn.state == ConnState.BORROWED, needs_reset=True)
-        self._borrow_failed(failure)
-
-    def _attach_later(self, lease):
-        self._attach_or_release(lease)
-        if self.lease is lease:
-            self._after_input()
-
-    def _attach_or_release(self, lease):
-        try:
-            self._attach(lease)
-        except Exception:
-            if self.lease is not lease:  # held by nobody: never leak a pool slot
-                self._attaching = None
-                lease.release(clean=False, reason="session ended by an unexpected error")
-            raise
-
-    def _attach(self, lease):
-        """The lease is usable: forward what the client sent meanwhile."""
-        self._attaching = None
-        if self.state is SessionState.CLOSED:
-            lease.release(clean=True, needs_reset=lease.conn.txn_status != b"I")
-            return
-        conn = lease.conn
-        self.lease = lease
+    def attach_connection(self, conn, waited):
+        """Forward what the client sent meanwhile (held in the stream)."""
         self._conn = conn
-        if self.pin_reason is not None:
-            conn.session_dirty = True
-        conn.attach(self)
+        # Before attach: the connection reads it to decide whether ParseCompletes are inspected.
         conn.statement_tracker = self._stmts
-        self.set_state(SessionState.PINNED if self.pin_reason is not None else SessionState.BORROWED)
+        conn.attach(self)
         try:
             self._stream.attach(conn, self._write_db)
         except ProtocolViolation as e:  # in bytes held until now
             self._violation(e)
             return
-        # The held bytes were classified just now: a pin must hold before their ReadyForQuery
-        # (called from a borrow's Deferred, no _after_input follows to do it).
+        # The held bytes were classified just now: a pin must hold before their ReadyForQuery.
         if self._stream.pin_reason is not None and self.pin_reason is None:
             self.pin_statement = self._stream.pin_text
             self._pin(self._stream.pin_reason)
+        if waited:  # called from a Deferred: no _after_input follows to do the rest
+            self._after_input()
 
-    def _borrow_failed(self, failure):
-        self._borrow_d = None
-        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
-            return
-        err = self._borrow_error(failure)
-        self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
-        self.set_state(SessionState.IDLE)
-        self.request_started = None  # answered by the proxy: no latency to record
-        # Answer everything queued as PostgreSQL would after an error: one error per batch.
+    def refuse_request(self, error):
+        """Answer everything queued as PostgreSQL would after an error: one error per batch."""
         try:
-            self._stream.refuse(err)
+            self._stream.refuse(error)
         except ProtocolViolation as e:
             return self._violation(e)
         self._after_input()
 
-    def _borrow_error(self, failure):
-        if failure.check(BorrowTimeout):
-            return errors.BORROW_TIMEOUT
-        if failure.check(DatabaseError):
+    _ERRORS = {
+        BorrowFailure.TIMEOUT: errors.BORROW_TIMEOUT,
+        BorrowFailure.SHUTTING_DOWN: errors.SHUTTING_DOWN,
+        BorrowFailure.UNKNOWN: errors.UNKNOWN,
+    }
+
+    def error_bytes(self, kind, failure):
+        if kind is BorrowFailure.DATABASE_ERROR:
             return errors.request_error(failure.value.fields)
-        if failure.check(BackendGone):
+        if kind is BorrowFailure.UNREACHABLE:
             return errors.request_error({"C": "08006", "M": failure.getErrorMessage()})
-        if failure.check(PoolClosed):
-            return errors.SHUTTING_DOWN
-        self.log.failure("{s}: unexpected borrow failure", failure, s=self)
-        return errors.UNKNOWN
+        return self._ERRORS[kind]
 
     # -- the session: database -> client (called by the backend connection) ------------------------
     def backend_data(self, data):

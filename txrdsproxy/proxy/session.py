@@ -1,4 +1,6 @@
-"""Engine-neutral parts of a client session: its named states and the per-proxy context.
+"""Engine-neutral parts of a client session: its named states, the per-proxy context, and the
+flows both engines share (timers, borrowing and attaching a database connection, pinning,
+draining, ending).
 
 A session is in exactly one state, changed only through `ClientSession.set_state`; metrics and the
 admin API read these states instead of keeping parallel counters.
@@ -9,10 +11,11 @@ import itertools
 import os
 
 from OpenSSL.SSL import Error as TLSError
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from txrdsproxy.proxy.connector import enable_keepalive
+from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
+from txrdsproxy.proxy.connector import BackendGone, DatabaseRefused, enable_keepalive
 from txrdsproxy.proxy.limits import Admission
 from txrdsproxy.proxy.relay import couple, uncouple
 from txrdsproxy.pool.states import ConnState
@@ -40,6 +43,30 @@ class Phase(str, enum.Enum):
         return self.value
 
     __format__ = str.__format__
+
+
+class BorrowFailure(enum.Enum):
+    """Why a session could not get a usable database connection: what the client is told,
+    in its engine's words (`ClientSession.client_error`, docs/errors.md)."""
+
+    TIMEOUT = "timeout"              # no connection within ConnectionBorrowTimeout (pool.BorrowTimeout)
+    DATABASE_ERROR = "database"      # the database refused (a login, a parameter sync): its own error
+    UNREACHABLE = "unreachable"      # no connection could be made, or it broke (BackendGone)
+    SHUTTING_DOWN = "shutting-down"  # the pool closed while the borrow waited (PoolClosed)
+    UNKNOWN = "unknown"              # anything else: a bug, logged with its traceback
+
+
+def borrow_failure(failure):
+    """-> the BorrowFailure for a failed borrow or sync (a twisted Failure)."""
+    if failure.check(BorrowTimeout):
+        return BorrowFailure.TIMEOUT
+    if failure.check(DatabaseRefused):
+        return BorrowFailure.DATABASE_ERROR
+    if failure.check(BackendGone):
+        return BorrowFailure.UNREACHABLE
+    if failure.check(PoolClosed):
+        return BorrowFailure.SHUTTING_DOWN
+    return BorrowFailure.UNKNOWN
 
 
 class SessionState(enum.Enum):
@@ -162,6 +189,10 @@ class ClientSession(protocol.Protocol):
 
     and three actions: `auth_timed_out()`, `lost_database(conn, why)` (tell the client its
     database connection broke) and `on_closed()` (engine bookkeeping at the end).
+
+    Getting a database connection for a request is written once, here (`borrow`, below); the
+    engine supplies `pool_key()`, `prepare_lease(conn)`, `attach_connection(conn, waited)`,
+    `refuse_request(error)` and `error_bytes(kind, failure)`; `pool_for(key)` picks the pool.
     """
 
     log = Logger()
@@ -188,7 +219,8 @@ class ClientSession(protocol.Protocol):
         self.refusal = None  # limits.Refusal decided at accept: the engine tells the client
         self._timer = None
         self._first_timer = None  # ClientFirstPacketTimeout, until `first_packet_seen`
-        self._borrow_d = None
+        self._borrow_d = None  # the pool's Deferred while the session waits in its queue
+        self._attaching = None  # a lease whose connection `prepare_lease` is bringing in line
         self._paused = False  # client reading paused while its data waits for a connection
         self._coupled = False  # transports coupled for backpressure (see relay.couple)
         self._draining = False  # drain() was asked: end at the next transaction boundary
@@ -309,6 +341,166 @@ class ClientSession(protocol.Protocol):
             lease.release(clean=False, reason=why)
         self.log.info("{s}: database connection lost: {why}", s=self, why=why)
         self.lost_database(conn, why)
+
+    # -- getting a database connection: borrow, prepare, attach, or tell the client why not ----------
+    #
+    # One flow for both engines.  borrow() -> the pool's idle connection at once (try_borrow, no
+    # Deferred), else the pool's queue (a cancellable Deferred: connectionLost cancels it) ->
+    # prepare_lease (the engine brings the connection to the session's settings; None when
+    # nothing is to do, the common case) -> attach_connection (the engine starts relaying).
+    # A failure at any step is answered with the engine's error for its BorrowFailure, and the
+    # session goes on (refuse_request); a connection whose preparation failed is reset when the
+    # database answered with an error, else closed.  No closure and no Deferred of ours per
+    # borrow: the fast path is three method calls.
+
+    def pool_key(self):
+        """Engine hook: the pool key of the next borrow (user, database or profile, TLS, ...)."""
+        return self.key
+
+    def pool_for(self, key):
+        """Which pool serves this session's borrows of *key*: the proxy's (the writer's) pool.
+        The seam for routing (reader endpoints: a replica's pool)."""
+        return self.ctx.pool
+
+    @property
+    def borrowing(self):
+        """A connection is on its way: queued at the pool, or being prepared."""
+        return self._borrow_d is not None or self._attaching is not None
+
+    def borrow(self):
+        """Get the session a usable connection for the request at the head of its input: the
+        one it holds (pinned, in a transaction), else an idle one now, else wait in the pool's
+        queue (state BORROWING; bounded by ConnectionBorrowTimeout).  Ends in
+        `attach_connection(conn, waited)` or, on failure, `refuse_request(error)`; either may
+        happen before this returns."""
+        lease = self.lease
+        if lease is not None:
+            self._use_lease(lease, False)
+            return
+        key = self.pool_key()
+        pool = self.pool_for(key)
+        lease = pool.try_borrow(key)
+        if lease is not None:  # the common case: an idle connection, no Deferred
+            self._use_lease(lease, False)
+            return
+        self.set_state(SessionState.BORROWING)
+        self._borrow_d = d = pool.borrow(key)
+        d.addCallbacks(self._got_lease, self._borrow_failed).addErrback(self.unexpected, "borrowing")
+
+    def borrow_if_idle(self):
+        """The fast path alone: -> True when an idle connection was taken (attached now, or
+        being prepared), False when none is idle (nothing started; call `borrow` later)."""
+        key = self.pool_key()
+        lease = self.pool_for(key).try_borrow(key)
+        if lease is None:
+            return False
+        self._use_lease(lease, False)
+        return True
+
+    def _got_lease(self, lease):
+        self._borrow_d = None
+        self._use_lease(lease, True)
+
+    def _use_lease(self, lease, waited):
+        if self.state is SessionState.CLOSED:  # the client left while the pool served us
+            if lease is not self.lease:
+                lease.release(clean=True)
+            return
+        try:
+            d = self.prepare_lease(lease.conn)
+        except Exception:
+            if lease is not self.lease:  # held by nobody: never leak a pool slot
+                lease.release(clean=False, reason="session ended by an unexpected error")
+            raise
+        if d is None:
+            self._attach_lease(lease, waited)
+            return
+        self._attaching = lease
+        d.addCallbacks(self._lease_prepared, self._prepare_failed,
+                       callbackArgs=(lease,), errbackArgs=(lease,)).addErrback(self.unexpected, "attaching")
+
+    def _lease_prepared(self, _, lease):
+        if self._attaching is lease:
+            self._attaching = None
+        if lease.released:  # a held lease, given back when the client left
+            return
+        if self.state is SessionState.CLOSED:
+            # The client left while its connection was being prepared: the preparation ended
+            # cleanly, so the connection is fit for another session.
+            if lease is not self.lease:
+                lease.release(clean=True, needs_reset=self.transaction_open(lease.conn))
+            return
+        self._attach_lease(lease, True)
+
+    def _attach_lease(self, lease, waited):
+        """The connection is ready: it becomes the session's, and the engine relays on it."""
+        self.lease = lease
+        conn = lease.conn
+        if self.pin_reason is not None:
+            conn.session_dirty = True
+            self.set_state(SessionState.PINNED)
+        else:
+            self.set_state(SessionState.BORROWED)
+        self.attach_connection(conn, waited)
+
+    def _prepare_failed(self, failure, lease):
+        if self._attaching is lease:
+            self._attaching = None
+        conn = lease.conn
+        if self.lease is lease:
+            self.lease = None
+            if conn.state != ConnState.CLOSED:
+                self._detach(conn)
+        if failure.check(DatabaseRefused) and conn.state == ConnState.BORROWED:
+            lease.release(clean=True, needs_reset=True)  # it answered: reset, then reuse
+        else:
+            lease.release(clean=False, reason=f"sync failed: {failure.getErrorMessage()}")
+        if self.state is SessionState.CLOSED:
+            return
+        self.log.info("{s}: preparing a connection failed: {e}", s=self, e=failure.getErrorMessage())
+        self._request_failed(failure)
+
+    def _borrow_failed(self, failure):
+        self._borrow_d = None
+        if self.state is SessionState.CLOSED or failure.check(defer.CancelledError):
+            return
+        self.log.info("{s}: borrow failed: {e}", s=self, e=failure.getErrorMessage())
+        self._request_failed(failure)
+
+    def _request_failed(self, failure):
+        error = self.client_error(failure)
+        self.set_state(SessionState.IDLE)
+        self.request_started = None  # answered by the proxy: no latency to record
+        self.refuse_request(error)
+
+    def client_error(self, failure):
+        """The engine's error (bytes for the client) for a failed borrow, sync or login check;
+        an unforeseen failure is logged with its traceback."""
+        kind = borrow_failure(failure)
+        if kind is BorrowFailure.UNKNOWN:
+            self.log.failure("{s}: unexpected borrow failure", failure, s=self)
+        return self.error_bytes(kind, failure)
+
+    def prepare_lease(self, conn):
+        """Engine hook: bring *conn* to this session's settings before it relays there.
+        -> None when nothing is to do (no Deferred on the hot path), else a Deferred that fires
+        when done or fails (with the engine's DatabaseError when the database refused)."""
+        return None
+
+    def attach_connection(self, conn, waited):
+        """Engine hook: relay on *conn* now (`self.lease` holds it; the state is BORROWED or
+        PINNED); *waited*: the connection came later than the input that asked for it (from the
+        pool's queue or after a sync), so the engine goes on with what the client sent since."""
+        raise NotImplementedError
+
+    def refuse_request(self, error):
+        """Engine hook: answer the request(s) waiting for a connection with *error* (bytes from
+        `error_bytes`); the session goes on (its state is IDLE)."""
+        raise NotImplementedError
+
+    def error_bytes(self, kind, failure):
+        """Engine hook: what the client is sent for a BorrowFailure *kind* (docs/errors.md)."""
+        raise NotImplementedError
 
     # -- draining (the proxy or this proxy is stopping) ---------------------------------------------------
     def drain(self, why=None):
