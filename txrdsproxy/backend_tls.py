@@ -38,6 +38,7 @@ from OpenSSL import SSL
 from twisted.internet import protocol, ssl
 from twisted.logger import Logger
 
+from txrdsproxy.pool.states import ConnState
 from txrdsproxy.tls import TLS12_CIPHERS, TLSFilesError, start_tls
 
 __all__ = ["TLSFilesError", "load_ca_file", "DatabaseTLS", "TLSPlan", "DatabaseTLSError",
@@ -287,7 +288,7 @@ class PgSSLNegotiation(protocol.Protocol):
 
     def _fail_conn(self, error):
         conn = self.conn
-        conn.state = "closed"
+        conn.state = ConnState.CLOSED
         if conn.ready is not None:
             d, conn.ready = conn.ready, None
             d.errback(error)

@@ -11,6 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from txrdsproxy.auth.secrets import Credentials
+from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_backend import (
     BASE_CAPABILITIES, CAPABILITY_PROFILE, COLLATIONS_QUERY, BackendGone, DatabaseError,
@@ -164,13 +165,13 @@ class Server:
         self.send(ok(), seq=2)
         self.answer_state()
         assert self.ready == [self.conn]
-        assert self.conn.state == "idle"
+        assert self.conn.state is ConnState.IDLE
         return self.conn
 
     def lend(self):
         """Log in, then lend the connection to a FakeSink as the pool and a session would."""
         conn = self.login()
-        conn.state = "borrowed"
+        conn.state = ConnState.BORROWED
         sink = FakeSink(conn)
         conn.attach(sink)
         return sink
@@ -194,11 +195,11 @@ def test_login_with_native_password(profile):
     assert caps & BASE_CAPABILITIES == BASE_CAPABILITIES
     assert caps & CAPABILITY_PROFILE == profile
     assert not caps & (P.CLIENT_SSL | P.CLIENT_COMPRESS | P.CLIENT_CONNECT_WITH_DB)
-    assert s.conn.state == "connecting" and s.ready == []
+    assert s.conn.state is ConnState.CONNECTING and s.ready == []
     s.send(ok(), seq=2)
-    assert s.conn.state == "initialising"
+    assert s.conn.state is ConnState.INITIALISING
     s.answer_state()
-    assert s.ready == [s.conn] and s.conn.state == "idle" and s.conn.ready is None
+    assert s.ready == [s.conn] and s.conn.state is ConnState.IDLE and s.conn.ready is None
     assert s.conn.server_max_connections == 151
     assert s.conn.database is None
     assert s.conn.current["autocommit"] == "1" and s.conn.current["session_track_schema"] == "0"
@@ -283,7 +284,7 @@ def test_auth_switch_to_an_unsupported_plugin_fails_the_login():
     s.send(hs.auth_switch_request("client_ed25519", b"x" * 32), seq=2)
     [failure] = s.failed
     assert failure.check(myauth.UnsupportedAuthPlugin)
-    assert s.closed and s.conn.state == "closed"
+    assert s.closed and s.conn.state is ConnState.CLOSED
     assert s.lost and s.lost[0].startswith("login failed")
 
 
@@ -295,7 +296,7 @@ def test_err_during_login_fails_ready_and_closes():
     assert failure.check(DatabaseError)
     assert failure.value.err.code == 1045
     assert s.ready == []
-    assert s.closed and s.conn.state == "closed"
+    assert s.closed and s.conn.state is ConnState.CLOSED
     assert s.received() == []  # no COM_QUIT on a connection that never logged in
     assert len(s.lost) == 1 and "1045" in s.lost[0]
     s.conn.connectionLost(Failure(ConnectionDone()))
@@ -338,7 +339,7 @@ def test_connection_lost_during_login():
     s.conn.connectionLost(Failure(ConnectionDone()))
     [failure] = s.failed
     assert failure.check(BackendGone)
-    assert s.conn.state == "closed"
+    assert s.conn.state is ConnState.CLOSED
     assert len(s.lost) == 1
 
 
@@ -368,7 +369,7 @@ def test_sync_failure_forgets_the_current_values():
     s.send(err(1298, "HY000", "Unknown or incorrect time zone: 'Mars/Olympus'"), seq=1)
     assert failed[0].check(DatabaseError)
     assert conn.current == {}
-    assert conn.state == "idle" and not conn.busy
+    assert conn.state is ConnState.IDLE and not conn.busy
 
 
 def test_reset_of_a_dirty_connection():
@@ -407,7 +408,7 @@ def test_unsolicited_packet_on_an_idle_connection_closes():
     s = Server()
     conn = s.login()
     s.send(ok(), seq=1)
-    assert conn.state == "closed" and s.closed
+    assert conn.state is ConnState.CLOSED and s.closed
     assert s.lost and "protocol violation" in s.lost[0]
 
 
@@ -534,7 +535,7 @@ def test_forward_after_detach_goes_to_the_internal_reader():
 def test_bogus_prepare_response_closes_with_a_reason():
     s, sink, data = forward_response(PROFILE_NOEOF, [b"\x05bogus"], command=P.COM_STMT_PREPARE)
     s.conn.dataReceived(data)
-    assert s.conn.state == "closed" and s.closed
+    assert s.conn.state is ConnState.CLOSED and s.closed
     assert sink.completes == []
     assert len(s.lost) == 1
     assert s.lost[0].startswith("protocol violation from the database")
@@ -548,7 +549,7 @@ def test_bogus_prepare_response_closes_with_a_reason():
 def test_bogus_column_count_closes():
     s, sink, data = forward_response(PROFILE_NOEOF, [b"\xfe" + b"\x00" * 20])
     s.conn.dataReceived(data)
-    assert s.conn.state == "closed"
+    assert s.conn.state is ConnState.CLOSED
     assert "protocol violation" in s.lost[0]
 
 
@@ -556,7 +557,7 @@ def test_missing_eof_after_definitions_closes():
     payloads = [b"\x01", coldef(), text_row(["1"])]  # legacy EOF expected after the defs
     s, sink, data = forward_response(PROFILE_EOF, payloads)
     s.conn.dataReceived(data)
-    assert s.conn.state == "closed"
+    assert s.conn.state is ConnState.CLOSED
     assert "protocol violation" in s.lost[0]
 
 
@@ -565,7 +566,7 @@ def test_data_after_the_response_closes():
     s.conn.dataReceived(data + wire([ok()], seq=2))
     assert bytes(sink.data) == data  # the response itself was relayed
     assert sink.completes == []
-    assert s.conn.state == "closed"
+    assert s.conn.state is ConnState.CLOSED
     assert s.lost == ["the database sent data nobody asked for"]
 
 
@@ -574,7 +575,7 @@ def test_data_while_nothing_is_expected_closes():
     sink = s.lend()
     s.conn.dataReceived(wire([ok()]))
     assert sink.data == b"" and sink.completes == []
-    assert s.conn.state == "closed"
+    assert s.conn.state is ConnState.CLOSED
     assert "protocol violation" in s.lost[0]
 
 

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from txrdsproxy.auth.secrets import Credentials
 from txrdsproxy.config.load import parse_config
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
+from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy import mysql_frontend
 from txrdsproxy.proxy import session
 from txrdsproxy.proxy import mysql_state as mstate
@@ -70,7 +71,7 @@ class FakeConn:
         self.connector = connector
         self.handshake = connector.greeting
         self.transport = StringTransport()
-        self.state = "borrowed"
+        self.state = ConnState.BORROWED
         self.busy = False
         self.session_dirty = False
         self.tracker = ResponseTracker(BACKEND_CAPS, AC)
@@ -278,6 +279,15 @@ def test_greeting_is_handshake_v10_without_compress_or_ssl(h):
     assert g.capabilities & P.CLIENT_PROTOCOL_41 and g.capabilities & P.CLIENT_PLUGIN_AUTH
     assert h.frontend.state is SessionState.AUTHENTICATING
     assert not h.closed
+
+
+def test_phases_are_named_enum_members(h):
+    """DESIGN rule 3: the session's phase is a `Phase` member at every step, never a string."""
+    assert h.frontend._phase is session.Phase.HANDSHAKE  # the greeting went out
+    h.handshake()
+    assert h.frontend._phase is session.Phase.COMMAND
+    h.send(command(P.COM_QUIT))
+    assert h.frontend._phase is session.Phase.CLOSING
 
 
 def test_max_client_connections():

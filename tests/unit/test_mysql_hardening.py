@@ -9,6 +9,7 @@ import pytest
 
 from tests.unit import test_mysql_frontend as my
 from txrdsproxy.proxy.mysql_frontend import PENDING_PAUSE
+from txrdsproxy.proxy.session import Phase
 from txrdsproxy.wire.mysql import packets as P
 
 
@@ -166,7 +167,7 @@ def chunks(rng, data):
 def _phase(h, phase):
     """Bring a fresh harness to *phase*; -> the lease held (or None)."""
     if phase == "greeting-pending":
-        h.frontend._phase = "greeting"  # the probe has not answered yet
+        h.frontend._phase = Phase.GREETING  # the probe has not answered yet
         return None
     if phase == "handshake":
         h.greeting()

@@ -15,6 +15,8 @@ Two ways of reading the server, as for PostgreSQL:
   go to the session's client unchanged; only OK/ERR/EOF are decoded.
 """
 
+import enum
+
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,6 +24,7 @@ from zope.interface import implementer
 
 from txrdsproxy.backend_tls import DatabaseTLSError, start_client_tls
 from txrdsproxy.failover.topology import NoWriter
+from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy import mysql_state as state
 from txrdsproxy.proxy.connector import (BackendConnection, BackendGone, Connector, DatabaseRefused,
                                         SingleUseFactory, TargetUnreachable)
@@ -56,6 +59,14 @@ class DatabaseError(DatabaseRefused):
         super().__init__(f"{self.err.code} ({self.err.sqlstate}): {self.err.message}")
 
 
+class _Part(enum.Enum):
+    """Which part of an internal command's response `_InternalOp` expects next."""
+    FIRST = "first"        # OK, ERR or a result set's column count
+    DEFS = "defs"          # column definitions
+    DEFS_EOF = "defs_eof"  # the EOF after them (without CLIENT_DEPRECATE_EOF)
+    ROWS = "rows"          # text rows, up to EOF/OK (or ERR)
+
+
 class _InternalOp:
     """Reads the response to one internal command; collects text rows as lists of str/None."""
 
@@ -63,7 +74,7 @@ class _InternalOp:
         self.deferred = deferred
         self.eof_limit = P.MAX_PACKET_CHUNK if deprecate_eof else 9
         self.deprecate_eof = deprecate_eof
-        self.phase = "first"
+        self.phase = _Part.FIRST
         self.remaining = 0
         self.rows = []
         self.error = None
@@ -72,7 +83,7 @@ class _InternalOp:
     def feed(self, payload, caps):
         """-> True when the response is complete."""
         first = payload[0] if payload else -1
-        if self.phase == "first":
+        if self.phase is _Part.FIRST:
             if first == 0x00:
                 ok = P.parse_ok(payload, caps)
                 self.status = ok.status
@@ -84,15 +95,15 @@ class _InternalOp:
             if not count:
                 raise ProtocolError("bad column count in an internal result")
             self.remaining = count
-            self.phase = "defs"
+            self.phase = _Part.DEFS
             return False
-        if self.phase == "defs":
+        if self.phase is _Part.DEFS:
             self.remaining -= 1
             if self.remaining == 0:
-                self.phase = "rows" if self.deprecate_eof else "defs_eof"
+                self.phase = _Part.ROWS if self.deprecate_eof else _Part.DEFS_EOF
             return False
-        if self.phase == "defs_eof":
-            self.phase = "rows"
+        if self.phase is _Part.DEFS_EOF:
+            self.phase = _Part.ROWS
             return False
         # rows
         if first == 0xFE and len(payload) < self.eof_limit:
@@ -102,7 +113,7 @@ class _InternalOp:
                 status = P.parse_eof(payload).status
             self.status = status
             if status & P.SERVER_MORE_RESULTS_EXISTS:
-                self.phase = "first"
+                self.phase = _Part.FIRST
                 return False
             return True
         if first == 0xFF:
@@ -146,7 +157,7 @@ class MySQLBackendConnection(BackendConnection):
         self.credentials = credentials
         self.init_query = init_query
         self.connector = connector
-        self.state = "connecting"
+        self.state = ConnState.CONNECTING
         self.idle_since = 0.0
         self.pool_listener = None
         self.server_max_connections = None
@@ -215,7 +226,7 @@ class MySQLBackendConnection(BackendConnection):
         if first == 0x00:
             ok = P.parse_ok(payload, self.capabilities)
             self.tracker = ResponseTracker(self.capabilities, ok.status)
-            self.state = "initialising"
+            self.state = ConnState.INITIALISING
             self._initialise()
         elif first == 0xFF:
             raise DatabaseError(payload)
@@ -253,7 +264,7 @@ class MySQLBackendConnection(BackendConnection):
             return
         self.baseline = dict(self.current)
         self.connector.baseline = self.baseline
-        self.state = "idle"
+        self.state = ConnState.IDLE
         d, self.ready = self.ready, None
         d.callback(self)
 
@@ -278,7 +289,7 @@ class MySQLBackendConnection(BackendConnection):
         """
         if self._op is not None:
             return defer.fail(RuntimeError("internal command already running"))
-        if self.state == "closed":
+        if self.state is ConnState.CLOSED:
             return defer.fail(BackendGone("connection closed"))
         d = defer.Deferred()
         self._op = _InternalOp(d, bool(self.capabilities & P.CLIENT_DEPRECATE_EOF))
@@ -370,7 +381,7 @@ class MySQLBackendConnection(BackendConnection):
         try:
             packets = self._reader.feed(data)
             for i, (seq, payload) in enumerate(packets):
-                if self.state == "connecting":
+                if self.state is ConnState.CONNECTING:
                     self._login_packet(seq, payload)
                 else:
                     self._internal_packet(seq, payload)

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.mysql_login import MAX_LOCAL_COMMAND, MySQLLogin
 from txrdsproxy.proxy.relay import direct_write
-from txrdsproxy.proxy.session import BorrowFailure, SessionState
+from txrdsproxy.proxy.session import BorrowFailure, Phase, SessionState
 from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql import pinning
@@ -59,10 +59,10 @@ class Wait(enum.Enum):
 
 class MySQLFrontend(MySQLLogin):
     log = Logger()
-    SESSION_PHASE = "command"
+    SESSION_PHASE = Phase.COMMAND
 
     def __init__(self, ctx):
-        super().__init__(ctx, "greeting")
+        super().__init__(ctx, Phase.GREETING)
         self.desired = {}        # tracked variables this session set
         self.charset_id = None   # from the handshake / COM_CHANGE_USER, resolved at first borrow
         self.client_caps = 0
@@ -136,25 +136,26 @@ class MySQLFrontend(MySQLLogin):
             self._close_client()
 
     def _received(self, data):
-        if self._phase == "command":
+        phase = self._phase
+        if phase is Phase.COMMAND:
             self.last_active = self.clock.seconds()
             self._stream.feed(data)
             self._pump()
-        elif self._phase in ("handshake", "auth"):
-            if self._phase == "handshake" and self.ctx.tls is not None and not self.tls:
+        elif phase is Phase.HANDSHAKE or phase is Phase.AUTH:
+            if phase is Phase.HANDSHAKE and self.ctx.tls is not None and not self.tls:
                 data = self._ssl_request(data)
                 if not data:
                     return
             packets = self._reader.feed(data)
             for i, (seq, payload) in enumerate(packets):
                 self._unread = packets[i + 1:]  # pipelined after the auth: see _welcome
-                if self._phase == "handshake":
+                if self._phase is Phase.HANDSHAKE:
                     self._handshake_response(seq, payload)
                 else:
                     self._auth.feed(seq, payload)
-                if self._phase not in ("handshake", "auth"):
+                if self._phase is not Phase.HANDSHAKE and self._phase is not Phase.AUTH:
                     break
-        elif self._phase == "login":
+        elif phase is Phase.LOGIN:
             self._stream.feed(data)  # commands pipelined behind the login: kept, bounded
             self._flow_control()
         # greeting/closing: ignore
@@ -163,7 +164,7 @@ class MySQLFrontend(MySQLLogin):
     def _pump(self):
         """Relay or answer client commands, one at a time, in the order they came."""
         stream = self._stream
-        while self._phase == "command":
+        while self._phase is Phase.COMMAND:
             if not stream.at_boundary:  # inside a streamed command (or LOCAL INFILE packet)
                 chunk = stream.take()
                 if not chunk and not stream.at_boundary:

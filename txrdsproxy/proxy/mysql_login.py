@@ -15,7 +15,8 @@ from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.mysql_auth import ClientAuth, parse_change_user
 from txrdsproxy.proxy.mysql_backend import CAPABILITY_PROFILE, DatabaseError
-from txrdsproxy.proxy.session import ClientSession, SessionState
+from txrdsproxy.pool.states import ConnState
+from txrdsproxy.proxy.session import ClientSession, Phase, SessionState
 from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
@@ -53,12 +54,12 @@ class MySQLLogin(ClientSession):
         self._fatal(errors.unknown_error(), 0)
 
     def _greet(self, server):
-        if self._phase != "greeting":
+        if self._phase is not Phase.GREETING:
             return
         tls = self.ctx.tls is not None
         self._server_caps = hs.proxy_server_capabilities(tls) & (server.capabilities | ~CAPABILITY_PROFILE)
         self._server_caps &= ~P.CLIENT_COMPRESS
-        self._phase = "handshake"
+        self._phase = Phase.HANDSHAKE
         self._auth = ClientAuth(self)
         packet = hs.build_handshake_v10(
             server.server_version or DEFAULT_VERSION, self.id, self._auth.scramble,
@@ -108,7 +109,7 @@ class MySQLLogin(ClientSession):
         if response.capabilities & P.CLIENT_COMPRESS:
             return self._fatal(errors.compression_not_supported(), seq + 1)
         self.client_caps = response.capabilities & self._server_caps
-        self._phase = "auth"
+        self._phase = Phase.AUTH
         self._auth.start(response.user, response.auth_plugin, response.auth_response,
                          response.database, response.charset, seq + 1, switch=False)
 
@@ -125,7 +126,7 @@ class MySQLLogin(ClientSession):
             # A database this user has entered before: don't borrow just to check it again (a
             # dropped database shows as an error on the first command instead).
             return self._welcome(seq)
-        self._phase = "login"
+        self._phase = Phase.LOGIN
         key = self.pool_key()
         self._borrow_d = d = self.pool_for(key).borrow(key)
         d.addCallback(self._login_lease, seq)
@@ -142,7 +143,7 @@ class MySQLLogin(ClientSession):
     @property
     def closed(self):
         """The session ended (ClientAuth asks after an asynchronous IAM check)."""
-        return self.state is SessionState.CLOSED or self._phase == "closing"
+        return self.state is SessionState.CLOSED or self._phase is Phase.CLOSING
 
     def write_packet(self, payload, seq):
         self.transport.write(P.encode_packet(payload, seq))
@@ -155,7 +156,7 @@ class MySQLLogin(ClientSession):
         try:
             yield conn.sync(self.desired, self.database)
         except DatabaseError as e:
-            lease.release(clean=conn.state == "borrowed" and not conn.busy)
+            lease.release(clean=conn.state == ConnState.BORROWED and not conn.busy)
             self._fatal(e.payload, seq)
             return
         except Exception:
@@ -180,7 +181,7 @@ class MySQLLogin(ClientSession):
         leftover = b"".join(P.encode_packet(p, n) for n, p in self._unread) \
             + self._reader.take_buffer()
         self._unread = ()
-        self._phase = "command"
+        self._phase = Phase.COMMAND
         self.set_state(SessionState.IDLE)
         self.start_idle_timer()
         if self.ctx.metrics is not None:
@@ -246,7 +247,7 @@ class MySQLLogin(ClientSession):
         request = parse_change_user(payload, self.client_caps)
         self._reset_session(request.charset)
         self.key_charset = request.charset if request.charset is not None else self.key_charset
-        self._phase = "auth"
+        self._phase = Phase.AUTH
         # Bytes already buffered belong after the authentication: hand them to the reader.
         leftover = self._stream.take_rest()
         self._reader = P.PacketReader(MAX_LOCAL_COMMAND)
@@ -257,9 +258,9 @@ class MySQLLogin(ClientSession):
             self.dataReceived(leftover)
 
     def _fatal(self, payload, seq):
-        if self.state is SessionState.CLOSED or self._phase == "closing":
+        if self.state is SessionState.CLOSED or self._phase is Phase.CLOSING:
             return
-        self._phase = "closing"
+        self._phase = Phase.CLOSING
         self.write_packet(payload, seq)
         self.transport.loseConnection()
 

@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from txrdsproxy.config.model import DBProxyTarget
+from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.interfaces import IBackendConnection
 
 __all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn"]
@@ -160,7 +161,7 @@ class FakePgBackendConn:
         self.target = target
         self.transport = StringTransport()
         self.closed_reason = None
-        self.state = "borrowed"
+        self.state = ConnState.BORROWED
         self.session_dirty = False
         self.cancel_in_flight = None
         self.fatal_error = None
