@@ -134,6 +134,27 @@ def test_tracked_variables_never_leak(proxy_factory, mariadb_server):
     b.close()
 
 
+def test_autocommit_synced_with_the_command_never_leaks(proxy_factory, mariadb_server):
+    # One connection, sessions alternating between autocommit 0 and 1: each borrow needs
+    # `SET autocommit=N`, which goes in the same write as the session's command (sync_inline);
+    # its OK must never reach the client, and each session sees its own value and status flag.
+    proxy = proxy_factory(MaxConnectionsPercent=1)
+    a = connect(proxy, autocommit=False)  # PyMySQL sends SET AUTOCOMMIT = 0 at connect
+    b = connect(proxy, autocommit=True)
+    for i in range(4):
+        assert one(a, f"SELECT @@autocommit, {i}") == (0, i)
+        assert not a.get_autocommit()  # the status flag of the last answer it got
+        a.rollback()
+        assert one(b, f"SELECT @@autocommit, {i}") == (1, i)
+        assert b.get_autocommit()
+    with b.cursor() as cur:  # a multi-row answer after an inline SET
+        cur.execute("SELECT seq FROM seq_1_to_500")
+        assert [r[0] for r in cur.fetchall()] == list(range(1, 501))
+    assert server_connections(mariadb_server) == 1
+    a.close()
+    b.close()
+
+
 # -- pinning -------------------------------------------------------------------------------------------
 
 def test_user_variables_and_temp_tables_pin_then_reset(proxy_factory, mariadb_server):

@@ -98,6 +98,9 @@ class FakeConn:
             return True
         return bool(mstate.sync_sql(self.current, self.baseline, desired)[0])
 
+    def sync_inline(self, desired, database):
+        return None  # every sync a round trip of its own (test_mysql_inline_sync: the other way)
+
     def sync(self, desired, database):
         self.synced.append((dict(desired), database))
         if self.sync_error is not None:
@@ -720,6 +723,60 @@ def test_tracked_set_does_not_pin_and_is_synced_on_the_next_connection(s):
     lease2 = s.pool.give()
     assert lease2.conn.synced and lease2.conn.synced[0][0]["time_zone"] == "+00:00"
     assert lease2.conn.writes == [query("SELECT NOW()")]
+
+
+def _give_left_at(s, **values):
+    """Lend a connection another session left with *values* (tracked) to the waiting borrow."""
+    status = 0 if values.get("autocommit") == "0" else AC  # of that session's last OK
+    return s.pool.give(current=dict(BASELINE, **values), tracker=ResponseTracker(BACKEND_CAPS, status))
+
+
+@pytest.mark.parametrize("sql, values", [
+    ("SET AUTOCOMMIT = 0", {"autocommit": "0"}),       # what PyMySQL sends on every connect
+    ("SET autocommit=1", {"autocommit": "0"}),
+    ("SET time_zone = '+01:00'", {"time_zone": "+05:00"}),
+    ("set @@session.autocommit = OFF, time_zone='UTC'", {"autocommit": "1", "time_zone": "+05:00"}),
+])
+def test_a_set_of_autocommit_or_time_zone_is_not_synced_first(s, sql, values):
+    s.send(query(sql))
+    lease = _give_left_at(s, **values)
+    conn = lease.conn
+    assert conn.synced == []  # the SET itself establishes the value: no round trip before it
+    assert conn.writes == [query(sql)]
+
+
+def test_variables_the_set_does_not_assign_are_still_synced(s):
+    s.send(query("SET autocommit = 0"))
+    lease = _give_left_at(s, autocommit="0", time_zone="+05:00", sql_mode="ANSI")
+    conn = lease.conn
+    assert conn.current["time_zone"] == "SYSTEM" and conn.current["sql_mode"] == "STRICT_TRANS_TABLES"
+    assert conn.current["autocommit"] == "0"  # left as it was: the SET sets it
+    conn.respond(ok(0))
+    assert s.frontend.desired["autocommit"] == "0" and conn.current["autocommit"] == "0"
+
+
+@pytest.mark.parametrize("sql, values", [
+    ("SET sql_mode = 'ANSI_QUOTES'", {"sql_mode": "ANSI"}),  # changes how the SET itself is read
+    ("SET NAMES latin1", {"character_set_client": "latin1"}),
+    ("SET autocommit = 0; SELECT @@autocommit", {"autocommit": "0"}),  # multi: later ones read it
+    ("SELECT 1", {"autocommit": "0"}),
+])
+def test_other_commands_are_synced_first(s, sql, values):
+    s.send(query(sql))
+    lease = _give_left_at(s, **values)
+    assert len(lease.conn.synced) == 1
+
+
+def test_a_failed_set_leaves_the_connection_known_and_the_session_synced_next_time(s):
+    s.send(query("SET autocommit = 0"))
+    lease = _give_left_at(s, autocommit="0")
+    lease.conn.respond(P.err_packet(1064, "42000", "boom"))  # ERR carries no server status
+    assert lease.released
+    assert lease.conn.current["autocommit"] == "0"  # what the connection really holds
+    assert s.frontend.desired.get("autocommit", "1") == "1"  # not the other session's value
+    s.send(query("SELECT 1"))
+    lease2 = _give_left_at(s, autocommit="0")
+    assert lease2.conn.synced and lease2.conn.synced[-1][0].get("autocommit", "1") == "1"
 
 
 NBE = P.SERVER_STATUS_NO_BACKSLASH_ESCAPES

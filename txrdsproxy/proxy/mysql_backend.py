@@ -175,6 +175,7 @@ class MySQLBackendConnection(BackendConnection):
         self._sink = None
         self._fbuf = bytearray()
         self._closing_reason = None
+        self._inline = None  # {variable: value} of a SET sent ahead of a command, until its OK
 
     def __repr__(self):
         tid = self.handshake.connection_id if self.handshake else None
@@ -182,8 +183,8 @@ class MySQLBackendConnection(BackendConnection):
 
     @property
     def busy(self):
-        """An internal command is running."""
-        return self._op is not None
+        """An internal command is running (or the answer of an inline sync is awaited)."""
+        return self._op is not None or self._inline is not None
 
     # -- login ----------------------------------------------------------------------------------
     def connectionMade(self):
@@ -333,6 +334,45 @@ class MySQLBackendConnection(BackendConnection):
                 raise
             self.current.update(target)
 
+    def sync_inline(self, desired, database):
+        """-> the packet of a SET to write just ahead of the session's command, in the same
+        write, when that is all a sync needs; None when it must be a round trip of its own
+        (`sync`).  The SET's answer is read here before anything is relayed (`_forward`).
+
+        Only a change of autocommit alone goes inline: ``SET autocommit=N`` (a literal the
+        server accepted before) does not fail on a connection between transactions, so the
+        command after it never runs in a state the proxy did not choose.  Should it fail
+        anyway, that command already ran in the wrong state: the connection is closed, and its
+        session with it (`_inline_answer`)."""
+        if database is not None and database != self.database:
+            return None
+        sql, target = state.sync_sql(self.current, self.baseline, desired)
+        if not sql or len(target) != 1 or "autocommit" not in target:
+            return None
+        self._inline = target
+        return P.encode_packet(bytes((P.COM_QUERY,)) + sql, 0)
+
+    def _inline_answer(self, buf):
+        """Read the answer to an inline sync from the head of *buf*; -> False while it has not
+        arrived (or when it closed the connection)."""
+        if len(buf) < 4:
+            return False
+        length = buf[0] | (buf[1] << 8) | (buf[2] << 16)
+        if len(buf) < 4 + length:
+            return False
+        payload = bytes(buf[4:4 + length])
+        del buf[:4 + length]
+        target, self._inline = self._inline, None
+        if payload[:1] == b"\x00" and length < P.MAX_PACKET_CHUNK:
+            self.current.update(target)
+            return True
+        why = (DatabaseError(payload).args[0] if payload[:1] == b"\xff"
+               else f"unexpected packet 0x{payload[:1].hex()}")
+        self.log.warn("{c}: the SET sent ahead of a session's command failed ({why}); closing",
+                      c=self, why=why)
+        self.close(f"inline sync failed: {why}")
+        return False
+
     def reset(self):
         """Make the connection fit for another session.
 
@@ -401,6 +441,8 @@ class MySQLBackendConnection(BackendConnection):
         """Relay *data* to the sink; tell it when the response is complete."""
         buf = self._fbuf
         buf += data
+        if self._inline is not None and (not self._inline_answer(buf) or not buf):
+            return
         tracker = self.tracker
         try:
             end = tracker.consume(buf, 0)

@@ -329,12 +329,17 @@ class MySQLFrontend(MySQLLogin):
         conn = self.lease.conn
         tracker = conn.tracker
         tracker.last_error = None
-        tracker.take_session_state_changes()
+        if tracker.session_state_changes:
+            tracker.session_state_changes = []
         tracker.expect(self._cmd)
         stream = self._stream
         stream.begin()
         self._relaying = True
-        conn.write(stream.take())  # header and what is here of the body: one write
+        if self._inline_sync is not None:
+            inline, self._inline_sync = self._inline_sync, None
+            conn.write(inline + stream.take())
+        else:
+            conn.write(stream.take())  # header and what is here of the body: one write
         if stream.at_boundary:
             self._relaying = False
         if self._cmd in NO_RESPONSE:  # the lease stays until the next response completes
@@ -415,9 +420,42 @@ class MySQLFrontend(MySQLLogin):
         """Bring the connection to the session's tracked values (database, character set,
         variables); None when it has them already (no Deferred per command)."""
         self._resolve_charset(conn)
-        if not conn.needs_sync(self.desired, self.database):
+        desired = self._sync_values(conn)
+        if not conn.needs_sync(desired, self.database):
             return None
-        return conn.sync(self.desired, self.database)
+        if self._cmd not in NO_RESPONSE:  # (its answer keeps the connection until the SET's)
+            self._inline_sync = conn.sync_inline(desired, self.database)
+            if self._inline_sync is not None:  # written with the command: no round trip
+                return None
+        return conn.sync(desired, self.database)
+
+    def _sync_values(self, conn):
+        """The tracked values *conn* must hold before the command at the head of the stream.
+
+        The session's values, except those the command itself assigns when it is one SET of
+        variables whose old value changes nothing about how the statement is read or answered
+        (OVERWRITTEN): ``SET autocommit=0`` on a connection another session left at 0 needs no
+        ``SET autocommit=1`` first (drivers send it on every connect: one database round trip
+        per connect).  What the connection then holds is still known: an OK's status gives
+        autocommit, and a SET that fails changes nothing (`mstate.learn`); a session that
+        goes on sees its values synced before its next command as always."""
+        self._overwritten = frozenset()
+        classified = self._cmd_classified
+        if (type(classified) is not pinning.TrackedSet or classified.multi
+                or classified.database is not None):
+            return self.desired
+        skip = OVERWRITTEN.intersection(classified.assignments)
+        if not skip:
+            return self.desired
+        self._overwritten = skip
+        desired = dict(self.desired)
+        current = conn.current
+        for name in skip:
+            desired[name] = current.get(name)  # None: not set at all by the sync
+        return desired
+
+    _overwritten = frozenset()  # variables the command on the wire sets, not synced before it
+    _inline_sync = None  # a SET packet (conn.sync_inline) to write ahead of the command
 
     def attach_connection(self, conn, waited):
         conn.attach(self)
@@ -453,10 +491,31 @@ class MySQLFrontend(MySQLLogin):
         conn = self.lease.conn
         tracker = conn.tracker
         ok = tracker.last_error is None
+        if (self._cmd_classified is None and not tracker.session_state_changes
+                and not self._overwritten and self._cmd != P.COM_STMT_PREPARE):
+            # The common case (a query that set nothing tracked): of what `mstate.learn`
+            # reads, only autocommit (from the server status) can have changed.
+            autocommit = "1" if tracker.status & P.SERVER_STATUS_AUTOCOMMIT else "0"
+            if self.desired.get("autocommit") != autocommit:
+                self.desired["autocommit"] = autocommit
+            if conn.current.get("autocommit") != autocommit:
+                conn.current["autocommit"] = autocommit
+            self._wait = Wait.NOTHING
+            self._cmd = None
+            if self.request_started is not None:
+                self.request_done(self.clock.seconds())
+            self._maybe_release()
+            if self._stream.buf or self._paused:  # else _pump has nothing to do
+                self._pump_safely()
+            return
         learned = mstate.learn(self._cmd_classified, not ok, tracker.take_session_state_changes(),
                                tracker.status, conn.connector.collations)
+        overwritten, self._overwritten = self._overwritten, frozenset()
         for name, value in learned.values.items():
-            self.desired[name] = value
+            if ok or name not in overwritten:
+                # (a failed SET the connection was not synced for: the value there is another
+                # session's, which this one must not adopt)
+                self.desired[name] = value
             if value is None:
                 conn.current.pop(name, None)
             else:
@@ -504,6 +563,11 @@ class MySQLFrontend(MySQLLogin):
 # raises); such statements go to the server, which answers them itself.
 _KILL = re.compile(rb"^\s*kill\s+(query\s+|connection\s+)?(\d{1,20})\s*;?\s*$", re.IGNORECASE)
 
+
+# Tracked variables a single SET may assign without the connection being synced to the session's
+# value first: neither the statement's parsing (sql_mode, character sets) nor the format of its
+# answer (session_track_schema) depends on them.
+OVERWRITTEN = frozenset(("autocommit", "time_zone"))
 
 NO_DATABASE = "no-database"  # last element of the pool key of sessions without a database
 
