@@ -9,7 +9,7 @@ writes raw bytes.  A DatabaseError carries the server's ERR.
 
 import socket
 
-from txrdsproxy.proxy.mysql_backend import DatabaseError, _InternalOp
+from txrdsproxy.proxy.mysql_backend import DatabaseError, _InternalOp, _Part
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
@@ -80,7 +80,7 @@ class RawMySQL:
         while True:
             _, payload = self.packet()
             tracker.feed(payload)
-            if op.phase == "first" and op.rows:
+            if op.phase is _Part.FIRST and op.rows:
                 rows_seen, op.rows = op.rows, []
             done = op.feed(payload, self.caps)
             if done:
