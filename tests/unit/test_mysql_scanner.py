@@ -154,3 +154,25 @@ def test_cost_is_linear_many_small_feeds_of_one_large_command():
         total += len(s.take())
         assert s.buffered == 0
     assert total == len(data) and s.at_boundary
+
+
+def test_take_whole_takes_exactly_one_whole_command_and_stays_at_a_boundary():
+    first = P.encode_packet(bytes((P.COM_QUERY,)) + b"SELECT 1", 0)
+    second = P.encode_packet(bytes((P.COM_PING,)), 0)
+    s = CommandScanner()
+    for i in range(len(first)):  # not whole yet: refused, nothing taken
+        s.feed(first[i:i + 1])
+        if i < len(first) - 1:
+            with pytest.raises(ProtocolError):
+                s.take_whole()
+            assert s.buffered == i + 1
+    s.feed(second)
+    assert s.take_whole() == first and s.at_boundary and s.taken == 0
+    assert s.take_whole() == second and s.buffered == 0
+
+
+def test_take_whole_refuses_a_continued_packet():
+    s = CommandScanner()
+    s.feed(b"\xff\xff\xff\x00" + b"\x03" * 0xFFFFFF)
+    with pytest.raises(ProtocolError):
+        s.take_whole()

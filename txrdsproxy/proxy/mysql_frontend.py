@@ -38,7 +38,7 @@ from txrdsproxy.wire.mysql import pinning
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
 from txrdsproxy.wire.mysql.lexer import version_id
 from txrdsproxy.wire.mysql.packets import ProtocolError
-from txrdsproxy.wire.mysql.scanner import CommandScanner
+from txrdsproxy.wire.mysql.scanner import CommandScanner, StreamPosition
 
 PENDING_PAUSE = 4 * 1024 * 1024  # unforwarded client bytes past which reading pauses
 WHOLE_LIMIT = MAX_LOCAL_COMMAND  # commands up to this size are read whole before borrowing
@@ -48,6 +48,7 @@ _LOCAL_WHOLE = frozenset((P.COM_QUIT, P.COM_PING, P.COM_RESET_CONNECTION, P.COM_
 STATEMENT_COMMANDS = frozenset((P.COM_STMT_EXECUTE, P.COM_STMT_SEND_LONG_DATA, P.COM_STMT_CLOSE,
                                 P.COM_STMT_RESET, P.COM_STMT_FETCH, P.COM_STMT_BULK_EXECUTE))
 LAST_STATEMENT = 0xFFFFFFFF  # MariaDB: the statement prepared last on this connection
+BOUNDARY = StreamPosition.BOUNDARY
 
 
 class Wait(enum.Enum):
@@ -165,7 +166,7 @@ class MySQLFrontend(MySQLLogin):
         """Relay or answer client commands, one at a time, in the order they came."""
         stream = self._stream
         while self._phase is Phase.COMMAND:
-            if not stream.at_boundary:  # inside a streamed command (or LOCAL INFILE packet)
+            if stream.position is not BOUNDARY:  # inside a streamed command (or LOCAL INFILE packet)
                 chunk = stream.take()
                 if not chunk and not stream.at_boundary:
                     break
@@ -193,7 +194,7 @@ class MySQLFrontend(MySQLLogin):
                     raise ProtocolError(f"command 0x{cmd:02x} too long ({length} bytes)")
                 if cmd in STATEMENT_COMMANDS and not stream.has(5):
                     break  # the statement id decides whether it may go anywhere
-            elif not stream.whole():
+            elif len(stream.buf) < 4 + length:  # not whole yet
                 break
             self._command(cmd, length)
         self._flow_control()
@@ -333,15 +334,18 @@ class MySQLFrontend(MySQLLogin):
             tracker.session_state_changes = []
         tracker.expect(self._cmd)
         stream = self._stream
-        stream.begin()
-        self._relaying = True
+        if stream.whole():
+            data = stream.take_whole()
+        else:  # streamed: what is here now, the rest as it comes (_pump)
+            stream.begin()
+            self._relaying = True
+            data = stream.take()
+            if stream.at_boundary:
+                self._relaying = False
         if self._inline_sync is not None:
             inline, self._inline_sync = self._inline_sync, None
-            conn.write(inline + stream.take())
-        else:
-            conn.write(stream.take())  # header and what is here of the body: one write
-        if stream.at_boundary:
-            self._relaying = False
+            data = inline + data
+        conn.write(data)  # header and what is here of the body: one write
         if self._cmd in NO_RESPONSE:  # the lease stays until the next response completes
             self._wait = Wait.NOTHING
             self._cmd = None

@@ -40,7 +40,9 @@ def _pw(password):
 
 
 def _xor(a, b):
-    return bytes(x ^ y for x, y in zip(a, b))
+    """Byte-wise XOR over the shorter length (as zip would), on ints: no Python loop."""
+    n = min(len(a), len(b))
+    return (int.from_bytes(a[:n], "little") ^ int.from_bytes(b[:n], "little")).to_bytes(n, "little")
 
 
 def _sha1(data):

@@ -107,6 +107,23 @@ class CommandScanner:
         del buf[:4 + length]
         return seq, payload
 
+    def take_whole(self):
+        """Take the next command whole, header included (the bytes to relay as they are).  Only
+        after `whole()` is true; the stream stays at a boundary.  The common case of `begin` +
+        `take` in one step."""
+        buf = self.buf
+        length = _length(buf) if len(buf) >= 4 else MAX_PACKET_CHUNK
+        if self.position is not StreamPosition.BOUNDARY or length >= MAX_PACKET_CHUNK \
+                or len(buf) < 4 + length:
+            raise ProtocolError("command taken whole before it is whole")
+        if len(buf) == 4 + length:
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(buf[:4 + length])
+            del buf[:4 + length]
+        return out
+
     def begin(self, single_packet=False):
         """Start streaming the unit at the head (its header must be here); -> the payload length
         of its first physical packet.  *single_packet*: a LOCAL INFILE data packet, one physical
