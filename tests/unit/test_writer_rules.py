@@ -349,3 +349,79 @@ def test_a_writer_demoted_to_a_standby_is_not_fenced():
     world.monitor.start()
     world.clock.advance(INTERVAL)
     assert world.topology.writer() is S and world.monitor.fenced == {}
+
+
+# -- property: whatever the targets answer, round after round ----------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+QUICK_FAIL = "quick-fail"  # refused / reset: retried when it is the writer's
+AUTH_FAIL = "auth-fail"  # the database answered: refused the check's login
+HANG = "hang"  # no answer: ProbeTimeout
+ANSWERS = {"rw": RW, "primary-ro": PRIMARY_RO, "standby": STANDBY, "ro": ProbeResult(RO)}
+CHOICES = sorted(ANSWERS) + [QUICK_FAIL, AUTH_FAIL, HANG]
+
+
+class Scripted:
+    """probe(target) answering this round's script (the same answer for retries in a round)."""
+
+    def __init__(self):
+        self.now = {}
+
+    def __call__(self, target):
+        answer = self.now[target.rds_resource_id]
+        if answer == HANG:
+            return defer.Deferred()
+        if answer == QUICK_FAIL:
+            return defer.fail(BackendGone("connection refused"))
+        if answer == AUTH_FAIL:
+            return defer.fail(Refused("password authentication failed"))
+        return defer.succeed(ANSWERS[answer])
+
+
+def one_round(world):
+    """Advance the clock in steps until one more round has finished (retries and timeouts
+    included)."""
+    before = world.monitor.rounds
+    for _ in range(200):
+        world.clock.advance(0.25)
+        if world.monitor.rounds > before:
+            return
+    raise AssertionError("a round did not finish")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(*[st.sampled_from(CHOICES)] * 3), min_size=1, max_size=12))
+def test_never_two_writers_whatever_the_answers(script):
+    probe = Scripted()
+    probe.now = {"db-1": "rw", "db-2": "standby", "db-3": "standby"}
+    world = world_with(probe, targets=(W, S, R))
+    world.monitor.failure_reason = reasons({Refused: mon.AUTH_FAILURE})
+    world.monitor.start()
+    assert world.topology.writer() is W
+    for answers in script:
+        before = world.topology.current_writer()
+        fenced_before = dict(world.monitor.fenced)
+        probe.now = dict(zip(("db-1", "db-2", "db-3"), answers))
+        one_round(world)
+        said = {t: probe.now[t.rds_resource_id] for t in (W, S, R)}
+        writer = world.topology.current_writer()
+        if writer is not None:
+            # only a target that answered read-write this round, or the writer of before whose
+            # check answered without a role (login refused) and nobody else took over
+            assert said[writer] == "rw" or (writer is before and said[writer] == AUTH_FAIL)
+            assert writer not in world.monitor.fenced
+        if before is not None and said[before] == "rw":
+            assert writer is before  # a healthy writer is never moved
+        if before is not None and writer is not None and writer is not before:
+            assert world.changes[-1] == (before, writer, "failover")  # the pool followed
+        if before is not None and writer is None and said[before] in ANSWERS:
+            # it answered read-only while up: its connections are retired at once
+            assert world.changes[-1] == (before, None, "writer demoted")
+        for target in fenced_before:
+            if target not in world.monitor.fenced:  # unfenced only by answering as a standby
+                assert said[target] in ("standby", "ro"), (target, said[target])
+        for target, promoted in world.monitor.fenced.items():
+            assert promoted is not target
+            if said[target] == "rw" and target is not writer:
+                assert world.health.health_of(target).reason == mon.INVALID_REPLICATION_STATE

@@ -100,8 +100,8 @@ class WriterMonitor:
 
     - the current writer answered READ_WRITE: nothing changes (waiters the pool held back are
       retried);
-    - otherwise the first target (in config order) answering READ_WRITE that is not fenced (below)
-      becomes the writer; when it is not the last known writer, `pool.writer_changed("failover")`
+    - otherwise a target answering READ_WRITE that is not fenced (below) becomes the writer: the
+      last known writer when it is one of them (no move), else the first in config order; when it is not the last known writer, `pool.writer_changed("failover")`
       closes idle connections to the old one and retires borrowed ones when they are returned;
     - no target answers READ_WRITE:
       * the writer's check failed quickly (refused, reset; not a timeout): it is checked again
@@ -358,7 +358,8 @@ class WriterMonitor:
                 # made read-only while up: no transaction may start on it again
                 self._move_pool(current, None, "writer demoted")
             return
-        new = candidates[0]
+        # the last writer, when it answers read-write again, before any other (no move)
+        new = self.last_writer if self.last_writer in candidates else candidates[0]
         self.topology.set_writer(new)
         if new is self.last_writer:
             self.log.info("writer {t} is back", t=new.rds_resource_id)
@@ -370,7 +371,9 @@ class WriterMonitor:
         if old is not None and not _follows(results.get(old)):
             self.fenced[old] = new
             self.log.warn("former writer {old} is fenced: it will not be the writer again until it "
-                          "answers read-only or is registered again", old=old.rds_resource_id)
+                          "answers as a standby or is registered again", old=old.rds_resource_id)
+            if roles.get(old) == READ_WRITE:
+                self._record(old, results[old])  # its answer this round: INVALID_REPLICATION_STATE
         self._move_pool(old, new, "failover")
 
     def _move_pool(self, old, new, why):
