@@ -101,8 +101,9 @@ class WriterMonitor:
     - the current writer answered READ_WRITE: nothing changes (waiters the pool held back are
       retried);
     - otherwise a target answering READ_WRITE that is not fenced (below) becomes the writer: the
-      last known writer when it is one of them (no move), else the first in config order; when it is not the last known writer, `pool.writer_changed("failover")`
-      closes idle connections to the old one and retires borrowed ones when they are returned;
+      last known writer when it is one of them (no move), else the first in config order; when
+      it is not the last known writer, `pool.writer_changed("failover")` closes idle
+      connections to the old one and retires borrowed ones when they are returned;
     - no target answers READ_WRITE:
       * the writer's check failed quickly (refused, reset; not a timeout): it is checked again
         after *retry_backoff* s, doubling, at most *retries* times and never past the next round,
