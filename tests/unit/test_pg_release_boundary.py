@@ -263,3 +263,61 @@ def test_lose_after_release_does_not_touch_the_connection():
     [(conn, clean, n, _)] = h.ctx.pool.released
     h.lose()
     assert len(h.ctx.pool.servers[conn].t.value()) == n
+
+
+# -- the fast path (one whole Query per read, taken without the scanner) ----------------------------
+def test_query_shaped_copy_data_body_is_not_taken_as_a_query():
+    """The body of a CopyData that is exactly a whole Query message, in a read of its own: it
+    belongs to the CopyData (the server reads it so), is not counted or classified as a Query,
+    and the connection goes back once it has been sent."""
+    body = msg.query("SET search_path = evil")
+    h = session()
+    h.send(SELECT + b"d" + struct.pack("!I", 4 + len(body)))
+    pool = h.ctx.pool
+    pool.step()
+    assert replies(h) == [b"C", b"Z"]
+    assert pool.released == []
+    h.send(body)
+    pool.step()
+    assert replies(h) == []  # the server answers no Query
+    [(conn, clean, _, mid)] = pool.released
+    assert clean and not mid
+    assert h.frontend.pin_reason is None  # the SET was data, never a statement
+    assert h.frontend._stream.outstanding == 0
+
+
+def test_query_after_held_bytes_goes_through_the_scanner():
+    h = session()
+    h.send(SELECT[:4])  # a partial header is held
+    h.send(SELECT[4:] + SELECT)  # not one whole Query: the scanner reads it
+    h.ctx.pool.step()
+    assert replies(h) == [b"C", b"Z", b"C", b"Z"]
+    h.send(SELECT)  # at a boundary again: the fast path
+    h.ctx.pool.step()
+    assert replies(h) == [b"C", b"Z"]
+    assert all(clean and not mid for _, clean, _, mid in h.ctx.pool.released)
+
+
+@pytest.mark.parametrize("query", [
+    b"Q\0\0\0\x09SELECT",  # no NUL terminator
+    b"Q\0\0\0\x03",  # length below the header
+    msg.query("SET search_path = evil"),  # pins
+    msg.query("SELECT 1; SET work_mem = '1MB'"),  # pins, second statement
+])
+def test_fast_path_and_scanner_agree(query, monkeypatch):
+    """Differential: a read that is one Query (or looks like one) has the same effect with and
+    without the fast path: replies, pin, the bytes the server got, the session's counts."""
+    from txrdsproxy.wire.pg.frontend import ClientStream
+
+    def outcome():
+        h = session()
+        h.send(query)
+        h.ctx.pool.step()
+        pool = h.ctx.pool
+        sent = [s.t.value() for s in pool.servers.values()]
+        return (h.sent(), h.frontend.pin_reason, sent, h.closed, h.frontend._stream.outstanding,
+                h.frontend.queries, [(clean, mid) for _, clean, _, mid in pool.released])
+
+    fast = outcome()
+    monkeypatch.setattr(ClientStream, "take_query", lambda self, data: False)
+    assert outcome() == fast

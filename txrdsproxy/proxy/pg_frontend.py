@@ -124,8 +124,8 @@ class PgFrontend(ClientSession):
     def dataReceived(self, data):
         try:
             if self._phase is Phase.SESSION:
-                self.last_active = self.clock.seconds()
-                self._session_data(data)
+                now = self.last_active = self.clock.seconds()
+                self._session_data(data, now)
             elif self._phase is Phase.STARTUP:
                 self._buf += data
                 self._startup()
@@ -452,15 +452,24 @@ class PgFrontend(ClientSession):
             self._after_input()
 
     # -- the session: client -> database ------------------------------------------------------------
-    def _session_data(self, data):
+    def _session_data(self, data, now):
         stream = self._stream
         if self.request_started is None and not stream.outstanding and not stream.unsynced:
-            self.request_started = self.clock.seconds()  # once per request (latency metrics)
+            self.request_started = now  # once per request (latency metrics)
         if (self.lease is None and stream.state is StreamState.HELD and not stream.buffered
                 and self._borrow_d is None and self._attaching is None and len(data) >= 5 and data[0] != _X):
             # Start of a transaction, the common case: an idle connection whose parameters
             # already match is attached now and *data* goes straight out, without queueing.
             self.borrow_if_idle()
+        if (self._conn is not None and stream.state is StreamState.FORWARDING and not self._paused
+                and stream.take_query(data)):
+            # One whole simple Query in this read (the usual request): counted and classified
+            # by the stream, sent as it came, in one write; nothing else can have changed.
+            self._write_db(data)
+            if stream.pin_reason is not None and self.pin_reason is None:
+                self.pin_statement = stream.pin_text
+                self._pin(stream.pin_reason)
+            return
         stream.feed(data)
         self._after_input()
 

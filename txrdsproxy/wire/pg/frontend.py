@@ -87,6 +87,26 @@ class ClientStream:
         return self.scanner.buffered
 
     # -- driving ---------------------------------------------------------------------------------
+    def take_query(self, data):
+        """The common case, without the scanner: *data* (one read) is exactly one whole simple
+        Query, short enough to be classified whole, and the stream stands at a boundary with
+        nothing held and no statement tracker / debug log to feed.  Then it is counted and
+        classified as `feed` would, and True says the caller sends *data* itself, unchanged
+        (to the attached connection, or once it has attached one: `attach` then finds nothing
+        held).  False: nothing was taken; use `feed`."""
+        n = len(data)
+        if (n < 6 or data[0] != _Q or data[-1] != 0 or int.from_bytes(data[1:5], "big") != n - 1
+                or n - 5 > QUERY_LIMIT or n - 1 > self.scanner.maxima[_Q] or self.tracker is not None or self.debug is not None
+                or self._refusal is not None or self.state is StreamState.REFUSING
+                or not self.scanner.idle):
+            return False
+        self.outstanding += 1
+        self.requests += 1
+        if self.pin_reason is None:
+            sql = data[5:-1]
+            self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()), sql)
+        return True
+
     def feed(self, data):
         """Client bytes.  Sent on at once while FORWARDING, held while HELD, answered while
         REFUSING.  Raises ProtocolViolation for bytes that are not valid client messages."""

@@ -145,6 +145,34 @@ class MessageScanner:
             raise ProtocolViolation(f"invalid length {length} for message {bytes((kind,))!r}")
         return kind
 
+    @property
+    def idle(self):
+        """At a boundary with nothing held, not halted, not holding: a fast path may handle the
+        next read itself (see `plain_run`) without changing anything here."""
+        return not self._left and not self._buf and not self.halted and not self.hold
+
+    def plain_run(self, data):
+        """-> the offset in *data* of the first message this scanner would have to look at:
+        one it inspects, refuses, or finds a bad length in, or one not whole in *data*
+        (len(data) when every message is whole and streamed unseen).  Reads nothing into the
+        scanner; only meaningful while `idle`.  The bytes before the offset are exactly what
+        `feed` would pass on unchanged, so a caller may send them itself."""
+        n = len(data)
+        pos = 0
+        limits = self.limits
+        maxima = self.maxima
+        unpack = _unpack_len
+        while n - pos >= 5:
+            kind = data[pos]
+            (length,) = unpack(data, pos + 1)
+            if limits[kind] or length < 4 or length > maxima[kind]:
+                return pos
+            stop = pos + 1 + length
+            if stop > n:
+                return pos
+            pos = stop
+        return pos
+
     def take_buffered(self):
         """-> the held bytes (bytes), leaving the scanner empty (used when a phase hands its
         leftover input to another reader)."""
