@@ -34,6 +34,9 @@ from txrdsproxy.wire.pg.statements import StatementTracker
 from txrdsproxy.pool.states import ConnState
 
 _X = ord("X")
+_AUTH_OK = msg.auth_request(msg.AUTH_OK)
+_AUTH_SASL = msg.auth_sasl(["SCRAM-SHA-256"])
+_READY_IDLE = msg.ready_for_query(msg.IDLE)
 # Client input not yet forwarded (held while there is no connection, in any phase) above this
 # pauses reading; the largest message the proxy holds whole is far below it.
 PENDING_PAUSE = 1024 * 1024
@@ -176,7 +179,7 @@ class PgFrontend(ClientSession):
                     self.ctx.tls.start(self.transport)
                     self.tls = True  # what follows (the StartupMessage) arrives decrypted
                 else:
-                    self.transport.write(b"N")
+                    self._send(b"N")
             elif code == CANCEL_REQUEST_CODE:
                 self._cancel(payload)
                 return
@@ -270,11 +273,11 @@ class PgFrontend(ClientSession):
         if entry.client_password_auth_type == "POSTGRES_MD5":
             salt = os.urandom(4)
             self._auth = ["md5", creds, salt]
-            self.transport.write(msg.auth_request(msg.AUTH_MD5, salt))
+            self._send(msg.auth_request(msg.AUTH_MD5, salt))
         else:
             verifier = creds.derived("pg-scram", pgauth.ScramVerifier.from_password)
             self._auth = ["scram-first", creds, pgauth.ScramServer(verifier)]
-            self.transport.write(msg.auth_sasl(["SCRAM-SHA-256"]))
+            self._send(_AUTH_SASL)
 
     def _auth_data(self):
         sc = self._auth_scanner
@@ -343,6 +346,7 @@ class PgFrontend(ClientSession):
         method, creds, state = self._auth
         if method == "iam":
             return self._iam_token(payload)
+        final = b""  # SCRAM: the server-final message, sent with AuthenticationOk
         try:
             if method == "md5":
                 ok = pgauth.md5_check(creds.username, creds.password, state, payload)
@@ -351,35 +355,57 @@ class PgFrontend(ClientSession):
                 if mech != "SCRAM-SHA-256":
                     raise pgauth.AuthError(f"unsupported SASL mechanism {mech}")
                 self._auth[0] = "scram-final"
-                self.transport.write(msg.auth_request(msg.AUTH_SASL_CONTINUE, state.client_first(data)))
+                self._send(msg.auth_request(msg.AUTH_SASL_CONTINUE, state.client_first(data)))
                 return
             else:
-                final = state.client_final(payload)
-                self.transport.write(msg.auth_request(msg.AUTH_SASL_FINAL, final))
+                final = msg.auth_request(msg.AUTH_SASL_FINAL, state.client_final(payload))
                 ok = True
         except pgauth.AuthError:
             ok = False
         if not ok:
             self._auth_failed("wrong password")
             return self._fatal(errors.wrong_password(self.user))
-        self._auth_ok()
+        self._auth_ok(final)
 
-    def _auth_ok(self):
+    def _auth_ok(self, head=b""):
+        """Authenticated: AuthenticationOk (after *head*, the SASL final message) goes out
+        with the login's answer in one write when the server's parameters are known already
+        (the usual case), else at once, before the login borrows a connection."""
         self._auth = None
         self._phase = Phase.LOGIN
         self.stop_auth_timer()  # from here the login is bounded by ConnectionBorrowTimeout
-        self.transport.write(msg.auth_request(msg.AUTH_OK))
+        welcome = self._known_welcome()
+        if welcome is not None:
+            self._finish_login(welcome, head + _AUTH_OK)
+            return
+        self._send(head + _AUTH_OK)
         self._login()
+
+    def _send(self, data):
+        """Write to the client now (one send, no reactor round trip) when its socket takes it."""
+        direct_write(self.transport, data)
 
     def _auth_failed(self, why):
         self.setup_failed(f"authentication failed: {why}")
 
     # -- login: learn the server's parameters, check the database --------------------------------
-    def _login(self):
+    def _known_welcome(self):
+        """The server parameters a new session of this key is told, when known for every
+        parameter it asked for (no login borrow needed), else None."""
         ctx = self.ctx
         welcome = ctx.welcome.get(self.key)
-        requested = [(k, v) for k, v in self.desired.items() if v is not None]
-        if welcome is not None and all(kv in ctx.normalized for kv in requested):
+        if welcome is None:
+            return None
+        normalized = ctx.normalized
+        for kv in self.desired.items():
+            if kv[1] is not None and kv not in normalized:
+                return None
+        return welcome
+
+    def _login(self):
+        ctx = self.ctx
+        welcome = self._known_welcome()
+        if welcome is not None:
             self._finish_login(welcome)
             return
         key = self.pool_key()
@@ -417,7 +443,7 @@ class PgFrontend(ClientSession):
             return
         self._fatal(self.client_error(failure))
 
-    def _finish_login(self, welcome):
+    def _finish_login(self, welcome, head=b""):
         ctx = self.ctx
         cache_key = (self.key, tuple(self.desired.values()))
         cached = ctx.login_replies.get(cache_key)
@@ -442,7 +468,7 @@ class PgFrontend(ClientSession):
         secret = struct.unpack("!I", os.urandom(4))[0]
         self._cancel_key = (pid, secret)
         ctx.cancel_registry[self._cancel_key] = self
-        self.transport.write(block + msg.backend_key_data(pid, secret) + msg.ready_for_query(msg.IDLE))
+        self._send(head + block + msg.backend_key_data(pid, secret) + _READY_IDLE)
         self._phase = Phase.SESSION
         self.set_state(SessionState.IDLE)
         self.start_idle_timer()
