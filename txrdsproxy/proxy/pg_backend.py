@@ -20,6 +20,7 @@ from txrdsproxy.failover.topology import ProbeResult
 from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, DatabaseRefused
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.wire.pg import auth as pgauth
+from txrdsproxy.wire.pg.backend_login import BackendLogin, LoginStep
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation
 from txrdsproxy.wire.pg.scanner import DROP, HALT, MessageScanner, limits_table, maxima_table
@@ -111,7 +112,7 @@ class PgBackendConnection(BackendConnection):
         self.ready = defer.Deferred()  # fires with self once logged in and initialised
         self._after = None  # what to do once the scanner halted (after a ReadyForQuery)
         self._op = None  # (Deferred, collected rows, first error) of the running internal op
-        self._scram = None
+        self._login = None  # wire.pg.backend_login.BackendLogin while logging in
         self._sink = None
         self._closing_reason = None
         self._on_made = on_connection_made
@@ -137,56 +138,32 @@ class PgBackendConnection(BackendConnection):
 
     # -- login ----------------------------------------------------------------------------------
     def connectionMade(self):
-        user, database = self.key[0], self.key[1]  # key[2]: TLS to the database (backend_tls)
+        # key: (user, database, TLS to the database (backend_tls))
         self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
-        self.transport.write(msg.startup_message({"user": user, "database": database}))
+        self._login = BackendLogin(self.key[0], self.key[1], self.credentials)
+        self.server_params = self._login.server_params  # filled by the login, then kept up to date
+        self.transport.write(self._login.startup())
 
     def _login_scanned(self, kind, payload):
-        if kind == _R:
-            code, data = msg.parse_auth_request(payload)
-            if code == msg.AUTH_OK:
-                if self._scram is not None and not self._scram.verified:
-                    raise ProtocolViolation("AuthenticationOk before the SCRAM server signature was verified")
-                return
-            if code == msg.AUTH_CLEARTEXT:
-                if not (self.tls or self.tls_plan.allow_cleartext_password):
-                    raise ProtocolViolation(
-                        "the database asked for a cleartext password on a connection without TLS "
-                        "(use DatabaseTLS, or set DatabaseTLS.AllowCleartextPassword)")
-                self.transport.write(msg.password_message(self.credentials.password.encode()))
-            elif code == msg.AUTH_MD5:
-                self.transport.write(msg.password_message(
-                    pgauth.md5_response(self.credentials.username, self.credentials.password, data[:4])))
-            elif code == msg.AUTH_SASL:
-                mechanisms = data.split(b"\0")
-                if b"SCRAM-SHA-256" not in mechanisms:
-                    raise ProtocolViolation(f"database offers no supported SASL mechanism: {mechanisms!r}")
-                self._scram = pgauth.ScramClient(self.credentials.username, self.credentials.password)
-                self.transport.write(msg.sasl_initial("SCRAM-SHA-256", self._scram.client_first()))
-            elif code in (msg.AUTH_SASL_CONTINUE, msg.AUTH_SASL_FINAL) and self._scram is None:
-                raise ProtocolViolation("SASL continuation from the database without a SASL exchange")
-            elif code == msg.AUTH_SASL_CONTINUE:
-                self.transport.write(msg.message(b"p", self._scram.server_first(data)))
-            elif code == msg.AUTH_SASL_FINAL:
-                self._scram.server_final(data)
-            else:
-                raise ProtocolViolation(f"unsupported authentication request {code} from the database")
-        elif kind == _S:
-            name, value = msg.parse_parameter_status(payload)
-            self.server_params[name] = value
-        elif kind == _K:
-            self.backend_pid, self.backend_secret = msg.parse_backend_key_data(payload)
-        elif kind == _E:
-            self._fail_login(DatabaseError(msg.parse_error_fields(payload)))
+        """A whole message during the login: the sans-IO BackendLogin decides; this sends its
+        answers and acts on the end (HALT: the scanner changes mode after it)."""
+        login = self._login
+        login.cleartext_allowed = self.tls or self.tls_plan.allow_cleartext_password
+        reply = login.message(kind, payload)
+        if reply:
+            self.transport.write(reply)
+        step = login.step
+        if step is LoginStep.FAILED:
+            self._fail_login(DatabaseError(login.error))
             return HALT
-        elif kind == _Z:
-            self.txn_status = payload[:1]
+        if step is LoginStep.READY:
+            self.backend_pid, self.backend_secret = login.backend_pid, login.backend_secret
+            self.txn_status = login.txn_status
             self.initial_params = dict(self.server_params)
             self.state = ConnState.INITIALISING
             self._use_internal()
             self._after = self._initialise
             return HALT
-        # NoticeResponse and others during login are ignored.
         return None
 
     @defer.inlineCallbacks
