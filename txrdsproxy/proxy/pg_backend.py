@@ -21,6 +21,7 @@ from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg.backend_login import BackendLogin, LoginStep
+from txrdsproxy.wire.pg.client_login import REPORTED_PARAMS, SESSION_PARAMS
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation
 from txrdsproxy.wire.pg.scanner import DROP, HALT, MessageScanner, limits_table, maxima_table
@@ -36,10 +37,8 @@ LENT_TRACKED_LIMITS = limits_table({b"Z": 1, b"S": 65536, b"E": 65536, b"1": 1},
 WHOLE_LIMITS = limits_table({}, default=STREAM_MAX)
 MAX_TRACKED_STATEMENTS = 1000  # per connection; above this, DEALLOCATE ALL on the next return
 
-# Runtime parameters each client session owns.  None means "the server's default".
-SESSION_PARAMS = ("application_name", "client_encoding", "DateStyle", "TimeZone", "extra_float_digits")
-# extra_float_digits is not GUC_REPORT: the server sends no ParameterStatus for it.
-REPORTED_PARAMS = frozenset(SESSION_PARAMS) - {"extra_float_digits"}
+# SESSION_PARAMS: the runtime parameters each client session owns (None: the server's default);
+# REPORTED_PARAMS: those the server reports with ParameterStatus.  Defined with the startup.
 
 
 class DatabaseError(DatabaseRefused):

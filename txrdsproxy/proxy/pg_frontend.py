@@ -16,7 +16,6 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from txrdsproxy.auth.iam import AuthenticationFailed, TooManyAuthentications, verify_login
-from txrdsproxy.proxy.pg_backend import REPORTED_PARAMS, SESSION_PARAMS
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import BorrowFailure, ClientSession, Phase, SessionState
@@ -24,8 +23,11 @@ from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg import pinning
+from txrdsproxy.wire.pg.client_login import (
+    REPORTED_PARAMS, AuthStep, PasswordExchange, StartupRefused, read_startup,
+)
 from txrdsproxy.wire.pg.framing import (
-    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, ProtocolViolation,
+    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, ProtocolViolation,
     split_startup,
 )
 from txrdsproxy.wire.pg.frontend import ClientStream, StreamState
@@ -35,16 +37,12 @@ from txrdsproxy.pool.states import ConnState
 
 _X = ord("X")
 _AUTH_OK = msg.auth_request(msg.AUTH_OK)
-_AUTH_SASL = msg.auth_sasl(["SCRAM-SHA-256"])
 _READY_IDLE = msg.ready_for_query(msg.IDLE)
 # Client input not yet forwarded (held while there is no connection, in any phase) above this
 # pauses reading; the largest message the proxy holds whole is far below it.
 PENDING_PAUSE = 1024 * 1024
 AUTH_MAX = 65536  # a password / SASL message
 AUTH_LIMITS = limits_table({b"p": AUTH_MAX})
-ACCEPTED_STARTUP = frozenset(("user", "database", "replication") + SESSION_PARAMS)
-# Parameter names are case-insensitive (libpq sends PGTZ as "timezone", PGDATESTYLE as "datestyle").
-_CANONICAL = {name.lower(): name for name in ACCEPTED_STARTUP}
 
 
 class PgFrontend(ClientSession):
@@ -234,24 +232,16 @@ class PgFrontend(ClientSession):
         if self.ctx.config.require_tls and not self.tls:
             self.setup_failed("TLS required")
             return self._fatal(errors.REQUIRES_TLS)
-        params = {_CANONICAL.get(k.lower(), k): v for k, v in msg.parse_startup_params(payload).items()}
-        ignored = [k for k in params if k.startswith("_pq_.")]
-        if code != PROTOCOL_3_0 or ignored:
-            # A newer minor version or protocol options: say what we speak, as PostgreSQL does.
-            self.transport.write(msg.negotiate_protocol_version(0, ignored))
-        replication = params.get("replication", "false").lower()
-        if replication not in ("false", "off", "no", "0"):
-            return self._fatal(errors.REPLICATION)
-        user = params.get("user")
-        if not user:
-            return self._fatal(errors.MISSING_USER)
-        for name in params:
-            if name not in ACCEPTED_STARTUP and not name.startswith("_pq_."):
-                return self._fatal(errors.unsupported_option(name))
-        self.user = user
-        self.database = params.get("database") or user
+        try:
+            request = read_startup(code, payload)  # wire/pg/client_login.py
+        except StartupRefused as e:
+            return self._fatal(e.error)
+        if request.negotiate:
+            self._send(request.negotiate)
+        self.user = request.user
+        self.database = request.database
         self.key = (self.user, self.database, self.ctx.database_tls_for(self.tls))
-        self.desired = {name: params.get(name) for name in SESSION_PARAMS}
+        self.desired = request.desired
         self._begin_auth()
 
     # -- authentication ---------------------------------------------------------------------------
@@ -263,21 +253,23 @@ class PgFrontend(ClientSession):
         entry, creds = found
         if entry.iam_auth == "REQUIRED":
             return self._begin_iam(creds)
+        if entry.client_password_auth_type == "POSTGRES_MD5":
+            self._auth = PasswordExchange("md5", creds, salt=os.urandom(4))
+        else:
+            verifier = creds.derived("pg-scram", pgauth.ScramVerifier.from_password)
+            self._auth = PasswordExchange("scram", verifier=verifier)
+        self._start_auth()
+
+    def _start_auth(self):
+        """Send the exchange's request; a password message sent on before it is read now."""
         self._phase = Phase.AUTH
         self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
+        self._send(self._auth.start())
         if self._buf:  # sent on before our request: it can only be a password message
             data = bytes(self._buf)
             del self._buf[:]
             self._auth_scanner.feed(data)
             self._auth_data()
-        if entry.client_password_auth_type == "POSTGRES_MD5":
-            salt = os.urandom(4)
-            self._auth = ["md5", creds, salt]
-            self._send(msg.auth_request(msg.AUTH_MD5, salt))
-        else:
-            verifier = creds.derived("pg-scram", pgauth.ScramVerifier.from_password)
-            self._auth = ["scram-first", creds, pgauth.ScramServer(verifier)]
-            self._send(_AUTH_SASL)
 
     def _auth_data(self):
         sc = self._auth_scanner
@@ -303,20 +295,12 @@ class PgFrontend(ClientSession):
         if not self.tls:
             self._auth_failed("IAM authentication without TLS")
             return self._fatal(errors.IAM_REQUIRES_TLS)
-        self._phase = Phase.AUTH
-        self._auth = ["iam", creds, None]
-        self._auth_scanner = MessageScanner(AUTH_LIMITS, AUTH_MAX + 4, self._auth_scanned)
-        self.transport.write(msg.auth_request(msg.AUTH_CLEARTEXT))
-        if self._buf:
-            data = bytes(self._buf)
-            del self._buf[:]
-            self._auth_scanner.feed(data)
-            self._auth_data()
+        self._auth = PasswordExchange("cleartext")
+        self._start_auth()
 
-    def _iam_token(self, payload):
+    def _iam_token(self, token):
         """The token in a PasswordMessage: verified (usually at once; a key secret not yet
         loaded makes it wait, in phase "iam"), then the login goes on as after a password."""
-        token = bytes(payload).rstrip(b"\0").decode("ascii", "replace")
         self._phase = Phase.IAM
         waiting = []
         d = verify_login(self.ctx, token, self.user, self.transport)
@@ -343,29 +327,16 @@ class PgFrontend(ClientSession):
         return self._fatal(errors.iam_failed_user(self.user))
 
     def _auth_message(self, payload):
-        method, creds, state = self._auth
-        if method == "iam":
-            return self._iam_token(payload)
-        final = b""  # SCRAM: the server-final message, sent with AuthenticationOk
-        try:
-            if method == "md5":
-                ok = pgauth.md5_check(creds.username, creds.password, state, payload)
-            elif method == "scram-first":
-                mech, data = msg.parse_sasl_initial(payload)
-                if mech != "SCRAM-SHA-256":
-                    raise pgauth.AuthError(f"unsupported SASL mechanism {mech}")
-                self._auth[0] = "scram-final"
-                self._send(msg.auth_request(msg.AUTH_SASL_CONTINUE, state.client_first(data)))
-                return
-            else:
-                final = msg.auth_request(msg.AUTH_SASL_FINAL, state.client_final(payload))
-                ok = True
-        except pgauth.AuthError:
-            ok = False
-        if not ok:
+        answer, step = self._auth.receive(payload)  # wire/pg/client_login.py
+        if step is AuthStep.CONTINUE:
+            self._send(answer)
+        elif step is AuthStep.TOKEN:
+            self._iam_token(self._auth.token)
+        elif step is AuthStep.OK:
+            self._auth_ok(answer)
+        else:
             self._auth_failed("wrong password")
-            return self._fatal(errors.wrong_password(self.user))
-        self._auth_ok(final)
+            self._fatal(errors.wrong_password(self.user))
 
     def _auth_ok(self, head=b""):
         """Authenticated: AuthenticationOk (after *head*, the SASL final message) goes out
