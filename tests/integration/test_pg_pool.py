@@ -28,6 +28,10 @@ def test_200_clients_50_transactions_cap_10(pg_server_factory, pg_proxy_factory)
                     " and backend_type = 'client backend'").fetchone()[0])
                 time.sleep(0.02)
 
+    # Start together, as far as the machine allows: on a loaded machine 200 SCRAM logins (client
+    # PBKDF2 in 200 threads beside the proxy) can take longer than any fixed wait, and a broken
+    # barrier used to fail the test although nothing was wrong.  Nothing asserted below depends
+    # on the start being simultaneous (all rows, the cap, the spread over connections).
     start = threading.Barrier(clients)
 
     def client(i):
@@ -35,7 +39,10 @@ def test_200_clients_50_transactions_cap_10(pg_server_factory, pg_proxy_factory)
             # prepare_threshold=None: unnamed statements only (named ones would pin).
             with psycopg.connect(proxy.dsn(server, dbname="postgres"), autocommit=True,
                                  prepare_threshold=None) as conn:
-                start.wait(60)
+                try:
+                    start.wait(60)
+                except threading.BrokenBarrierError:
+                    pass  # some clients are still logging in: go on without them
                 for n in range(per_client):
                     conn.execute("insert into hits values (%s, %s)", (i, n))
         except Exception as e:  # reported below
