@@ -374,7 +374,6 @@ class PgFrontend(ClientSession):
         return welcome
 
     def _login(self):
-        ctx = self.ctx
         welcome = self._known_welcome()
         if welcome is not None:
             self._finish_login(welcome)
