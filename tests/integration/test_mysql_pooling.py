@@ -155,6 +155,30 @@ def test_autocommit_synced_with_the_command_never_leaks(proxy_factory, mariadb_s
     b.close()
 
 
+def test_a_drivers_connect_sets_cost_the_database_nothing(proxy_factory, mariadb_server):
+    # PyMySQL connects with SET NAMES utf8mb4 and SET AUTOCOMMIT = 0: the proxy answers both
+    # (the session holds no connection yet) and the value reaches the connection with the
+    # first query.  Counted on the server: SET statements it ran for 6 such connects.
+    proxy = proxy_factory(MaxConnectionsPercent=1)
+
+    def sets():
+        out = mariadb_server.mariadb("SHOW GLOBAL STATUS LIKE 'Com_set_option'")
+        return int(out.split()[-1])
+
+    connect(proxy, autocommit=False).close()  # warm-up: greeting, pool, collations
+    before = sets()
+    for i in range(6):
+        conn = connect(proxy, autocommit=False)
+        assert not conn.get_autocommit()
+        assert one(conn, f"SELECT @@autocommit, @@character_set_client, {i}") == (0, "utf8mb4", i)
+        conn.rollback()
+        conn.close()
+    assert sets() - before <= 1  # before: 3 per connect (SET NAMES, SET AUTOCOMMIT, a sync)
+    other = connect(proxy, autocommit=True)  # and nobody else sees autocommit=0
+    assert one(other, "SELECT @@autocommit") == (1,)
+    other.close()
+
+
 # -- pinning -------------------------------------------------------------------------------------------
 
 def test_user_variables_and_temp_tables_pin_then_reset(proxy_factory, mariadb_server):

@@ -126,3 +126,65 @@ def test_no_inline_sync_ahead_of_a_command_without_answer(s):
     s.send(mf.command(P.COM_STMT_CLOSE, (7).to_bytes(4, "little")))
     lease = s.pool.give(current=dict(mf.BASELINE, autocommit="0"))
     assert lease.conn.inline == [] and len(lease.conn.synced) == 1
+
+
+# -- SETs answered by the proxy (no database) -------------------------------------------------------
+COLLATIONS = mstate.Collations([["45", "utf8mb4_general_ci", "utf8mb4", "Yes"],
+                                ["8", "latin1_swedish_ci", "latin1", "Yes"]])
+PYMYSQL_CAPS = mf.CLIENT_CAPS & ~P.CLIENT_SESSION_TRACK  # PyMySQL does not ask for it
+
+
+def _session(caps=PYMYSQL_CAPS):
+    h = mf.Harness()
+    h.pool.make_conn = lambda key: InlineConn(key, h.connector)
+    h.connector.collations = COLLATIONS
+    h.connector.server_info = h.connector.greeting
+    h.connector.baseline = dict(mf.BASELINE)
+    h.handshake(caps=caps)
+    assert h.packets() == [(2, P.ok_packet(status=mf.AC))]
+    return h
+
+
+def test_a_drivers_connect_sets_are_answered_here_and_reach_the_connection_with_the_query():
+    s = _session()
+    s.send(mf.query("SET NAMES utf8mb4"))  # what the session has already: a no-op
+    assert s.packets() == [(1, P.ok_packet(status=mf.AC))]
+    s.send(mf.query("SET AUTOCOMMIT = 0"))
+    assert s.packets() == [(1, P.ok_packet(status=0))]  # the status flag says autocommit is off
+    assert s.pool.requests == [] and s.pool.try_borrows == 0  # no database so far
+    s.send(mf.query("SELECT @@autocommit"))
+    lease = s.pool.give()  # a connection at the baseline: autocommit=1
+    conn = lease.conn
+    assert conn.inline == [b"SET autocommit=0"] and conn.synced == []
+    assert conn.writes == [P.encode_packet(bytes((P.COM_QUERY,)) + b"SET autocommit=0", 0)
+                           + mf.query("SELECT @@autocommit")]
+
+
+@pytest.mark.parametrize("sql", [
+    "SET NAMES latin1",                      # a change of character set: the server decides
+    "SET time_zone = '+01:00'",              # a value the server may refuse
+    "SET autocommit = 0; SELECT 1",          # more than one statement
+    "SET sql_mode = 'ANSI_QUOTES'",
+])
+def test_other_sets_go_to_the_database(sql):
+    s = _session()
+    s.send(mf.query(sql))
+    assert s.packets() == [] and len(s.pool.requests) == 1
+
+
+def test_no_local_answer_for_clients_that_track_session_state():
+    s = _session(caps=mf.CLIENT_CAPS)  # the server's OK would list the variables set
+    s.send(mf.query("SET autocommit = 0"))
+    assert s.packets() == [] and len(s.pool.requests) == 1
+
+
+def test_no_local_answer_while_a_connection_is_held():
+    s = _session()
+    s.send(mf.query("BEGIN"))
+    lease = s.pool.give()
+    lease.conn.respond(mf.ok(mf.AC | mf.INTX))
+    assert not lease.released
+    s.sent()
+    s.send(mf.query("SET autocommit = 1"))  # inside a transaction: commits it on the server
+    assert s.packets() == []
+    assert lease.conn.writes[-1] == mf.query("SET autocommit = 1")

@@ -282,6 +282,10 @@ class MySQLFrontend(MySQLLogin):
                 seq, _ = self._stream.take_packet()
                 self.write_packet(errors.bad_charset_client(bad), seq + 1)
                 return True
+            if self._set_here(result):
+                seq, _ = self._stream.take_packet()
+                self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+                return True
             self._cmd_classified = result
             if result.unsafe_charset_client is not None:
                 self._check_charset(result.unsafe_charset_client)
@@ -290,6 +294,39 @@ class MySQLFrontend(MySQLLogin):
                 self.pin_statement = bytes(sql[:1024])  # shown masked by DescribeDBProxySessions
             self._pin(result)
         return False
+
+    def _set_here(self, tracked):
+        """Whether a SET (classified *tracked*) is answered here, without a database: drivers
+        send ``SET NAMES x`` and ``SET autocommit=N`` on every connect, and each cost a
+        borrow and a database round trip.  The session's values are the proxy's to keep while
+        it holds no connection; they reach a connection with the sync before its next command
+        (autocommit alone travels with that command, `sync_inline`).
+
+        Only when the server's answer is known in advance, byte for byte: one statement, no
+        connection held (no transaction, not pinned), a client without CLIENT_SESSION_TRACK
+        (else the server's OK would list the variables set), and every value either autocommit
+        (0/1: always valid, no side effect outside a transaction) or exactly what the session
+        has already (a no-op SET cannot fail).  Anything else goes to the database."""
+        if (self.lease is not None or tracked.multi or tracked.database is not None
+                or self.client_caps & P.CLIENT_SESSION_TRACK or not tracked.assignments):
+            return False
+        connector = self.ctx.connector
+        collations = getattr(connector, "collations", None)
+        server = getattr(connector, "server_info", None)
+        if collations is None or server is None:
+            return False
+        self._resolve_charset_with(collations, server.charset)
+        applied = mstate.apply_assignments({}, tracked.assignments, collations)
+        for name, value in applied.items():
+            if value is None:
+                return False
+            if name == "autocommit":
+                if value not in ("0", "1"):
+                    return False
+            elif value != self._tracked_value(name):
+                return False
+        self.desired.update(applied)
+        return True
 
     def _tracked_value(self, name):
         if name in self.desired:

@@ -192,12 +192,14 @@ class MySQLLogin(ClientSession):
             self._pump_safely()
 
     def _resolve_charset(self, conn):
-        if self.charset_id is None:
+        self._resolve_charset_with(conn.connector.collations,
+                                   conn.handshake.charset if conn.handshake else None)
+
+    def _resolve_charset_with(self, collations, handshake_charset):
+        """The handshake's (or COM_CHANGE_USER's) charset id becomes tracked values when it
+        differs from the database connections' own (their greeting's charset)."""
+        if self.charset_id is None or collations is None:
             return
-        collations = conn.connector.collations
-        if collations is None:
-            return
-        handshake_charset = conn.handshake.charset if conn.handshake else None
         if self.charset_id != handshake_charset:
             for name, value in collations.for_id(self.charset_id).items():
                 self.desired.setdefault(name, value)
