@@ -39,16 +39,11 @@ def _pool(ctx):
 
 
 def _unsolicited_error(conn):
-    """Read what the proxy sent *conn* on its own (PyMySQL's socket: the driver would only say
+    """Read what the proxy sent *conn* on its own (PyMySQL's buffered socket file, which may
+    already hold it when it came right behind the last answer; the driver itself would only say
     "lost connection"): -> (sequence id, error code, message bytes) of one ERR packet, then EOF."""
-    sock = conn._sock
-    sock.settimeout(10)
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
+    conn._sock.settimeout(10)
+    data = conn._rfile.read()
     assert len(data) > 7 and data[4] == 0xFF, data
     return data[3], int.from_bytes(data[5:7], "little"), data[13:]
 

@@ -247,10 +247,11 @@ def test_mysql_pinned_session_ends_after_its_transaction_with_the_writer_changed
     assert s.frontend.drain("writer changed") is False  # inside a transaction: not yet
     assert not s.closed
     s.send(query("COMMIT"))
-    lease.conn.respond(ok(AC))
-    assert [seq for seq, _ in s.packets()] == [1]  # the COMMIT's OK reached the client whole
-    assert s.frontend.drain("writer changed") is True
-    [(seq, payload)] = s.packets()
+    lease.conn.respond(ok(AC))  # the boundary: ended at once, in this turn (no poll)
+    assert s.closed
+    [(seq1, commit_ok), (seq, payload)] = s.packets()
+    assert seq1 == 1 and commit_ok[0] == 0  # the COMMIT's OK reached the client whole, first
+    assert s.frontend.drain("writer changed") is True  # already ending
     expected = P_err(errors.writer_changed())
     assert seq == 0 and err(payload) == expected
     assert expected[:2] == (1053, "08S01") and "writer changed" in expected[2]
@@ -278,10 +279,13 @@ def test_pg_pinned_session_ends_after_its_transaction_with_the_writer_changed_fa
     assert s.frontend.drain("writer changed") is False and not s.closed
     s.send(msg.query("COMMIT"))
     lease.conn.txn_status = b"I"
-    s.frontend.ready_for_query(b"I")
-    assert not lease.released  # pinned: kept until the session ends
-    assert s.frontend.drain("writer changed") is True
-    fields = fatal(s.sent())
+    s.frontend.backend_data(msg.ready_for_query(b"I"))
+    s.frontend.ready_for_query(b"I")  # the boundary: ended at once, in this turn (no poll)
+    assert s.closed
+    data = s.sent()
+    assert data.startswith(msg.ready_for_query(b"I"))  # the COMMIT's answer reached the client first
+    assert s.frontend.drain("writer changed") is True  # already ending
+    fields = fatal(data[len(msg.ready_for_query(b"I")):])
     assert (fields["S"], fields["C"]) == ("FATAL", "08006")
     assert fields["M"].startswith("The proxy ended this session: it was pinned to a database "
                                   "connection on the former writer, and the writer changed")

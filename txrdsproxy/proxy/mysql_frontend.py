@@ -580,8 +580,13 @@ class MySQLFrontend(MySQLLogin):
         """Give the connection back when nothing ties the session to it: no pin, no open
         transaction, no response outstanding, and no command begun on it but not written whole."""
         lease = self.lease
-        if (lease is None or self.pin_reason is not None or self._wait is not Wait.NOTHING
-                or self._relaying):
+        if lease is None or self._wait is not Wait.NOTHING or self._relaying:
+            return
+        if self.pin_reason is not None:
+            if self._draining:
+                # asked to end (proxy stopping, former writer): at this boundary, in the turn
+                # that forwarded the answer, when no transaction is open (drain decides)
+                self.drain()
             return
         tracker = lease.conn.tracker
         if tracker.idle and not tracker.in_transaction:

@@ -594,6 +594,10 @@ class PgFrontend(ClientSession):
             # Only at a message boundary on this connection (DESIGN rule 9): a message the
             # client began here is finished here first (see _after_input).
             self._release()
+        elif self._draining and status == b"I" and self.pin_reason is not None:
+            # a pinned session asked to end (proxy stopping, former writer): this boundary, in
+            # the turn that forwarded its ReadyForQuery, before the client can send more
+            self.drain()
 
     def _release(self):
         lease, self.lease = self.lease, None
