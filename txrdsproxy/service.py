@@ -125,6 +125,7 @@ def make_service(config, reactor=None, config_path=None, secrets=None, worker=No
         if worker is not None:
             from txrdsproxy.workers.admin import ForwardedRequest
             site.requestFactory = ForwardedRequest
+            site.log = lambda request: None  # the supervisor logs the client's request
         top.admin = AdminService(site, config.admin.listen, reactor)
         top.admin.setServiceParent(top)
     top.metrics = metrics

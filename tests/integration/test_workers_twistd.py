@@ -24,6 +24,8 @@ except ImportError:
 USER = "app_workers"  # its own role: pg_stat_activity counts only this proxy's connections
 PASSWORD = "workers-pw-1"
 ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_workers"
+API_KEY = ("AKIAWORKERS00000001", "workers-secret-key-01")
+KEY_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:key-admin"
 CAP = 5  # MaxConnectionsPercent 5 of max_connections 100: shares 3 (worker 0) and 2 (worker 1)
 
 
@@ -68,6 +70,17 @@ def workers_proxy(pg_server, tmp_path_factory):
                                 ConnectionBorrowTimeout=60)
     data = yaml.safe_load(Path(config).read_text())
     data.update(Workers=2, DrainTimeout=10, Admin={"Listen": f"tcp:{admin}:interface=127.0.0.1"})
+    # One API principal, so a signed ModifyDBProxyTargetGroup can be sent to the supervisor.
+    secrets_path = Path(config).with_name("secrets.json")
+    secrets = json.loads(secrets_path.read_text())
+    secrets[KEY_ARN] = {"secret_access_key": API_KEY[1]}
+    secrets_path.write_text(json.dumps(secrets))
+    os.chmod(secrets_path, 0o600)
+    data["IAM"] = {"Region": "us-east-1", "AccountId": "123456789012", "Principals": [{
+        "Arn": "arn:aws:iam::123456789012:user/admin",
+        "AccessKeys": [{"AccessKeyId": API_KEY[0], "SecretArn": KEY_ARN}],
+        "Policies": [{"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "rds:*", "Resource": "*"}]}]}]}
     Path(config).write_text(yaml.safe_dump(data, sort_keys=False))
     proxy = TwistdProxy(config, port).start()
     proxy.admin_port = admin
@@ -258,3 +271,24 @@ def test_sighup_reaches_every_worker(workers_proxy):
         proxy.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: health(proxy)["proxies"]["test-pg"]["max_database_connections"] == CAP,
                  what="both workers reloaded back")
+
+
+def test_an_api_change_reaches_every_worker(workers_proxy):
+    import boto3
+    from botocore.config import Config
+    rds = boto3.client("rds", endpoint_url=f"http://127.0.0.1:{workers_proxy.admin_port}",
+                       region_name="us-east-1", aws_access_key_id=API_KEY[0],
+                       aws_secret_access_key=API_KEY[1], config=Config(retries={"max_attempts": 1}))
+    try:
+        rds.modify_db_proxy_target_group(DBProxyName="test-pg", TargetGroupName="default",
+                                         ConnectionPoolConfig={"MaxConnectionsPercent": 9})
+        # 9 = 5 + 4: the worker that served the call and the other one (reloaded) both apply it.
+        wait_for(lambda: health(workers_proxy)["proxies"]["test-pg"]["max_database_connections"] == 9,
+                 what="the change in both workers")
+        group = rds.describe_db_proxy_target_groups(DBProxyName="test-pg")["TargetGroups"][0]
+        assert group["ConnectionPoolConfig"]["MaxConnectionsPercent"] == 9
+    finally:
+        rds.modify_db_proxy_target_group(DBProxyName="test-pg", TargetGroupName="default",
+                                         ConnectionPoolConfig={"MaxConnectionsPercent": CAP})
+        wait_for(lambda: health(workers_proxy)["proxies"]["test-pg"]["max_database_connections"] == CAP,
+                 what="the change undone in both workers")

@@ -183,19 +183,20 @@ class WorkerSupervisor(service.Service):
     def privilegedStartService(self):
         """Check every proxy's address and keep it (ListenFailed stops twistd, exit 1)."""
         super().privilegedStartService()
-        if self.rundir is not None:
+        if self._reserved:
             return
         for proxy in self.config.proxies:
             sock, listen = reserve(proxy.listen, f"proxy {proxy.name}")
             self._reserved.append(sock)
             self.listens[proxy.name] = listen
+
+    def startService(self):
+        if not self._reserved:
+            self.privilegedStartService()
+        # Made here, after twistd has dropped privileges (--uid): the workers run as we do.
         self.rundir = tempfile.mkdtemp(prefix="rdsproxy-")  # 0700: peers and admin sockets
         log.info("{n} workers; listeners shared with SO_REUSEPORT; run directory {dir}",
                  n=self.count, dir=self.rundir)
-
-    def startService(self):
-        if self.rundir is None:
-            self.privilegedStartService()
         super().startService()
         for state in self.workers:
             state.start()
@@ -213,6 +214,7 @@ class WorkerSupervisor(service.Service):
             self._reserved = []
             if self.rundir is not None:
                 shutil.rmtree(self.rundir, ignore_errors=True)
+                self.rundir = None
             return None
 
         return d.addCallback(cleanup)

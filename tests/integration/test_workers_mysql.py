@@ -1,0 +1,128 @@
+"""`Workers: 2` in front of MariaDB (`twistd -n rdsproxy`): `Listen: tcp:0` gets one port shared
+by both workers, connection ids are unique over the workers and name the worker, `KILL QUERY`
+reaches a session of the same worker and is refused clearly (1094) for another worker's
+session, never passed to the database as a thread id."""
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+import yaml
+
+try:
+    from mysql_harness import write_mysql_config
+    from proxyutil import TwistdProxy, find_free_port
+except ImportError:
+    from tests.integration.mysql_harness import write_mysql_config
+    from tests.integration.proxyutil import TwistdProxy, find_free_port
+
+LISTENING = re.compile(r"worker (\d): proxy test-mysql \(MYSQL\) listening on .*port=(\d+)\)")
+
+
+class AnyPortProxy(TwistdProxy):
+    """twistd with `Listen: tcp:0`: ready once every worker logged the port it listens on."""
+
+    def start(self, timeout=60):
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.twistd(), "-n", "--pidfile=", "rdsproxy", "--config", self.config_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=str(Path(self.config_path).parent), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log()
+            found = dict(LISTENING.findall(self.log()))
+            if len(found) == 2:
+                self.ports = set(found.values())
+                self.port = int(found["0"])
+                return self
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def mysql_workers(mariadb_server, tmp_path_factory):
+    config = write_mysql_config(tmp_path_factory.mktemp("myworkers"), mariadb_server,
+                                MaxConnectionsPercent=10)
+    data = yaml.safe_load(Path(config).read_text())
+    data["Workers"] = 2
+    data["DrainTimeout"] = 5
+    Path(config).write_text(yaml.safe_dump(data, sort_keys=False))
+    proxy = AnyPortProxy(config, None).start()
+    try:
+        yield proxy
+    finally:
+        assert proxy.stop(timeout=60) == 0, proxy.log()
+        assert "Traceback" not in proxy.log(), proxy.log()
+
+
+def connect(proxy, server):
+    return pymysql.connect(host="127.0.0.1", port=proxy.port, user="app_native",
+                           password=server.users["app_native"], database=server.app_db,
+                           autocommit=True, connect_timeout=10)
+
+
+def on_both(proxy, server, per_worker=2, limit=64):
+    by_worker, spare = {0: [], 1: []}, []
+    for _ in range(limit):
+        conn = connect(proxy, server)
+        worker = conn.thread_id() % 2
+        (by_worker[worker] if len(by_worker[worker]) < per_worker else spare).append(conn)
+        if all(len(c) >= per_worker for c in by_worker.values()):
+            break
+    for conn in spare:
+        conn.close()
+    assert all(len(c) >= per_worker for c in by_worker.values()), by_worker
+    return by_worker
+
+
+def test_port_zero_is_one_port_for_every_worker(mysql_workers, mariadb_server):
+    assert len(mysql_workers.ports) == 1, mysql_workers.ports
+    with connect(mysql_workers, mariadb_server).cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+
+
+def test_kill_reaches_its_worker_and_is_refused_clearly_for_another(mysql_workers, mariadb_server):
+    by_worker = on_both(mysql_workers, mariadb_server)
+    ids = [c.thread_id() for conns in by_worker.values() for c in conns]
+    assert len(set(ids)) == len(ids)
+    victim, same, other = by_worker[0][0], by_worker[0][1], by_worker[1][0]
+    result = {}
+
+    def sleeper():
+        with victim.cursor() as cur:
+            try:
+                cur.execute("SELECT SLEEP(30)")
+                result["value"] = cur.fetchone()[0]
+            except pymysql.err.OperationalError as e:
+                result["error"] = e.args[0]
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    try:
+        time.sleep(0.5)
+        # From the other worker: refused, and the query keeps running.
+        with pytest.raises(pymysql.err.OperationalError) as refused:
+            with other.cursor() as cur:
+                cur.execute("KILL QUERY %d" % victim.thread_id())
+        assert refused.value.args[0] == 1094, refused.value
+        assert "another of the proxy's 2 worker processes" in refused.value.args[1]
+        assert t.is_alive() and not result
+        # From the same worker: the query stops.
+        with same.cursor() as cur:
+            cur.execute("KILL QUERY %d" % victim.thread_id())
+        t.join(30)
+        assert result.get("value") == 1 or result.get("error") == 1317, result
+        with victim.cursor() as cur:
+            cur.execute("SELECT 41 + 1")
+            assert cur.fetchone() == (42,)
+    finally:
+        t.join(30)
+        for conns in by_worker.values():
+            for c in conns:
+                c.close()
