@@ -292,3 +292,62 @@ def test_an_api_change_reaches_every_worker(workers_proxy):
                                          ConnectionPoolConfig={"MaxConnectionsPercent": CAP})
         wait_for(lambda: health(workers_proxy)["proxies"]["test-pg"]["max_database_connections"] == CAP,
                  what="the change undone in both workers")
+
+
+def _config_with_workers(tmp_path, pg_server, port, **top):
+    config = write_proxy_config(tmp_path, pg_server, listen=f"tcp:{port}:interface=127.0.0.1",
+                                secrets={ARN: (USER, PASSWORD, "POSTGRES_SCRAM_SHA_256")},
+                                MaxConnectionsPercent=CAP)
+    data = yaml.safe_load(Path(config).read_text())
+    data.update(Workers=2, **top)
+    Path(config).write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def test_a_busy_port_stops_the_start_with_the_address(workers_proxy, pg_server, tmp_path):
+    import socket
+    import subprocess
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = _config_with_workers(tmp_path, pg_server, port)
+        out = subprocess.run([TwistdProxy.twistd(), "-n", "--pidfile=", "rdsproxy", "--config", config],
+                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert out.returncode == 1, out
+    assert f"cannot listen on tcp:{port}:interface=127.0.0.1" in out.stdout + out.stderr, out
+    assert "worker 0 started" not in out.stdout  # nothing was started
+
+
+def test_sigterm_drains_every_worker(workers_proxy, pg_server, tmp_path):
+    port = find_free_port()
+    proxy = TwistdProxy(_config_with_workers(tmp_path, pg_server, port, DrainTimeout=20), port).start()
+    dsn = workers_proxy.dsn.replace(f"port={workers_proxy.port}", f"port={port}")
+    proxy.dsn = dsn
+    proxy.admin_port = None
+    conns = []
+    try:
+        conns = [psycopg.connect(dsn, autocommit=True, prepare_threshold=None) for _ in range(24)]
+        assert {owner(c) for c in conns} == {0, 1}
+        in_tx = [next(c for c in conns if owner(c) == w) for w in (0, 1)]
+        for c in in_tx:
+            c.execute("BEGIN")
+            c.execute("SELECT 1")
+        proxy.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: all(f"worker {w}: Received SIGTERM, draining" in proxy.log() for w in (0, 1)),
+                 what="both workers draining")
+        # Open transactions finish on both workers; idle sessions get the shutdown error.
+        for c in in_tx:
+            assert c.execute("SELECT 2").fetchone() == (2,)
+            c.execute("COMMIT")
+        assert proxy.proc.wait(60) == 0, proxy.log()
+        for c in conns:
+            with pytest.raises(psycopg.OperationalError):
+                c.execute("SELECT 3")
+        log = proxy.log()
+        assert log.count("exited (status 0)") == 2, log
+        assert "Traceback" not in log, log
+    finally:
+        for c in conns:
+            c.close()
+        proxy.stop()
