@@ -1,7 +1,7 @@
 """`Workers: 2` in front of MariaDB (`twistd -n rdsproxy`): `Listen: tcp:0` gets one port shared
-by both workers, connection ids are unique over the workers and name the worker, `KILL QUERY`
-reaches a session of the same worker and is refused clearly (1094) for another worker's
-session, never passed to the database as a thread id."""
+by both workers, connection ids are unique over the workers and name the worker, `KILL QUERY` and
+`KILL CONNECTION` reach the session whichever worker the KILL comes from, and an id of the other
+worker's range that it does not hold gets 1094, never passed to the database as a thread id."""
 
 import re
 import subprocess
@@ -87,11 +87,7 @@ def test_port_zero_is_one_port_for_every_worker(mysql_workers, mariadb_server):
         assert cur.fetchone() == (1,)
 
 
-def test_kill_reaches_its_worker_and_is_refused_clearly_for_another(mysql_workers, mariadb_server):
-    by_worker = on_both(mysql_workers, mariadb_server)
-    ids = [c.thread_id() for conns in by_worker.values() for c in conns]
-    assert len(set(ids)) == len(ids)
-    victim, same, other = by_worker[0][0], by_worker[0][1], by_worker[1][0]
+def _sleep_and_kill(victim, killer):
     result = {}
 
     def sleeper():
@@ -105,24 +101,52 @@ def test_kill_reaches_its_worker_and_is_refused_clearly_for_another(mysql_worker
     t = threading.Thread(target=sleeper)
     t.start()
     try:
-        time.sleep(0.5)
-        # From the other worker: refused, and the query keeps running.
-        with pytest.raises(pymysql.err.OperationalError) as refused:
-            with other.cursor() as cur:
-                cur.execute("KILL QUERY %d" % victim.thread_id())
-        assert refused.value.args[0] == 1094, refused.value
-        assert "another of the proxy's 2 worker processes" in refused.value.args[1]
-        assert t.is_alive() and not result
-        # From the same worker: the query stops.
-        with same.cursor() as cur:
+        deadline = time.monotonic() + 20
+        with killer.cursor() as cur:
+            while True:  # until SLEEP runs on the server (its thread is then known)
+                cur.execute("SELECT count(*) FROM information_schema.processlist "
+                            "WHERE info = 'SELECT SLEEP(30)'")
+                if cur.fetchone()[0]:
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             cur.execute("KILL QUERY %d" % victim.thread_id())
         t.join(30)
-        assert result.get("value") == 1 or result.get("error") == 1317, result
-        with victim.cursor() as cur:
-            cur.execute("SELECT 41 + 1")
-            assert cur.fetchone() == (42,)
     finally:
         t.join(30)
+    # interrupted: SLEEP returns 1, or the server reports the query killed (1317)
+    assert result.get("value") == 1 or result.get("error") == 1317, result
+    with victim.cursor() as cur:  # the session goes on
+        cur.execute("SELECT 41 + 1")
+        assert cur.fetchone() == (42,)
+
+
+def test_kill_reaches_the_session_whichever_worker_sends_it(mysql_workers, mariadb_server):
+    by_worker = on_both(mysql_workers, mariadb_server, per_worker=3)
+    try:
+        ids = [c.thread_id() for conns in by_worker.values() for c in conns]
+        assert len(set(ids)) == len(ids)
+        _sleep_and_kill(by_worker[0][0], by_worker[0][1])  # same worker
+        _sleep_and_kill(by_worker[0][0], by_worker[1][0])  # from the other worker
+        _sleep_and_kill(by_worker[1][0], by_worker[0][1])  # ... and the other way round
+        # KILL CONNECTION from the other worker ends that session only.
+        victim, killer = by_worker[1][2], by_worker[0][2]
+        with killer.cursor() as cur:
+            cur.execute("KILL %d" % victim.thread_id())
+        with pytest.raises(pymysql.err.OperationalError):
+            with victim.cursor() as cur:
+                cur.execute("SELECT 1")
+        with killer.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchone() == (2,)
+        assert f"KILL CONNECTION <session test-mysql#{victim.thread_id()} " in mysql_workers.log()
+        # An id of worker 1's range that it does not hold: the server's error, nothing sent on.
+        unknown = max(ids) + 1001 if (max(ids) + 1001) % 2 == 1 else max(ids) + 1002
+        with pytest.raises(pymysql.err.OperationalError) as refused:
+            with killer.cursor() as cur:
+                cur.execute("KILL QUERY %d" % unknown)
+        assert refused.value.args == (1094, f"Unknown thread id: {unknown}"), refused.value
+    finally:
         for conns in by_worker.values():
             for c in conns:
                 c.close()

@@ -173,7 +173,7 @@ def test_the_owner_sends_the_forwarded_cancel_and_closes_once_the_database_took_
     proto = factory.buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
-    for byte in msg.cancel_request(7, 1234)[8:]:  # the key, one byte at a time
+    for byte in b"C" + msg.cancel_request(7, 1234)[8:]:  # the key, one byte at a time
         proto.dataReceived(bytes([byte]))
     [(conn, done)] = connector.cancels
     assert conn is session.lease.conn and not transport.disconnecting
@@ -189,19 +189,76 @@ def test_the_owner_closes_at_once_for_an_unknown_key_and_bounds_a_silent_peer():
     proto = factory.buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
-    proto.dataReceived(msg.cancel_request(7, 1)[8:])
+    proto.dataReceived(b"C" + msg.cancel_request(7, 1)[8:])
     assert transport.disconnecting
     silent = factory.buildProtocol(None)
     silent_transport = StringTransport()
     silent.makeConnection(silent_transport)
-    silent.dataReceived(b"\x00\x00")
+    silent.dataReceived(b"C\x00\x00")  # a cancel cut short
     clock.advance(PEER_TIMEOUT - 0.1)
     assert not silent_transport.disconnecting
     clock.advance(0.1)
     assert silent_transport.disconnecting  # aborted: every wait has an end
 
 
-def test_kill_of_another_workers_session_is_a_clear_error():
-    payload = mysql_errors.kill_other_worker(9, 2)
+def test_unknown_thread_is_the_servers_error():
+    payload = mysql_errors.unknown_thread(9)
     assert payload[1:3] == (1094).to_bytes(2, "little")
-    assert b"another of the proxy's 2 worker processes" in payload
+    assert payload.endswith(b"Unknown thread id: 9")
+
+
+class _MyConn:
+    def __init__(self, thread):
+        self.handshake = type("Handshake", (), {"connection_id": thread})()
+
+
+class _MySession:
+    def __init__(self, ident, user, thread=None):
+        self.id, self.user, self.closed = ident, user, False
+        self.lease = None if thread is None else type("Lease", (), {"conn": _MyConn(thread)})()
+
+    def _close_client(self):
+        self.closed = True
+
+
+class _MyCtx:
+    def __init__(self, name, sessions):
+        self.name, self.sessions = name, set(sessions)
+
+
+def test_kill_passed_on_is_decided_by_the_owner():
+    from txrdsproxy.workers.peer import kill_locally
+    busy, idle, other = _MySession(3, "app", thread=77), _MySession(5, "app"), _MySession(7, "bob")
+    contexts = [_MyCtx("my", [busy, idle, other]), _MyCtx("my2", [])]
+    assert kill_locally(contexts, True, 3, "my", "app") == b"THREAD 77"
+    assert kill_locally(contexts, True, 5, "my", "app") == b"OK"  # nothing running
+    assert kill_locally(contexts, True, 7, "my", "app") == b"NOT_OWNER"
+    assert kill_locally(contexts, False, 3, "my2", "app") == b"UNKNOWN"  # another proxy
+    assert kill_locally(contexts, False, 9, "my", "app") == b"UNKNOWN"
+    assert not busy.closed
+    assert kill_locally(contexts, False, 3, "my", "app") == b"OK" and busy.closed
+    assert not other.closed
+
+
+def test_kill_request_whole_or_split_at_every_byte():
+    from txrdsproxy.workers.peer import _kill_request
+    busy = _MySession(2 ** 40 + 1, "äpp", thread=12)
+    request = _kill_request(True, busy.id, "my-proxy", "äpp")
+    for cut in range(len(request)):  # cut 0: whole in one read
+        factory = PeerFactory({}, Clock(), lambda: [_MyCtx("my-proxy", [busy])])
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(request[:cut])
+        assert transport.value() == b"" and not transport.disconnecting
+        proto.dataReceived(request[cut:])
+        assert transport.value() == b"THREAD 12" and transport.disconnecting
+
+
+def test_peer_requests_of_unknown_kind_or_too_long_are_dropped():
+    for data in (b"X", b"K" + b"\xff" * 4000):
+        proto = PeerFactory({}, Clock()).buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(data)
+        assert transport.disconnecting and transport.value() == b""

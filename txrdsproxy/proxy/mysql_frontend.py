@@ -56,6 +56,7 @@ class Wait(enum.Enum):
     NOTHING = "nothing"
     BORROW = "borrow"      # a connection from the pool (and its sync)
     RESPONSE = "response"  # the database's answer to the command sent
+    PEER = "peer"          # `Workers: N`: another worker's answer to a KILL (workers/peer.py)
 
 
 class MySQLFrontend(MySQLLogin):
@@ -88,7 +89,7 @@ class MySQLFrontend(MySQLLogin):
             return True
         if self._wait is Wait.RESPONSE and not self._relaying:
             return not self.lease.conn.tracker.awaiting_client_data
-        return False
+        return self._wait is Wait.PEER
 
     def left_cleanly(self, conn):
         return (self._wait is Wait.NOTHING and not self._relaying and not _strayed(conn)
@@ -405,10 +406,7 @@ class MySQLFrontend(MySQLLogin):
             worker = self.ctx.worker
             if worker is None or worker.owner(target_id) == worker.index:
                 return False
-            # `Workers: N`: the id names a session of another worker process, which this one
-            # cannot reach synchronously: refused, never sent to the database as a thread id.
-            seq, _ = stream.take_packet()
-            self.write_packet(errors.kill_other_worker(target_id, worker.count), seq + 1)
+            self._kill_elsewhere(worker, target_id, (match.group(1) or b"").strip().lower() == b"query")
             return True
         if target.user != self.user:
             seq, _ = stream.take_packet()
@@ -435,6 +433,41 @@ class MySQLFrontend(MySQLLogin):
         payload = bytes((P.COM_QUERY,)) + b"KILL QUERY %d" % conn.handshake.connection_id
         stream.buf[:0] = P.encode_packet(payload, seq)
         return False
+
+    def _kill_elsewhere(self, worker, target_id, query_only):
+        """`Workers: N`: the id names a session of another worker process: ask that worker
+        (workers/peer.py, bounded by its PEER_TIMEOUT); this session's next commands wait for
+        the answer.  Never sent to the database as a thread id."""
+        from txrdsproxy.workers.peer import forward_kill
+        seq, _ = self._stream.take_packet()
+        self._wait = Wait.PEER
+        d = forward_kill(worker, worker.owner(target_id), query_only, target_id, self.ctx.name,
+                         self.user, self.clock)
+        d.addCallback(lambda answer: self._safely(self._killed_elsewhere, answer, target_id, seq))
+
+    def _killed_elsewhere(self, answer, target_id, seq):
+        if self._phase != "command" or self._wait is not Wait.PEER:
+            return  # the session ended meanwhile
+        self._wait = Wait.NOTHING
+        if answer.startswith(b"THREAD "):
+            # KILL QUERY of the thread serving it there, on a connection of this session's
+            # user, as for a session of this worker (see _kill).
+            payload = bytes((P.COM_QUERY,)) + b"KILL QUERY %d" % int(answer[7:])
+            self._stream.buf[:0] = P.encode_packet(payload, seq)
+            self._cmd = P.COM_QUERY
+            if self.lease is not None:
+                self._dispatch()
+            else:
+                self._borrow()
+            return
+        if answer == b"OK":
+            self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+        elif answer == b"NOT_OWNER":
+            self.write_packet(P.err_packet(1095, "HY000", f"You are not owner of thread {target_id}"),
+                              seq + 1)
+        else:  # UNKNOWN, or the worker could not be asked (restarting)
+            self.write_packet(errors.unknown_thread(target_id), seq + 1)
+        self._pump()
 
     def _drop_command(self):
         """Drop the command at the head of the stream (as it arrives, when it is large)."""

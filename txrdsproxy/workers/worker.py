@@ -109,7 +109,8 @@ def main(argv=None):
         top.privilegedStartService()
         top.startService()
         peer = bind_now(f"unix:{worker.peer_socket(worker.index)}:mode=600",
-                        PeerFactory(top.registry.cancel_registry, reactor), reactor, "peer socket")
+                        PeerFactory(top.registry.cancel_registry, reactor,
+                                    top.registry.contexts), reactor, "peer socket")
     except ListenFailed as e:
         log.critical("worker {index}: cannot start: {error}", index=args.index, error=str(e))
         return EXIT_CANNOT_START

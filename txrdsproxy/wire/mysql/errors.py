@@ -118,10 +118,8 @@ def writer_changed():
 ER_NO_SUCH_THREAD = 1094
 
 
-def kill_other_worker(thread_id, workers):
-    """1094 (HY000): `KILL <id>` naming a session of another worker process (`Workers: N`);
-    the id names it (id % N), but a worker cannot reach another's session synchronously."""
-    return err_packet(ER_NO_SUCH_THREAD, "HY000",
-                      f"Unknown thread id: {thread_id} (a session of another of the proxy's "
-                      f"{workers} worker processes: KILL it from a connection that reaches "
-                      f"the same worker, or use Workers: 1)")
+def unknown_thread(thread_id):
+    """1094 (HY000), the server's own text: `KILL <id>` naming a session of another worker
+    process (`Workers: N`) that this worker could not find there (ended, or the worker is
+    restarting)."""
+    return err_packet(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {thread_id}")
