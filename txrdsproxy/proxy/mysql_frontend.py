@@ -446,7 +446,7 @@ class MySQLFrontend(MySQLLogin):
         d.addCallback(lambda answer: self._safely(self._killed_elsewhere, answer, target_id, seq))
 
     def _killed_elsewhere(self, answer, target_id, seq):
-        if self._phase != "command" or self._wait is not Wait.PEER:
+        if self._phase is not Phase.COMMAND or self._wait is not Wait.PEER:
             return  # the session ended meanwhile
         self._wait = Wait.NOTHING
         if answer.startswith(b"THREAD "):
