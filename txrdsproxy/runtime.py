@@ -361,14 +361,13 @@ class ProxyRuntime:
                 from txrdsproxy.tls import ServerTLS
                 ctx.tls = ServerTLS(new.tls.certificate_file, new.tls.private_key_file, clock=ctx.clock)
         if "database_tls" in changes:
-            # New connections follow the new DatabaseTLS at once; idle ones made under the old
-            # settings close now (borrowed ones finish their transaction and stay: their TLS
-            # state is in the pool key, so a session never gets the other kind).
+            # New connections follow the new DatabaseTLS at once.  None made under the old
+            # settings is lent again, even where the pool key stays the same (prefer ->
+            # require, another CAFile, verify-ca -> verify-full): idle ones close now, borrowed
+            # ones when their session gives them back, ones being opened once open.
             ctx.database_tls = DatabaseTLS(new.database_tls)
             ctx.connector.database_tls = ctx.database_tls
-            for target in ctx.topology.targets:
-                ctx.pool.retire_target(target, "DatabaseTLS changed")
-                ctx.pool.readmit_target(target)
+            ctx.pool.retire_all("DatabaseTLS changed")
         if "health_check_interval" in changes and ctx.monitor is not None:
             ctx.monitor.interval = new.health_check_interval
         if "health_check" in changes and ctx.monitor is not None:

@@ -408,3 +408,36 @@ def test_modify_database_tls_takes_effect_for_new_connections(running):
     assert ctx.database_tls_for(False) is True  # new sessions' pool keys ask for TLS
     target = ctx.topology.targets[0]
     assert ctx.connector.tls_plan(("u", "db", True), target).required
+
+
+def test_connections_made_under_the_old_database_tls_are_never_lent_again(running):
+    """A DatabaseTLS change whose pool keys stay the same (prefer -> require: both ask for TLS)
+    retires every connection made before it: the idle one closes now, the borrowed one when
+    its session gives it back, the one being opened once open (it would have been lent)."""
+    from test_pool import FakeConnector
+    from txrdsproxy.config.model import DatabaseTLSConfig
+    registry, reactor = running
+    registry.modify_proxy("p1", database_tls=DatabaseTLSConfig(mode="prefer"))
+    ctx = registry.get("p1").ctx
+    pool = ctx.pool
+    pool.connector = connector = FakeConnector()
+    _with_target(connector, ctx.topology.targets[0])  # as real connections: to the target
+    key = ("u", "db", ctx.database_tls_for(False))
+    borrowed = fired(pool.borrow(key))
+    first = connector.complete()
+    idle = fired(pool.borrow(("v", "db", key[2])))  # another user's, idle at the change
+    connector.complete()
+    idle[0].release()
+    opening = fired(pool.borrow(key))  # its connection is being opened at the change
+    assert len(connector.pending) == 1
+
+    registry.modify_proxy("p1", database_tls=DatabaseTLSConfig(mode="require"))
+    assert ctx.database_tls_for(False) == key[2]  # the same pool key as before
+    assert idle[0].conn.closed_reason == "DatabaseTLS changed"
+    late = connector.complete()  # opened with the old settings
+    assert late.closed_reason == "DatabaseTLS changed" and opening == []
+    fresh = connector.complete()  # the waiter gets a connection made under the new settings
+    assert opening[0].conn is fresh
+    borrowed[0].release()
+    assert first.closed_reason == "DatabaseTLS changed"
+    assert pool.try_borrow(key) is None  # nothing of before is idle

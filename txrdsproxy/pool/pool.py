@@ -66,7 +66,8 @@ class BackendPool:
         self._closed = False
         self.failover = None  # the WriterMonitor (connection_failed / connection_lost hooks)
         self._stalled = False  # no writer reachable: waiters wait, nothing new is opened
-        self._retired = {}  # connection to a former writer -> why: closed when returned
+        self._retired = {}  # conn -> reason: made under what no longer holds (a former writer,
+        # older DatabaseTLS, a deregistered target): closed when returned
         self._retired_targets = set()  # deregistered targets: connections to them are not kept
 
     # -- limits -----------------------------------------------------------------------------
@@ -274,8 +275,9 @@ class BackendPool:
             self._close(conn, "pool closed")
             return
         if placeholder.retired or getattr(conn, "target", None) in self._retired_targets:
-            # opened to the writer of before a failover, or to a target deregistered meanwhile
-            self._close(conn, "failover")
+            # opened to the writer of before a failover, under settings changed meanwhile, or
+            # to a target deregistered meanwhile
+            self._close(conn, placeholder.retired or "failover")
             self._dispatch()
             return
         self._make_idle(conn)
@@ -400,14 +402,21 @@ class BackendPool:
         """
         self.log.warn("pool {pool}: writer changed ({reason}); retiring {n} connection(s)",
                       pool=self.name, reason=reason, n=len(self._all))
+        self._stalled = False
+        self.retire_all(reason)
+
+    def retire_all(self, reason):
+        """Every connection the pool holds now was made under what no longer holds (another
+        writer, older DatabaseTLS settings): none is lent again.  Idle ones close now with
+        *reason*; borrowed and resetting ones close when they come back (their transaction
+        finishes first); ones being opened close once open.  Waiters get new connections."""
         for conn in list(self._all):
             if isinstance(conn, _Opening):
-                conn.retired = True
+                conn.retired = reason
             elif conn.state == ConnState.IDLE:
                 self._close(conn, reason)
             else:
                 self._retired[conn] = reason
-        self._stalled = False
         self._dispatch()
 
     def retire_target(self, target, reason="target deregistered"):
@@ -514,5 +523,5 @@ class _Opening:
 
     def __init__(self, key):
         self.key = key
-        self.retired = False  # the writer changed while it was being opened
+        self.retired = None  # why it closes once open (the writer changed meanwhile, ...)
 
