@@ -8,6 +8,9 @@ access denied, a value that is not a JSON object) keeps the last good value of t
 logs why (the ARN and the error code, never a value).  Credentials come from botocore's usual
 chain (environment, shared files, instance roles).
 
+Until the first read of a secret has ended, logins for it wait (`loading`; bounded by the
+session's ClientAuthTimeout) instead of being refused as if the user had no secret.
+
 A rotation in Secrets Manager therefore reaches the proxy within one interval: new database
 connections log in with the new password (the pool's open connections stay, as the database
 itself keeps sessions open across a password change), and clients log in with the new password.
@@ -20,10 +23,12 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txrdsproxy.auth.secrets import ISecretsStore, SecretValue, _Lookups, credentials_from
+from txrdsproxy.auth.secrets import (
+    ISecretsLoading, ISecretsStore, SecretValue, _Lookups, credentials_from,
+)
 
 
-@implementer(ISecretsStore)
+@implementer(ISecretsStore, ISecretsLoading)
 class AwsSecretsStore(_Lookups, service.Service):
     """See the module docstring.  *client_factory*() -> a botocore secretsmanager client (made
     in a pool thread, once); default: from the region and endpoint URL."""
@@ -66,6 +71,15 @@ class AwsSecretsStore(_Lookups, service.Service):
         new = sorted(arns - set(self._vals))
         self._arns |= arns
         return self._load(new) if new else defer.succeed(None)
+
+    def loading(self, arns):
+        """-> None, or a Deferred[None] firing once the first reads of those of *arns* never read
+        yet have ended (the proxy has just started or a reload named a new secret)."""
+        vals, loading = self._vals, self._loading
+        first = [loading[a] for a in arns if a in loading and a not in vals]
+        if not first:
+            return None
+        return defer.gatherResults([shared.wait() for shared in first]).addCallback(lambda _: None)
 
     # -- background refresh -------------------------------------------------------------------------
     def startService(self):

@@ -50,6 +50,15 @@ class ISecretsStore(Interface):
         store: at once)."""
 
 
+class ISecretsLoading(Interface):
+    """A store that reads its secrets remotely after start (Backend aws): lookups made before
+    a secret's first read has ended would answer "no such user".  Sessions ask it first."""
+
+    def loading(arns):
+        """-> None when none of *arns* is being read for the first time (lookups answer now, the
+        usual case); else a Deferred[None] firing when those first reads have ended, well or not."""
+
+
 class Credentials:
     """A database user name and password.  `repr` never shows the password."""
 

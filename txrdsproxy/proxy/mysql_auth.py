@@ -69,12 +69,19 @@ class ClientAuth:
         self._plugin = None
         self._sha2 = None
         self._iam_waiting = False
+        self._secrets_waiting = False  # the secrets store's first read is awaited (`start`)
         self.used_password = True
 
     def start(self, user, client_plugin, response, database, charset, seq, switch):
         """The client's first auth response (HandshakeResponse41 or COM_CHANGE_USER)."""
         self._request = (user, database, charset)
         self.used_password = bool(response) or switch
+        pending = self.session.ctx.secrets_loading()
+        if pending is not None:  # the store's first read: wait for it (within ClientAuthTimeout)
+            self._secrets_waiting = True
+            pending.addCallback(self._secrets_loaded, user, client_plugin, response, database,
+                                charset, seq, switch).addErrback(self.session.unexpected, "secrets")
+            return
         found = self.session.ctx.find_user(user)
         if found is None:
             return self.session.auth_failed(user, "no secret for this user", seq)
@@ -91,11 +98,16 @@ class ClientAuth:
             return
         self._check(response, seq)
 
+    def _secrets_loaded(self, _, *request):
+        self._secrets_waiting = False
+        if not self.session.closed:
+            self.start(*request)
+
     def feed(self, seq, payload):
         """A further auth packet from the client (after a switch, or caching_sha2 full auth)."""
-        if self._iam_waiting:
-            return self.session.auth_failed(self._request[0], "packet while the IAM token is checked",
-                                            seq + 1)
+        if self._iam_waiting or self._secrets_waiting:
+            return self.session.auth_failed(self._request[0], "packet while the IAM token or the"
+                                            " secrets are read", seq + 1)
         if self._plugin == myauth.CLEAR_PASSWORD:
             return self._verify_iam(payload, seq + 1)
         if self._sha2 is not None:

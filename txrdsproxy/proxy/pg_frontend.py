@@ -137,6 +137,9 @@ class PgFrontend(ClientSession):
             elif self._phase is Phase.LOGIN:
                 self._stream.feed(data)  # pipelined early: held until logged in
                 self._check_pause()
+            elif self._phase is Phase.SECRETS:  # held until the password is asked for
+                self._buf += data
+                self._check_pause()
             elif self._phase is Phase.IAM:  # the IAM token is being checked: held
                 self._auth_scanner.feed(data)
                 self._check_pause()
@@ -242,7 +245,16 @@ class PgFrontend(ClientSession):
         self.database = request.database
         self.key = (self.user, self.database, self.ctx.database_tls_for(self.tls))
         self.desired = request.desired
-        self._begin_auth()
+        pending = self.ctx.secrets_loading()
+        if pending is None:
+            return self._begin_auth()
+        self.log.info("{s}: waiting for the secrets store's first read", s=self)
+        self._phase = Phase.SECRETS
+        pending.addCallback(self._secrets_loaded).addErrback(self.unexpected, "secrets")
+
+    def _secrets_loaded(self, _):
+        if self._phase is Phase.SECRETS and self.state is not SessionState.CLOSED:
+            self._begin_auth()
 
     # -- authentication ---------------------------------------------------------------------------
     def _begin_auth(self):

@@ -14,6 +14,7 @@ from OpenSSL.SSL import Error as TLSError
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from txrdsproxy.auth.secrets import ISecretsLoading
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
 from txrdsproxy.proxy.connector import BackendGone, DatabaseRefused, enable_keepalive
 from txrdsproxy.proxy.limits import Admission
@@ -34,6 +35,7 @@ class Phase(str, enum.Enum):
     HANDSHAKE = "handshake"  # MySQL: waiting for the handshake response
     AUTH = "auth"            # the client proves who it is
     IAM = "iam"              # an IAM token is being verified (reading held)
+    SECRETS = "secrets"      # the secrets store's first read has not ended yet (reading held)
     LOGIN = "login"          # authenticated; the proxy learns the server's parameters
     SESSION = "session"      # PostgreSQL: relaying
     COMMAND = "command"      # MySQL: relaying
@@ -145,6 +147,15 @@ class ProxyContext:
             return None
         arn, creds = found
         return self.auth_entry(arn), creds
+
+    def secrets_loading(self):
+        """-> None (the usual case), or a Deferred[None] firing once the secrets store's first
+        read of this proxy's secrets has ended: a login arriving before waits for it (within
+        ClientAuthTimeout) instead of being refused as if its user had no secret."""
+        secrets = self.secrets  # replaced when a reload changes the Secrets backend
+        if not ISecretsLoading.providedBy(secrets):
+            return None
+        return secrets.loading(self.arns)
 
     def credentials_for(self, username):
         found = self.find_user(username)
