@@ -101,20 +101,17 @@ def wait_port(port, proc, timeout, what, log_path):
 
 PROFILED_TWISTD = """
 import cProfile, signal, sys, time
-from twisted.application import app
 from twisted.scripts.twistd import run
-app._exitWithSignal = lambda sig: None
 out, sys.argv = sys.argv[1], ["twistd"] + sys.argv[2:]
 profile = cProfile.Profile(time.process_time)  # CPU time: the machine is shared and busy
-signal.signal(signal.SIGUSR1, lambda *a: profile.enable())
-signal.signal(signal.SIGUSR2, lambda *a: profile.disable())
-try:
-    run()
-except SystemExit:
-    pass
-finally:
+
+def stop(*args):
     profile.disable()
-    profile.dump_stats(out)
+    profile.dump_stats(out)  # written now: twistd ends a SIGTERMed run by that signal
+
+signal.signal(signal.SIGUSR1, lambda *a: profile.enable())
+signal.signal(signal.SIGUSR2, stop)
+run()
 """
 
 
@@ -154,9 +151,9 @@ class Proxy:
         if self.profile_path is None:
             return twistd
         # Not `python -m cProfile twistd ...`: on SIGTERM twistd stops the reactor and then
-        # kills itself with the same signal (app._exitWithSignal), so cProfile never gets to
-        # write its file.  This wrapper turns that last step off and dumps the profile, which
-        # covers only what runs between SIGUSR1 and SIGUSR2 (see profiling()).
+        # kills itself with the same signal, so cProfile never gets to write its file.  This
+        # wrapper profiles what runs between SIGUSR1 and SIGUSR2 (see profiling()) and writes
+        # the file at SIGUSR2, before the stop.
         return [sys.executable, "-c", PROFILED_TWISTD, str(self.profile_path)] + twistd[1:]
 
     def start(self):

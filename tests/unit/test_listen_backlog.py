@@ -1,8 +1,9 @@
 """runtime.with_backlog: proxy TCP listeners take bursts of connects (Twisted's default is 50)."""
 
 import pytest
-from twisted.application import strports
+from twisted.internet import endpoints
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
 
 from txrdsproxy.runtime import LISTEN_BACKLOG, with_backlog
 
@@ -19,5 +20,8 @@ def test_with_backlog(listen, expected):
 
 
 def test_the_result_is_a_valid_endpoint_with_that_backlog():
-    endpoint = strports.service(with_backlog("tcp:0:interface=127.0.0.1"), Factory()).endpoint
-    assert endpoint._backlog == LISTEN_BACKLOG  # Twisted keeps it private; read only here
+    reactor = MemoryReactor()
+    endpoint = endpoints.serverFromString(reactor, with_backlog("tcp:0:interface=127.0.0.1"))
+    endpoint.listen(Factory())
+    [(port, _, backlog, interface)] = reactor.tcpServers  # what listenTCP was asked (public API)
+    assert (port, backlog, interface) == (0, LISTEN_BACKLOG, "127.0.0.1")

@@ -10,15 +10,31 @@ transport then reports the usual way).
 import errno
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 
 _Connection = tcp.Connection
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+# What direct_write reads of a tcp.Connection to know that nothing is queued: `_tempDataLen`
+# is private to Twisted's FileDescriptor (an instance attribute, so it is checked on the first
+# TCP transport seen, once).  Without them every write goes through `transport.write`.
+_BUFFER_FIELDS = ("_tempDataLen", "dataBuffer", "socket", "TLS")
+_direct = None  # None: not checked yet; True/False: the installed Twisted has those fields
+log = Logger()
+
+
+def _check_fields(transport):
+    global _direct
+    _direct = all(hasattr(transport, name) for name in _BUFFER_FIELDS)
+    if not _direct:
+        log.warn("Twisted's tcp.Connection lacks {fields}: direct writes are off (every write "
+                 "is queued by the transport)", fields=", ".join(_BUFFER_FIELDS))
+    return _direct
 
 
 def direct_write(transport, data):
     """Write *data*; -> True when it all left immediately, False when some was queued."""
-    if (isinstance(transport, _Connection) and not transport.TLS
-            and not transport._tempDataLen and not transport.dataBuffer
+    if (isinstance(transport, _Connection) and (_direct or (_direct is None and _check_fields(transport)))
+            and not transport.TLS and not transport._tempDataLen and not transport.dataBuffer
             and transport.connected and not transport.disconnecting):
         try:
             sent = transport.socket.send(data)
