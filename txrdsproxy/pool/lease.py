@@ -1,6 +1,11 @@
 """A Lease: one session's hold on one database connection, from borrow to release."""
 
+from zope.interface import implementer
 
+from txrdsproxy.pool.interfaces import ILease
+
+
+@implementer(ILease)
 class Lease:
     """Given out by `BackendPool.borrow`; `release` is idempotent so every exit path may call it."""
 

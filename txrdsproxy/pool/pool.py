@@ -23,7 +23,9 @@ import collections
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from txrdsproxy.pool.interfaces import ILeaseSource
 from txrdsproxy.pool.lease import Lease
 from txrdsproxy.pool.policy import Disposition, on_release
 from txrdsproxy.pool.states import ConnState
@@ -46,6 +48,7 @@ class _Waiter:
         self.served = False  # a lease is on its way (see BackendPool._serve)
 
 
+@implementer(ILeaseSource)
 class BackendPool:
     log = Logger()
 

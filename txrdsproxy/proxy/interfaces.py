@@ -54,3 +54,83 @@ class IBackendConnection(Interface):
 
     def detach():
         """End the lending: bytes that arrive now are not a session's."""
+
+
+class ISessionEvents(Interface):
+    """What a lent database connection tells the session it is attached to (both engines):
+    the sink given to `IBackendConnection.attach`."""
+
+    def backend_data(data):
+        """Bytes from the database for the client, forwarded as they are."""
+
+    def write_queued(conn):
+        """A write to *conn* had to be queued: from now on a full side pauses the other."""
+
+    def backend_lost(conn, why):
+        """*conn* closed or broke under the session (*why* is logged and may be told)."""
+
+
+class IPgSessionEvents(ISessionEvents):
+    """PostgreSQL: the messages of the database the session acts on."""
+
+    def ready_for_query(status):
+        """A ReadyForQuery reached the client (*status* b"I", b"T" or b"E")."""
+
+    def parameter_changed(name, value):
+        """A ParameterStatus for a parameter the session tracks reached the client."""
+
+
+class IMySQLSessionEvents(ISessionEvents):
+    """MySQL: where a response ends, and when the server asks for LOCAL INFILE data."""
+
+    def response_complete():
+        """The response to the command on the wire has ended (the tracker is idle)."""
+
+    def infile_requested():
+        """The server asked for a LOCAL INFILE: the client's next packets go to it."""
+
+
+class IEngineSession(Interface):
+    """What the engine-neutral `ClientSession` (proxy/session.py) asks of an engine's frontend:
+    the questions and actions of its timers, borrowing, draining and ending."""
+
+    busy = Attribute("A request is on the wire (the idle timeout must not end the session).")
+
+    def left_cleanly(conn):
+        """The client left between requests: *conn*'s state is known (given back clean)."""
+
+    def needs_reset(conn):
+        """The session left state on *conn* (pinned, open transaction): reset before reuse."""
+
+    def transaction_open(conn):
+        """A transaction is open on *conn* (drain waits for its end)."""
+
+    def auth_timed_out():
+        """ClientAuthTimeout passed before the session was logged in: tell the client, close."""
+
+    def lost_database(conn, why):
+        """Tell the client its database connection broke, and close."""
+
+    def shutdown_now():
+        """The proxy is stopping: the engine's server-shutdown error, and close."""
+
+    def internal_error():
+        """An unexpected error ended the session: the engine's "unknown error", and close."""
+
+    def on_closed():
+        """Engine bookkeeping once the client is gone (after the lease was given back)."""
+
+    def pool_key():
+        """The pool key of the next borrow."""
+
+    def prepare_lease(conn):
+        """Bring *conn* to the session's settings: None when nothing is to do, else a Deferred."""
+
+    def attach_connection(conn, waited):
+        """Relay on *conn* now (the session holds its lease)."""
+
+    def refuse_request(error):
+        """Answer the request(s) waiting for a connection with *error* (the engine's bytes)."""
+
+    def error_bytes(kind, failure):
+        """The engine's error for a session.BorrowFailure *kind* (docs/errors.md)."""

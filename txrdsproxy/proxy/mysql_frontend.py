@@ -27,8 +27,10 @@ import re
 
 from twisted.internet import protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txrdsproxy.proxy import mysql_state as mstate
+from txrdsproxy.proxy.interfaces import IEngineSession, IMySQLSessionEvents
 from txrdsproxy.proxy.mysql_login import MAX_LOCAL_COMMAND, MySQLLogin
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import BorrowFailure, Phase, SessionState
@@ -59,6 +61,7 @@ class Wait(enum.Enum):
     PEER = "peer"          # `Workers: N`: another worker's answer to a KILL (workers/peer.py)
 
 
+@implementer(IEngineSession, IMySQLSessionEvents)
 class MySQLFrontend(MySQLLogin):
     log = Logger()
     SESSION_PHASE = Phase.COMMAND

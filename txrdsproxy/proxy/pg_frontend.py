@@ -14,8 +14,10 @@ import struct
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txrdsproxy.auth.iam import AuthenticationFailed, TooManyAuthentications, verify_login
+from txrdsproxy.proxy.interfaces import IEngineSession, IPgSessionEvents
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import BorrowFailure, ClientSession, Phase, SessionState
@@ -45,6 +47,7 @@ AUTH_MAX = 65536  # a password / SASL message
 AUTH_LIMITS = limits_table({b"p": AUTH_MAX})
 
 
+@implementer(IEngineSession, IPgSessionEvents)
 class PgFrontend(ClientSession):
     log = Logger()
 

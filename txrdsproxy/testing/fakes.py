@@ -12,6 +12,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from txrdsproxy.config.model import DBProxyTarget
+from txrdsproxy.pool.interfaces import ILease, ILeaseSource
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.interfaces import IBackendConnection
 
@@ -59,6 +60,7 @@ class FakeSecrets:
         return defer.succeed(None)
 
 
+@implementer(ILease)
 class FakeLease:
     """A pool lease: records how (and whether) the session gave the connection back."""
 
@@ -75,6 +77,7 @@ class FakeLease:
         self.release_args = dict(clean=clean, needs_reset=needs_reset, reason=reason)
 
 
+@implementer(ILeaseSource)
 class FakePool:
     """The pool as a session sees it: `try_borrow` (the fast path) and `borrow` (a Deferred).
 
