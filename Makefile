@@ -1,34 +1,49 @@
 # txrdsproxy developer targets.  All setup logic lives in scripts/setup.sh.
-PYTHON := .venv/bin/python
+#
+# PYTHON is the interpreter the virtualenv is built with.  The default (python3, CPython) uses
+# .venv; any other builds its own venv beside it, e.g. `make setup PYTHON=pypy3` makes .venv-pypy3
+# with Debian's PyPy, and `make test PYTHON=pypy3`, `make bench PYTHON=pypy3`... then run there.
+PYTHON := python3
+VENV := $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
+PY := $(VENV)/bin/python
+export PYTHON VENV
 
-.PHONY: setup test demo bench soak fuzz clean distclean
+.PHONY: setup test test-pypy demo bench soak fuzz clean distclean
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
-	$(PYTHON) -m pytest tests
+	$(PY) -m pytest tests
+
+# The unit tests and a representative integration subset on PyPy (CI, `make test`, is CPython).
+PYPY_INTEGRATION := tests/integration/test_pg_clients.py tests/integration/test_mysql_clients.py \
+	tests/integration/test_pool_churn.py tests/integration/test_concurrent_pins.py \
+	tests/integration/test_tls.py tests/integration/test_faults.py
+test-pypy:
+	$(MAKE) setup PYTHON=pypy3
+	.venv-pypy3/bin/python -m pytest tests/unit $(PYPY_INTEGRATION)
 
 demo: setup
-	$(PYTHON) scripts/demo.py
+	$(PY) scripts/demo.py
 
 bench: setup
-	$(PYTHON) bench/run.py
+	$(PY) bench/run.py
 
 # Not part of `make test`: SOAK_SECONDS (default 600) of mixed load, isolation checks, figures.
 soak: setup
-	$(PYTHON) soak/run.py
+	$(PY) soak/run.py
 
 # Longer random runs of the classifiers' differential tests against the real servers (CI runs
 # them with a fixed seed and few examples).  TXRDSPROXY_FUZZ_EXAMPLES sets the number of examples.
 fuzz: setup
-	TXRDSPROXY_FUZZ=1 CI=true $(PYTHON) -m pytest -q -p no:cacheprovider \
+	TXRDSPROXY_FUZZ=1 CI=true $(PY) -m pytest -q -p no:cacheprovider \
 		tests/integration/test_mysql_classifier_differential.py \
 		tests/unit/test_pg_lexer.py tests/integration/test_pg_classifier_differential.py
 
 clean:
-	rm -rf .pytest_cache build dist *.egg-info .state .venv/.setup-stamp twisted/plugins/dropin.cache
-	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	rm -rf .pytest_cache build dist *.egg-info .state .venv*/.setup-stamp twisted/plugins/dropin.cache
+	find . -path './.venv*' -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
-	rm -rf .venv
+	rm -rf .venv .venv-*

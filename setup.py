@@ -27,8 +27,12 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
-            "psycopg[binary]>=3.1",
-            "asyncpg>=0.27",
+            # psycopg-binary has no PyPy wheels: on PyPy psycopg runs in its pure-Python mode
+            # over the system's libpq (Debian's libpq5, installed with postgresql).
+            "psycopg[binary]>=3.1; platform_python_implementation == 'CPython'",
+            "psycopg>=3.1; platform_python_implementation != 'CPython'",
+            # asyncpg is Cython over CPython's C API: no PyPy build; its tests skip there only.
+            "asyncpg>=0.27; platform_python_implementation == 'CPython'",
             "PyMySQL>=1.0",
             "boto3>=1.28",  # generate_db_auth_token in the IAM tests
             "awscli>=1.29",  # aws rds generate-db-auth-token in the IAM tests

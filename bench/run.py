@@ -457,11 +457,33 @@ def run_pg(args, stack, root):
 
 
 IDLE_TOTAL, IDLE_BURST = 10000, 5000
+OPEN_FILES = 1024          # main() raises it (ulimit -n) to the hard limit
+
+
+def raise_open_files():
+    """-> the soft limit on open files after raising it to the hard one.  The idle phase holds
+    IDLE_TOTAL sockets in this process and as many in the proxy, which inherits the limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def idle_phase(engine, proxy, args, login):
     """Idle client sessions: the proxy's RSS per session and the login rate of a burst."""
     total, burst = (IDLE_TOTAL, IDLE_BURST) if not args.quick else (2000, 1000)
+    room = OPEN_FILES - 256   # listeners, database connections, logs
+    if total > room:
+        say("\n%s idle clients: only %d sessions (ulimit -n is %d; raise the hard limit for %d)"
+            % (engine, room, OPEN_FILES, total))
+        total, burst = room, min(burst, room)
     try:
         res = idle_clients.measure(proxy.proc.pid, login, total=total, burst=burst)
     except Exception as exc:
@@ -695,6 +717,8 @@ def main():
                         help="also profile the proxy with cProfile (PostgreSQL runs)")
     parser.add_argument("-T", "--time", type=int, help="seconds per run (default 10, 3 with --quick)")
     args = parser.parse_args()
+    global OPEN_FILES
+    OPEN_FILES = raise_open_files()   # before any proxy starts: they inherit it
     if args.time is None:
         args.time = 3 if args.quick else 10
 

@@ -2,12 +2,26 @@
 # Idempotent developer/CI setup for a Debian 12 machine:
 #   1. Debian packages for the real-server tests, demo and bench (apt-get, root only);
 #   2. .venv with `pip install -e '.[test]'` (redone only when setup.py changes).
+# PYTHON (from `make setup PYTHON=pypy3`) picks the interpreter; a non-default one gets its own
+# venv (VENV, .venv-pypy3 for pypy3) so the CPython .venv that `make test` uses stays as it is.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
 PACKAGES=(postgresql mariadb-server mariadb-client pgbouncer sysbench python3-venv chromium chromium-driver)
-VENV=.venv
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+PIP_EXTRA=()
+case "$(basename "$PYTHON")" in
+    pypy3*)
+        # Debian's PyPy 7.3 (Python 3.9).  Packages built in Rust publish PyPy 3.9 wheels only up to
+        # some release, and building them here needs a Rust toolchain and the crates index, so
+        # pip must take a wheel (it falls back to the newest release that has one);
+        # scripts/pypy-constraints.txt caps the ones whose dependants would otherwise ask for more.
+        PACKAGES+=(pypy3 pypy3-venv)
+        PIP_EXTRA=(--only-binary=cryptography,pydantic-core,rpds-py -c scripts/pypy-constraints.txt)
+        ;;
+esac
 STAMP="$VENV/.setup-stamp"
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -64,15 +78,16 @@ install_packages() {
 
 setup_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
-        log "creating $VENV"
-        python3 -m venv "$VENV"
+        log "creating $VENV with $PYTHON"
+        "$PYTHON" -m venv "$VENV"
         rm -f "$STAMP"
     fi
-    if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.py ] && [ "$STAMP" -nt scripts/setup.sh ]; then
+    if [ -f "$STAMP" ] && [ "$STAMP" -nt setup.py ] && [ "$STAMP" -nt scripts/setup.sh ] \
+            && { [ "${#PIP_EXTRA[@]}" -eq 0 ] || [ "$STAMP" -nt scripts/pypy-constraints.txt ]; }; then
         return 0
     fi
     log "installing txrdsproxy[test] into $VENV"
-    "$VENV/bin/python" -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+    "$VENV/bin/python" -m pip install -q "${PIP_EXTRA[@]}" -e '.[test]' --config-settings editable_mode=compat
     touch "$STAMP"
 }
 

@@ -3,6 +3,8 @@ the pool cap and the proxy's memory throughout.  Prints figures; not part of `ma
 
     SOAK_SECONDS=600 .venv/bin/python soak/run.py      (default 600 s; SOAK_SECONDS=60 for a quick look)
     SOAK_HOSTILE=2                                       (hostile PostgreSQL sessions, +1 MySQL; 0 = none)
+    SOAK_TRACEMALLOC=10                                  (the proxy under tracemalloc, N frames:
+                                                          prints what grew from warm-up to the end)
 
 Runs, against a real PostgreSQL 15 and MariaDB started in a temp dir, through
 `twistd -n rdsproxy` (one PostgreSQL and one MySQL proxy, pools capped at 20 connections each):
@@ -110,12 +112,57 @@ def write_config(root, pg, db):
     return root / "proxy.yaml", pg_port, my_port
 
 
-def start_proxy(root, config, ports):
+# SOAK_TRACEMALLOC: twistd under tracemalloc; SIGUSR1 writes a snapshot (after a full collection)
+# to <prefix>.<n>.snap, then <prefix>.<n>.done.
+TRACED_TWISTD = """
+import gc, signal, sys, tracemalloc
+from twisted.scripts.twistd import run
+prefix, frames, sys.argv = sys.argv[1], int(sys.argv[2]), ["twistd"] + sys.argv[3:]
+tracemalloc.start(frames)
+taken = [0]
+def snapshot(*args):
+    gc.collect()
+    taken[0] += 1
+    tracemalloc.take_snapshot().dump("%s.%d.snap" % (prefix, taken[0]))
+    open("%s.%d.done" % (prefix, taken[0]), "w").close()
+signal.signal(signal.SIGUSR1, snapshot)
+run()
+"""
+
+
+def traced_snapshot(proc, prefix, n, timeout=120):
+    """Ask the traced proxy for snapshot n; -> its path, or None if it did not come."""
+    proc.send_signal(signal.SIGUSR1)
+    done, deadline = Path("%s.%d.done" % (prefix, n)), time.monotonic() + timeout
+    while not done.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            return None
+        time.sleep(0.2)
+    return Path("%s.%d.snap" % (prefix, n))
+
+
+def print_growth(first, last, minutes, top=15):
+    """What grew between two tracemalloc snapshots, by allocation site (with its callers)."""
+    import tracemalloc
+    old, new = tracemalloc.Snapshot.load(str(first)), tracemalloc.Snapshot.load(str(last))
+    stats = new.compare_to(old, "traceback")
+    total = sum(s.size_diff for s in stats)
+    say(f"traced memory grew {total / 1024:.0f} KiB in {minutes:.1f} min "
+        f"({total / 1024 / max(minutes, 1e-9):.0f} KiB/min); largest growth by site:")
+    for stat in stats[:top]:
+        say(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+8d} blocks")
+        for line in stat.traceback.format(limit=-6):
+            say("      " + line.replace(str(REPO) + "/", ""))
+
+
+def start_proxy(root, config, ports, trace_frames=0):
     log = open(root / "proxy.log", "wb")
-    proc = subprocess.Popen([str(VENV_BIN / "twistd"), "-n", "--pidfile=", "rdsproxy", "--config",
-                             str(config)], cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
+    argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "rdsproxy", "--config", str(config)]
+    if trace_frames:
+        argv = [sys.executable, "-c", TRACED_TWISTD, str(root / "trace"), str(trace_frames)] + argv[1:]
+    proc = subprocess.Popen(argv, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + (300 if trace_frames else 30)  # tracemalloc slows imports
     for port in ports:
         while True:
             if proc.poll() is not None:
@@ -194,7 +241,8 @@ def main():
         db = start_mariadb(root)
         stack.callback(db.stop)
         config, pg_port, my_port = write_config(root, pg, db)
-        proxy = start_proxy(root, config, (pg_port, my_port))
+        trace_frames = int(os.environ.get("SOAK_TRACEMALLOC", "0"))
+        proxy = start_proxy(root, config, (pg_port, my_port), trace_frames)
         stack.callback(stop_process, proxy, signal.SIGTERM, 30)
         say(f"PostgreSQL on {pg.port}, MariaDB on {db.port}, proxy pid {proxy.pid} "
             f"(PostgreSQL {pg_port}, MySQL {my_port}), pool cap {CAP} each")
@@ -230,6 +278,11 @@ def main():
         loads = [threading.Thread(target=run_pgbench), threading.Thread(target=run_sysbench)]
         for t in loads:
             t.start()
+        snapshots = []
+        if trace_frames:
+            # The first snapshot after the warm-up the RSS figure uses; the last at the end.
+            stop.wait(min(60.0, seconds * 0.1))
+            snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace", 1)))
         try:
             for t in loads:
                 t.join()
@@ -242,6 +295,8 @@ def main():
         monitor.join(10)
         time.sleep(1)
         rss_end = rss_kib(proxy.pid)
+        if trace_frames:
+            snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace", 2)))
 
         killed_pg = pg.psql("select count(*) from soak_killed", user=PG_USER, dbname=PG_DB).strip()
         killed_my = db.mariadb("select count(*) from soak_killed", database=MY_DB).strip()
@@ -288,6 +343,12 @@ def main():
         warm = [kib for t, kib in samples if t >= min(60.0, seconds * 0.1)]
         say(f"proxy RSS: start {rss_start} KiB, after warm-up {warm[0] if warm else '?'} KiB, "
             f"peak {max(k for _, k in samples) if samples else '?'} KiB, end {rss_end} KiB")
+        if trace_frames:
+            (t1, first), (t2, last) = snapshots
+            if first is None or last is None:
+                say("tracemalloc: a snapshot did not come")
+            else:
+                print_growth(first, last, (t2 - t1) / 60)
         if sum(tally.leaks.values()):
             status = status or 1
         log = (root / "proxy.log").read_text(errors="replace")

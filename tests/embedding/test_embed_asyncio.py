@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from tests.embedding.conftest import APP_DB
+from tests.integration.proxyutil import needs_asyncpg
 
 
+@needs_asyncpg
 def test_asyncio_application_queries_postgresql_through_the_embedded_proxy(pg_server):
     script = Path(__file__).with_name("asyncio_app.py")
     repo = str(Path(__file__).resolve().parents[2])

@@ -436,3 +436,34 @@ def raw_query(sock, sql):
             rows.append(row)
         assert kind != b"E", msgs
     return rows
+
+
+# -- client libraries without a build for every interpreter ----------------------------------------
+
+ON_PYPY = sys.implementation.name == "pypy"
+
+
+def client_library(name):
+    """Import the client library *name* the tests drive.  On PyPy (`make test-pypy`) some have no
+    build (asyncpg is Cython over CPython's C API): there a missing one gives None, and the tests
+    that need it skip with `needs(...)`.  Anywhere else a missing one raises ImportError, so the
+    CPython suite fails instead of skipping."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if ON_PYPY:
+            return None
+        raise
+
+
+def needs(library, name):
+    """A skip mark for tests that drive *library* (the module, or None when client_library
+    found none on PyPy)."""
+    import pytest
+    return pytest.mark.skipif(library is None, reason="%s has no PyPy build; the CPython suite "
+                                                      "runs this test" % name)
+
+
+asyncpg = client_library("asyncpg")
+needs_asyncpg = needs(asyncpg, "asyncpg")

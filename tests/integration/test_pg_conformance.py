@@ -5,18 +5,19 @@ Each test here pins down a proxy bug that suite found, on real PostgreSQL with t
 
 import asyncio
 
-import asyncpg
 
 try:
-    from proxyutil import error_fields, raw_login, raw_query, read_messages
+    from proxyutil import asyncpg, error_fields, needs_asyncpg, raw_login, raw_query, read_messages
 except ImportError:
-    from tests.integration.proxyutil import error_fields, raw_login, raw_query, read_messages
+    from tests.integration.proxyutil import (asyncpg, error_fields, needs_asyncpg, raw_login,
+                                             raw_query, read_messages)
 
 
 def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+@needs_asyncpg
 def test_fatal_from_the_server_reaches_the_client_as_its_last_word(pg_proxy, pg_server):
     """pg_terminate_backend under a running query: the client sees the server's FATAL 57P01
     (asyncpg: "closed in the middle of operation: terminating connection", caused by

@@ -8,13 +8,14 @@ keeps seeing its own statements whichever connection serves it.
 import asyncio
 import threading
 
-import asyncpg
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
     from test_pg_clients import _pgbench, pgbench_db  # noqa: F401 (fixture)
+    from proxyutil import asyncpg, needs_asyncpg
 except ImportError:
     from tests.integration.test_pg_clients import _pgbench, pgbench_db  # noqa: F401
+    from tests.integration.proxyutil import asyncpg, needs_asyncpg
 
 TRACKED = {"SessionPinningFilters": ["EXCLUDE_PREPARED_STATEMENTS"]}
 
@@ -38,6 +39,7 @@ def test_without_the_filter_named_statements_pin(pg_server, pg_proxy_factory):
     assert pins(proxy) == {"prepared_statement": 1}
 
 
+@needs_asyncpg
 def test_asyncpg_sessions_share_two_connections(pg_server, pg_proxy_factory):
     proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
 
@@ -93,6 +95,7 @@ def test_psycopg_evictions_deallocate_the_right_statement(pg_server, pg_proxy_fa
     assert pins(proxy) == {}
 
 
+@needs_asyncpg
 def test_failed_parse_then_recovery(pg_server, pg_proxy_factory):
     proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1, **TRACKED)
 
@@ -167,6 +170,7 @@ def test_many_threads_of_psycopg_with_named_statements(pg_server, pg_proxy_facto
     assert pins(proxy) == {}
 
 
+@needs_asyncpg
 def test_sql_execute_of_a_named_protocol_statement(pg_server, pg_proxy_factory):
     # asyncpg prepares "foobar" through the protocol; the SQL EXECUTE must find it on whichever
     # connection serves the session (a cap of 2 and a second session moving things around).
