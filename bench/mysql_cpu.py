@@ -84,6 +84,8 @@ def main():
         for name, unit in phases:
             if args.only not in (None, name):
                 continue
+            if args.profile_dir is not None:
+                args.profile_dir.mkdir(parents=True, exist_ok=True)
             prof = (args.profile_dir or root) / ("%s.prof" % name) if args.profile else None
             proxy = bench.Proxy(root / ("proxy-" + name), "MYSQL", db.port,
                                 [("arn:bench:my", "MYSQL_NATIVE_PASSWORD")],

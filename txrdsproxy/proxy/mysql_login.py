@@ -15,6 +15,7 @@ from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.mysql_auth import ClientAuth, parse_change_user
 from txrdsproxy.proxy.mysql_backend import CAPABILITY_PROFILE, DatabaseError
+from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.session import ClientSession, Phase, SessionState
 from txrdsproxy.wire.mysql import errors
@@ -65,7 +66,7 @@ class MySQLLogin(ClientSession):
             server.server_version or DEFAULT_VERSION, self.id, self._auth.scramble,
             self._server_caps, server.charset or 45, P.SERVER_STATUS_AUTOCOMMIT,
             hs.NATIVE_PASSWORD)
-        self.transport.write(P.encode_packet(packet, 0))
+        self.write_packet(packet, 0)
         self.arm_first_packet_timer()  # the client's turn starts now
 
     def auth_timed_out(self):
@@ -146,7 +147,9 @@ class MySQLLogin(ClientSession):
         return self.state is SessionState.CLOSED or self._phase is Phase.CLOSING
 
     def write_packet(self, payload, seq):
-        self.transport.write(P.encode_packet(payload, seq))
+        # Sent at once when nothing is queued (relay.direct_write): the greeting, the login's OK
+        # and the proxy's own answers then cost no reactor write cycle (epoll add, write, remove).
+        direct_write(self.transport, P.encode_packet(payload, seq))
 
     @defer.inlineCallbacks
     def _login_lease(self, lease, seq):
