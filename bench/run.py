@@ -119,7 +119,8 @@ class Proxy:
     """txrdsproxy as `twistd -n --pidfile= rdsproxy --config FILE`, optionally under cProfile."""
 
     def __init__(self, workdir, engine, target_port, auth, secrets, profile_path=None,
-                 pool_percent=None, filters=(), workers=None):
+                 pool_percent=None, filters=(), workers=None, venv_bin=None):
+        self.venv_bin = venv_bin or VENV_BIN   # another venv's twistd: the PyPy figures
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = find_free_port()
@@ -146,7 +147,7 @@ class Proxy:
                ", ".join(filters), HOST, target_port))
 
     def argv(self):
-        twistd = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "rdsproxy",
+        twistd = [str(self.venv_bin / "twistd"), "-n", "--pidfile=", "rdsproxy",
                   "--config", str(self.config_path)]
         if self.profile_path is None:
             return twistd
@@ -446,6 +447,8 @@ def run_pg(args, stack, root):
     proxy.stop()
     bouncer.stop()
     workers_bench.run(args, say, pg, root, sys.modules[__name__])
+    if PYPY_BIN is not None:
+        pypy_pg(args, root, pg, rows)
     name, password, _ = PG_USERS["md5"]
     idle_proxy = pg_proxy(root / "proxy-idle", pg).start()
     stack.callback(idle_proxy.stop)
@@ -454,6 +457,54 @@ def run_pg(args, stack, root):
     idle_proxy.stop()
     if args.profile:
         profile_pg(args, root, pg)
+
+
+# The proxy on PyPy beside CPython: `make setup PYTHON=pypy3` made .venv-pypy3.  Not when this
+# bench itself runs on PyPy (`make bench PYTHON=pypy3`): then every figure above is PyPy's.
+PYPY_BIN = REPO / ".venv-pypy3" / "bin"
+if sys.implementation.name == "pypy" or not (PYPY_BIN / "twistd").exists():
+    PYPY_BIN = None
+PYPY_SCENARIOS = ("persistent -M simple", "-C md5 clients")
+PYPY_WARMUP = 10   # seconds of pgbench before each measured PyPy run: the JIT compiles the hot path
+
+
+def pypy_pg(args, root, pg, rows):
+    """The same pgbench scenarios through the proxy on PyPy, after a JIT warm-up, beside the
+    CPython proxy's figures from `rows`."""
+    say("\n== PostgreSQL: the proxy on PyPy (%s), after %ss of JIT warm-up per scenario =="
+        % (PYPY_BIN.parent.name, PYPY_WARMUP))
+    cpython = {label: (tps, cpu) for label, tps, _, cpu in rows}
+    out = []
+    for label, key, options, _ in SCENARIOS:
+        if label not in PYPY_SCENARIOS:
+            continue
+        proxy = pg_proxy(root / ("proxy-pypy-%d" % len(out)), pg, venv_bin=PYPY_BIN).start()
+        try:
+            cold = pgbench(pg, proxy.port, key, options, 2, "%s via proxy on PyPy (cold)" % label)
+            pgbench(pg, proxy.port, key, options, PYPY_WARMUP, "JIT warm-up", record=False)
+            cpu0 = idle_clients.cpu_seconds(proxy.proc.pid)
+            tps = pgbench(pg, proxy.port, key, options, args.time, "%s via proxy on PyPy" % label)
+            cpu = ((idle_clients.cpu_seconds(proxy.proc.pid) - cpu0) / LAST_RUN["transactions"]
+                   if LAST_RUN.get("transactions") else None)
+            rss = idle_clients.rss_kib(proxy.proc.pid)
+        finally:
+            proxy.stop()
+        out.append((label, cold, tps, cpu, rss))
+    header = "%-24s %10s %12s %12s %14s %14s %12s %12s %10s" % (
+        "scenario", "direct", "CPython", "PyPy", "CPython/dir", "PyPy/direct", "CPU CPython",
+        "CPU PyPy", "PyPy cold")
+    say(header)
+    say("-" * len(header))
+    for label, cold, tps, cpu, rss in out:
+        (c_tps, c_cpu) = cpython.get(label, ({}, None))
+        d, c = c_tps.get("direct"), c_tps.get("proxy")
+        say("%-24s %10s %12s %12s %14s %14s %12s %12s %10s" % (
+            label, fmt_tps(d), fmt_tps(c), fmt_tps(tps), ratio(c, d), ratio(tps, d),
+            fmt_us(c_cpu), fmt_us(cpu), fmt_tps(cold)))
+    say("PyPy: the proxy under .venv-pypy3's twistd, fresh for each scenario; 'PyPy cold': TPS of "
+        "its first 2 s, before the warm-up; CPU: the proxy's CPU time per transaction; direct "
+        "and CPython figures from the runs above.  PyPy's RSS after the runs: %s."
+        % ", ".join("%s %d MiB" % (label, rss // 1024) for label, _, _, _, rss in out if rss))
 
 
 IDLE_TOTAL, IDLE_BURST = 10000, 5000

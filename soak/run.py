@@ -5,6 +5,8 @@ the pool cap and the proxy's memory throughout.  Prints figures; not part of `ma
     SOAK_HOSTILE=2                                       (hostile PostgreSQL sessions, +1 MySQL; 0 = none)
     SOAK_TRACEMALLOC=10                                  (the proxy under tracemalloc, N frames:
                                                           prints what grew from warm-up to the end)
+    SOAK_MEMPROBE=1                                      (no tracing; at the end, the proxy's RSS
+                                                          after a full collection and malloc_trim)
 
 Runs, against a real PostgreSQL 15 and MariaDB started in a temp dir, through
 `twistd -n rdsproxy` (one PostgreSQL and one MySQL proxy, pools capped at 20 connections each):
@@ -112,19 +114,33 @@ def write_config(root, pg, db):
     return root / "proxy.yaml", pg_port, my_port
 
 
-# SOAK_TRACEMALLOC: twistd under tracemalloc; SIGUSR1 writes a snapshot (after a full collection)
-# to <prefix>.<n>.snap, then <prefix>.<n>.done.
+# SOAK_TRACEMALLOC / SOAK_MEMPROBE: twistd in a wrapper; SIGUSR1 runs a full collection, writes a
+# tracemalloc snapshot (when tracing) to <prefix>.<n>.snap, then the RSS (KiB) before, after the
+# collection and after glibc's malloc_trim(0) to <prefix>.<n>.done.  Memory that malloc_trim gives
+# back was free in the allocator, not held by the proxy.
 TRACED_TWISTD = """
-import gc, signal, sys, tracemalloc
+import ctypes, ctypes.util, gc, signal, sys, tracemalloc
 from twisted.scripts.twistd import run
 prefix, frames, sys.argv = sys.argv[1], int(sys.argv[2]), ["twistd"] + sys.argv[3:]
-tracemalloc.start(frames)
+if frames:
+    tracemalloc.start(frames)
 taken = [0]
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 def snapshot(*args):
+    before = rss()
     gc.collect()
+    collected = rss()
     taken[0] += 1
-    tracemalloc.take_snapshot().dump("%s.%d.snap" % (prefix, taken[0]))
-    open("%s.%d.done" % (prefix, taken[0]), "w").close()
+    if frames:
+        tracemalloc.take_snapshot().dump("%s.%d.snap" % (prefix, taken[0]))
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("%s.%d.done" % (prefix, taken[0]), "w") as f:
+        f.write("%d %d %d" % (before, collected, rss()))
 signal.signal(signal.SIGUSR1, snapshot)
 run()
 """
@@ -134,10 +150,13 @@ def traced_snapshot(proc, prefix, n, timeout=120):
     """Ask the traced proxy for snapshot n; -> its path, or None if it did not come."""
     proc.send_signal(signal.SIGUSR1)
     done, deadline = Path("%s.%d.done" % (prefix, n)), time.monotonic() + timeout
-    while not done.exists():
+    while not done.exists() or not done.read_text():
         if time.monotonic() > deadline or proc.poll() is not None:
             return None
         time.sleep(0.2)
+    before, collected, trimmed = done.read_text().split()
+    say(f"proxy RSS at probe {n}: {before} KiB, {collected} KiB after gc.collect(), "
+        f"{trimmed} KiB after malloc_trim(0)")
     return Path("%s.%d.snap" % (prefix, n))
 
 
@@ -155,10 +174,10 @@ def print_growth(first, last, minutes, top=15):
             say("      " + line.replace(str(REPO) + "/", ""))
 
 
-def start_proxy(root, config, ports, trace_frames=0):
+def start_proxy(root, config, ports, trace_frames=0, probe=False):
     log = open(root / "proxy.log", "wb")
     argv = [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "rdsproxy", "--config", str(config)]
-    if trace_frames:
+    if trace_frames or probe:
         argv = [sys.executable, "-c", TRACED_TWISTD, str(root / "trace"), str(trace_frames)] + argv[1:]
     proc = subprocess.Popen(argv, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -242,7 +261,8 @@ def main():
         stack.callback(db.stop)
         config, pg_port, my_port = write_config(root, pg, db)
         trace_frames = int(os.environ.get("SOAK_TRACEMALLOC", "0"))
-        proxy = start_proxy(root, config, (pg_port, my_port), trace_frames)
+        probe = trace_frames > 0 or os.environ.get("SOAK_MEMPROBE", "0") not in ("", "0")
+        proxy = start_proxy(root, config, (pg_port, my_port), trace_frames, probe)
         stack.callback(stop_process, proxy, signal.SIGTERM, 30)
         say(f"PostgreSQL on {pg.port}, MariaDB on {db.port}, proxy pid {proxy.pid} "
             f"(PostgreSQL {pg_port}, MySQL {my_port}), pool cap {CAP} each")
@@ -279,7 +299,7 @@ def main():
         for t in loads:
             t.start()
         snapshots = []
-        if trace_frames:
+        if probe:
             # The first snapshot after the warm-up the RSS figure uses; the last at the end.
             stop.wait(min(60.0, seconds * 0.1))
             snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace", 1)))
@@ -295,7 +315,7 @@ def main():
         monitor.join(10)
         time.sleep(1)
         rss_end = rss_kib(proxy.pid)
-        if trace_frames:
+        if probe:
             snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace", 2)))
 
         killed_pg = pg.psql("select count(*) from soak_killed", user=PG_USER, dbname=PG_DB).strip()
@@ -345,7 +365,7 @@ def main():
             f"peak {max(k for _, k in samples) if samples else '?'} KiB, end {rss_end} KiB")
         if trace_frames:
             (t1, first), (t2, last) = snapshots
-            if first is None or last is None:
+            if first is None or last is None or not first.exists():
                 say("tracemalloc: a snapshot did not come")
             else:
                 print_growth(first, last, (t2 - t1) / 60)
