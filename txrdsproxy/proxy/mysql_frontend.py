@@ -65,9 +65,13 @@ class Wait(enum.Enum):
 class MySQLFrontend(MySQLLogin):
     log = Logger()
     SESSION_PHASE = Phase.COMMAND
+    __slots__ = ("desired", "charset_id", "client_caps", "_reader", "_auth", "_stream", "_wait",
+                 "_relaying", "_statements", "_cmd", "_cmd_classified", "_server_caps",
+                 "_before_tls", "_exclude_sets", "key_charset", "_unread")  # see ClientSession
 
     def __init__(self, ctx):
         super().__init__(ctx, Phase.GREETING)
+        self.key_charset, self._unread = None, ()  # MySQLLogin's class defaults, now slots
         self.desired = {}        # tracked variables this session set
         self.charset_id = None   # from the handshake / COM_CHANGE_USER, resolved at first borrow
         self.client_caps = 0

@@ -35,6 +35,7 @@ class MySQLLogin(ClientSession):
     """Greeting, authentication and login of a MySQL session (see the module docstring)."""
 
     log = Logger()
+    __slots__ = ()  # MySQLFrontend declares the slots of both
     key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
     _unread = ()  # (seq, payload) the client sent after the packet that ended authentication
 

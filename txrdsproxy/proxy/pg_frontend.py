@@ -50,6 +50,8 @@ AUTH_LIMITS = limits_table({b"p": AUTH_MAX})
 @implementer(IEngineSession, IPgSessionEvents)
 class PgFrontend(ClientSession):
     log = Logger()
+    __slots__ = ("desired", "_buf", "_auth_scanner", "_conn", "_cancel_key", "_auth", "_stmts",
+                 "_max", "_stream")  # see ClientSession.__slots__
 
     def __init__(self, ctx):
         super().__init__(ctx, Phase.STARTUP)
@@ -71,7 +73,7 @@ class PgFrontend(ClientSession):
     def queries(self):
         """QueryRequests of this session (read by the metrics and at close): the client stream
         counts them (Query, Sync)."""
-        stream = self.__dict__.get("_stream")
+        stream = getattr(self, "_stream", None)  # unset while ClientSession.__init__ runs
         return stream.requests if stream is not None else 0
 
     @queries.setter
