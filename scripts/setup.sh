@@ -18,7 +18,7 @@ case "$(basename "$PYTHON")" in
         # some release, and building them here needs a Rust toolchain and the crates index, so
         # pip must take a wheel (it falls back to the newest release that has one);
         # scripts/pypy-constraints.txt caps the ones whose dependants would otherwise ask for more.
-        PACKAGES+=(pypy3 pypy3-venv)
+        PACKAGES+=(pypy3 pypy3-venv pypy3-dev)  # -dev: headers for C extensions without PyPy wheels
         PIP_EXTRA=(--only-binary=cryptography,pydantic-core,rpds-py -c scripts/pypy-constraints.txt)
         ;;
 esac
