@@ -148,6 +148,8 @@ def build_proxy(proxy, secrets, reactor, cancel_registry, metrics=None):
         ctx.tls = ServerTLS(proxy.tls.certificate_file, proxy.tls.private_key_file, clock=reactor)
     ctx.health = health
     holder["ctx"] = ctx
+    from txrdsproxy.endpoints import wire_readers
+    wire_readers(ctx, reactor, metrics)
     ctx.monitor = build_monitor(ctx)
     return ctx
 
@@ -224,6 +226,10 @@ class ProxyRuntime:
         # (workers/listen.py).  Every listener of the proxy goes through it.
         self.binder = bind_now
         self._running = False
+        from txrdsproxy.endpoints import EndpointSet
+        self.endpoints = EndpointSet(self)  # the extra DBProxyEndpoints (reader endpoints)
+        for endpoint in config.endpoints:
+            self.endpoints.build(endpoint)
 
     @property
     def config(self):
@@ -245,6 +251,17 @@ class ProxyRuntime:
             self._pin_port(self.port)
             log.info("proxy {name} ({engine}) listening on {addr}", name=self.name,
                      engine=self.config.engine_family, addr=self.port.getHost())
+            try:
+                self._bind_endpoints()
+            except ListenFailed:
+                port, self.port = self.port, None
+                port.stopListening()
+                self.endpoints.stop_listening()
+                raise
+
+    def _bind_endpoints(self):
+        self.endpoints.bind_all(_frontend_factory, bind_now, with_backlog)
+        self.ctx.config = dataclasses.replace(self.ctx.config, endpoints=self.endpoints.configs())
 
     def _pin_port(self, port):
         """Listen "tcp:0:..." asked for any free port: from now on the config names the port
@@ -263,12 +280,16 @@ class ProxyRuntime:
             return
         self._running = True
         self._janitor.start()
+        self.ctx.replica_janitor.start()
+        from txrdsproxy.endpoints import attach_monitor
+        attach_monitor(self.ctx.readers, self.ctx.monitor, self.ctx.health, self.reactor)
         if self.ctx.monitor is not None:
             self.ctx.monitor.start()
         self.status = ProxyStatus.AVAILABLE
 
     def stop_listening(self):
         """-> Deferred that fires once the port is closed (new clients are refused)."""
+        self.endpoints.stop_listening()
         if self.port is None:
             return defer.succeed(None)
         port, self.port = self.port, None
@@ -284,6 +305,8 @@ class ProxyRuntime:
         self.status = ProxyStatus.DELETING
         self._running = False
         self._janitor.stop()
+        self.ctx.replica_janitor.stop()
+        self.ctx.readers.stop()
         if self.ctx.monitor is not None:
             self.ctx.monitor.stop()
         d = self.stop_listening()
@@ -293,6 +316,7 @@ class ProxyRuntime:
 
     def _stopped(self, result):
         self.ctx.pool.shutdown()
+        self.ctx.replica_pools.shutdown()
         if isinstance(result, Failure):
             log.failure("proxy {name}: error while stopping", result, name=self.name)
         return None
@@ -321,6 +345,7 @@ class ProxyRuntime:
         match = _PORT_ZERO.match(new.listen)
         if match and _ANY_PORT.sub(r"\1:0", old.listen) == new.listen:
             new = dataclasses.replace(new, listen=old.listen)  # "any port": the one it has
+        new = _keep_endpoint_ports(old, new)
         changes = [f.name for f in dataclasses.fields(model.DBProxy)
                    if getattr(old, f.name) != getattr(new, f.name)]
         if not changes:
@@ -335,6 +360,11 @@ class ProxyRuntime:
                 self.port = old_port
                 raise
             old_port.stopListening()
+        if "endpoints" in changes:
+            # first, so that a new endpoint that cannot listen leaves everything unchanged
+            self.endpoints.apply(old.endpoints, new.endpoints, _frontend_factory, bind_now,
+                                 with_backlog, self._drain_endpoint_sessions)
+            new = dataclasses.replace(new, endpoints=self.endpoints.configs())
         ctx.config = new
         if "listen" in changes and self.port is not None:
             self._pin_port(self.port)
@@ -374,11 +404,16 @@ class ProxyRuntime:
             # the checks read HealthCheck when they run; a login that worked before may not now
             ctx.monitor.retries = new.health_check.retries
             ctx.monitor.checks.working.clear()
+        ctx.readers.interval = new.health_check_interval
+        ctx.readers.max_lag = new.max_replica_lag
         if "target_group" in changes:
             self._apply_target_group(old.target_group, new.target_group)
         self.updated = self.reactor.seconds()
         log.info("proxy {name}: changed {changes}", name=new.name, changes=", ".join(changes))
         return changes
+
+    def _drain_endpoint_sessions(self, sessions):
+        drain_sessions(self.ctx, self.drain_timeout, self.reactor, sessions)
 
     def bind_with(self, new):
         self.port = self.binder(with_backlog(new.listen), _frontend_factory(self.ctx), self.reactor,
@@ -399,6 +434,7 @@ class ProxyRuntime:
         if old.connection_pool_config != new.connection_pool_config:
             ctx.connector.init_query = new.connection_pool_config.init_query or ""
             pool.reconfigure(new.connection_pool_config)
+            ctx.replica_pools.reconfigure(new.connection_pool_config)
         if old.targets == new.targets:
             return
         topology = ctx.topology
@@ -414,6 +450,8 @@ class ProxyRuntime:
         for target in removed:
             topology.forget_role(target)
             pool.retire_target(target, "target deregistered")
+            ctx.replica_pools.drop(target, "target deregistered")
+            ctx.readers.forget(target)
         # A pinned session keeps its connection for as long as it lives: one on a removed
         # target is ended (the server's shutdown error) once its transaction is over.
         pinned = [s for s in ctx.sessions if getattr(s, "pin_reason", None) is not None
@@ -438,10 +476,25 @@ class ProxyRuntime:
         if ctx.monitor is None and len(topology.targets) >= 2:
             ctx.monitor = build_monitor(ctx)
             if self._running:
+                from txrdsproxy.endpoints import attach_monitor
+                ctx.readers.known = False  # wait for the new monitor's first round
+                attach_monitor(ctx.readers, ctx.monitor, ctx.health, self.reactor)
                 ctx.monitor.start()
         elif ctx.monitor is not None:
             ctx.monitor.last_writer = topology.current_writer()
             ctx.monitor.probe_now()
+
+
+def _keep_endpoint_ports(old, new):
+    """An endpoint whose new Listen asks for any port (tcp:0) keeps the port it has."""
+    ports = {e.name: e.listen for e in old.endpoints}
+    endpoints = []
+    for e in new.endpoints:
+        had = ports.get(e.name)
+        if had is not None and _PORT_ZERO.match(e.listen) and _ANY_PORT.sub(r"\1:0", had) == e.listen:
+            e = dataclasses.replace(e, listen=had)
+        endpoints.append(e)
+    return dataclasses.replace(new, endpoints=tuple(endpoints))
 
 
 def drain_sessions(ctx, timeout, clock, sessions=None, why=None):

@@ -5,6 +5,7 @@ Every problem is reported as ``ConfigError("etc/x.yaml: DBProxies[0].Listen: ...
 """
 
 import os
+import re
 
 import yaml
 from twisted.internet.endpoints import _parseServer  # validation only; no reactor use
@@ -123,11 +124,18 @@ def parse_config(data, source="<config>", base_dir="."):
     # `DBProxies: []` is valid: proxies may be created through the API.
     proxies = tuple(_proxy(n, base_dir) for n in top.get("DBProxies", list, required=True))
     names = [p.name for p in proxies]
+    endpoint_names = set()  # DBProxyEndpointName is unique over every proxy, as in RDS
     for i, p in enumerate(proxies):
         if names.index(p.name) != i:
             top.child("DBProxies", None).child(i, None).fail(f"duplicate DBProxyName {p.name!r}", "DBProxyName")
         if any(p.auth) and not (secrets.path or secrets.backend == "aws"):
             top.fail("is required when a proxy uses AuthScheme SECRETS", "Secrets")
+        for endpoint in p.endpoints:
+            if endpoint.name in names or endpoint.name in endpoint_names:
+                top.child("DBProxies", None).child(i, None).fail(
+                    f"DBProxyEndpointName {endpoint.name!r} is taken by another proxy or endpoint",
+                    "Endpoints")
+            endpoint_names.add(endpoint.name)
         if any(a.iam_auth == "REQUIRED" for a in p.auth) and not iam.principals:
             top.fail(f"must list Principals when a proxy ({p.name}) has IAMAuth REQUIRED", "IAM")
     return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin, iam=iam,
@@ -255,8 +263,47 @@ _PROXY_KEYS = {
     "Auth", "TargetGroups", "MaxClientConnections", "MaxConnectionRate", "MaxMessageSize",
     "HealthCheckInterval", "HealthCheck", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
     "DatabaseConnectTimeout", "DatabaseOperationTimeout", "DatabaseTLS", "DBProxyResourceId", "Endpoint",
-    "RoleArn", "VpcSubnetIds", "VpcSecurityGroupIds",
+    "RoleArn", "VpcSubnetIds", "VpcSecurityGroupIds", "Endpoints", "MaxReplicaLag",
 }
+_ENDPOINT_KEYS = {"DBProxyEndpointName", "TargetRole", "Listen", "FallbackToWriter",
+                  "VpcSubnetIds", "VpcSecurityGroupIds"}
+
+
+def _name_ok(name):
+    """RDS identifiers: a letter first, letters, digits and hyphens, no trailing or double hyphen."""
+    return (bool(name) and name[0].isalpha() and all(c.isalnum() or c == "-" for c in name)
+            and not name.endswith("-") and "--" not in name)
+
+
+def _endpoints(node, listen):
+    """`Endpoints: [{DBProxyEndpointName, TargetRole, Listen, FallbackToWriter}]`."""
+    out, names = [], set()
+    addresses = {listen}
+    for n in node.get("Endpoints", list, []):
+        n.mapping(_ENDPOINT_KEYS)
+        name = n.get("DBProxyEndpointName", str, required=True)
+        if not _name_ok(name):
+            n.fail("must start with a letter and hold only letters, digits and single hyphens,"
+                   " not ending with one", "DBProxyEndpointName")
+        if name in names:
+            n.fail(f"duplicate DBProxyEndpointName {name!r}", "DBProxyEndpointName")
+        if name == m.DEFAULT_ENDPOINT_NAME:
+            n.fail(f"{name!r} names the proxy's own Listen (its default endpoint)", "DBProxyEndpointName")
+        names.add(name)
+        role = n.choice("TargetRole", m.ENDPOINT_TARGET_ROLES, m.READ_WRITE)
+        address = n.endpoint("Listen")
+        if address in addresses and not re.match(r"^(tcp6?|ssl):0(:|$)", address):
+            n.fail(f"{address!r} is already the Listen of this proxy or another of its endpoints",
+                   "Listen")
+        addresses.add(address)
+        fallback = n.get("FallbackToWriter", bool, False)
+        if fallback and role != m.READ_ONLY:
+            n.fail("applies to TargetRole READ_ONLY only", "FallbackToWriter")
+        out.append(m.DBProxyEndpoint(name=name, listen=address, target_role=role,
+                                     fallback_to_writer=fallback,
+                                     vpc_subnet_ids=_strings(n, "VpcSubnetIds"),
+                                     vpc_security_group_ids=_strings(n, "VpcSecurityGroupIds")))
+    return tuple(out)
 
 
 def _proxy(node, base_dir="."):
@@ -283,10 +330,13 @@ def _proxy(node, base_dir="."):
     resource_id = node.get("DBProxyResourceId", str, "")
     if resource_id and not RESOURCE_ID_RE.match(resource_id):
         node.fail("must be prx- followed by 17 lowercase hexadecimal characters", "DBProxyResourceId")
+    listen = node.endpoint("Listen")
     return m.DBProxy(
         name=name,
         engine_family=engine,
-        listen=node.endpoint("Listen"),
+        listen=listen,
+        endpoints=_endpoints(node, listen),
+        max_replica_lag=node.ranged("MaxReplicaLag", float, 0.0, 0, 86400),
         auth=auth,
         target_group=_target_group(groups[0], engine),
         require_tls=require_tls,

@@ -124,6 +124,32 @@ class DatabaseTLSConfig:
     server_public_key_file: str = ""  # MySQL caching_sha2 full auth without TLS: the server's RSA key
 
 
+READ_WRITE = "READ_WRITE"
+READ_ONLY = "READ_ONLY"
+ENDPOINT_TARGET_ROLES = (READ_WRITE, READ_ONLY)
+DEFAULT_ENDPOINT_NAME = "default"  # the proxy's own Listen, as DescribeDBProxyEndpoints lists it
+
+
+@dataclass(frozen=True)
+class DBProxyEndpoint:
+    """One more listening endpoint of a proxy (`Endpoints`, the RDS API's DBProxyEndpoint).
+
+    The proxy's own `Listen` is its default endpoint (READ_WRITE).  A READ_ONLY endpoint lends
+    connections to the healthy replicas of the target group (failover/readers.py); with
+    *fallback_to_writer* it lends the writer's when no replica is in the reader set, otherwise
+    a borrow then fails (docs/errors.md).  A READ_WRITE endpoint is one more address of the
+    default endpoint.
+    """
+
+    name: str
+    listen: str
+    target_role: str = READ_WRITE
+    fallback_to_writer: bool = False  # ours: READ_ONLY only
+    # Kept for the RDS API's shapes; they change nothing here.
+    vpc_subnet_ids: Tuple[str, ...] = ()
+    vpc_security_group_ids: Tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class DBProxy:
     name: str
@@ -149,6 +175,10 @@ class DBProxy:
     database_tls: DatabaseTLSConfig = field(default_factory=DatabaseTLSConfig)
     resource_id: str = ""  # prx- + 17 hex (DBProxyResourceId, or derived from the name at load)
     endpoint: str = ""  # the host name clients use (IAM tokens name it); "" = the listening address
+    endpoints: Tuple[DBProxyEndpoint, ...] = ()  # more endpoints (DBProxyEndpoint), reader ones
+    # Ours: a replica whose replay lag exceeds this many seconds leaves the reader set until it
+    # has caught up (TargetHealth UNAVAILABLE, INVALID_REPLICATION_STATE); 0 = no bound.
+    max_replica_lag: float = 0.0
     # Kept for the RDS API's shapes (CreateDBProxy requires them); they change nothing here.
     role_arn: str = ""
     vpc_subnet_ids: Tuple[str, ...] = ()

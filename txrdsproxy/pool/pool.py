@@ -109,6 +109,19 @@ class BackendPool:
         return len(self._waiters)
 
     @property
+    def outstanding(self):
+        """Connections lent, being reset or being opened, plus borrows waiting: the work this
+        pool is doing or about to (the reader endpoints' "least outstanding" measure)."""
+        return len(self._all) - self._idle_total() + len(self._waiters)
+
+    def can_lend_now(self, key):
+        """Would a borrow of *key* be served without waiting: an idle connection of *key*, or
+        room under the cap for a new one, and nobody queued before it?"""
+        if self._waiters or self._stalled or self._closed:
+            return False
+        return bool(self._idle.get(key)) or self._room_for_one()
+
+    @property
     def oldest_wait_since(self):
         """Clock time the longest-waiting borrow started, or None when nobody waits (metrics)."""
         return self._waiters[0].since if self._waiters else None

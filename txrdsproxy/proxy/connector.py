@@ -226,6 +226,11 @@ class Connector:
             if not self.topology.targets:  # a proxy created through the API, before its targets
                 return defer.fail(BackendGone("the proxy's target group has no registered targets"))
             return defer.fail()
+        return self.connect_to(target, key)
+
+    def connect_to(self, target, key):
+        """Deferred[connection] to *target* (whatever its role: a replica's pool) for *key*;
+        fails with BackendGone or the engine's DatabaseError."""
         creds = self.credentials_for(key[0])
         if creds is None:
             return defer.fail(self.no_credentials(key[0]))

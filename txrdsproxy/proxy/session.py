@@ -217,10 +217,13 @@ class ClientSession(protocol.Protocol):
                  "pin_statement", "queries", "request_started", "_setup_failure_counted",
                  "_latency_series", "_db_latency_series", "last_active", "connected_at", "_phase",
                  "refusal", "_timer", "_first_timer", "_borrow_d", "_attaching", "_paused",
-                 "_coupled", "_draining", "_drain_why", "broken", "transport", "connected")
+                 "_coupled", "_draining", "_drain_why", "broken", "transport", "connected",
+                 "endpoint", "route")
 
     def __init__(self, ctx, first_phase):
         self.transport, self.connected = None, 0  # Protocol's class defaults, now slots
+        self.endpoint = None  # endpoints.EndpointRuntime it came in by; None: the proxy's own Listen
+        self.route = None  # a READ_ONLY endpoint's ReaderRouter (failover/readers.py); None: ctx.pool
         self.ctx = ctx
         self.clock = ctx.clock
         self.state = SessionState.AUTHENTICATING
@@ -379,9 +382,11 @@ class ClientSession(protocol.Protocol):
         return self.key
 
     def pool_for(self, key):
-        """Which pool serves this session's borrows of *key*: the proxy's (the writer's) pool.
-        The seam for routing (reader endpoints: a replica's pool)."""
-        return self.ctx.pool
+        """Which pool serves this session's borrows of *key*: the proxy's (the writer's) pool,
+        or for a session of a READ_ONLY endpoint its ReaderRouter (endpoints.py: a replica's
+        pool, chosen per transaction)."""
+        route = self.route
+        return self.ctx.pool if route is None else route
 
     @property
     def borrowing(self):

@@ -1,0 +1,139 @@
+"""A READ_ONLY proxy endpoint on real PostgreSQL replication: a primary and two streaming
+standbys behind one proxy.
+
+Reads through the reader endpoint run on the standbys (pg_is_in_recovery() is true), spread over
+both; a write there gets PostgreSQL's own read-only error, unchanged; a standby stopped while
+sessions are using the endpoint is left out and those sessions go on, on the other standby, over
+the same client connections; it rejoins once it is back.  The default (writer) endpoint takes
+writes the whole time.
+"""
+
+import threading
+import time
+
+import psycopg  # test extras: a missing driver must fail, not skip
+import pytest
+
+READER = "test-pg-ro"
+QUERY = "SELECT pg_is_in_recovery(), inet_server_port()"
+
+
+def _endpoint_port(proxy, name):
+    def read():
+        runtime = proxy.service.registry.get(proxy.ctx.name)
+        return runtime.endpoints.get(name).port.getHost().port
+    return proxy.call(read)
+
+
+def _readers(proxy):
+    return proxy.call(lambda: [t.rds_resource_id for t in proxy.ctx.readers.eligible()])
+
+
+def _wait_replicated(standby, sql, expected, timeout=20):
+    deadline = time.monotonic() + timeout
+    while standby.psql(sql, dbname="appdb").strip() != expected:
+        assert time.monotonic() < deadline, "the standby never caught up"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def replicated(pg_server_factory, tmp_path):
+    primary = pg_server_factory(max_connections=30)
+    primary.create_user("app_scram", "reader-pass", method="scram-sha-256")
+    primary.create_database("appdb", owner="app_scram")
+    standbys = [primary.start_standby(tmp_path / "standby-1"),
+                primary.start_standby(tmp_path / "standby-2")]
+    yield primary, standbys
+    for standby in standbys:
+        standby.stop()
+
+
+def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replicated, pg_proxy_factory):
+    primary, (s1, s2) = replicated
+    proxy = pg_proxy_factory(server=primary, targets=[primary, s1, s2], HealthCheckInterval=1,
+                             Endpoints=[{"DBProxyEndpointName": READER, "TargetRole": "READ_ONLY",
+                                         "Listen": "tcp:0:interface=127.0.0.1"}])
+    proxy.wait_for(lambda: _readers(proxy) == ["pg-2", "pg-3"], what="both standbys in the reader set")
+    reader_dsn = proxy.dsn(primary).replace(f"port={proxy.port}", f"port={_endpoint_port(proxy, READER)}")
+
+    writer = psycopg.connect(proxy.dsn(primary), autocommit=True)
+    writer.execute("CREATE TABLE t (x int)")
+    assert writer.execute(QUERY).fetchone() == (False, primary.port)
+
+    # The writer endpoint is written to for the whole test, from its own thread.
+    stop_writing = threading.Event()
+    written, write_errors = [], []
+
+    def write_load():
+        with psycopg.connect(proxy.dsn(primary), autocommit=True) as conn:
+            i = 0
+            while not stop_writing.is_set():
+                i += 1
+                try:
+                    conn.execute("INSERT INTO t VALUES (%s)", (i,))
+                    written.append(i)
+                except Exception as e:  # reported below
+                    write_errors.append(e)
+                    return
+                time.sleep(0.005)
+
+    loader = threading.Thread(target=write_load, daemon=True)
+    loader.start()
+    # prepare_threshold=None: psycopg would prepare a statement run 5 times, which pins the
+    # session to its standby for good (pinned sessions are not moved).
+    sessions = [psycopg.connect(reader_dsn, autocommit=True, prepare_threshold=None) for _ in range(6)]
+    try:
+        # Reads land on the standbys, spread over both.
+        seen = [s.execute(QUERY).fetchone() for s in sessions for _ in range(3)]
+        assert {row[0] for row in seen} == {True}
+        assert {row[1] for row in seen} == {s1.port, s2.port}
+
+        # A write through the reader endpoint gets PostgreSQL's read-only error, as the standby
+        # itself answers it; the session goes on.
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as through_proxy:
+            sessions[0].execute("INSERT INTO t VALUES (-1)")
+        with psycopg.connect(host=s1.host, port=s1.port, user="app_scram", password="reader-pass",
+                             dbname="appdb", autocommit=True) as direct:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as from_standby:
+                direct.execute("INSERT INTO t VALUES (-1)")
+        assert str(through_proxy.value) == str(from_standby.value)
+        assert through_proxy.value.sqlstate == "25006"
+        assert sessions[0].execute(QUERY).fetchone()[0] is True
+
+        # A transaction through the reader endpoint stays on one standby until it ends.
+        with sessions[1].transaction():
+            first = sessions[1].execute(QUERY).fetchone()
+            assert all(sessions[1].execute(QUERY).fetchone() == first for _ in range(4))
+
+        # s2 stops while the sessions are in use (between their transactions).
+        s2.stop()
+        proxy.wait_for(lambda: _readers(proxy) == ["pg-2"], what="the stopped standby to leave the set")
+        after = [s.execute(QUERY).fetchone() for s in sessions for _ in range(3)]
+        assert after == [(True, s1.port)] * len(after)  # same client connections, other standby
+        counts = proxy.call(lambda: {t.rds_resource_id: len(p.connections()) for t, p in
+                                     proxy.ctx.replica_pools._pools.items()})
+        assert counts.get("pg-3", 0) == 0
+        proxy.wait_for(lambda: proxy.call(
+            lambda: proxy.ctx.health.health_of(proxy.ctx.topology.targets[2]).state) == "UNAVAILABLE",
+            what="TargetHealth of the stopped standby", timeout=10)
+
+        # It comes back and rejoins the reader set.
+        s2.start()
+        proxy.wait_for(lambda: _readers(proxy) == ["pg-2", "pg-3"], what="the standby to rejoin",
+                       timeout=20)
+        again = {s.execute(QUERY).fetchone()[1] for s in sessions for _ in range(2)}
+        assert again == {s1.port, s2.port}
+
+        # The writer endpoint never failed, and its pool holds connections to the primary only.
+        stop_writing.set()
+        loader.join(10)
+        assert not write_errors, write_errors
+        assert written
+        _wait_replicated(s1, "SELECT count(*) FROM t WHERE x > 0", str(len(written)))
+        writer_targets = proxy.call(lambda: {c.target.rds_resource_id for c in proxy.ctx.pool.connections()})
+        assert writer_targets == {"pg-1"}
+    finally:
+        stop_writing.set()
+        for s in sessions:
+            s.close()
+        writer.close()

@@ -1,0 +1,337 @@
+"""Reader endpoints' routing (failover/readers.py, pool/targets.py) on task.Clock with fake
+connections: the reader set, least-outstanding routing over per-replica pools, never the writer
+unless FallbackToWriter, replicas that fail, are promoted or lag."""
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from txrdsproxy.config.model import ConnectionPoolConfig, DBProxyTarget
+from txrdsproxy.failover.monitor import AVAILABLE, UNAVAILABLE, TargetHealth, WriterMonitor
+from txrdsproxy.failover.readers import NoReaderAvailable, ReaderRouter, ReaderSet
+from txrdsproxy.failover.topology import NoWriter, Topology
+from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
+from txrdsproxy.pool.targets import TargetPools
+from txrdsproxy.proxy.connector import BackendGone
+
+W = DBProxyTarget("db-w", "10.0.0.1", 5432)
+R1 = DBProxyTarget("db-r1", "10.0.0.2", 5432)
+R2 = DBProxyTarget("db-r2", "10.0.0.3", 5432)
+RW, RO = "READ_WRITE", "READ_ONLY"
+KEY = ("app", "appdb")
+INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A health check's answer with replay lag (the shape of topology.ProbeResult)."""
+
+    role: str
+    lag: Optional[float] = None
+
+
+class Refused(Exception):
+    """Stands for the engine's DatabaseError."""
+
+
+class FakeConn:
+    def __init__(self, key, target, max_connections):
+        self.key, self.target = key, target
+        self.state = "connecting"
+        self.idle_since = 0.0
+        self.server_max_connections = max_connections
+        self.pool_listener = None
+        self.closed_reason = None
+
+    def close(self, reason, abort=False):
+        self.closed_reason = reason
+        self.state = "closed"
+
+    def reset(self):
+        return defer.succeed(None)
+
+    def lose(self, reason="terminating connection due to administrator command"):
+        self.state = "closed"
+        self.pool_listener(self, reason)
+
+
+class FakeConnector:
+    """connect (to the writer) and connect_to (a given target) like the real Connector; each
+    target's connections open at once unless the target is in `down` (refused)."""
+
+    def __init__(self, topology, max_connections=None):
+        self.topology = topology
+        self.down = set()
+        self.opened = Counter()  # target -> connections opened
+        self.max_connections = max_connections or {}
+
+    def connect(self, key):
+        try:
+            target = self.topology.writer()
+        except NoWriter:
+            return defer.fail()
+        return self.connect_to(target, key)
+
+    def connect_to(self, target, key):
+        if target in self.down:
+            return defer.fail(BackendGone(f"cannot connect to {target.endpoint}: refused"))
+        self.opened[target] += 1
+        return defer.succeed(FakeConn(key, target, self.max_connections.get(target, 100)))
+
+
+class World:
+    def __init__(self, answers=None, fallback=False, max_lag=0.0, timeout=30.0, max_connections=None,
+                 percent=100):
+        self.clock = Clock()
+        self.topology = Topology((W, R1, R2))
+        self.health = TargetHealth(self.clock)
+        self.connector = FakeConnector(self.topology, max_connections)
+        self.config = ConnectionPoolConfig(connection_borrow_timeout=timeout,
+                                           max_connections_percent=percent)
+        self.pool = BackendPool("p", self.connector, self.config, self.clock)
+        self.answers = dict(answers or {W: RW, R1: RO, R2: RO})
+        self.left = []
+        self.pools = TargetPools("p", self.connector, self.config, self.clock)
+        self.readers = ReaderSet(self.topology, self.health, self.clock, max_lag, probe=self.probe,
+                                 interval=INTERVAL, on_left=self.on_left)
+        self.pools.on_trouble = self.readers.trouble
+        self.monitor = WriterMonitor(self.clock, self.topology, self.health, self.probe, INTERVAL,
+                                     pool=self.pool, database_errors=(Refused,))
+        self.pool.failover = self.monitor
+        self.router = ReaderRouter("reader", self.readers, self.pools, self.pool, self.clock,
+                                   fallback_to_writer=fallback, borrow_timeout=lambda: timeout)
+
+    def probe(self, target):
+        if target in self.connector.down:
+            return defer.fail(BackendGone("refused"))
+        answer = self.answers[target]
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer)
+
+    def on_left(self, target, why):
+        self.left.append((target, why))
+        self.pools.retire(target, why)
+
+    def round(self):
+        """One monitor round, its answers handed to the reader set as round listeners are."""
+        results = {}
+        for t in self.topology.targets:
+            d = self.probe(t)
+            d.addBoth(lambda r, t=t: results.__setitem__(t, r))
+        self.monitor._running = True
+        # the monitor judges roles (bare roles until it takes ProbeResults), the reader set lag
+        self.monitor._decide({t: getattr(r, "role", r) for t, r in results.items()})
+        self.readers.round_done(results)
+
+    def lend(self):
+        return result(self.router.borrow(KEY))
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def failure_of(d):
+    out = []
+    d.addBoth(out.append)
+    assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
+    return out[0]
+
+
+# -- the reader set -------------------------------------------------------------------------------------
+def test_the_reader_set_is_the_targets_answering_read_only_that_are_not_the_writer():
+    w = World()
+    assert w.readers.eligible() == ()  # nothing checked yet
+    w.round()
+    assert w.readers.eligible() == (R1, R2)
+    assert w.readers.why_not(W) == "it is the writer"
+
+
+def test_a_borrow_before_the_first_round_waits_for_it_then_goes_to_a_replica():
+    w = World()
+    d = w.router.borrow(KEY)
+    assert not d.called and w.connector.opened == Counter()
+    w.round()
+    lease = result(d)
+    assert lease.conn.target in (R1, R2)
+
+
+def test_a_borrow_waiting_for_the_first_round_times_out_after_connection_borrow_timeout():
+    w = World(timeout=3.0)
+    d = w.router.borrow(KEY)
+    w.clock.advance(3.0)
+    assert failure_of(d).check(BorrowTimeout)
+    w.round()  # a late round serves nobody and opens nothing
+    assert w.connector.opened == Counter()
+
+
+# -- routing -------------------------------------------------------------------------------------------------
+def test_transactions_go_to_the_replica_with_the_fewest_outstanding():
+    w = World()
+    w.round()
+    leases = [w.lend() for _ in range(6)]
+    per_target = Counter(lease.conn.target for lease in leases)
+    assert per_target == Counter({R1: 3, R2: 3})
+    assert W not in per_target and w.connector.opened[W] == 0
+    # R1's transactions end: the next three go there, where nothing is outstanding
+    for lease in [le for le in leases if le.conn.target is R1]:
+        lease.release()
+    again = [w.lend() for _ in range(3)]
+    assert {le.conn.target for le in again} == {R1}
+    # reused, not new: R1's pool lends its idle connections
+    assert w.connector.opened[R1] == 3
+
+
+def test_try_borrow_takes_an_idle_connection_of_the_least_loaded_replica():
+    w = World()
+    w.round()
+    first = w.lend()
+    first.release()
+    other = w.lend()  # R1 has an idle connection, the other replica nothing outstanding either
+    assert other.conn.target is not None
+    other.release()
+    lease = w.router.try_borrow(KEY)
+    assert lease is not None and lease.conn.target in (R1, R2)
+
+
+def test_without_a_replica_a_read_only_endpoint_fails_and_never_uses_the_writer():
+    w = World(answers={W: RW, R1: BackendGone("down"), R2: BackendGone("down")})
+    w.round()
+    f = failure_of(w.router.borrow(KEY))
+    assert f.check(NoReaderAvailable)
+    assert "No healthy read replica is available for proxy endpoint reader" in f.getErrorMessage()
+    assert w.router.try_borrow(KEY) is None
+    assert w.connector.opened[W] == 0
+
+
+def test_fallback_to_writer_lends_the_writers_connections_only_when_no_replica_is_left():
+    w = World(answers={W: RW, R1: BackendGone("down"), R2: BackendGone("down")}, fallback=True)
+    w.round()
+    lease = w.lend()
+    assert lease.conn.target is W and lease._pool is w.pool
+    lease.release()
+    w.answers.update({R1: RO})
+    w.round()
+    assert w.lend().conn.target is R1
+
+
+def test_a_replica_that_refuses_is_left_out_and_the_borrow_goes_to_another():
+    w = World()
+    w.round()
+    w.connector.down.add(R1)
+    leases = [w.lend() for _ in range(4)]
+    assert {le.conn.target for le in leases} == {R2}
+    assert R1 not in w.readers.eligible()
+    assert "connection trouble" in w.readers.why_not(R1)
+    # it is checked again on its own every interval, and comes back once it answers
+    w.clock.advance(INTERVAL)
+    assert R1 not in w.readers.eligible()
+    w.connector.down.discard(R1)
+    w.clock.advance(INTERVAL)
+    assert w.readers.eligible() == (R1, R2)
+
+
+def test_a_lost_replica_connection_takes_the_replica_out_at_once():
+    w = World()
+    w.round()
+    lease = w.lend()
+    target = lease.conn.target
+    w.answers[target] = BackendGone("gone")  # its own check fails too
+    lease.conn.lose()
+    assert target not in w.readers.eligible()
+    assert all(w.lend().conn.target is not target for _ in range(3))
+
+
+def test_the_database_refusal_of_a_replica_is_the_clients_answer_not_a_retry():
+    w = World()
+    w.round()
+
+    def refuse(target, key):
+        return defer.fail(Refused("database \"nope\" does not exist"))
+
+    w.connector.connect_to = refuse
+    f = failure_of(w.router.borrow(KEY))
+    assert f.check(Refused)
+
+
+def test_a_promoted_replica_leaves_the_set_and_its_connections_are_retired():
+    w = World()
+    w.round()
+    held = [w.lend() for _ in range(4)]
+    on_r1 = [le for le in held if le.conn.target is R1]
+    idle_r1 = on_r1.pop()
+    idle_r1.release()  # idle in R1's pool
+    # W dies, R1 is promoted
+    w.answers.update({W: BackendGone("down"), R1: RW})
+    w.round()
+    assert w.topology.current_writer() is R1
+    assert [t for t, _ in w.left] == [R1]
+    assert idle_r1.conn.state == "closed"  # idle: closed at once
+    busy = on_r1[0]
+    assert busy.conn.state == "borrowed"  # its transaction goes on...
+    busy.release()
+    assert busy.conn.state == "closed"  # ...and the connection is not reused
+    assert all(w.lend().conn.target is R2 for _ in range(3))
+
+
+def test_a_lagging_replica_is_out_with_the_reason_in_target_health_until_it_catches_up():
+    w = World(max_lag=10.0, answers={W: RW, R1: Answer(RO, 42.5), R2: Answer(RO, 0.0)})
+    w.round()
+    assert w.readers.eligible() == (R2,)
+    record = w.health.health_of(R1)
+    assert (record.state, record.reason) == (UNAVAILABLE, "INVALID_REPLICATION_STATE")
+    assert record.description == "replica lag 42.5 s exceeds MaxReplicaLag 10 s"
+    assert all(w.lend().conn.target is R2 for _ in range(3))
+    w.answers[R1] = Answer(RO, 2.0)
+    w.round()
+    assert w.readers.eligible() == (R1, R2)
+    assert w.health.health_of(R1).state == AVAILABLE
+
+
+def test_lag_is_not_judged_without_a_bound():
+    w = World(answers={W: RW, R1: Answer(RO, 3600.0), R2: Answer(RO, None)})
+    w.round()
+    assert w.readers.eligible() == (R1, R2)
+
+
+def test_each_replica_pool_caps_at_max_connections_percent_of_that_replicas_max_connections():
+    w = World(max_connections={R1: 4, R2: 10}, percent=50)
+    w.round()
+    leases = [w.lend() for _ in range(7)]  # caps: R1 2, R2 5
+    assert Counter(le.conn.target for le in leases) == Counter({R1: 2, R2: 5})
+    assert w.pools.get(R1).max_connections == 2 and w.pools.get(R2).max_connections == 5
+    d = w.router.borrow(KEY)  # every replica at its cap: waits in the least loaded one's queue
+    assert not d.called
+    leases[0].release()
+    assert result(d).conn.target is leases[0].conn.target
+
+
+def test_cancelling_a_routed_borrow_leaves_nothing_waiting():
+    w = World(max_connections={R1: 1, R2: 1})
+    w.round()
+    w.lend(), w.lend()
+    d = w.router.borrow(KEY)
+    d.cancel()
+    assert sum(p.waiting for p in w.pools) == 0
+    assert failure_of(d).check(defer.CancelledError)
+
+
+@pytest.mark.parametrize("why", ["left", "forget"])
+def test_a_deregistered_replica_is_forgotten(why):
+    w = World()
+    w.round()
+    w.topology.targets = (W, R2)
+    w.pools.drop(R1, "target deregistered")
+    w.readers.forget(R1)
+    assert w.readers.eligible() == (R2,)

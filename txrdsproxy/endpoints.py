@@ -1,0 +1,230 @@
+"""A proxy's extra endpoints (`Endpoints`, the RDS API's DBProxyEndpoint) at run time.
+
+The proxy's own `Listen` is its default endpoint (READ_WRITE, not listed here).  Each entry of
+`Endpoints` listens on an address of its own with the proxy's frontend; a session accepted there
+carries its `EndpointRuntime` (`session.endpoint`) and, for a READ_ONLY endpoint, the endpoint's
+ReaderRouter as `session.route`: its borrows go to the replicas of the reader set
+(failover/readers.py) instead of the writer's pool.
+
+The reader set and the replica pools are per proxy (`ctx.readers`, `ctx.replica_pools`), shared
+by its READ_ONLY endpoints; `wire_readers` builds them and `EndpointSet` follows config changes
+(an added endpoint listens at once, a removed one stops listening and its sessions end at their
+next transaction boundary, a changed one is replaced the same way; the others are untouched).
+"""
+
+import dataclasses
+import re
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+from txrdsproxy.config import model
+from txrdsproxy.failover.readers import ReaderRouter, ReaderSet
+from txrdsproxy.pool.janitor import PoolJanitor
+from txrdsproxy.pool.targets import TargetPools
+
+log = Logger()
+
+_PORT_ZERO = re.compile(r"^(tcp6?):0(?=:|$)")
+
+
+class EndpointFactory(protocol.Factory):
+    """The proxy's frontend factory, marking each session with the endpoint it came in by."""
+
+    noisy = False
+
+    def __init__(self, inner, endpoint):
+        self.inner = inner
+        self.endpoint = endpoint
+
+    def buildProtocol(self, addr):
+        proto = self.inner.buildProtocol(addr)
+        if proto is not None:
+            proto.endpoint = self.endpoint
+            proto.route = self.endpoint.router
+        return proto
+
+
+class EndpointRuntime:
+    """One running DBProxyEndpoint: its config, listening port and (READ_ONLY) router."""
+
+    def __init__(self, config, ctx, router, clock):
+        self.config = config
+        self.ctx = ctx
+        self.router = router  # None for READ_WRITE: sessions use the proxy's pool
+        self.port = None
+        self.created = clock.seconds()
+        self.status = "creating"
+
+    @property
+    def name(self):
+        return self.config.name
+
+    def sessions(self):
+        return [s for s in self.ctx.sessions if getattr(s, "endpoint", None) is self]
+
+    def bind(self, frontend_factory, reactor, bind_now, with_backlog):
+        if self.port is not None:
+            return
+        self.port = bind_now(with_backlog(self.config.listen),
+                             EndpointFactory(frontend_factory(self.ctx), self), reactor,
+                             f"proxy {self.ctx.name} endpoint {self.name}")
+        number = getattr(self.port.getHost(), "port", None)
+        match = _PORT_ZERO.match(self.config.listen)
+        if match and number:  # "any free port": from now on the one it got
+            listen = self.config.listen
+            self.config = dataclasses.replace(
+                self.config, listen=f"{match.group(1)}:{number}{listen[match.end():]}")
+        self.status = "available"
+        log.info("proxy {name} endpoint {endpoint} ({role}) listening on {addr}", name=self.ctx.name,
+                 endpoint=self.name, role=self.config.target_role, addr=self.port.getHost())
+
+    def stop_listening(self):
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def wire_readers(ctx, clock, metrics=None):
+    """Give *ctx* its reader set and replica pools (used by its READ_ONLY endpoints)."""
+    pools = TargetPools(ctx.name, ctx.connector, ctx.config.target_group.connection_pool_config,
+                        clock, metrics)
+
+    def probe(target):
+        return ctx.connector.probe_role(target, ctx.secrets.get(ctx.config.auth[0].secret_arn))
+
+    def on_left(target, why):
+        pools.retire(target, f"left the reader set ({why})")
+        end_pinned_on(ctx, target)
+
+    readers = ReaderSet(ctx.topology, ctx.health, clock, ctx.config.max_replica_lag, probe=probe,
+                        interval=ctx.config.health_check_interval, on_left=on_left)
+    pools.on_trouble = readers.trouble
+    ctx.readers = readers
+    ctx.replica_pools = pools
+    ctx.replica_janitor = PoolJanitor(pools, clock)
+    return readers
+
+
+def end_pinned_on(ctx, target):
+    """Reader sessions pinned to a connection of *target* cannot move: they end (the engine's
+    shutdown error) once their transaction is over; unpinned ones move by themselves."""
+    pinned = [s for s in ctx.sessions if getattr(s, "route", None) is not None
+              and getattr(s, "pin_reason", None) is not None
+              and getattr(getattr(s, "lease", None), "conn", None) is not None
+              and getattr(s.lease.conn, "target", None) is target]
+    if pinned:
+        from txrdsproxy.runtime import drain_sessions
+        log.info("proxy {name}: ending {n} pinned reader session(s) on {t} after their transactions",
+                 name=ctx.name, n=len(pinned), t=target.rds_resource_id)
+        drain_sessions(ctx, ctx.config.idle_client_timeout, ctx.clock, pinned)
+
+
+def attach_monitor(readers, monitor, health, clock):
+    """Feed *readers* from the WriterMonitor's rounds; without a monitor (one target) the set
+    is what the topology says from the start."""
+    if monitor is None:
+        readers.mark_known()
+        return
+    listeners = getattr(monitor, "round_listeners", None)
+    if listeners is not None:
+        if readers.round_done not in listeners:
+            listeners.append(readers.round_done)
+        return
+    # A monitor without round listeners: follow its TargetHealth records instead (no lag).
+    pending = []
+
+    def after_round():
+        pending.clear()
+        if monitor.rounds > 0:
+            readers.known = True
+        readers.refresh()
+
+    def record(target, health_record):
+        if not pending:
+            pending.append(clock.callLater(0, after_round))
+
+    health.listeners.append(record)
+
+
+class EndpointSet:
+    """The extra endpoints of one ProxyRuntime, by name."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self._endpoints = {}
+
+    def __iter__(self):
+        return iter(list(self._endpoints.values()))
+
+    def get(self, name):
+        return self._endpoints.get(name)
+
+    def build(self, config):
+        ctx = self.runtime.ctx
+        router = None
+        if config.target_role == model.READ_ONLY:
+            pool_config = lambda: ctx.config.target_group.connection_pool_config  # noqa: E731
+            router = ReaderRouter(config.name, ctx.readers, ctx.replica_pools, ctx.pool, ctx.clock,
+                                  fallback_to_writer=config.fallback_to_writer,
+                                  borrow_timeout=lambda: pool_config().connection_borrow_timeout)
+        endpoint = EndpointRuntime(config, ctx, router, ctx.clock)
+        self._endpoints[config.name] = endpoint
+        return endpoint
+
+    def bind_all(self, frontend_factory, bind_now, with_backlog):
+        for endpoint in self._endpoints.values():
+            endpoint.bind(frontend_factory, self.runtime.reactor, bind_now, with_backlog)
+
+    def stop_listening(self):
+        for endpoint in self._endpoints.values():
+            endpoint.stop_listening()
+
+    def configs(self):
+        """-> the DBProxyEndpoint configs as running (Listen with the port it got)."""
+        return tuple(e.config for e in self._endpoints.values())
+
+    def apply(self, old, new, frontend_factory, bind_now, with_backlog, drain):
+        """Follow a change of `Endpoints` from *old* to *new* (tuples of DBProxyEndpoint).
+        New ones listen now (ListenFailed: nothing else changed); removed or changed ones stop
+        listening and their sessions end at their next transaction boundary (*drain*)."""
+        old_by_name = {e.name: e for e in old}
+        new_by_name = {e.name: e for e in new}
+        gone = [n for n in old_by_name if n not in new_by_name or new_by_name[n] != old_by_name[n]]
+        fresh = [e for e in new if e.name not in old_by_name or old_by_name[e.name] != e]
+        # Re-listening on the same address needs the old port closed first.
+        same_address = {n for n in gone if n in new_by_name
+                        and new_by_name[n].listen == old_by_name[n].listen}
+        retired = {}
+        for name in gone:
+            endpoint = self._endpoints.pop(name, None)
+            if endpoint is None:
+                continue
+            retired[name] = endpoint
+            if name in same_address:
+                endpoint.stop_listening()
+        running = bool(self.runtime.port is not None)
+        built = []
+        try:
+            for config in fresh:
+                endpoint = self.build(config)
+                built.append(endpoint)
+                if running:
+                    endpoint.bind(frontend_factory, self.runtime.reactor, bind_now, with_backlog)
+        except Exception:
+            for endpoint in built:
+                endpoint.stop_listening()
+                self._endpoints.pop(endpoint.name, None)
+            for name, endpoint in retired.items():
+                self._endpoints[name] = endpoint
+                if endpoint.port is None and running:
+                    endpoint.bind(frontend_factory, self.runtime.reactor, bind_now, with_backlog)
+            raise
+        for endpoint in retired.values():
+            endpoint.stop_listening()
+            endpoint.status = "deleting"
+            sessions = endpoint.sessions()
+            if sessions:
+                drain(sessions)
+        return bool(gone or fresh)

@@ -1,0 +1,352 @@
+"""Reader endpoints: which replicas may serve reads now (`ReaderSet`) and which one serves the
+next transaction of a READ_ONLY endpoint's session (`ReaderRouter`).
+
+Engine-neutral.  A target is in the reader set when all of these hold:
+- it is not the current writer (a replica that is promoted leaves at once);
+- its last health check answered READ_ONLY (the WriterMonitor's probes; a target never checked,
+  or unreachable at the last check, is out);
+- no connection to it was refused or lost since (`trouble`; it is checked again on its own,
+  every HealthCheckInterval, until it answers READ_ONLY);
+- its replay lag, when measured, is within MaxReplicaLag (when that is set): a lagging replica
+  is UNAVAILABLE in TargetHealth with Reason INVALID_REPLICATION_STATE and the lag in its
+  Description, until it has caught up.
+
+A target that leaves the set has its replica pool retired (idle connections close now, lent
+ones when their transaction is over) and the pinned sessions holding one of its connections are
+told (`on_left`), so they end at their transaction boundary.  Unpinned sessions hold a
+connection only for a transaction: their next one is routed anew, to a replica still in the set.
+
+Routing (ReaderRouter): least outstanding transactions first (connections lent, being reset or
+opened, plus waiting borrows, per replica pool), ties taken in turn.  Each replica pool keeps
+the target group's cap rules on its own: MaxConnectionsPercent of that replica's
+max_connections.  With no replica in the set a READ_ONLY endpoint lends the writer's connections
+only when its FallbackToWriter is true; otherwise the borrow fails with NoReaderAvailable
+(docs/errors.md).  Until the first health check round has ended, borrows wait for it (bounded by
+ConnectionBorrowTimeout).
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txrdsproxy.failover.topology import READ_ONLY
+from txrdsproxy.pool.pool import BorrowTimeout
+from txrdsproxy.proxy.connector import BackendGone
+
+INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
+
+
+class NoReaderAvailable(BackendGone):
+    """A READ_ONLY endpoint has no healthy replica and does not fall back to the writer."""
+
+
+def probe_role(result):
+    """The role in a health check's answer: a ProbeResult (`.role`) or a bare role string."""
+    return getattr(result, "role", result)
+
+
+def probe_lag(result):
+    """The replay lag (seconds) in a health check's answer, or None when not measured."""
+    return getattr(result, "lag", None)
+
+
+class ReaderSet:
+    """The replicas of one proxy that its reader endpoints may use (see the module docstring).
+
+    *probe*(target) -> Deferred[answer]: a health check of one target (the connector's
+    `probe_role`), used to check a target again after trouble.  *on_left*(target, why): the
+    target left the set (its pool is to be retired and pinned sessions on it ended).
+    """
+
+    log = Logger()
+
+    def __init__(self, topology, health, clock, max_lag=0.0, probe=None, interval=5.0, on_left=None):
+        self.topology = topology
+        self.health = health
+        self.clock = clock
+        self.max_lag = max_lag
+        self.probe = probe
+        self.interval = interval
+        self.on_left = on_left
+        self.known = False  # a health check round has ended (or there is no monitor)
+        self._suspect = {}  # target -> why: a connection to it failed since its last good check
+        self._lagging = {}  # target -> lag (seconds) above max_lag at its last check
+        self._rechecks = {}  # target -> IDelayedCall or Deferred of its own check
+        self._members = ()  # the set as last computed by `refresh` (to see who left)
+        self._waiting = []  # Deferreds of borrows waiting for the first round
+        self._running = True
+
+    # -- the set -------------------------------------------------------------------------------------
+    def eligible(self):
+        """-> tuple of the targets in the reader set now, in config order."""
+        writer = self.topology.current_writer()
+        suspect, lagging = self._suspect, self._lagging
+        return tuple(t for t in self.topology.targets
+                     if t is not writer and t not in suspect and t not in lagging
+                     and self.topology.probed_role(t) == READ_ONLY)
+
+    def why_not(self, target):
+        """-> why *target* is not in the reader set (text), or None when it is."""
+        if target is self.topology.current_writer():
+            return "it is the writer"
+        if target in self._suspect:
+            return self._suspect[target]
+        if target in self._lagging:
+            return f"replica lag {self._lagging[target]:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s"
+        if self.topology.probed_role(target) != READ_ONLY:
+            return "its last health check did not answer as a read-only replica"
+        return None
+
+    # -- evidence --------------------------------------------------------------------------------------
+    def round_done(self, results):
+        """A health check round ended (`WriterMonitor.round_listeners`): *results* maps each
+        target to its answer (ProbeResult or role) or a Failure.  Lag is judged here, then the
+        set recomputed."""
+        for target, result in results.items():
+            if isinstance(result, Failure):
+                self._lagging.pop(target, None)
+                continue
+            self._judge_lag(target, result)
+        self.known = True
+        self.refresh()
+
+    def _judge_lag(self, target, result):
+        lag = probe_lag(result)
+        if (self.max_lag and lag is not None and probe_role(result) == READ_ONLY
+                and target is not self.topology.current_writer() and lag > self.max_lag):
+            if target not in self._lagging:
+                self.log.warn("replica {t} lags {lag:.1f} s (MaxReplicaLag {max:g} s): out of the"
+                              " reader set until it catches up", t=target.rds_resource_id, lag=lag,
+                              max=self.max_lag)
+            self._lagging[target] = lag
+            record = getattr(self.health, "record_unavailable", None) or self.health.record_failure
+            record(target, INVALID_REPLICATION_STATE,
+                   f"replica lag {lag:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s")
+        elif self._lagging.pop(target, None) is not None:
+            self.log.info("replica {t} caught up (lag {lag}): back in the reader set",
+                          t=target.rds_resource_id, lag=lag)
+            self.health.record_success(target)
+
+    def trouble(self, target, why):
+        """A connection to *target* was refused or lost: out of the set until it answers a
+        health check as a read-only replica again (checked now, then every interval)."""
+        if target not in self.topology.targets:
+            return
+        if target not in self._suspect:
+            self.log.warn("replica {t} out of the reader set: {why}", t=target.rds_resource_id, why=why)
+            self._suspect[target] = f"connection trouble: {why}"
+            self.refresh()
+        if target not in self._rechecks:
+            self._recheck(target)
+
+    def _recheck(self, target):
+        if not self._running or self.probe is None or target not in self.topology.targets:
+            self._rechecks.pop(target, None)
+            return
+        try:
+            d = self.probe(target)
+        except Exception:
+            d = defer.fail()
+        self._rechecks[target] = d
+        d.addBoth(self._rechecked, target)
+
+    def _rechecked(self, result, target):
+        self._rechecks.pop(target, None)
+        if not self._running or target not in self.topology.targets:
+            return None
+        if not isinstance(result, Failure) and probe_role(result) == READ_ONLY:
+            self.topology.record_role(target, probe_role(result))
+            self._judge_lag(target, result)
+            if self._suspect.pop(target, None) is not None:
+                self.log.info("replica {t} answers again: back in the reader set", t=target.rds_resource_id)
+            self.refresh()
+            return None
+        self._rechecks[target] = self.clock.callLater(self.interval, self._recheck, target)
+        return None
+
+    def refresh(self):
+        """Recompute the set; targets that left it go to `on_left`; waiting borrows go on."""
+        members = self.eligible()
+        left = [t for t in self._members if t not in members]
+        self._members = members
+        for target in left:
+            why = self.why_not(target) or "left the reader set"
+            if self.on_left is not None:
+                try:
+                    self.on_left(target, why)
+                except Exception:
+                    self.log.failure("reader set: handling {t} leaving failed", t=target.rds_resource_id)
+        if self.known and self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
+
+    def forget(self, target):
+        """*target* left the target group."""
+        self._suspect.pop(target, None)
+        self._lagging.pop(target, None)
+        pending = self._rechecks.pop(target, None)
+        if pending is not None and hasattr(pending, "active") and pending.active():
+            pending.cancel()
+        self.refresh()
+
+    def mark_known(self):
+        """There will be no health check rounds (no monitor): the set is what the topology says."""
+        self.known = True
+        self.refresh()
+
+    def when_known(self):
+        """Deferred[None] once the first health check round has ended (now if it has); cancelling
+        stops the wait."""
+        if self.known:
+            return defer.succeed(None)
+
+        def cancel(d):
+            if d in self._waiting:
+                self._waiting.remove(d)
+
+        d = defer.Deferred(cancel)
+        self._waiting.append(d)
+        return d
+
+    def stop(self):
+        self._running = False
+        for pending in list(self._rechecks.values()):
+            if hasattr(pending, "active") and pending.active():
+                pending.cancel()
+        self._rechecks.clear()
+
+
+class ReaderRouter:
+    """The pool of a READ_ONLY endpoint's sessions: BackendPool's `try_borrow` / `borrow`, each
+    borrow served by the replica of the reader set with the fewest outstanding transactions.
+
+    *pools*: pool.targets.TargetPools; *writer_pool*: the proxy's pool (used only when
+    *fallback_to_writer* and no replica is in the set).  *borrow_timeout*() -> seconds a borrow
+    may wait for the first health check round (ConnectionBorrowTimeout).
+    """
+
+    log = Logger()
+
+    def __init__(self, name, readers, pools, writer_pool, clock, fallback_to_writer=False,
+                 borrow_timeout=lambda: 120.0):
+        self.name = name
+        self.readers = readers
+        self.pools = pools
+        self.writer_pool = writer_pool
+        self.clock = clock
+        self.fallback_to_writer = fallback_to_writer
+        self.borrow_timeout = borrow_timeout
+        self._turn = 0  # ties are taken in turn; moves on each lease handed out
+
+    def choose(self, key=None, exclude=()):
+        """-> the replica target for the next transaction, or None when the set is empty.
+
+        Least outstanding first, among the replicas that can lend a connection of *key* at once
+        (an idle one, or room under their cap); when none can, among all (the borrow waits in
+        that replica's queue).  Ties are taken in turn."""
+        targets = [t for t in self.readers.eligible() if t not in exclude]
+        if not targets:
+            return None
+        if len(targets) == 1:
+            return targets[0]
+        pools = self.pools
+        scored = []
+        for t in targets:
+            pool = pools.existing(t)
+            if pool is None:
+                scored.append((0, 0, t))
+            else:
+                scored.append((0 if pool.can_lend_now(key) else 1, pool.outstanding, t))
+        low = min(s[:2] for s in scored)
+        best = [s[2] for s in scored if s[:2] == low]
+        return best[self._turn % len(best)]
+
+    def _no_reader(self):
+        return NoReaderAvailable(f"No healthy read replica is available for proxy endpoint {self.name}")
+
+    def try_borrow(self, key):
+        """A Lease on an idle connection of the chosen replica now, or None (use `borrow`)."""
+        if not self.readers.known:
+            return None
+        target = self.choose(key)
+        if target is None:
+            return self.writer_pool.try_borrow(key) if self.fallback_to_writer else None
+        lease = self.pools.get(target).try_borrow(key)
+        if lease is not None:
+            self._turn += 1
+        return lease
+
+    def borrow(self, key):
+        """Deferred[Lease] on a connection of a replica in the reader set.
+
+        Fails with NoReaderAvailable (no replica, no fallback), BorrowTimeout, or the replica
+        pool's error; a replica that cannot be reached is left out and the next one tried.
+        Cancelling cancels the wait in whichever pool it is."""
+        state = {"inner": None, "tried": set(), "timer": None}
+
+        def cancel(_):
+            inner = state["inner"]
+            if inner is not None and not inner.called:
+                inner.cancel()
+            stop_timer()
+
+        out = defer.Deferred(cancel)
+
+        def stop_timer():
+            timer = state["timer"]
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        def fail(failure):
+            stop_timer()
+            if not out.called:
+                out.errback(failure)
+
+        def lend(lease):
+            self._turn += 1
+            stop_timer()
+            if out.called:  # cancelled meanwhile: the pool would have dropped us; give it back
+                lease.release()
+            else:
+                out.callback(lease)
+
+        def route(_=None):
+            if out.called:
+                return
+            target = self.choose(key, exclude=state["tried"])
+            if target is None:
+                if self.fallback_to_writer and "writer" not in state:
+                    state["writer"] = True
+                    inner = state["inner"] = self.writer_pool.borrow(key)
+                    inner.addCallbacks(lend, fail)
+                    return
+                fail(Failure(self._no_reader()))
+                return
+            state["tried"].add(target)
+            inner = state["inner"] = self.pools.get(target).borrow(key)
+            inner.addCallbacks(lend, retry)
+
+        def retry(failure):
+            if out.called or failure.check(defer.CancelledError):
+                return
+            if failure.check(NoReaderAvailable, BorrowTimeout) or not failure.check(BackendGone):
+                fail(failure)  # the database's own answer, or the pool's timeout
+                return
+            route()
+
+        if self.readers.known:
+            route()
+            return out
+        # Before the first health check round: wait for it (bounded like any borrow).
+        waited = state["inner"] = self.readers.when_known()
+        timeout = self.borrow_timeout()
+        if timeout and timeout > 0:
+            def expired():
+                if not waited.called:
+                    waited.cancel()
+                fail(Failure(BorrowTimeout("Timed-out waiting to acquire database connection")))
+            state["timer"] = self.clock.callLater(timeout, expired)
+        waited.addCallbacks(route, lambda f: None)
+        return out
