@@ -111,6 +111,12 @@ class ProxyControl:
             name = item.get("DBProxyName")
             if name in self.registry and item.get("Listen") != self.registry.get(name).config.listen:
                 item["Listen"] = self.registry.get(name).config.listen
+            if name in self.registry:
+                running = {e.name: e.listen for e in self.registry.get(name).config.endpoints}
+                for endpoint in item.get("Endpoints") or []:
+                    listen = running.get(endpoint.get("DBProxyEndpointName"))
+                    if listen is not None and endpoint.get("Listen") != listen:
+                        endpoint["Listen"] = listen
 
     def reload(self):
         """Re-read the file and apply the difference (SIGHUP, `rdsproxy reload`).

@@ -161,15 +161,18 @@ class EndpointSet:
     def get(self, name):
         return self._endpoints.get(name)
 
-    def build(self, config):
+    def _router(self, config):
+        """-> the ReaderRouter of a READ_ONLY endpoint, None for READ_WRITE."""
+        if config.target_role != model.READ_ONLY:
+            return None
         ctx = self.runtime.ctx
-        router = None
-        if config.target_role == model.READ_ONLY:
-            pool_config = lambda: ctx.config.target_group.connection_pool_config  # noqa: E731
-            router = ReaderRouter(config.name, ctx.readers, ctx.replica_pools, ctx.pool, ctx.clock,
-                                  fallback_to_writer=config.fallback_to_writer,
-                                  borrow_timeout=lambda: pool_config().connection_borrow_timeout)
-        endpoint = EndpointRuntime(config, ctx, router, ctx.clock)
+        return ReaderRouter(config.name, ctx.readers, ctx.replica_pools, ctx.pool, ctx.clock,
+                            fallback_to_writer=config.fallback_to_writer,
+                            borrow_timeout=lambda: ctx.config.target_group
+                            .connection_pool_config.connection_borrow_timeout)
+
+    def build(self, config):
+        endpoint = EndpointRuntime(config, self.runtime.ctx, self._router(config), self.runtime.ctx.clock)
         self._endpoints[config.name] = endpoint
         return endpoint
 
@@ -187,44 +190,58 @@ class EndpointSet:
 
     def apply(self, old, new, frontend_factory, bind_now, with_backlog, drain):
         """Follow a change of `Endpoints` from *old* to *new* (tuples of DBProxyEndpoint).
-        New ones listen now (ListenFailed: nothing else changed); removed or changed ones stop
-        listening and their sessions end at their next transaction boundary (*drain*)."""
-        old_by_name = {e.name: e for e in old}
-        new_by_name = {e.name: e for e in new}
-        gone = [n for n in old_by_name if n not in new_by_name or new_by_name[n] != old_by_name[n]]
-        fresh = [e for e in new if e.name not in old_by_name or old_by_name[e.name] != e]
-        # Re-listening on the same address needs the old port closed first.
-        same_address = {n for n in gone if n in new_by_name
-                        and new_by_name[n].listen == old_by_name[n].listen}
-        retired = {}
-        for name in gone:
-            endpoint = self._endpoints.pop(name, None)
-            if endpoint is None:
-                continue
-            retired[name] = endpoint
-            if name in same_address:
+
+        An endpoint whose address, TargetRole and FallbackToWriter stay is kept as it runs (a
+        new name or VPC ids only relabel it: its port and sessions stay).  Others: new ones
+        listen now (ListenFailed: nothing changed), removed ones stop listening and their
+        sessions end at their next transaction boundary (*drain*), changed ones both."""
+        def behaviour(config):
+            return (config.listen, config.target_role, config.fallback_to_writer)
+
+        running = {behaviour(e.config): e for e in self._endpoints.values()}
+        kept, fresh = {}, []
+        for config in new:
+            endpoint = running.pop(behaviour(config), None)
+            if endpoint is not None:
+                kept[config.name] = (endpoint, config)
+            else:
+                fresh.append(config)
+        retired = list(running.values())  # nothing in *new* behaves like them
+        taken = {e.config.listen for e in retired}
+        bound = self.runtime.port is not None
+        for endpoint in retired:  # an address a new endpoint takes over must be free first
+            if any(c.listen in taken for c in fresh):
                 endpoint.stop_listening()
-        running = bool(self.runtime.port is not None)
         built = []
         try:
             for config in fresh:
-                endpoint = self.build(config)
+                endpoint = EndpointRuntime(config, self.runtime.ctx, self._router(config),
+                                           self.runtime.ctx.clock)
                 built.append(endpoint)
-                if running:
+                if bound:
                     endpoint.bind(frontend_factory, self.runtime.reactor, bind_now, with_backlog)
         except Exception:
             for endpoint in built:
                 endpoint.stop_listening()
-                self._endpoints.pop(endpoint.name, None)
-            for name, endpoint in retired.items():
-                self._endpoints[name] = endpoint
-                if endpoint.port is None and running:
+            for endpoint in retired:
+                if endpoint.port is None and bound:
                     endpoint.bind(frontend_factory, self.runtime.reactor, bind_now, with_backlog)
             raise
-        for endpoint in retired.values():
+        endpoints = {}
+        for config in new:
+            if config.name in kept:
+                endpoint, config = kept[config.name]
+                endpoint.config = dataclasses.replace(config, listen=endpoint.config.listen)
+                if endpoint.router is not None:
+                    endpoint.router.name = config.name
+                endpoints[config.name] = endpoint
+            else:
+                endpoints[config.name] = next(e for e in built if e.config.name == config.name)
+        self._endpoints = endpoints
+        for endpoint in retired:
             endpoint.stop_listening()
             endpoint.status = "deleting"
             sessions = endpoint.sessions()
             if sessions:
                 drain(sessions)
-        return bool(gone or fresh)
+        return bool(retired or built)

@@ -138,7 +138,7 @@ def test_describe_db_proxies_in_rds_shape(api):
     pg, my = body["DBProxies"]
     assert pg["DBProxyName"] == "app-pg" and pg["Status"] == "available"
     assert pg["DBProxyArn"].startswith("arn:aws:rds:us-east-1:000000000000:db-proxy:prx-")
-    assert pg["Endpoint"] == "0.0.0.0"  # what MemoryReactor's port says it is bound to
+    assert pg["Endpoint"] == "0.0.0.0:6432"  # what MemoryReactor's port says it is bound to
     assert pg["IdleClientTimeout"] == 900 and pg["DebugLogging"] is True
     assert pg["Auth"] == [
         {"Description": "app user", "AuthScheme": "SECRETS", "SecretArn": SCRAM_ARN,

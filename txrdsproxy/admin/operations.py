@@ -11,6 +11,8 @@ import base64
 import fnmatch
 
 from txrdsproxy.admin import shapes
+from txrdsproxy.admin.endpoint_operations import (
+    ENDPOINT_FAULTS, ENDPOINT_READ_ACTIONS, ENDPOINT_WRITE_ACTIONS, EndpointOperations)
 from txrdsproxy.admin.querycodec import QueryError, error_status
 from txrdsproxy.config.load import ConfigError
 from txrdsproxy.config.store import ConfigConflict
@@ -20,13 +22,13 @@ from txrdsproxy.runtime import (
     RegistryError, TargetAlreadyRegistered, TargetGroupNotFound, TargetNotFound)
 
 READ_ACTIONS = ("DescribeDBProxies", "DescribeDBProxyTargetGroups", "DescribeDBProxyTargets",
-                "DescribeDBProxySessions")  # the last one is ours (admin/extensions.py)
+                "DescribeDBProxySessions") + ENDPOINT_READ_ACTIONS  # Sessions: ours (admin/extensions.py)
 WRITE_ACTIONS = ("CreateDBProxy", "ModifyDBProxy", "DeleteDBProxy", "ModifyDBProxyTargetGroup",
-                 "RegisterDBProxyTargets", "DeregisterDBProxyTargets")
+                 "RegisterDBProxyTargets", "DeregisterDBProxyTargets") + ENDPOINT_WRITE_ACTIONS
 ACTIONS = READ_ACTIONS + WRITE_ACTIONS
 LISTEN_TAG = "txrdsproxy:Listen"
 
-_FAULTS = [
+_FAULTS = ENDPOINT_FAULTS + [
     (ProxyNotFound, "DBProxyNotFoundFault"),
     (ProxyAlreadyExists, "DBProxyAlreadyExistsFault"),
     (TargetGroupNotFound, "DBProxyTargetGroupNotFoundFault"),
@@ -50,8 +52,9 @@ def registry_fault(error):
     return fault("InvalidParameterValue", str(error))
 
 
-class RdsApi:
-    """The nine operations (see the module docstring)."""
+class RdsApi(EndpointOperations):
+    """The operations (see the module docstring; the proxy endpoint ones are in
+    admin/endpoint_operations.py)."""
 
     def __init__(self, control):
         self.control = control
@@ -83,6 +86,8 @@ class RdsApi:
 
     # -- which resources a request acts on (IAM) --------------------------------------------------
     def resources(self, action, params):
+        if action in ENDPOINT_READ_ACTIONS + ENDPOINT_WRITE_ACTIONS:
+            return self.endpoint_resources(action, params)
         arns = self.arns
         name = params.get("DBProxyName")
         if name is None:

@@ -41,6 +41,16 @@ class Arns:
         digest = hashlib.sha256(f"{self.resource_id(proxy)}/{proxy.target_group.name}".encode())
         return f"arn:aws:rds:{self.region}:{self.account}:target-group:prx-tg-{digest.hexdigest()[:17]}"
 
+    def proxy_endpoint(self, proxy, endpoint_name):
+        """An extra endpoint's ARN (db-proxy-endpoint:prx-endpoint-<17 hex>), stable for the
+        proxy's resource id and the endpoint's name."""
+        digest = hashlib.sha256(f"{self.resource_id(proxy)}/endpoint/{endpoint_name}".encode())
+        return (f"arn:aws:rds:{self.region}:{self.account}:db-proxy-endpoint:"
+                f"prx-endpoint-{digest.hexdigest()[:17]}")
+
+    def any_proxy_endpoint(self):
+        return f"arn:aws:rds:{self.region}:{self.account}:db-proxy-endpoint:*"
+
     def target(self, target):
         return f"arn:aws:rds:{self.region}:{self.account}:db:{target.rds_resource_id}"
 
@@ -49,12 +59,22 @@ def _int(value):
     return int(round(float(value)))
 
 
-def _listening_host(runtime):
-    if runtime.port is None:
+def endpoint_address(config, port):
+    """The Endpoint a client connects to: the configured host name (the proxy's `Endpoint`) or
+    the listening address, with the port.  The RDS shapes have no Port member and RDS's
+    proxies listen on the engine's default port; ours listen where configured, so the port is
+    part of the string ("host:port"), or None while not listening."""
+    if port is None:
         return None
-    addr = runtime.port.getHost()
-    host = getattr(addr, "host", None) or getattr(addr, "name", None)
-    return str(host) if host is not None else None
+    addr = port.getHost()
+    number = getattr(addr, "port", None)
+    host = getattr(config, "endpoint", "") or getattr(addr, "host", None) or getattr(addr, "name", None)
+    if host is None:
+        return None
+    host = str(host)
+    if number is None:
+        return host
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
 
 
 def db_proxy(runtime, arns):
@@ -69,7 +89,7 @@ def db_proxy(runtime, arns):
         "VpcSubnetIds": list(config.vpc_subnet_ids),
         "Auth": [_auth(a) for a in config.auth],
         "RoleArn": config.role_arn or None,
-        "Endpoint": getattr(config, "endpoint", "") or _listening_host(runtime),
+        "Endpoint": endpoint_address(config, runtime.port),
         "RequireTLS": config.require_tls,
         "IdleClientTimeout": _int(config.idle_client_timeout),
         "DebugLogging": config.debug_logging,
@@ -77,6 +97,38 @@ def db_proxy(runtime, arns):
         "UpdatedDate": runtime.updated,
     }
     return {k: v for k, v in out.items() if v is not None}
+
+
+def db_proxy_endpoints(runtime, arns):
+    """-> the DBProxyEndpoint shapes of one proxy: its default endpoint (its own Listen,
+    IsDefault, READ_WRITE, named "default") and each of its `Endpoints`."""
+    config = runtime.config
+    out = [{
+        "DBProxyEndpointName": "default",
+        "DBProxyEndpointArn": arns.proxy_endpoint(config, "default"),
+        "DBProxyName": config.name,
+        "Status": runtime.status.value,
+        "VpcSecurityGroupIds": list(config.vpc_security_group_ids),
+        "VpcSubnetIds": list(config.vpc_subnet_ids),
+        "Endpoint": endpoint_address(config, runtime.port),
+        "CreatedDate": runtime.created,
+        "TargetRole": "READ_WRITE",
+        "IsDefault": True,
+    }]
+    for endpoint in getattr(runtime, "endpoints", ()):
+        out.append({
+            "DBProxyEndpointName": endpoint.name,
+            "DBProxyEndpointArn": arns.proxy_endpoint(config, endpoint.name),
+            "DBProxyName": config.name,
+            "Status": endpoint.status,
+            "VpcSecurityGroupIds": list(endpoint.config.vpc_security_group_ids),
+            "VpcSubnetIds": list(endpoint.config.vpc_subnet_ids),
+            "Endpoint": endpoint_address(config, endpoint.port),
+            "CreatedDate": endpoint.created,
+            "TargetRole": endpoint.config.target_role,
+            "IsDefault": False,
+        })
+    return [{k: v for k, v in item.items() if v is not None} for item in out]
 
 
 def _auth(entry):

@@ -29,6 +29,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from txrdsproxy.failover.readers import NoReaderAvailable
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.interfaces import IEngineSession, IMySQLSessionEvents
 from txrdsproxy.proxy.mysql_login import MAX_LOCAL_COMMAND, MySQLLogin
@@ -558,6 +559,8 @@ class MySQLFrontend(MySQLLogin):
     def error_bytes(self, kind, failure):
         if kind is BorrowFailure.DATABASE_ERROR:
             return failure.value.payload
+        if kind is BorrowFailure.UNREACHABLE and failure.check(NoReaderAvailable):
+            return P.err_packet(1105, "HY000", failure.getErrorMessage())  # a READ_ONLY endpoint
         return self._ERRORS[kind]
 
     # -- database -> client (called by the backend connection) ---------------------------------------

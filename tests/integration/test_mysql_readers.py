@@ -1,0 +1,138 @@
+"""A READ_ONLY proxy endpoint on real MariaDB GTID replication: a primary and two read-only
+replicas behind one proxy.
+
+Reads through the reader endpoint run on the replicas (@@read_only is 1), spread over both; a
+write there gets the server's own read-only error (1290), unchanged; a replica stopped while
+sessions are using the endpoint is left out and those sessions go on, on the other replica, over
+the same client connections.  The default (writer) endpoint takes writes the whole time.
+"""
+
+import threading
+import time
+
+import pymysql  # test extras: a missing driver must fail, not skip
+import pytest
+
+try:
+    from proxyutil import InProcessProxy, write_config
+except ImportError:  # tests/ became a package
+    from tests.integration.proxyutil import InProcessProxy, write_config
+
+NATIVE_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_native"
+READER = "test-mysql-ro"
+QUERY = "SELECT @@read_only, @@port"
+
+
+def _readers(proxy):
+    return proxy.call(lambda: [t.rds_resource_id for t in proxy.ctx.readers.eligible()])
+
+
+def _endpoint_port(proxy, name):
+    def read():
+        runtime = proxy.service.registry.get(proxy.ctx.name)
+        return runtime.endpoints.get(name).port.getHost().port
+    return proxy.call(read)
+
+
+def _connect(server, port):
+    return pymysql.connect(host="127.0.0.1", port=port, user="app_native",
+                           password=server.users["app_native"], database="appdb", autocommit=True)
+
+
+def _one(conn, sql, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+def test_mysql_reader_endpoint_reads_on_replicas_and_survives_a_stopped_one(
+        mariadb_replication_factory, tmp_path):
+    primary, (r1, r2) = mariadb_replication_factory(replicas=2)
+    targets = [{"RdsResourceId": f"mariadb-{i}", "Endpoint": s.host, "Port": s.port}
+               for i, s in enumerate((primary, r1, r2), 1)]
+    (tmp_path / "proxy").mkdir()
+    config = write_config(tmp_path / "proxy", "MYSQL", "test-mysql", "tcp:0:interface=127.0.0.1",
+                          {NATIVE_ARN: ("app_native", primary.users["app_native"], "MYSQL_NATIVE_PASSWORD")},
+                          targets, {"HealthCheckInterval": 1, "Endpoints": [
+                              {"DBProxyEndpointName": READER, "TargetRole": "READ_ONLY",
+                               "Listen": "tcp:0:interface=127.0.0.1"}]})
+    proxy = InProcessProxy(config)
+    try:
+        _run(proxy, primary, r1, r2)
+    finally:
+        proxy.stop()
+
+
+def _run(proxy, primary, r1, r2):
+    proxy.wait_for(lambda: _readers(proxy) == ["mariadb-2", "mariadb-3"],
+                   what="both replicas in the reader set")
+    reader_port = _endpoint_port(proxy, READER)
+    writer = _connect(primary, proxy.port)
+    _one(writer, "CREATE TABLE t (x int)")
+    assert _one(writer, QUERY) == (0, primary.port)
+
+    stop_writing = threading.Event()
+    written, write_errors = [], []
+
+    def write_load():
+        conn = _connect(primary, proxy.port)
+        try:
+            i = 0
+            while not stop_writing.is_set():
+                i += 1
+                try:
+                    _one(conn, "INSERT INTO t VALUES (%s)", (i,))
+                    written.append(i)
+                except Exception as e:  # reported below
+                    write_errors.append(e)
+                    return
+                time.sleep(0.005)
+        finally:
+            conn.close()
+
+    loader = threading.Thread(target=write_load, daemon=True)
+    loader.start()
+    sessions = [_connect(primary, reader_port) for _ in range(6)]
+    try:
+        seen = [_one(s, QUERY) for s in sessions for _ in range(3)]
+        assert {row[0] for row in seen} == {1}
+        assert {row[1] for row in seen} == {r1.port, r2.port}
+
+        # A write through the reader endpoint: the replica's own error, unchanged.
+        with pytest.raises(pymysql.err.OperationalError) as through_proxy:
+            _one(sessions[0], "INSERT INTO t VALUES (-1)")
+        direct = _connect(r1, r1.port)
+        try:
+            with pytest.raises(pymysql.err.OperationalError) as from_replica:
+                _one(direct, "INSERT INTO t VALUES (-1)")
+        finally:
+            direct.close()
+        assert through_proxy.value.args == from_replica.value.args
+        assert through_proxy.value.args[0] == 1290
+        assert _one(sessions[0], QUERY)[0] == 1
+
+        # A transaction through the reader endpoint stays on one replica until it ends.
+        sessions[1].begin()
+        first = _one(sessions[1], QUERY)
+        assert all(_one(sessions[1], QUERY) == first for _ in range(4))
+        sessions[1].commit()
+
+        r2.stop()
+        proxy.wait_for(lambda: _readers(proxy) == ["mariadb-2"],
+                       what="the stopped replica to leave the set")
+        after = [_one(s, QUERY) for s in sessions for _ in range(3)]
+        assert after == [(1, r1.port)] * len(after)  # same client connections, other replica
+
+        stop_writing.set()
+        loader.join(10)
+        assert not write_errors, write_errors
+        assert written
+        r1.sync_with(primary)
+        assert _one(sessions[2], "SELECT count(*) FROM t WHERE x > 0") == (len(written),)
+        writer_targets = proxy.call(lambda: {c.target.rds_resource_id for c in proxy.ctx.pool.connections()})
+        assert writer_targets == {"mariadb-1"}
+    finally:
+        stop_writing.set()
+        for s in sessions:
+            s.close()
+        writer.close()
