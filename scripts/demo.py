@@ -87,6 +87,7 @@ class Demo:
         self.maria_replica = None
         self.proxy = None
         self.pg_port = self.mysql_port = None
+        self.pg_reader_port = self.mysql_reader_port = None  # the READ_ONLY proxy endpoints
         self.password = args.password
 
     # -- setting up -----------------------------------------------------------------------------
@@ -151,15 +152,19 @@ class Demo:
     def write_config(self):
         secrets = {PG_ARN: {"username": USER, "password": self.password}}
         self.pg_port = port_or_free(self.args.pg_port)
+        self.pg_reader_port = port_or_free(self.pg_port + 1)
         proxies = [self._proxy("demo-pg", "POSTGRESQL", self.pg_port, PG_ARN, "POSTGRES_SCRAM_SHA_256",
-                               [("pg-1", self.pg.port), ("pg-2", self.pg_standby.port)])]
+                               [("pg-1", self.pg.port), ("pg-2", self.pg_standby.port)],
+                               self.pg_reader_port)]
         if self.maria is not None:
             secrets[MYSQL_ARN] = {"username": USER, "password": self.password}
             self.mysql_port = port_or_free(self.args.mysql_port)
+            self.mysql_reader_port = port_or_free(self.mysql_port + 1)
             proxies.append(self._proxy("demo-mysql", "MYSQL", self.mysql_port, MYSQL_ARN,
                                        "MYSQL_NATIVE_PASSWORD",
                                        [("mariadb-1", self.maria.port),
-                                        ("mariadb-2", self.maria_replica.port)]))
+                                        ("mariadb-2", self.maria_replica.port)],
+                                       self.mysql_reader_port))
         secrets_path = os.path.join(self.state_dir, "secrets.json")
         fd = os.open(secrets_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -182,7 +187,7 @@ class Demo:
         return path
 
     @staticmethod
-    def _proxy(name, engine, port, arn, auth_type, targets):
+    def _proxy(name, engine, port, arn, auth_type, targets, reader_port):
         return {
             "DBProxyName": name,
             "EngineFamily": engine,
@@ -206,6 +211,9 @@ class Demo:
                 "Targets": [{"RdsResourceId": target_id, "Endpoint": HOST, "Port": target_port}
                             for target_id, target_port in targets],
             }],
+            # A read-only endpoint: its sessions run on the standby/replica (never the writer).
+            "Endpoints": [{"DBProxyEndpointName": name + "-ro", "TargetRole": "READ_ONLY",
+                           "Listen": "tcp:%d:interface=%s" % (reader_port, HOST)}],
         }
 
     def start_proxy(self, config):
@@ -220,7 +228,8 @@ class Demo:
             # Its own session: the terminal's Ctrl-C reaches only us, and we stop it in order.
             self.proxy = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
-        ports = [p for p in (self.pg_port, self.mysql_port) if p is not None]
+        ports = [p for p in (self.pg_port, self.mysql_port, self.pg_reader_port,
+                             self.mysql_reader_port) if p is not None]
         deadline = time.monotonic() + 30
         while not all(accepts(p) for p in ports):
             if self.proxy.poll() is not None:
@@ -264,6 +273,15 @@ class Demo:
         if self.mysql_port is not None:
             say("  mariadb -h %s -P %d -u %s -p%s %s" % (HOST, self.mysql_port, USER, pw, DATABASE))
         say()
+        say("Read-only endpoints (sessions run on the standby/replica; writes get its read-only error):")
+        say()
+        say('  PGPASSWORD=%s psql "host=%s port=%d user=%s dbname=%s"    # demo-pg-ro'
+            % (pw, HOST, self.pg_reader_port, USER, DATABASE))
+        if self.mysql_port is not None:
+            say("  mariadb -h %s -P %d -u %s -p%s %s    # demo-mysql-ro"
+                % (HOST, self.mysql_reader_port, USER, pw, DATABASE))
+        say("  then: select pg_is_in_recovery(), inet_server_port();  /  select @@read_only, @@port;")
+        say()
         say("Things to try:")
         say(" * Pooling: open two or three psql sessions as above and run in each")
         say("       select pg_backend_pid();")
@@ -301,6 +319,7 @@ class Demo:
         say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxies" % (HOST, self.admin_port))
         say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxy-targets --db-proxy-name demo-pg"
             % (HOST, self.admin_port))
+        say("       .venv/bin/rdsproxy --endpoint-url http://%s:%d describe-db-proxy-endpoints" % (HOST, self.admin_port))
         say("       curl -s http://%s:%d/metrics | grep -v '^#'" % (HOST, self.admin_port))
         say()
         say("Proxy log:  tail -f %s" % os.path.relpath(self.log_path, REPO))

@@ -7,7 +7,8 @@
 COMMAND and its options are the aws command's: `describe-db-proxies`, `create-db-proxy`,
 `modify-db-proxy`, `delete-db-proxy`, `describe-db-proxy-target-groups`,
 `modify-db-proxy-target-group`, `register-db-proxy-targets`, `deregister-db-proxy-targets`,
-`describe-db-proxy-targets`, with options named after the operation's input members
+`describe-db-proxy-targets`, `describe-db-proxy-endpoints`, `create-db-proxy-endpoint`,
+`modify-db-proxy-endpoint`, `delete-db-proxy-endpoint`, with options named after the operation's input members
 (`--db-proxy-name`, `--connection-pool-config MaxConnectionsPercent=50,...`, `--require-tls` /
 `--no-require-tls`, `--db-instance-identifiers a b`).  Commands, options and the request and
 response shapes all come from botocore's RDS model, and requests are made by a botocore client,
@@ -36,10 +37,13 @@ OPERATIONS = (
     "CreateDBProxy", "DescribeDBProxies", "ModifyDBProxy", "DeleteDBProxy",
     "DescribeDBProxyTargetGroups", "ModifyDBProxyTargetGroup", "RegisterDBProxyTargets",
     "DeregisterDBProxyTargets", "DescribeDBProxyTargets",
+    "DescribeDBProxyEndpoints", "CreateDBProxyEndpoint", "ModifyDBProxyEndpoint",
+    "DeleteDBProxyEndpoint",
     "DescribeDBProxySessions",  # ours (admin/extensions.py)
 )
 PAGED_KEYS = {"DescribeDBProxies": "DBProxies", "DescribeDBProxyTargetGroups": "TargetGroups",
-              "DescribeDBProxyTargets": "Targets", "DescribeDBProxySessions": "DBProxySessions"}
+              "DescribeDBProxyTargets": "Targets", "DescribeDBProxySessions": "DBProxySessions",
+              "DescribeDBProxyEndpoints": "DBProxyEndpoints"}
 
 
 class UsageError(Exception):

@@ -88,6 +88,16 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
         assert {row[0] for row in seen} == {True}
         assert {row[1] for row in seen} == {s1.port, s2.port}
 
+        # The replicas' connections and caps are in the proxy's figures (/metrics), per target.
+        from txrdsproxy.metrics.collector import proxy_figures
+        figures = proxy.call(proxy_figures, proxy.ctx)
+        per_target = {labels[2]: value for family, labels, value in figures
+                      if family == "database_connections"}
+        assert per_target.get("pg-2", 0) >= 1 and per_target.get("pg-3", 0) >= 1
+        caps = {labels[2]: value for family, labels, value in figures
+                if family == "max_database_connections_allowed"}
+        assert caps.get("pg-2") == caps.get("pg-3") == 30  # 100% of each standby's max_connections
+
         # A write through the reader endpoint gets PostgreSQL's read-only error, as the standby
         # itself answers it; the session goes on.
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as through_proxy:

@@ -28,6 +28,11 @@ def test_commands_and_options_are_the_aws_commands():
                                  "SessionPinningFilters": ["EXCLUDE_VARIABLE_SETS"]}}
     args = parse("register-db-proxy-targets", "--db-proxy-name", "p", "--db-instance-identifiers", "a", "b")
     assert cli.build_params(cli._model().operation_model(args.operation), args)["DBInstanceIdentifiers"] == ["a", "b"]
+    args = parse("create-db-proxy-endpoint", "--db-proxy-name", "p", "--db-proxy-endpoint-name", "p-ro",
+                 "--vpc-subnet-ids", "s-1", "--target-role", "READ_ONLY")
+    assert cli.build_params(cli._model().operation_model(args.operation), args) == {
+        "DBProxyName": "p", "DBProxyEndpointName": "p-ro", "VpcSubnetIds": ["s-1"],
+        "TargetRole": "READ_ONLY"}
     args = parse("modify-db-proxy", "--db-proxy-name", "p", "--no-require-tls", "--debug-logging",
                  "--idle-client-timeout", "60", "--new-db-proxy-name", "q")
     assert cli.build_params(cli._model().operation_model(args.operation), args) == {

@@ -186,7 +186,9 @@ def proxy_figures(ctx, metrics=None):
 
     pool = ctx.pool
     now = ctx.clock.seconds()
-    out.append(("client_connections_waiting", [name, group], pool.waiting))
+    replica_pools = getattr(ctx, "replica_pools", None)  # the reader endpoints' (pool/targets.py)
+    waiting = pool.waiting + (sum(p.waiting for p in replica_pools) if replica_pools is not None else 0)
+    out.append(("client_connections_waiting", [name, group], waiting))
     since = getattr(pool, "oldest_wait_since", None)
     out.append(("client_longest_wait_seconds", [name, group],
                 max(0.0, now - since) if since is not None else 0.0))
@@ -195,7 +197,10 @@ def proxy_figures(ctx, metrics=None):
     targets = list(topology.targets) if topology is not None else []
     rows = {_target_name(t): [0, 0, 0, 0, 0, collections.Counter()] for t in targets}
     opening = 0
-    for conn in pool.connections():
+    conns = pool.connections()
+    if replica_pools is not None:
+        conns = conns + replica_pools.connections()
+    for conn in conns:
         if not IBackendConnection.providedBy(conn):
             opening += 1  # the pool's placeholder for a connection being opened
             continue
@@ -229,6 +234,11 @@ def proxy_figures(ctx, metrics=None):
     limit = pool.max_connections
     if limit is not None and writer is not None:
         out.append(("max_database_connections_allowed", [name, group, _target_name(writer)], limit))
+    for replica in targets if replica_pools is not None else ():
+        replica_pool = replica_pools.existing(replica)
+        if replica is not writer and replica_pool is not None and replica_pool.max_connections is not None:
+            out.append(("max_database_connections_allowed", [name, group, _target_name(replica)],
+                        replica_pool.max_connections))
     health = getattr(ctx, "health", None)
     if health is not None and topology is not None:
         for target in targets:

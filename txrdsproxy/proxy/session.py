@@ -98,6 +98,8 @@ class ProxyContext:
         self.database_tls = None  # backend_tls.DatabaseTLS (the connector's); None: never TLS
         self.iam = None  # auth.iam.DbTokenVerifier (the registry's) for IAMAuth REQUIRED users
         self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
+        self.readers = None  # failover.readers.ReaderSet (endpoints.wire_readers)
+        self.replica_pools = None  # pool.targets.TargetPools of the READ_ONLY endpoints
         self.sessions = set()
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
         self.admission = Admission(proxy_config, clock)  # pre-authentication limits
