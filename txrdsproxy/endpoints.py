@@ -115,10 +115,10 @@ def end_pinned_on(ctx, target):
               and getattr(getattr(s, "lease", None), "conn", None) is not None
               and getattr(s.lease.conn, "target", None) is target]
     if pinned:
-        from txrdsproxy.runtime import drain_sessions
+        from txrdsproxy.runtime import DEFAULT_DRAIN_TIMEOUT, drain_sessions
         log.info("proxy {name}: ending {n} pinned reader session(s) on {t} after their transactions",
                  name=ctx.name, n=len(pinned), t=target.rds_resource_id)
-        drain_sessions(ctx, ctx.config.idle_client_timeout, ctx.clock, pinned)
+        drain_sessions(ctx, DEFAULT_DRAIN_TIMEOUT, ctx.clock, pinned)
 
 
 def attach_monitor(readers, monitor, health, clock):

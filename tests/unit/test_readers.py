@@ -335,3 +335,31 @@ def test_a_deregistered_replica_is_forgotten(why):
     w.pools.drop(R1, "target deregistered")
     w.readers.forget(R1)
     assert w.readers.eligible() == (R2,)
+
+
+# -- pinned reader sessions on a replica that leaves ------------------------------------------------
+class FakeSession:
+    def __init__(self, target, pinned=True, routed=True):
+        from types import SimpleNamespace
+        self.route = object() if routed else None
+        self.pin_reason = "set_variable" if pinned else None
+        self.lease = SimpleNamespace(conn=SimpleNamespace(target=target))
+        self.drained = 0
+
+    def drain(self):
+        self.drained += 1
+        return False  # mid-transaction: ends at its boundary (a later call)
+
+
+def test_pinned_reader_sessions_on_a_replica_that_left_are_ended_at_their_boundary():
+    from types import SimpleNamespace
+    from txrdsproxy.endpoints import end_pinned_on
+    clock = Clock()
+    on_r1, elsewhere, unpinned, writer_session = (FakeSession(R1), FakeSession(R2),
+                                                  FakeSession(R1, pinned=False),
+                                                  FakeSession(R1, routed=False))
+    ctx = SimpleNamespace(name="p", clock=clock,
+                          sessions={on_r1, elsewhere, unpinned, writer_session})
+    end_pinned_on(ctx, R1)
+    assert on_r1.drained == 1
+    assert elsewhere.drained == unpinned.drained == writer_session.drained == 0
