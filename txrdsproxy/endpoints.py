@@ -19,6 +19,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 
 from txrdsproxy.config import model
+from txrdsproxy.failover.checks import HealthChecks
 from txrdsproxy.failover.readers import ReaderRouter, ReaderSet
 from txrdsproxy.pool.janitor import PoolJanitor
 from txrdsproxy.pool.targets import TargetPools
@@ -92,7 +93,9 @@ def wire_readers(ctx, clock, metrics=None):
                         clock, metrics)
 
     def probe(target):
-        return ctx.connector.probe_role(target, ctx.secrets.get(ctx.config.auth[0].secret_arn))
+        # the monitor's checks (their credentials, HealthCheck), or the same kind without one
+        checks = getattr(ctx.monitor, "checks", None) or HealthChecks(ctx)
+        return checks.probe(target)
 
     def on_left(target, why):
         pools.retire(target, f"left the reader set ({why})")
@@ -121,31 +124,14 @@ def end_pinned_on(ctx, target):
         drain_sessions(ctx, DEFAULT_DRAIN_TIMEOUT, ctx.clock, pinned)
 
 
-def attach_monitor(readers, monitor, health, clock):
-    """Feed *readers* from the WriterMonitor's rounds; without a monitor (one target) the set
-    is what the topology says from the start."""
+def attach_monitor(readers, monitor):
+    """Feed *readers* from the WriterMonitor's rounds (`round_listeners`); without a monitor
+    (one target) the set is what the topology says from the start."""
     if monitor is None:
         readers.mark_known()
         return
-    listeners = getattr(monitor, "round_listeners", None)
-    if listeners is not None:
-        if readers.round_done not in listeners:
-            listeners.append(readers.round_done)
-        return
-    # A monitor without round listeners: follow its TargetHealth records instead (no lag).
-    pending = []
-
-    def after_round():
-        pending.clear()
-        if monitor.rounds > 0:
-            readers.known = True
-        readers.refresh()
-
-    def record(target, health_record):
-        if not pending:
-            pending.append(clock.callLater(0, after_round))
-
-    health.listeners.append(record)
+    if readers.round_done not in monitor.round_listeners:
+        monitor.round_listeners.append(readers.round_done)
 
 
 class EndpointSet:

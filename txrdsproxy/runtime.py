@@ -282,7 +282,7 @@ class ProxyRuntime:
         self._janitor.start()
         self.ctx.replica_janitor.start()
         from txrdsproxy.endpoints import attach_monitor
-        attach_monitor(self.ctx.readers, self.ctx.monitor, self.ctx.health, self.reactor)
+        attach_monitor(self.ctx.readers, self.ctx.monitor)
         if self.ctx.monitor is not None:
             self.ctx.monitor.start()
         self.status = ProxyStatus.AVAILABLE
@@ -478,7 +478,7 @@ class ProxyRuntime:
             if self._running:
                 from txrdsproxy.endpoints import attach_monitor
                 ctx.readers.known = False  # wait for the new monitor's first round
-                attach_monitor(ctx.readers, ctx.monitor, ctx.health, self.reactor)
+                attach_monitor(ctx.readers, ctx.monitor)
                 ctx.monitor.start()
         elif ctx.monitor is not None:
             ctx.monitor.last_writer = topology.current_writer()

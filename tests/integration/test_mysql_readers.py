@@ -131,6 +131,31 @@ def _run(proxy, primary, r1, r2):
         assert _one(sessions[2], "SELECT count(*) FROM t WHERE x > 0") == (len(written),)
         writer_targets = proxy.call(lambda: {c.target.rds_resource_id for c in proxy.ctx.pool.connections()})
         assert writer_targets == {"mariadb-1"}
+
+        # Replica lag (Seconds_Behind_Master): a bound set live; r1's SQL thread is held by a
+        # global read lock while the primary writes, so it falls behind and leaves the set with
+        # the reason in TargetHealth; unlocked, it catches up and comes back.
+        proxy.call(proxy.service.registry.modify_proxy, proxy.ctx.name, max_replica_lag=1.0)
+        lock = pymysql.connect(host="127.0.0.1", port=r1.port, user="root", password=r1.root_password,
+                               autocommit=True)
+        try:
+            _one(lock, "FLUSH TABLES WITH READ LOCK")
+            _one(writer, "INSERT INTO t VALUES (-2)")
+            proxy.wait_for(lambda: _readers(proxy) == [], what="the held replica to leave the set",
+                           timeout=20)
+            record = proxy.call(lambda: proxy.ctx.health.health_of(proxy.ctx.topology.targets[1]))
+            assert (record.state, record.reason) == ("UNAVAILABLE", "INVALID_REPLICATION_STATE")
+            assert "exceeds MaxReplicaLag 1 s" in record.description
+            with pytest.raises(pymysql.err.OperationalError) as refused:
+                _one(sessions[0], QUERY)  # no replica left and no FallbackToWriter
+            assert refused.value.args == (
+                1105, "No healthy read replica is available for proxy endpoint test-mysql-ro")
+        finally:
+            _one(lock, "UNLOCK TABLES")
+            lock.close()
+        proxy.wait_for(lambda: _readers(proxy) == ["mariadb-2"], what="the replica to catch up",
+                       timeout=20)
+        assert _one(sessions[0], QUERY) == (1, r1.port)
     finally:
         stop_writing.set()
         for s in sessions:

@@ -142,6 +142,28 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
         _wait_replicated(s1, "SELECT count(*) FROM t WHERE x > 0", str(len(written)))
         writer_targets = proxy.call(lambda: {c.target.rds_resource_id for c in proxy.ctx.pool.connections()})
         assert writer_targets == {"pg-1"}
+
+        # Replica lag: a bound set live; s1 stops replaying while the primary writes, so its lag
+        # (now - its last replayed transaction) grows past the bound: it leaves the set with the
+        # reason in TargetHealth, and comes back once it has caught up.  An idle primary gives
+        # no lag (s2 replayed everything it received).
+        runtime = proxy.call(proxy.service.registry.modify_proxy, proxy.ctx.name, max_replica_lag=1.0)
+        assert runtime.config.max_replica_lag == 1.0
+        time.sleep(1.5)  # the primary idles past the bound: lag stays 0 on both standbys
+        proxy.wait_for(lambda: proxy.call(lambda: proxy.ctx.monitor.rounds) >= 2, what="rounds")
+        assert _readers(proxy) == ["pg-2", "pg-3"]
+        s1.psql("SELECT pg_wal_replay_pause()")
+        writer.execute("INSERT INTO t VALUES (-2)")
+        proxy.wait_for(lambda: _readers(proxy) == ["pg-3"], what="the paused standby to leave the set",
+                       timeout=15)
+        record = proxy.call(lambda: proxy.ctx.health.health_of(proxy.ctx.topology.targets[1]))
+        assert (record.state, record.reason) == ("UNAVAILABLE", "INVALID_REPLICATION_STATE")
+        assert record.description.startswith("replica lag ") and "exceeds MaxReplicaLag 1 s" in record.description
+        assert {s.execute(QUERY).fetchone() for s in sessions} == {(True, s2.port)}
+        s1.psql("SELECT pg_wal_replay_resume()")
+        proxy.wait_for(lambda: _readers(proxy) == ["pg-2", "pg-3"], what="the standby to catch up",
+                       timeout=15)
+        assert proxy.call(lambda: proxy.ctx.health.health_of(proxy.ctx.topology.targets[1]).state) == "AVAILABLE"
     finally:
         stop_writing.set()
         for s in sessions:

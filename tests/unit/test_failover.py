@@ -378,12 +378,14 @@ class FakeMetrics:
         self.db_connections_setup_succeeded = self._C()
 
 
-@pytest.mark.parametrize("answer, role", [
-    (["f", "f"], RW),  # a primary
-    (["t", "f"], RO),  # a standby
-    (["f", "t"], RO),  # a primary made read-only for the whole server (switchover, kept up)
+@pytest.mark.parametrize("answer, role, lag", [
+    (["f", "f", None], RW, None),  # a primary
+    (["t", "f", "0"], RO, 0.0),    # a standby that replayed all it received
+    (["t", "f", "12.5"], RO, 12.5),  # a standby behind by its last replayed transaction's age
+    (["t", "f", None], RO, None),  # a standby that has replayed no transaction yet
+    (["f", "t", None], RO, None),  # a primary made read-only for the whole server (switchover, kept up)
 ])
-def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, role):
+def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, role, lag):
     health, metrics, clock = TargetHealth(), FakeMetrics(), Clock()
     conn_ = pg_backend.PgConnector(clock, Topology([W, S]), None, "", 1 << 20, health=health,
                                    metrics=metrics)
@@ -398,7 +400,7 @@ def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, r
     connected.callback(conn)
     conn.ready.callback(conn)
     found = result(d)
-    assert found.role == role and found.replica == (answer[0] == "t")
+    assert found.role == role and found.replica == (answer[0] == "t") and found.lag == lag
     assert asked == [pg_backend.PgConnector.ROLE_QUERY] and closed == ["health check done"]
     # a health check is neither a pool connection request nor evidence for the connector
     assert metrics.db_connection_requests.n == 0
@@ -418,20 +420,35 @@ def test_probe_without_credentials_fails():
     assert failure_of(conn_.probe_role(W, None)).check(BackendGone)
 
 
-@pytest.mark.parametrize("answer, role", [("0", RW), ("1", RO)])
-def test_mysql_probe_asks_global_read_only(endpoints, answer, role):
+def _slave_status(seconds_behind):
+    """A SHOW SLAVE STATUS row: Seconds_Behind_Master is its 33rd column."""
+    row = ["x"] * 40
+    row[32] = seconds_behind
+    return [row]
+
+
+@pytest.mark.parametrize("answer, status, role, lag", [
+    ("0", None, RW, None),                 # the writer: no replica status asked
+    ("1", _slave_status("7"), RO, 7.0),    # a replica 7 s behind
+    ("1", _slave_status(None), RO, None),  # replication threads not running: unknown
+    ("1", [], RO, None),                   # read-only but replicating from nothing
+])
+def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer, status, role, lag):
     conn_ = mysql_backend.MySQLConnector(Clock(), Topology([W, S]), None, "", 1 << 20)
     d = conn_.probe_role(S, Credentials("app", "pw"))
     _, factory, connected = endpoints[0]
     conn = factory.proto
     assert conn.key == ("app", 0)
     asked, closed = [], []
-    conn.query = lambda sql: asked.append(sql) or defer.succeed([[answer]])
+    answers = {b"SELECT @@global.read_only": [[answer]], b"SHOW SLAVE STATUS": status}
+    conn.query = lambda sql: asked.append(sql) or defer.succeed(answers[sql])
     conn.close = closed.append
     connected.callback(conn)
     conn.ready.callback(conn)
-    assert result(d) == role
-    assert asked == [b"SELECT @@global.read_only"] and closed == ["health check done"]
+    found = result(d)
+    assert (found.role, found.lag) == (role, lag)
+    expected = [b"SELECT @@global.read_only"] + ([b"SHOW SLAVE STATUS"] if answer == "1" else [])
+    assert asked == expected and closed == ["health check done"]
 
 
 def test_connect_without_a_writer_fails_with_no_writer():

@@ -3,18 +3,16 @@ connections: the reader set, least-outstanding routing over per-replica pools, n
 unless FallbackToWriter, replicas that fail, are promoted or lag."""
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Optional
-
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from txrdsproxy.config.model import ConnectionPoolConfig, DBProxyTarget
+from txrdsproxy.endpoints import attach_monitor
 from txrdsproxy.failover.monitor import AVAILABLE, UNAVAILABLE, TargetHealth, WriterMonitor
 from txrdsproxy.failover.readers import NoReaderAvailable, ReaderRouter, ReaderSet
-from txrdsproxy.failover.topology import NoWriter, Topology
+from txrdsproxy.failover.topology import NoWriter, ProbeResult, Topology
 from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
 from txrdsproxy.pool.targets import TargetPools
 from txrdsproxy.proxy.connector import BackendGone
@@ -27,12 +25,9 @@ KEY = ("app", "appdb")
 INTERVAL = 5.0
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A health check's answer with replay lag (the shape of topology.ProbeResult)."""
-
-    role: str
-    lag: Optional[float] = None
+def Answer(role, lag=None):
+    """A health check's answer with replay lag."""
+    return ProbeResult(role, lag=lag, replica=role == RO)
 
 
 class Refused(Exception):
@@ -94,7 +89,8 @@ class World:
         self.config = ConnectionPoolConfig(connection_borrow_timeout=timeout,
                                            max_connections_percent=percent)
         self.pool = BackendPool("p", self.connector, self.config, self.clock)
-        self.answers = dict(answers or {W: RW, R1: RO, R2: RO})
+        self.answers = {t: Answer(a) if isinstance(a, str) else a
+                        for t, a in (answers or {W: RW, R1: RO, R2: RO}).items()}
         self.left = []
         self.pools = TargetPools("p", self.connector, self.config, self.clock)
         self.readers = ReaderSet(self.topology, self.health, self.clock, max_lag, probe=self.probe,
@@ -119,15 +115,15 @@ class World:
         self.pools.retire(target, why)
 
     def round(self):
-        """One monitor round, its answers handed to the reader set as round listeners are."""
-        results = {}
-        for t in self.topology.targets:
-            d = self.probe(t)
-            d.addBoth(lambda r, t=t: results.__setitem__(t, r))
-        self.monitor._running = True
-        # the monitor judges roles (bare roles until it takes ProbeResults), the reader set lag
-        self.monitor._decide({t: getattr(r, "role", r) for t, r in results.items()})
-        self.readers.round_done(results)
+        """One monitor round (with the writer re-checks it may do), which tells the reader set."""
+        rounds = self.monitor.rounds
+        if not self.monitor._running:
+            attach_monitor(self.readers, self.monitor)
+            self.monitor.start()
+        else:
+            self.monitor.probe_now()
+        while self.monitor.rounds == rounds:
+            self.clock.advance(0.25)
 
     def lend(self):
         return result(self.router.borrow(KEY))
@@ -221,7 +217,7 @@ def test_fallback_to_writer_lends_the_writers_connections_only_when_no_replica_i
     lease = w.lend()
     assert lease.conn.target is W and lease._pool is w.pool
     lease.release()
-    w.answers.update({R1: RO})
+    w.answers.update({R1: Answer(RO)})
     w.round()
     assert w.lend().conn.target is R1
 
@@ -273,7 +269,7 @@ def test_a_promoted_replica_leaves_the_set_and_its_connections_are_retired():
     idle_r1 = on_r1.pop()
     idle_r1.release()  # idle in R1's pool
     # W dies, R1 is promoted
-    w.answers.update({W: BackendGone("down"), R1: RW})
+    w.answers.update({W: BackendGone("down"), R1: Answer(RW)})
     w.round()
     assert w.topology.current_writer() is R1
     assert [t for t, _ in w.left] == [R1]

@@ -119,8 +119,7 @@ class ReaderSet:
                               " reader set until it catches up", t=target.rds_resource_id, lag=lag,
                               max=self.max_lag)
             self._lagging[target] = lag
-            record = getattr(self.health, "record_unavailable", None) or self.health.record_failure
-            record(target, INVALID_REPLICATION_STATE,
+            self.health.record_unavailable(target, INVALID_REPLICATION_STATE,
                    f"replica lag {lag:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s")
         elif self._lagging.pop(target, None) is not None:
             self.log.info("replica {t} caught up (lag {lag}): back in the reader set",
@@ -155,7 +154,7 @@ class ReaderSet:
         if not self._running or target not in self.topology.targets:
             return None
         if not isinstance(result, Failure) and probe_role(result) == READ_ONLY:
-            self.topology.record_role(target, probe_role(result))
+            self.topology.record_probe(target, result)
             self._judge_lag(target, result)
             if self._suspect.pop(target, None) is not None:
                 self.log.info("replica {t} answers again: back in the reader set", t=target.rds_resource_id)

@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txrdsproxy.backend_tls import DatabaseTLSError, start_client_tls
-from txrdsproxy.failover.topology import NoWriter
+from txrdsproxy.failover import lag
+from txrdsproxy.failover.topology import NoWriter, ProbeResult
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy import mysql_state as state
 from txrdsproxy.proxy.connector import (BackendConnection, BackendGone, Connector, DatabaseRefused,
@@ -636,8 +637,14 @@ class MySQLConnector(Connector):
         return (creds.username, 0)  # no capability profile, no database (MySQL needs none)
 
     def query_role(self, conn):
+        """Deferred[ProbeResult]: read_only off = the writer; a read-only server's replay lag
+        comes from SHOW SLAVE STATUS (failover/lag.py; a second query on the same connection,
+        bounded like the first by the caller)."""
         def role(rows):
-            return "READ_WRITE" if rows and rows[0][0] in ("0", "OFF") else "READ_ONLY"
+            if rows and rows[0][0] in ("0", "OFF"):
+                return ProbeResult("READ_WRITE")
+            return conn.query(lag.MYSQL_REPLICA_STATUS_SQL).addCallback(
+                lambda status: ProbeResult("READ_ONLY", lag=lag.mysql_lag(status)))
 
         return conn.query(b"SELECT @@global.read_only").addCallback(role)
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txrdsproxy.backend_tls import PgSSLNegotiation
+from txrdsproxy.failover import lag
 from txrdsproxy.failover.topology import ProbeResult
 from txrdsproxy.proxy.connector import BackendConnection, BackendGone, Connector, DatabaseRefused
 from txrdsproxy.proxy.interfaces import IBackendConnection
@@ -456,9 +457,10 @@ class PgConnector(Connector):
     # default_transaction_read_only on for the whole server (a switchover that keeps the old
     # primary up: ALTER SYSTEM + reload).  A per-role or per-database setting (the health-check
     # user's own) says nothing about the server and is ignored.
+    # Third column: a standby's replay lag in seconds (failover/lag.py), for the reader set.
     ROLE_QUERY = (b"SELECT pg_is_in_recovery(), (SELECT setting = 'on' AND source NOT IN ('database',"
                   b" 'user', 'database user', 'client', 'session') FROM pg_settings"
-                  b" WHERE name = 'default_transaction_read_only')")
+                  b" WHERE name = 'default_transaction_read_only'), " + lag.PG_REPLAY_LAG_SQL)
 
     def query_role(self, conn):
         def role(rows):
@@ -466,7 +468,9 @@ class PgConnector(Connector):
                 raise BackendGone("the health check query returned no row")
             in_recovery = rows[0][0] == "t"
             read_only = in_recovery or rows[0][1] == "t"
-            return ProbeResult("READ_ONLY" if read_only else "READ_WRITE", replica=in_recovery)
+            replay_lag = lag.parse_seconds(rows[0][2]) if len(rows[0]) > 2 else None
+            return ProbeResult("READ_ONLY" if read_only else "READ_WRITE", replica=in_recovery,
+                               lag=replay_lag)
 
         return conn.run_internal(self.ROLE_QUERY).addCallback(role)
 
