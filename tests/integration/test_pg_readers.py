@@ -83,6 +83,15 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
     # session to its standby for good (pinned sessions are not moved).
     sessions = [psycopg.connect(reader_dsn, autocommit=True, prepare_threshold=None) for _ in range(6)]
     try:
+        # Each endpoint reports its own servers' parameters: a standby's in_hot_standby to the
+        # reader sessions, the writer's to the writer's (libpq's target_session_attrs reads them).
+        assert {s.info.parameter_status("in_hot_standby") for s in sessions} == {"on"}
+        assert writer.info.parameter_status("in_hot_standby") == "off"
+        with psycopg.connect(proxy.dsn(primary), target_session_attrs="read-write") as again:
+            assert again.execute(QUERY).fetchone() == (False, primary.port)
+        with psycopg.connect(reader_dsn, target_session_attrs="read-only") as again:
+            assert again.execute(QUERY).fetchone()[0] is True
+
         # Reads land on the standbys, spread over both.
         seen = [s.execute(QUERY).fetchone() for s in sessions for _ in range(3)]
         assert {row[0] for row in seen} == {True}

@@ -20,7 +20,7 @@ from txrdsproxy.auth.iam import AuthenticationFailed, TooManyAuthentications, ve
 from txrdsproxy.proxy.interfaces import IEngineSession, IPgSessionEvents
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
-from txrdsproxy.proxy.session import BorrowFailure, ClientSession, Phase, SessionState
+from txrdsproxy.proxy.session import READ_ONLY_KEY, BorrowFailure, ClientSession, Phase, SessionState
 from txrdsproxy.wire.pg import auth as pgauth
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
@@ -248,7 +248,10 @@ class PgFrontend(ClientSession):
             self._send(request.negotiate)
         self.user = request.user
         self.database = request.database
-        self.key = (self.user, self.database, self.ctx.database_tls_for(self.tls))
+        # A reader endpoint's sessions (replica connections) get their own key: what the login
+        # caches per key (server parameters such as in_hot_standby) differs from the writer's.
+        self.key = (self.user, self.database, self.ctx.database_tls_for(self.tls)) + (
+            () if self.route is None else (READ_ONLY_KEY,))
         self.desired = request.desired
         pending = self.ctx.secrets_loading()
         if pending is None:

@@ -22,6 +22,7 @@ from txrdsproxy.proxy.relay import couple, uncouple
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.sqlmask import mask_literals
 
+READ_ONLY_KEY = "READ_ONLY"  # last element of a READ_ONLY endpoint's session keys (engines that need it)
 AUTH_TIMEOUT = 60.0  # default ClientAuthTimeout: seconds from connecting to the end of authentication
 DEBUG_LOGGING_SECONDS = 24 * 3600
 
