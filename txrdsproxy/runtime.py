@@ -260,7 +260,7 @@ class ProxyRuntime:
                 raise
 
     def _bind_endpoints(self):
-        self.endpoints.bind_all(_frontend_factory, bind_now, with_backlog)
+        self.endpoints.bind_all(_frontend_factory, self.binder, with_backlog)
         self.ctx.config = dataclasses.replace(self.ctx.config, endpoints=self.endpoints.configs())
 
     def _pin_port(self, port):
@@ -362,7 +362,7 @@ class ProxyRuntime:
             old_port.stopListening()
         if "endpoints" in changes:
             # first, so that a new endpoint that cannot listen leaves everything unchanged
-            self.endpoints.apply(old.endpoints, new.endpoints, _frontend_factory, bind_now,
+            self.endpoints.apply(old.endpoints, new.endpoints, _frontend_factory, self.binder,
                                  with_backlog, self._drain_endpoint_sessions)
             new = dataclasses.replace(new, endpoints=self.endpoints.configs())
         ctx.config = new

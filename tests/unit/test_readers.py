@@ -359,3 +359,16 @@ def test_pinned_reader_sessions_on_a_replica_that_left_are_ended_at_their_bounda
     end_pinned_on(ctx, R1)
     assert on_r1.drained == 1
     assert elsewhere.drained == unpinned.drained == writer_session.drained == 0
+
+
+def test_with_several_workers_each_replica_pool_takes_this_workers_share_of_its_cap():
+    w = World(max_connections={R1: 10, R2: 10}, percent=50)  # each replica's cap: 5
+    w.round()
+    w.lend().release()  # one replica pool exists before the share is set
+    w.pools.share = (1, 2)  # the second of two workers: floor(5 / 2) = 2 per replica
+    for target in (R1, R2):
+        w.pools.get(target)
+    assert {p.share for p in w.pools} == {(1, 2)}
+    leases = [w.lend() for _ in range(4)]
+    assert Counter(le.conn.target for le in leases) == Counter({R1: 2, R2: 2})
+    assert not w.router.borrow(KEY).called  # both at this worker's share: it waits

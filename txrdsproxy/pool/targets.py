@@ -59,6 +59,18 @@ class TargetPools:
         self.metrics = metrics
         self.on_trouble = on_trouble or (lambda target, why: None)
         self._pools = {}  # target -> BackendPool
+        self._share = (0, 1)  # `Workers: N`: this worker's share of each replica's cap
+
+    @property
+    def share(self):
+        return self._share
+
+    @share.setter
+    def share(self, share):
+        """This worker's (index, N) share of each replica pool's caps (as BackendPool.share)."""
+        self._share = share
+        for pool in self._pools.values():
+            pool.share = share
 
     def __iter__(self):
         return iter(list(self._pools.values()))
@@ -70,6 +82,7 @@ class TargetPools:
             pool = BackendPool(self.name, TargetConnector(self.connector, target), self.config,
                                self.clock, self.metrics)
             pool.failover = _TroubleReporter(target, self._trouble)
+            pool.share = self._share
             self._pools[target] = pool
         return pool
 

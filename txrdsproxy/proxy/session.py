@@ -129,6 +129,8 @@ class ProxyContext:
         self.worker = worker
         self._ids = itertools.count(worker.first_id(), worker.count)
         self.pool.share = (worker.index, worker.count)
+        if self.replica_pools is not None:  # the reader endpoints' pools share the same way
+            self.replica_pools.share = (worker.index, worker.count)
 
     def database_tls_for(self, client_tls):
         """The pool key's TLS element for a session whose client connection is (not) TLS:
