@@ -372,3 +372,11 @@ def test_with_several_workers_each_replica_pool_takes_this_workers_share_of_its_
     leases = [w.lend() for _ in range(4)]
     assert Counter(le.conn.target for le in leases) == Counter({R1: 2, R2: 2})
     assert not w.router.borrow(KEY).called  # both at this worker's share: it waits
+
+
+def test_the_router_and_the_pool_are_lenders():
+    from zope.interface.verify import verifyObject
+    from txrdsproxy.pool.interfaces import ILeaseSource
+    w = World()
+    assert verifyObject(ILeaseSource, w.router)
+    assert verifyObject(ILeaseSource, w.pool)

@@ -29,7 +29,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from zope.interface import implementer
+
 from txrdsproxy.failover.topology import READ_ONLY
+from txrdsproxy.pool.interfaces import ILeaseSource
 from txrdsproxy.pool.pool import BorrowTimeout
 from txrdsproxy.proxy.connector import BackendGone
 
@@ -217,6 +220,7 @@ class ReaderSet:
         self._rechecks.clear()
 
 
+@implementer(ILeaseSource)
 class ReaderRouter:
     """The pool of a READ_ONLY endpoint's sessions: BackendPool's `try_borrow` / `borrow`, each
     borrow served by the replica of the reader set with the fewest outstanding transactions.
