@@ -28,7 +28,6 @@ ConnectionBorrowTimeout).
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-
 from zope.interface import implementer
 
 from txrdsproxy.failover.topology import READ_ONLY
