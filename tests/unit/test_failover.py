@@ -427,13 +427,15 @@ def _slave_status(seconds_behind):
     return [row]
 
 
-@pytest.mark.parametrize("answer, status, role, lag", [
-    ("0", None, RW, None),                 # the writer: no replica status asked
-    ("1", _slave_status("7"), RO, 7.0),    # a replica 7 s behind
-    ("1", _slave_status(None), RO, None),  # replication threads not running: unknown
-    ("1", [], RO, None),                   # read-only but replicating from nothing
+@pytest.mark.parametrize("answer, status, role, lag, replica", [
+    ("0", None, RW, None, False),                # the writer: no replica status asked
+    ("1", _slave_status("7"), RO, 7.0, True),    # a replica 7 s behind
+    ("1", _slave_status(None), RO, None, True),  # replication threads not running: unknown lag
+    ("1", [], RO, None, False),                  # read-only but replicating from nothing
+    ("1", "refused", RO, None, None),            # the check user may not ask: unknown
 ])
-def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer, status, role, lag):
+def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer, status, role, lag,
+                                                              replica):
     conn_ = mysql_backend.MySQLConnector(Clock(), Topology([W, S]), None, "", 1 << 20)
     d = conn_.probe_role(S, Credentials("app", "pw"))
     _, factory, connected = endpoints[0]
@@ -441,12 +443,20 @@ def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer,
     assert conn.key == ("app", 0)
     asked, closed = [], []
     answers = {b"SELECT @@global.read_only": [[answer]], b"SHOW SLAVE STATUS": status}
-    conn.query = lambda sql: asked.append(sql) or defer.succeed(answers[sql])
+
+    def query(sql):
+        asked.append(sql)
+        if answers[sql] == "refused":
+            return defer.fail(mysql_backend.DatabaseError(
+                b"\xff\xbb\x04#42000Access denied; you need (at least one of) the REPLICATION CLIENT privilege(s)"))
+        return defer.succeed(answers[sql])
+
+    conn.query = query
     conn.close = closed.append
     connected.callback(conn)
     conn.ready.callback(conn)
     found = result(d)
-    assert (found.role, found.lag) == (role, lag)
+    assert (found.role, found.lag, found.replica) == (role, lag, replica)
     expected = [b"SELECT @@global.read_only"] + ([b"SHOW SLAVE STATUS"] if answer == "1" else [])
     assert asked == expected and closed == ["health check done"]
 

@@ -380,3 +380,10 @@ def test_the_router_and_the_pool_are_lenders():
     w = World()
     assert verifyObject(ILeaseSource, w.router)
     assert verifyObject(ILeaseSource, w.pool)
+
+
+def test_a_read_only_server_that_replicates_from_nobody_is_not_a_reader():
+    w = World(answers={W: RW, R1: ProbeResult(RO, replica=False), R2: ProbeResult(RO, replica=None)})
+    w.round()
+    assert w.readers.eligible() == (R2,)  # None: unknown (the check may not ask), kept
+    assert "replicates from no writer" in w.readers.why_not(R1)

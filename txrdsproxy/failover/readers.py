@@ -4,7 +4,8 @@ next transaction of a READ_ONLY endpoint's session (`ReaderRouter`).
 Engine-neutral.  A target is in the reader set when all of these hold:
 - it is not the current writer (a replica that is promoted leaves at once);
 - its last health check answered READ_ONLY (the WriterMonitor's probes; a target never checked,
-  or unreachable at the last check, is out);
+  or unreachable at the last check, is out) and it replicates (a read-only server that follows
+  no writer, such as a demoted writer not yet pointed at the new one, would serve stale data);
 - no connection to it was refused or lost since (`trouble`; it is checked again on its own,
   every HealthCheckInterval, until it answers READ_ONLY);
 - its replay lag, when measured, is within MaxReplicaLag (when that is set): a lagging replica
@@ -40,6 +41,13 @@ INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
 
 class NoReaderAvailable(BackendGone):
     """A READ_ONLY endpoint has no healthy replica and does not fall back to the writer."""
+
+
+def _replicating_reader(probe):
+    """A health check answer (ProbeResult or None) of a target fit to serve reads: read-only and
+    not known to replicate from nobody (PostgreSQL: in recovery; MySQL: SHOW SLAVE STATUS has a
+    row, or could not be read)."""
+    return probe is not None and probe.role == READ_ONLY and probe.replica is not False
 
 
 def probe_role(result):
@@ -85,7 +93,7 @@ class ReaderSet:
         suspect, lagging = self._suspect, self._lagging
         return tuple(t for t in self.topology.targets
                      if t is not writer and t not in suspect and t not in lagging
-                     and self.topology.probed_role(t) == READ_ONLY)
+                     and _replicating_reader(self.topology.last_probe(t)))
 
     def why_not(self, target):
         """-> why *target* is not in the reader set (text), or None when it is."""
@@ -95,8 +103,11 @@ class ReaderSet:
             return self._suspect[target]
         if target in self._lagging:
             return f"replica lag {self._lagging[target]:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s"
-        if self.topology.probed_role(target) != READ_ONLY:
+        probe = self.topology.last_probe(target)
+        if probe is None or probe.role != READ_ONLY:
             return "its last health check did not answer as a read-only replica"
+        if probe.replica is False:
+            return "it is read-only but replicates from no writer (its data may be stale)"
         return None
 
     # -- evidence --------------------------------------------------------------------------------------

@@ -640,11 +640,21 @@ class MySQLConnector(Connector):
         """Deferred[ProbeResult]: read_only off = the writer; a read-only server's replay lag
         comes from SHOW SLAVE STATUS (failover/lag.py; a second query on the same connection,
         bounded like the first by the caller)."""
+        def replica_status(status):
+            # a row: replication is configured (replica=True); none: a read-only server that
+            # follows nobody (a demoted writer not yet pointed at the new one)
+            return ProbeResult("READ_ONLY", lag=lag.mysql_lag(status), replica=bool(status))
+
+        def status_refused(failure):
+            # a check user without REPLICATION CLIENT / SLAVE MONITOR: the role stands, the lag
+            # and whether it replicates are unknown
+            failure.trap(DatabaseError)
+            return ProbeResult("READ_ONLY")
+
         def role(rows):
             if rows and rows[0][0] in ("0", "OFF"):
-                return ProbeResult("READ_WRITE")
-            return conn.query(lag.MYSQL_REPLICA_STATUS_SQL).addCallback(
-                lambda status: ProbeResult("READ_ONLY", lag=lag.mysql_lag(status)))
+                return ProbeResult("READ_WRITE", replica=False)
+            return conn.query(lag.MYSQL_REPLICA_STATUS_SQL).addCallbacks(replica_status, status_refused)
 
         return conn.query(b"SELECT @@global.read_only").addCallback(role)
 
