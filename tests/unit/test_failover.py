@@ -428,10 +428,10 @@ def _slave_status(seconds_behind):
 
 
 @pytest.mark.parametrize("answer, status, role, lag, replica", [
-    ("0", None, RW, None, False),                # the writer: no replica status asked
+    ("0", None, RW, None, None),                 # the writer: no replica status asked
     ("1", _slave_status("7"), RO, 7.0, True),    # a replica 7 s behind
     ("1", _slave_status(None), RO, None, True),  # replication threads not running: unknown lag
-    ("1", [], RO, None, False),                  # read-only but replicating from nothing
+    ("1", [], RO, None, None),                   # read-only, replicating from nothing: unknown
     ("1", "refused", RO, None, None),            # the check user may not ask: unknown
 ])
 def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer, status, role, lag,

@@ -641,9 +641,11 @@ class MySQLConnector(Connector):
         comes from SHOW SLAVE STATUS (failover/lag.py; a second query on the same connection,
         bounded like the first by the caller)."""
         def replica_status(status):
-            # a row: replication is configured (replica=True); none: a read-only server that
-            # follows nobody (a demoted writer not yet pointed at the new one)
-            return ProbeResult("READ_ONLY", lag=lag.mysql_lag(status), replica=bool(status))
+            # a row: replication is configured (replica=True).  None: no row (a read-only server
+            # following nobody, e.g. a demoted writer) is left unknown, not False, because the
+            # monitor trusts a MySQL former writer again on read_only alone (health's rule;
+            # False would keep it fenced for good: see docs/operations.md).
+            return ProbeResult("READ_ONLY", lag=lag.mysql_lag(status), replica=True if status else None)
 
         def status_refused(failure):
             # a check user without REPLICATION CLIENT / SLAVE MONITOR: the role stands, the lag
@@ -653,7 +655,7 @@ class MySQLConnector(Connector):
 
         def role(rows):
             if rows and rows[0][0] in ("0", "OFF"):
-                return ProbeResult("READ_WRITE", replica=False)
+                return ProbeResult("READ_WRITE")
             return conn.query(lag.MYSQL_REPLICA_STATUS_SQL).addCallbacks(replica_status, status_refused)
 
         return conn.query(b"SELECT @@global.read_only").addCallback(role)
