@@ -14,7 +14,10 @@ oltp_point_select and oltp_read_write (20 threads) direct vs through the
 proxy, and a connection-churn figure (PyMySQL connect / SELECT 1 / close in 4
 threads) direct vs proxy.
 
-    .venv/bin/python bench/run.py [--quick] [--only pg|mysql] [--profile] [-T SECONDS]
+    .venv/bin/python bench/run.py [--quick] [--only pg|mysql|iam|failover] [--profile] [-T SECONDS]
+
+Failover (bench/failover.py): for each engine, the time from a standby's/replica's promotion to
+the first write through the proxy, and the share of idle client sessions kept across it.
 
 --profile runs extra phases with the proxy under cProfile (CPU time, only
 while pgbench runs; the proxy is stopped with SIGTERM and writes the profile)
@@ -47,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 import idle_clients  # noqa: E402  (bench/idle_clients.py, beside this file)
 import iam as iam_bench  # noqa: E402  (bench/iam.py: IAM token verification rate)
 import workers as workers_bench  # noqa: E402  (bench/workers.py: Workers 1 vs 2)
+import failover as failover_bench  # noqa: E402  (bench/failover.py: promotion -> first write)
 from txrdsproxy.testing import servers  # noqa: E402
 from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
                                         find_free_port, stop_process)
@@ -763,7 +767,7 @@ def run_mysql(args, stack, root):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (-T 3)")
-    parser.add_argument("--only", choices=("pg", "mysql", "iam"), help="run one part only")
+    parser.add_argument("--only", choices=("pg", "mysql", "iam", "failover"), help="run one part only")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the proxy with cProfile (PostgreSQL runs)")
     parser.add_argument("-T", "--time", type=int, help="seconds per run (default 10, 3 with --quick)")
@@ -798,6 +802,8 @@ def main():
             if args.only in (None, "iam"):
                 if not iam_bench.run(say):
                     failures.append(("IAM token logins", "a valid token was refused"))
+            if args.only in (None, "failover"):
+                failures.extend(failover_bench.run(say, idle_count=20 if args.quick else 50))
     except KeyboardInterrupt:
         say("\ninterrupted; cleaning up")
         status = 130

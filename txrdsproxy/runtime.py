@@ -24,6 +24,7 @@ from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import READ_WRITE, Topology
 from txrdsproxy.pool.janitor import PoolJanitor
 from txrdsproxy.pool.pool import BackendPool
+from txrdsproxy.proxy.connector import TargetUnreachable
 from txrdsproxy.proxy.session import ProxyContext
 from txrdsproxy.proxy.limits import ConnectionRateLimiter
 
@@ -170,7 +171,8 @@ def build_monitor(ctx):
                             ctx.config.health_check_interval, pool=ctx.pool,
                             database_errors=connector.database_error,
                             failure_reason=checks.failure_reason,
-                            retries=ctx.config.health_check.retries)
+                            retries=ctx.config.health_check.retries,
+                            unreachable=(TargetUnreachable,))
     monitor.checks = checks
     monitor.writer_listeners.append(lambda old, new, why: end_pinned_sessions_on(ctx, old, why))
     ctx.pool.failover = monitor

@@ -15,14 +15,17 @@ NATIVE_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_native"
 SHA2_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_sha2"
 
 
-def write_mysql_config(dir, server, secrets=None, name="test-mysql", **overrides):
-    """-> path of proxy.yaml.  *secrets*: {arn: (user, password, ClientPasswordAuthType)}."""
+def write_mysql_config(dir, server, secrets=None, name="test-mysql", targets=None, **overrides):
+    """-> path of proxy.yaml.  *secrets*: {arn: (user, password, ClientPasswordAuthType)}.
+    *targets*: the servers of the target group, in order (mariadb-1, mariadb-2, ...; default
+    [server])."""
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     entries = {NATIVE_ARN: ("app_native", server.users["app_native"], "MYSQL_NATIVE_PASSWORD")}
     entries.update(secrets or {})
-    target = {"RdsResourceId": "mariadb-1", "Endpoint": server.host, "Port": server.port}
-    return write_config(dir, "MYSQL", name, "tcp:0:interface=127.0.0.1", entries, [target], overrides)
+    rows = [{"RdsResourceId": f"mariadb-{i}", "Endpoint": t.host, "Port": t.port}
+            for i, t in enumerate(targets or [server], 1)]
+    return write_config(dir, "MYSQL", name, "tcp:0:interface=127.0.0.1", entries, rows, overrides)
 
 
 def start_mysql_proxy(dir, server, **kwargs):

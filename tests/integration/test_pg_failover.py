@@ -3,6 +3,8 @@
 The primary stops, the standby is promoted: an idle client's next query waits in the proxy and
 then runs on the new writer over the SAME client connection; a client that was mid-transaction
 gets an error and reconnects; the pool ends up holding connections to the new writer only.
+Prints the time from the promotion to the first write through the proxy and the share of idle
+sessions kept (issue 11 item 1).
 """
 
 import threading
@@ -14,6 +16,9 @@ try:
     from servers import ServerError
 except ImportError:
     from tests.integration.servers import ServerError
+
+
+IDLE_SESSIONS = 20
 
 
 def _writer_id(ctx):
@@ -59,7 +64,12 @@ def _run(primary, standby, pg_proxy_factory):
 
     idle = psycopg.connect(proxy.dsn(primary), autocommit=True)
     busy = psycopg.connect(proxy.dsn(primary))  # not autocommit: holds a connection mid-transaction
+    others = []
     try:
+        for _ in range(IDLE_SESSIONS):
+            other = psycopg.connect(proxy.dsn(primary), autocommit=True)
+            others.append(other)
+            assert other.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
         idle.execute("CREATE TABLE kept (x int)")
         idle.execute("INSERT INTO kept VALUES (42)")
         assert idle.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
@@ -72,13 +82,15 @@ def _run(primary, standby, pg_proxy_factory):
         proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the writer to be lost")
 
         # The idle client's next query waits in the proxy (no writer) ...
-        answers, errors = [], []
+        answers, errors, answered_at = [], [], []
 
-        def query():
+        def query():  # a write: the first one through the proxy after the promotion
             try:
                 answers.append(idle.execute(
-                    "SELECT pg_is_in_recovery(), (SELECT count(*) FROM kept WHERE x = 42),"
-                    " inet_server_port()").fetchone())
+                    "WITH w AS (INSERT INTO kept VALUES (44) RETURNING x)"
+                    " SELECT pg_is_in_recovery(), (SELECT count(*) FROM kept WHERE x = 42),"
+                    " inet_server_port() FROM w").fetchone())
+                answered_at.append(time.monotonic())
             except Exception as e:  # reported below
                 errors.append(e)
 
@@ -88,8 +100,8 @@ def _run(primary, standby, pg_proxy_factory):
         assert not answers and not errors
 
         # ... and runs on the new writer once the standby is promoted.
-        promoted_at = time.monotonic()
         standby.promote()
+        promoted_at = time.monotonic()  # pg_promote(wait => true) returned: it takes writes
         waiting.join(20)
         assert not waiting.is_alive() and not errors, errors
         assert answers == [(False, 1, standby.port)]
@@ -99,7 +111,18 @@ def _run(primary, standby, pg_proxy_factory):
 
         # Same client connection, writes go to the new writer.
         idle.execute("INSERT INTO kept VALUES (43)")
-        assert idle.execute("SELECT count(*) FROM kept").fetchone()[0] == 2
+        assert idle.execute("SELECT count(*) FROM kept").fetchone()[0] == 3
+        kept = 0
+        for other in others:
+            try:
+                if other.execute("SELECT inet_server_port()").fetchone()[0] == standby.port:
+                    kept += 1
+            except psycopg.Error:
+                pass
+        print(f"\nPostgreSQL failover: first write through the proxy"
+              f" {answered_at[0] - promoted_at:.2f} s after the promotion (HealthCheckInterval 1 s);"
+              f" idle sessions kept {kept} of {len(others)}")
+        assert kept == len(others)
 
         # The client that was mid-transaction lost it; a new connection works.
         try:
@@ -119,3 +142,5 @@ def _run(primary, standby, pg_proxy_factory):
     finally:
         idle.close()
         busy.close()
+        for other in others:
+            other.close()

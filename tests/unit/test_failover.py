@@ -3,6 +3,7 @@ the connectors' health checks and their wiring in service.py.  task.Clock and fa
 
 import pytest
 from twisted.internet import defer
+from twisted.internet import error as twisted_error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -15,7 +16,7 @@ from txrdsproxy.failover.topology import NoWriter, Topology
 from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
 from txrdsproxy.proxy import connector as connector_mod
 from txrdsproxy.proxy import mysql_backend, pg_backend
-from txrdsproxy.proxy.connector import BackendGone
+from txrdsproxy.proxy.connector import BackendGone, TargetUnreachable
 
 W = DBProxyTarget("db-1", "10.0.0.1", 5432)
 S = DBProxyTarget("db-2", "10.0.0.2", 5432)
@@ -44,10 +45,12 @@ class FakeConn:
         self.server_max_connections = 10
         self.pool_listener = None
         self.closed_reason = None
+        self.aborted = False
 
-    def close(self, reason):
+    def close(self, reason, abort=False):
         assert self.state != "closed", "closed twice"
         self.closed_reason = reason
+        self.aborted = abort
         self.state = "closed"
 
     def reset(self):
@@ -114,7 +117,8 @@ class World:
         self.pool = BackendPool("p", self.connector, cfg, self.clock)
         self.probes = FakeProbes(answers or {W: RW, S: RO})
         self.monitor = WriterMonitor(self.clock, self.topology, self.health, self.probes, INTERVAL,
-                                     pool=self.pool, database_errors=(Refused,))
+                                     pool=self.pool, database_errors=(Refused,),
+                                     unreachable=(TargetUnreachable,))
         self.pool.failover = self.monitor
 
     def lend(self, key=KEY):
@@ -190,7 +194,7 @@ def test_writer_down_and_standby_read_write_switches_and_retires_old_connections
     idle_lease.release()
     assert idle_conn.state == "idle"
 
-    world.probes.answers = {W: BackendGone("connection refused"), S: RW}
+    world.probes.answers = {W: TargetUnreachable("connection refused"), S: RW}
     world.clock.advance(INTERVAL)
     assert world.topology.writer() is S
     assert world.monitor.last_writer is S
@@ -198,10 +202,14 @@ def test_writer_down_and_standby_read_write_switches_and_retires_old_connections
     h = world.health.health_of(W)
     assert (h.state, h.reason, h.description) == (mon.UNAVAILABLE, "CONNECTION_FAILED", "connection refused")
     assert idle_conn.closed_reason == "failover"  # idle connections to the old writer: closed
-    assert busy_conn.state == "borrowed"  # the transaction under way is not cut
+    assert busy_conn.state == "borrowed"  # the transaction under way is not cut (yet)
 
-    busy_lease.release()  # given back clean: closed, not reused
-    assert busy_conn.closed_reason == "failover"
+    # still no answer from the old writer at the next round: it vanished, and the lent
+    # connection to it is cut (aborted) so that its session hears of it now
+    world.clock.advance(INTERVAL)
+    assert busy_conn.aborted and busy_conn.closed_reason == "target db-1 vanished: connection refused"
+    assert pool.connections() == []
+    busy_lease.release(clean=False, reason="database connection lost")  # what the session does
     assert pool.connections() == []
 
     # the next borrow opens to the new writer
@@ -209,6 +217,47 @@ def test_writer_down_and_standby_read_write_switches_and_retires_old_connections
     assert [t for _, t, _ in world.connector.pending] == [S]
     conn = world.connector.complete()
     assert result(d).conn is conn and conn.target is S
+
+
+@pytest.mark.parametrize("old_writer_answer", [
+    RO, Refused("too many connections"),
+    BackendGone("no credentials for health checks (first Auth secret)"),  # says nothing of it
+])
+def test_a_writer_that_answers_keeps_its_lent_connections_across_a_failover(old_writer_answer):
+    """Demoted (READ_ONLY) or refusing logins, the old writer is there: a transaction under way
+    on it is not cut; its connection is closed when given back (not reused)."""
+    world = World()
+    world.monitor.start()
+    busy_lease, busy_conn = world.lend()
+    world.probes.answers = {W: old_writer_answer, S: RW}
+    for _ in range(3):
+        world.clock.advance(INTERVAL)
+    assert world.topology.writer() is S
+    assert busy_conn.state == "borrowed" and busy_conn.closed_reason is None
+    busy_lease.release()
+    assert busy_conn.closed_reason == "failover" and not busy_conn.aborted
+
+
+def test_a_vanished_writer_without_a_successor_loses_its_lent_connections_at_once():
+    """No answer from the writer within the probe timeout (SIGSTOP, network cut), nobody
+    promoted yet: the statements in flight there are cut now (their sessions get an error)
+    instead of hanging until TCP gives up; borrows wait for a writer."""
+    world = World()
+    world.monitor.start()
+    busy_lease, busy_conn = world.lend()
+    world.probes.answers = {W: None, S: RO}  # the writer's checks hang
+    round_time = INTERVAL + world.monitor.probe_timeout
+    for _ in range(int(round_time)):  # the first round that gets no answer: could be a blip
+        world.clock.advance(1)
+    assert busy_conn.state == "borrowed" and world.monitor.rounds == 2
+    for _ in range(int(round_time) - 1):
+        world.clock.advance(1)
+    assert busy_conn.state == "borrowed"  # not before the second check timed out
+    world.clock.advance(1)
+    assert busy_conn.aborted and busy_conn.closed_reason.startswith("target db-1 vanished: no answer")
+    with pytest.raises(NoWriter):
+        world.topology.writer()
+    assert world.pool.connections() == []
 
 
 def test_failover_waiters_wait_while_there_is_no_writer_then_go_to_the_new_writer():
@@ -291,7 +340,7 @@ def test_writer_back_after_a_blip_is_kept_without_retiring_connections():
     world.monitor.start()
     lease, conn = world.lend()
     lease.release()
-    world.probes.answers = {W: BackendGone("timeout"), S: RO}
+    world.probes.answers = {W: TargetUnreachable("timeout"), S: RO}
     world.clock.advance(INTERVAL)
     retries_done(world.clock)
     assert world.topology.current_writer() is None
@@ -411,8 +460,11 @@ def test_pg_probe_logs_in_asks_pg_is_in_recovery_and_closes(endpoints, answer, r
 def test_probe_of_an_unreachable_target_fails_with_backend_gone(endpoints):
     conn_ = pg_backend.PgConnector(Clock(), Topology([W, S]), None, "", 1 << 20)
     d = conn_.probe_role(W, Credentials("app", "pw"))
-    endpoints[0][2].errback(ConnectionRefusedError("refused"))
-    assert failure_of(d).check(BackendGone)
+    _, factory, connected = endpoints[0]
+    connected.errback(twisted_error.ConnectionRefusedError("refused"))
+    assert failure_of(d).check(TargetUnreachable)  # nothing answered: counts towards "vanished"
+    # the login never started: its `ready` is not failed (nothing would handle that error)
+    assert not factory.proto.ready.called
 
 
 def test_probe_without_credentials_fails():
@@ -428,21 +480,24 @@ def _slave_status(seconds_behind):
 
 
 @pytest.mark.parametrize("answer, status, role, lag, replica", [
-    ("0", None, RW, None, None),                 # the writer: no replica status asked
-    ("1", _slave_status("7"), RO, 7.0, True),    # a replica 7 s behind
-    ("1", _slave_status(None), RO, None, True),  # replication threads not running: unknown lag
-    ("1", [], RO, None, None),                   # read-only, replicating from nothing: unknown
-    ("1", "refused", RO, None, None),            # the check user may not ask: unknown
+    (["0", "0"], None, RW, None, None),                 # the writer: no replica status asked
+    (["OFF", "OFF"], None, RW, None, None),
+    (["1", "0"], _slave_status("7"), RO, 7.0, True),    # a replica 7 s behind
+    (["0", "1"], [], RO, None, None),                   # innodb_read_only (an Aurora reader)
+    (["1", "1"], _slave_status(None), RO, None, True),  # threads not running: unknown lag
+    (["1", "0"], [], RO, None, None),                   # read-only, replicating from nothing
+    (["1", "0"], "refused", RO, None, None),            # the check user may not ask: unknown
+    (["0"], [], RO, None, None),                        # a short answer is not a writer's
 ])
-def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer, status, role, lag,
-                                                              replica):
+def test_mysql_probe_asks_read_only_innodb_read_only_and_a_replicas_lag(endpoints, answer, status, role,
+                                                                          lag, replica):
     conn_ = mysql_backend.MySQLConnector(Clock(), Topology([W, S]), None, "", 1 << 20)
     d = conn_.probe_role(S, Credentials("app", "pw"))
     _, factory, connected = endpoints[0]
     conn = factory.proto
     assert conn.key == ("app", 0)
     asked, closed = [], []
-    answers = {b"SELECT @@global.read_only": [[answer]], b"SHOW SLAVE STATUS": status}
+    answers = {mysql_backend.MySQLConnector.ROLE_QUERY: [answer], b"SHOW SLAVE STATUS": status}
 
     def query(sql):
         asked.append(sql)
@@ -457,7 +512,7 @@ def test_mysql_probe_asks_global_read_only_and_a_replicas_lag(endpoints, answer,
     conn.ready.callback(conn)
     found = result(d)
     assert (found.role, found.lag, found.replica) == (role, lag, replica)
-    expected = [b"SELECT @@global.read_only"] + ([b"SHOW SLAVE STATUS"] if answer == "1" else [])
+    expected = [mysql_backend.MySQLConnector.ROLE_QUERY] + ([b"SHOW SLAVE STATUS"] if role == RO else [])
     assert asked == expected and closed == ["health check done"]
 
 

@@ -312,6 +312,8 @@ def test_histogram_buckets_are_less_or_equal_and_cumulative():
     ("evicted for a waiter of another user/database", "evicted"),
     ("making room for a waiter of another user/database", "evicted"),
     ("failover", "failover"),
+    ("target db-1 vanished: no answer within 2s", "target_vanished"),
+    ("target db-1 vanished: cannot connect to 10.0.0.1:5432: timed out after 2 s", "target_vanished"),
     ("reset failed: database closed the connection (EOF)", "reset_failed"),
     ("client disconnected mid-request", "client_disconnected"),
     ("returned in an unknown state", "unknown_state"),

@@ -919,11 +919,70 @@ def test_disconnect_while_borrowing_cancels_the_borrow(s):
     assert s.pool.requests == []
 
 
-def test_backend_lost_closes_the_client(s):
-    s.send(query("SELECT 1"))
+def test_backend_lost_before_any_answer_fails_the_command_and_keeps_the_session(s):
+    """The writer vanished (or crashed) while a command outside a transaction waited for its
+    answer: ERR 2013 in the database's place, and the next command goes to a new connection."""
+    s.send(query("SELECT SLEEP(10)", seq=0) + query("SELECT 2"))  # the second waits its turn
     lease = s.pool.give()
+    assert lease.conn.writes == [query("SELECT SLEEP(10)")]
     s.frontend.backend_lost(lease.conn, "database closed the connection")
     assert lease.release_args["clean"] is False
+    [(seq, payload)] = s.packets()
+    assert seq == 1
+    assert err(payload) == (2013, "HY000", "Lost connection to the database during the command")
+    assert not s.closed
+    again = s.pool.give()  # the pipelined command borrowed anew
+    assert again.conn is not lease.conn and again.conn.writes == [query("SELECT 2")]
+    again.conn.respond(*resultset([b"2"]))
+    assert again.released and s.frontend.state is SessionState.IDLE
+
+
+def test_backend_lost_answer_uses_the_sequence_after_the_command(s):
+    s.send(query("SELECT 1", seq=7))  # sequence ids restart per command; be exact anyway
+    lease = s.pool.give()
+    s.frontend.backend_lost(lease.conn, "gone")
+    [(seq, _)] = s.packets()
+    assert seq == 8
+
+
+def test_backend_lost_after_part_of_the_answer_closes_the_client(s):
+    s.send(query("SELECT 1"))
+    lease = s.pool.give()
+    lease.conn.tracker.consume(bytearray(wire([b"\x01", coldef()], 1)), 0)
+    s.frontend.backend_data(wire([b"\x01", coldef()], 1))  # the result set began
+    s.sent()
+    s.frontend.backend_lost(lease.conn, "database closed the connection")
+    assert lease.release_args["clean"] is False
+    assert s.closed and s.sent() == b""  # no error packet in the middle of a result set
+
+
+def test_backend_lost_in_a_transaction_closes_the_client(s):
+    s.send(query("BEGIN"))
+    lease = s.pool.give()
+    lease.conn.respond(ok(AC | INTX))
+    s.sent()
+    s.send(query("INSERT INTO t VALUES (1)"))
+    s.frontend.backend_lost(lease.conn, "database closed the connection")
+    assert s.closed and s.sent() == b""  # its transaction is gone: as a crashed server would
+
+
+def test_backend_lost_of_a_pinned_session_closes_the_client(s):
+    s.send(query("SET @x = 1"))  # a user variable pins
+    lease = s.pool.give()
+    lease.conn.respond(ok(AC))
+    assert s.frontend.pin_reason is not None
+    s.sent()
+    s.send(query("SELECT @x"))
+    s.frontend.backend_lost(lease.conn, "database closed the connection")
+    assert s.closed
+
+
+def test_backend_lost_between_commands_closes_the_client(s):
+    s.send(query("BEGIN"))
+    lease = s.pool.give()
+    lease.conn.respond(ok(AC | INTX))
+    s.sent()
+    s.frontend.backend_lost(lease.conn, "database closed the connection")
     assert s.closed
 
 

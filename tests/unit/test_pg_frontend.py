@@ -564,9 +564,49 @@ def test_connection_with_a_cancel_in_flight_is_held_until_the_server_took_it(s):
     assert lease.released and lease.release_args["clean"] is True
 
 
-def test_database_connection_lost_mid_query_tells_the_client_why(s):
+def test_database_connection_lost_mid_query_fails_the_query_and_keeps_the_session(s):
+    """The writer vanished (or crashed) while a query outside a transaction waited for its
+    answer: an ERROR and ReadyForQuery in the server's place; the next query borrows anew."""
     s.send(msg.query("SELECT pg_sleep(10)"))
     lease = s.pool.give()
+    s.frontend.backend_lost(lease.conn, "database closed the connection (reset by peer)")
+    assert lease.released and lease.release_args["clean"] is False
+    (kind, payload), ready = s.messages()
+    error = msg.parse_error_fields(payload)
+    assert (kind, error["S"], error["C"]) == (b"E", "ERROR", "08006")
+    assert "reset by peer" in error["M"] and "outcome is unknown" in error["M"]
+    assert ready == (b"Z", b"I")
+    assert not s.closed and s.frontend.state is SessionState.IDLE
+    s.send(msg.query("SELECT 1"))
+    again = s.pool.give()
+    assert again is not lease and not again.released
+
+
+def test_database_connection_lost_answers_each_pipelined_query(s):
+    s.send(msg.query("SELECT 1") + msg.query("SELECT 2"))
+    lease = s.pool.give()
+    s.frontend.backend_lost(lease.conn, "gone")
+    kinds = [k for k, _ in s.messages()]
+    assert kinds == [b"E", b"Z", b"E", b"Z"] and not s.closed
+
+
+@pytest.mark.parametrize("case", ["transaction", "pinned", "mid_message", "open_batch"])
+def test_database_connection_lost_closes_a_session_that_loses_more(s, case):
+    """In a transaction, pinned, with a server message half passed on, or inside an extended
+    batch not yet synced: its state is gone, so FATAL and close, as a crashed server does."""
+    if case == "pinned":
+        s.send(msg.query("SET work_mem = '8MB'"))
+        lease = s.pool.give()
+        assert s.frontend.pin_reason is not None
+    else:
+        parse = b"P" + struct.pack("!I", 4 + 12) + b"\0SELECT 1\0\0\0"  # unnamed, no Sync yet
+        s.send(msg.query("SELECT 1") if case != "open_batch" else parse)
+        lease = s.pool.give()
+        if case == "transaction":
+            lease.conn.txn_status = b"T"
+        elif case == "mid_message":
+            lease.conn.mid_message = True
+    s.sent()
     s.frontend.backend_lost(lease.conn, "database closed the connection (reset by peer)")
     error = fatal(s.sent())
     assert error["C"] == "08006" and "reset by peer" in error["M"]

@@ -137,10 +137,11 @@ class WriterMonitor:
     """
 
     log = Logger()
+    VANISHED_AFTER = 2  # rounds in a row without an answer before a target's connections are cut
 
     def __init__(self, clock, topology, health, probe, interval=5.0, pool=None,
                  database_errors=(), failure_reason=None, probe_timeout=None,
-                 retries=2, retry_backoff=0.5):
+                 retries=2, retry_backoff=0.5, unreachable=()):
         self.clock = clock
         self.topology = topology
         self.health = health
@@ -148,6 +149,7 @@ class WriterMonitor:
         self.interval = interval
         self.pool = pool
         self.database_errors = tuple(database_errors)
+        self.unreachable = (ProbeTimeout,) + tuple(unreachable)  # "nothing answered" failures
         self.failure_reason = failure_reason
         self.probe_timeout = probe_timeout if probe_timeout is not None else min(max(2.0, interval), 10.0)
         self.retries = retries
@@ -158,6 +160,7 @@ class WriterMonitor:
         self.round_listeners = []
         self.rounds = 0
         self.retried = 0  # checks of the writer repeated after a quick failure (tests, logs)
+        self._vanished_rounds = {}  # target -> rounds in a row its check got no answer
         self._running = False
         self._round_active = False
         self._tick = None  # the IDelayedCall of the next round
@@ -334,6 +337,8 @@ class WriterMonitor:
             self.log.info("former writer {t} answers as a standby: it may be the writer again",
                           t=target.rds_resource_id)
             del self.fenced[target]
+        for target, result in results.items():
+            self._count_vanished(target, result)
         current = self.topology.current_writer()
         if current is not None and roles.get(current) == READ_WRITE:
             others = [t.rds_resource_id for t, r in roles.items() if r == READ_WRITE and t is not current]
@@ -385,6 +390,25 @@ class WriterMonitor:
                 listener(old, new, why)
             except Exception:
                 self.log.failure("writer listener failed")
+
+    def _count_vanished(self, target, result):
+        """A target whose checks fail VANISHED_AFTER rounds in a row without an answer from the
+        database (*unreachable*: no connection, no reply within probe_timeout: stopped, cut
+        off, crashed without a RST) has vanished: the pool closes its connections, lent ones too, so that
+        statements in flight there end with an error within about VANISHED_AFTER rounds
+        instead of hanging until TCP gives up (forever for a SIGSTOPped server, whose kernel
+        answers keepalives).  One failed round is not enough (a blip must not cut running
+        statements).  Any other outcome restarts the count: an answer, even a refusal by the
+        database itself (bad password, too many connections) or READ_ONLY, says the server is
+        there, and a check that could not be made (no credentials) says nothing against it.  The pool holds connections only to the writer (and, until they
+        are given back, to former writers), so this concerns them alone."""
+        if not isinstance(result, Failure) or not result.check(*self.unreachable):
+            self._vanished_rounds.pop(target, None)
+            return
+        rounds = self._vanished_rounds[target] = self._vanished_rounds.get(target, 0) + 1
+        if rounds == self.VANISHED_AFTER and self.pool is not None:
+            self.pool.abandon_target(target, f"target {target.rds_resource_id} vanished:"
+                                             f" {result.getErrorMessage()}")
 
     def _retry_pool(self):
         if self.pool is not None:

@@ -151,6 +151,7 @@ CLOSE_CATEGORIES = (
     # (category, substrings of the reason texts that mean it), first match wins
     ("proxy_stopping", ("proxy stopping", "pool closed", "proxy removed", "draining")),
     ("failover", ("failover", "writer changed")),
+    ("target_vanished", ("vanished",)),
     ("target_deregistered", ("deregistered", "retired")),
     ("idle_limit", ("above maxidleconnectionspercent",)),
     ("max_connections", ("above maxconnectionspercent",)),

@@ -435,6 +435,30 @@ class BackendPool:
                 self._retired[conn] = reason
         self._dispatch()
 
+    def abandon_target(self, target, reason):
+        """*target* vanished (called by the WriterMonitor when the writer's health check got no
+        answer or no connection): every connection to it closes now, lent ones included, by
+        aborting the socket.  A stopped or cut-off server never answers, and TCP may take hours
+        to give up (forever for a SIGSTOPped process, whose kernel still answers keepalives):
+        the session holding a connection hears of it through backend_lost at once, so a
+        statement in flight gets an error within a health-check round instead.  Connections
+        being opened to it are left to DatabaseConnectTimeout.  -> the number closed."""
+        closed = 0
+        for conn in list(self._all):
+            if isinstance(conn, _Opening) or getattr(conn, "target", None) is not target:
+                continue
+            self._forget(conn)
+            if conn.state == ConnState.CLOSED:
+                continue
+            self.log.warn("pool {pool}: closing database connection {conn}: {reason}",
+                          pool=self.name, conn=conn, reason=reason)
+            if self.metrics is not None:
+                self.metrics.connection_closed(self.name, conn, reason)
+            conn.close(reason, abort=True)
+            closed += 1
+        self._dispatch()
+        return closed
+
     def retire_target(self, target, reason="target deregistered"):
         """*target* left the target group (deregistered): its idle connections close now, the
         borrowed and resetting ones when their session gives them back (so a transaction on

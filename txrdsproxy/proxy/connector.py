@@ -272,7 +272,10 @@ class Connector:
         d.addCallback(lambda c: c.bounded(self.query_role(c), "health check", self.PROBE_TIMEOUT))
 
         def done(result):
-            conn.close("health check done")
+            # Not connected (refused, unreachable): nothing to close, and closing would fail
+            # its `ready`, which nothing waits on yet (an unhandled error in the log).
+            if not (isinstance(result, Failure) and conn.transport is None):
+                conn.close("health check done")
             return result
 
         return d.addBoth(done)

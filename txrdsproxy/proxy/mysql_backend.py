@@ -636,10 +636,14 @@ class MySQLConnector(Connector):
     def probe_key(self, creds, database=None):
         return (creds.username, 0)  # no capability profile, no database (MySQL needs none)
 
+    ROLE_QUERY = b"SELECT @@global.read_only, @@global.innodb_read_only"
+
     def query_role(self, conn):
-        """Deferred[ProbeResult]: read_only off = the writer; a read-only server's replay lag
-        comes from SHOW SLAVE STATUS (failover/lag.py; a second query on the same connection,
-        bounded like the first by the caller)."""
+        """Deferred[ProbeResult]: the writer is the server that takes writes: neither
+        `read_only` (a MariaDB/MySQL replica, or a demoted writer) nor `innodb_read_only` (how
+        Aurora MySQL marks its readers; set at start on a read-only data directory) is on.  A
+        read-only server's replay lag comes from SHOW SLAVE STATUS (failover/lag.py; a second
+        query on the same connection, bounded like the first by the caller)."""
         def replica_status(status):
             # a row: replication is configured (replica=True).  None: no row (a read-only server
             # following nobody, e.g. a demoted writer) is left unknown, not False, because the
@@ -654,11 +658,12 @@ class MySQLConnector(Connector):
             return ProbeResult("READ_ONLY")
 
         def role(rows):
-            if rows and rows[0][0] in ("0", "OFF"):
+            off = ("0", "OFF")
+            if rows and len(rows[0]) >= 2 and rows[0][0] in off and rows[0][1] in off:
                 return ProbeResult("READ_WRITE")
             return conn.query(lag.MYSQL_REPLICA_STATUS_SQL).addCallbacks(replica_status, status_refused)
 
-        return conn.query(b"SELECT @@global.read_only").addCallback(role)
+        return conn.query(self.ROLE_QUERY).addCallback(role)
 
     def make_connection(self, key, target, creds):
         return MySQLBackendConnection(key, target, creds, self.init_query, self.max_message_size, self)

@@ -84,6 +84,8 @@ class MySQLFrontend(MySQLLogin):
         self._statements = set()  # ids of the prepared statements this session made
         self._cmd = None
         self._cmd_classified = None  # what classify_query said of the command on the wire
+        self._cmd_seq = None     # sequence id of the command on the wire (one packet), else None
+        self._answered = False   # some of the answer to the command on the wire was relayed
         self._server_caps = 0
         self._before_tls = bytearray()  # handshake bytes while an SSLRequest is possible
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
@@ -124,7 +126,38 @@ class MySQLFrontend(MySQLLogin):
         self._fatal(errors.writer_changed(), 0)
 
     def lost_database(self, conn, why):
+        if self._answer_lost_command(conn, why):
+            return
         self._close_client()  # as a crashed server would: the client sees the connection drop
+
+    def _answer_lost_command(self, conn, why):
+        """The database connection broke while a command waited for its answer (the writer
+        vanished, crashed, or was failed over).  When the session loses nothing but that
+        command (no pin, no open transaction before it, nothing of its answer relayed yet, the
+        command sent whole in one packet), the command is answered with ERR 2013 "Lost
+        connection to the database during the command" and the session goes on: its next
+        command borrows a connection to whatever is the writer then (waiting for one, up to
+        ConnectionBorrowTimeout).  -> False otherwise: the client connection is closed, as a
+        crashed server would close it (its transaction or session state is gone).  Whether the
+        lost command took effect is unknown, as for any connection lost mid-command."""
+        tracker = conn.tracker
+        seq = self._cmd_seq
+        if (self._wait is not Wait.RESPONSE or self._relaying or self._answered or seq is None
+                or self.pin_reason is not None or tracker is None or tracker.in_transaction
+                or self.state is SessionState.CLOSED or self._phase != "command"):
+            return False
+        self.log.info("{s}: the command's database connection was lost ({why}); answered with"
+                      " an error, the session goes on", s=self, why=why)
+        self._detach(conn)
+        if self._paused:  # uncoupling resumed the client: its own backlog still says pause
+            self.transport.pauseProducing()
+        self._wait = Wait.NOTHING
+        self._cmd = self._cmd_classified = self._cmd_seq = None
+        self.request_started = None
+        self.set_state(SessionState.IDLE)
+        self.write_packet(errors.lost_during_command(), (seq + 1) & 0xFF)
+        self._pump_safely()
+        return True
 
     def dataReceived(self, data):
         self._safely(self._received, data)
@@ -380,9 +413,12 @@ class MySQLFrontend(MySQLLogin):
             tracker.session_state_changes = []
         tracker.expect(self._cmd)
         stream = self._stream
+        self._answered = False
         if stream.whole():
+            self._cmd_seq = stream.buf[3]  # one packet: a lost command can be answered in its place
             data = stream.take_whole()
         else:  # streamed: what is here now, the rest as it comes (_pump)
+            self._cmd_seq = None
             stream.begin()
             self._relaying = True
             data = stream.take()
@@ -565,10 +601,12 @@ class MySQLFrontend(MySQLLogin):
 
     # -- database -> client (called by the backend connection) ---------------------------------------
     def backend_data(self, data):
+        self._answered = True
         if not direct_write(self.transport, data) and self.lease is not None:
             self.write_queued(self.lease.conn)
 
     def infile_requested(self):
+        self._answered = True
         self._pump_safely()
 
     def response_complete(self):

@@ -304,6 +304,11 @@ class PgBackendConnection(BackendConnection):
         sc.inspect = self._login_scanned if self.state == ConnState.CONNECTING else self._internal_scanned
         sc.emit = None
 
+    @property
+    def mid_message(self):
+        """A server message has been partly passed on to the session's client."""
+        return self._scanner.mid_message
+
     def write(self, data):
         self.transport.write(data)
 

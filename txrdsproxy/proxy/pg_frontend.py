@@ -120,7 +120,39 @@ class PgFrontend(ClientSession):
             # before closing; a second error from us would hide that reason from the client.
             self._close_client()
             return
+        if self._answer_lost_request(conn, why):
+            return
         self._fatal(errors.request_error({"C": "08006", "M": f"the database connection was lost ({why})"}))
+
+    def _answer_lost_request(self, conn, why):
+        """The database connection broke while requests waited for their answers (the writer
+        vanished, crashed, or was failed over).  When the session loses nothing but those
+        requests (no pin, no transaction open on the connection, no prepared statements
+        followed across connections, no message half passed on either way, no batch left
+        open), each is answered as PostgreSQL answers a failed statement: ErrorResponse
+        (08006, "The database connection was lost during the request (<why>); its outcome is
+        unknown.") then ReadyForQuery idle, and the session goes on: its next request borrows
+        a connection to whatever is the writer then.  -> False otherwise (the client gets
+        FATAL and is closed: its transaction or session state is gone)."""
+        stream = self._stream
+        if (self.pin_reason is not None or self._stmts is not None or conn.txn_status != b"I"
+                or conn.mid_message or stream.outstanding == 0 or stream.unsynced
+                or stream.scanner.mid_message or self.state is SessionState.CLOSED
+                or self._phase is not Phase.SESSION):
+            return False
+        self.log.info("{s}: the request's database connection was lost ({why}); answered with"
+                      " an error, the session goes on", s=self, why=why)
+        self._conn = None
+        self._detach(conn)
+        self.set_state(SessionState.IDLE)
+        self.request_started = None
+        try:
+            stream.refuse(errors.lost_during_request(why))
+        except ProtocolViolation as e:
+            self._violation(e)
+            return True
+        self._after_input()
+        return True
 
     def on_closed(self):
         if self._cancel_key is not None:

@@ -172,6 +172,7 @@ class FakePgBackendConn:
         self.prepared, self.pending = set(), set()
         self.statement_tracker = None
         self.txn_status = b"I"
+        self.mid_message = False  # a server message partly passed on to the client
         self.server_params = {"client_encoding": "UTF8", "TimeZone": "UTC", "application_name": ""}
         self.initial_params = {"server_version": "15.4", "client_encoding": "UTF8", "TimeZone": "UTC"}
         self.client_params = None  # never equal to a session's: sync_params is always asked

@@ -23,6 +23,7 @@ ER_WRONG_VALUE_FOR_VAR = 1231
 ER_NOT_SUPPORTED_YET = 1235
 ER_SECURE_TRANSPORT_REQUIRED = 3159
 ER_PROXY_BORROW_TIMEOUT = 9501  # RDS Proxy's own number
+CR_SERVER_LOST = 2013  # the number clients use for a connection lost mid-query
 
 
 def access_denied(user, host="%", using_password=True):
@@ -123,3 +124,9 @@ def unknown_thread(thread_id):
     process (`Workers: N`) that this worker could not find there (ended, or the worker is
     restarting)."""
     return err_packet(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {thread_id}")
+
+
+def lost_during_command():
+    """2013 (HY000): the database connection broke while the command waited for its answer
+    (the session goes on; whether the command took effect is unknown)."""
+    return err_packet(CR_SERVER_LOST, "HY000", "Lost connection to the database during the command")

@@ -46,6 +46,13 @@ WRITER_CHANGED = error_response(
     "writer, and the writer changed (failover or switchover). Reconnect to continue on the new writer.")
 
 
+def lost_during_request(why):
+    """The database connection broke while a request waited for its answer (the session goes
+    on; whether the request took effect is unknown)."""
+    return error_response("08006", f"The database connection was lost during the request ({why});"
+                                   " its outcome is unknown.")
+
+
 def unsupported_option(name):
     return error_response("0A000", f"Feature not supported: RDS Proxy currently doesn't support the option {name}.")
 
