@@ -68,7 +68,8 @@ class MySQLFrontend(MySQLLogin):
     SESSION_PHASE = Phase.COMMAND
     __slots__ = ("desired", "charset_id", "client_caps", "_reader", "_auth", "_stream", "_wait",
                  "_relaying", "_statements", "_cmd", "_cmd_classified", "_server_caps",
-                 "_before_tls", "_exclude_sets", "key_charset", "_unread")  # see ClientSession
+                 "_before_tls", "_exclude_sets", "key_charset", "_unread", "_cmd_seq",
+                 "_answered")  # see ClientSession
 
     def __init__(self, ctx):
         super().__init__(ctx, Phase.GREETING)
