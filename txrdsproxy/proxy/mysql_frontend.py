@@ -328,6 +328,7 @@ class MySQLFrontend(MySQLLogin):
             if self._set_here(result):
                 seq, _ = self._stream.take_packet()
                 self.write_packet(P.ok_packet(status=self._status()), seq + 1)
+                self.request_done(self.last_active)  # answered in the read it arrived in
                 return True
             self._cmd_classified = result
             if result.unsafe_charset_client is not None:
