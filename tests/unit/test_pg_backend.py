@@ -1202,7 +1202,7 @@ def test_ready_for_query_without_its_status_byte_is_a_protocol_violation():
     assert conn.state == "closed" and "ReadyForQuery" in reasons[0]
 
 
-# -- the lent fast path (one whole reply ending with ReadyForQuery, read without the scanner) ----------
+# -- replies that look like they end with a ReadyForQuery ------------------------------------------------
 def test_ready_for_query_lookalike_ending_a_data_row_is_not_a_reply():
     """A DataRow whose value ends with the bytes of a ReadyForQuery: neither when the row's tail
     comes in a read of its own (the scanner is mid-message) nor when the row is the whole read."""
@@ -1226,34 +1226,3 @@ def test_bad_length_before_the_ready_for_query_still_closes():
     conn.dataReceived(b"C\0\0\0\x02" + msg.ready_for_query())
     assert t.disconnecting
     assert sink.of("ready") == []
-
-
-@pytest.mark.parametrize("seed", range(30))
-def test_fast_path_tells_the_session_exactly_what_the_scanner_would(seed, monkeypatch):
-    """Differential: random replies cut at random places give the same events (data forwarded,
-    parameters, errors, ReadyForQuery, in order) with and without the fast path."""
-    from txrdsproxy.proxy import pg_backend
-    rnd = random.Random(seed)
-    parts = [RESULT, command_complete("BEGIN") + msg.ready_for_query(b"T"), notice("n"),
-             msg.parameter_status("TimeZone", "UTC"), data_row(b"Z\0\0\0\x05I"),
-             msg.error_response("22012", "division by zero", severity="ERROR"), msg.ready_for_query(b"E"),
-             data_row("x" * 300), command_complete("SELECT 1") + msg.ready_for_query(b"I")]
-    stream = b"".join(rnd.choice(parts) for _ in range(12)) + msg.ready_for_query(b"I")
-    cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randint(0, 6)))
-    chunks = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
-
-    def events():
-        conn, t, sink, listener = lent()
-        for chunk in chunks:
-            conn.dataReceived(chunk)
-        merged = []
-        for e in sink.events:  # how the data was cut into writes may differ; not its order
-            if e[0] == "data" and merged and merged[-1][0] == "data":
-                merged[-1] = ("data", merged[-1][1] + e[1])
-            else:
-                merged.append(e)
-        return merged, conn.txn_status, dict(conn.server_params), t.disconnecting
-
-    fast = events()
-    monkeypatch.setattr(pg_backend, "_READY_HEAD", b"never")
-    assert events() == fast
