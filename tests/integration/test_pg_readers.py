@@ -59,6 +59,10 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
     writer = psycopg.connect(proxy.dsn(primary), autocommit=True)
     writer.execute("CREATE TABLE t (x int)")
     assert writer.execute(QUERY).fetchone() == (False, primary.port)
+    # Both standbys have replayed the CREATE before anything reads t through them (else a write
+    # there fails with "relation does not exist", not with the read-only error).
+    proxy.wait_for(lambda: all(s.psql("SELECT to_regclass('public.t') IS NOT NULL", dbname="appdb").strip() == "t"
+                               for s in (s1, s2)), interval=0.2, what="the standbys to replay CREATE TABLE t")
 
     # The writer endpoint is written to for the whole test, from its own thread.
     stop_writing = threading.Event()
