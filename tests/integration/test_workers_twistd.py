@@ -294,6 +294,11 @@ def test_an_api_change_reaches_every_worker(workers_proxy):
                  what="the change undone in both workers")
 
 
+def _line_of(log, text):
+    """The first line of *log* holding *text* that says the worker is listening, else ''."""
+    return next((line for line in log.splitlines() if text in line and "is listening" in line), "")
+
+
 def _config_with_workers(tmp_path, pg_server, port, **top):
     config = write_proxy_config(tmp_path, pg_server, listen=f"tcp:{port}:interface=127.0.0.1",
                                 secrets={ARN: (USER, PASSWORD, "POSTGRES_SCRAM_SHA_256")},
@@ -327,6 +332,9 @@ def test_sigterm_drains_every_worker(workers_proxy, pg_server, tmp_path):
     proxy.admin_port = None
     conns = []
     try:
+        # the port answers once one worker listens: wait for both before spreading sessions
+        wait_for(lambda: all(_line_of(proxy.log(), f"worker {w} (pid") for w in (0, 1)),
+                 what="both workers listening")
         conns = [psycopg.connect(dsn, autocommit=True, prepare_threshold=None) for _ in range(24)]
         assert {owner(c) for c in conns} == {0, 1}
         in_tx = [next(c for c in conns if owner(c) == w) for w in (0, 1)]
