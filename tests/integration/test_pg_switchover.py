@@ -50,12 +50,15 @@ def _wait_replicated(standby, sql, expected, timeout=20):
         time.sleep(0.05)
 
 
-def _ended_with_writer_changed(conn):
-    """The proxy ended *conn*: its next use fails with the writer-changed error."""
+def _ended_with_writer_changed(conn, notices=()):
+    """The proxy ended *conn*: its next use fails, and the client was told why.  libpq reads a
+    FATAL that arrives in the same read as the ReadyForQuery before it while idle, and hands it
+    to the notice processor (*notices*, collected by the test) instead of the next query's error."""
     try:
         conn.execute("SELECT 1")
     except psycopg.OperationalError as e:
-        return WRITER_CHANGED in str(e), str(e)
+        told = WRITER_CHANGED in str(e) or any(WRITER_CHANGED in n for n in notices)
+        return told, f"{e} (notices: {list(notices)})"
     return False, "the session was not ended"
 
 
@@ -107,10 +110,12 @@ def _run(primary, standby, pg_proxy_factory):
         assert ended, why
         # the pinned session inside a transaction goes on until the transaction ends ...
         assert pinned_in_txn.execute("SELECT current_setting('work_mem')").fetchone() == ("4MB",)
+        notices = []
+        pinned_in_txn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
         pinned_in_txn.commit()
         # ... and is ended right after it
         proxy.wait_for(lambda: proxy.session_states().count("pinned") == 0, what="the pinned session to end")
-        ended, why = _ended_with_writer_changed(pinned_in_txn)
+        ended, why = _ended_with_writer_changed(pinned_in_txn, notices)
         assert ended, why
         assert proxy.call(_pool, ctx) == []
 
