@@ -374,7 +374,9 @@ def test_mysql_client_vanishes_mid_login(my_relayed, mariadb_server):
 
 def test_mysql_database_cut_mid_load_data_local(my_relayed, mariadb_server, my_table, tmp_path):
     """LOAD DATA LOCAL (MySQL's COPY FROM STDIN): the connection to the database is cut while the
-    file streams to it.  The client gets an error, nothing was loaded, slots come back."""
+    file streams to it.  The proxy reads and drops the rest of the file and answers its end
+    with ERR 2013: the client gets that error and keeps its connection, nothing was loaded,
+    slots come back."""
     r = my_relayed
     data = tmp_path / "rows.txt"
     data.write_text("".join(f"{i}\n" for i in range(20000)) + "cut-here\n" + "".join(
@@ -386,10 +388,12 @@ def test_mysql_database_cut_mid_load_data_local(my_relayed, mariadb_server, my_t
         cur.execute(f"load data local infile '{small}' into table fault_t")
         cur.execute("delete from fault_t")
     rule = r.rule(TO_SERVER, b"cut-here", Action.CUT, offset=3)  # inside a file-content packet
-    with pytest.raises(pymysql.err.OperationalError):
+    with pytest.raises(pymysql.err.OperationalError) as lost:
         with victim.cursor() as cur:
             cur.execute(f"load data local infile '{data}' into table fault_t")
     assert rule.fired is not None
+    assert lost.value.args == (2013, "Lost connection to the database during the command")
+    assert _my_one(victim, "select 41 + 1") == 42  # the same client connection goes on
     victim.close()
     r.proxy.wait_for(r.pool_ok, what="slots back")
     other = _my(r, mariadb_server)

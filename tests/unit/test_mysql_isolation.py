@@ -199,3 +199,82 @@ def test_local_infile_data_cut_short_never_goes_back_clean():
     assert not h.frontend.busy  # waiting for the client: IdleClientTimeout applies
     h.lose()
     assert lease.released and lease.release_args["clean"] is False
+
+
+def _data_packet(seq, payload):
+    return struct.pack("<I", len(payload))[:3] + bytes([seq]) + payload
+
+
+@pytest.mark.parametrize("mid_packet", [False, True])
+def test_database_lost_during_local_infile_drops_the_file_and_keeps_the_session(mid_packet):
+    """The database connection breaks while the client streams its file: the rest of the file,
+    split at every byte, is read and dropped (nothing of it reaches any connection), its end is
+    answered with ERR 2013 in sequence, and the session's next command borrows a new
+    connection."""
+    rows = b"row\n" * 40
+    rest = _data_packet(3, rows) + _data_packet(4, b"") + my.query("SELECT 2")
+    for cut in range(len(rest) + 1):
+        h = my.Harness()
+        h.login()
+        h.send(my.query("LOAD DATA LOCAL INFILE 'f' INTO TABLE t"))
+        lease = h.pool.give()
+        server_feed(lease.conn, my.wire([b"\xfbf"]))
+        assert [p for _, p in h.packets()] == [b"\xfbf"]
+        first = _data_packet(2, rows)
+        h.send(first[:10] if mid_packet else first)
+        h.frontend.backend_lost(lease.conn, "database closed the connection")
+        assert lease.released and lease.release_args["clean"] is False
+        written = b"".join(lease.conn.writes)
+        if mid_packet:
+            h.send(first[10:])
+        h.send(rest[:cut])
+        h.send(rest[cut:])
+        assert b"".join(lease.conn.writes) == written  # nothing more went to the lost one
+        [(seq, payload)] = h.packets()
+        assert seq == 5
+        assert my.err(payload) == (2013, "HY000",
+                                   "Lost connection to the database during the command")
+        assert not h.closed
+        [nxt] = h.pool.leases[1:] or [h.pool.give()]
+        assert nxt.conn.writes == [my.query("SELECT 2")]
+        check_invariant(h)
+
+
+def test_database_lost_during_local_infile_in_a_transaction_ends_the_session_after_the_file():
+    """Inside a transaction the transaction is gone with the connection: the client connection
+    is closed, but only after the client has sent its whole file and read the error (a driver
+    cut off mid-upload may not report it well)."""
+    h = my.Harness()
+    lease = in_transaction(h)
+    h.send(my.query("LOAD DATA LOCAL INFILE 'f' INTO TABLE t"))
+    server_feed(lease.conn, my.wire([b"\xfbf"]))
+    h.send(_data_packet(2, b"row\n"))
+    h.packets()
+    h.frontend.backend_lost(lease.conn, "database closed the connection")
+    assert not h.closed
+    h.send(_data_packet(3, b"row\n"))
+    assert not h.closed and h.sent() == b""
+    h.send(_data_packet(4, b""))
+    [(seq, payload)] = h.packets()
+    assert seq == 5 and my.err(payload)[0] == 2013
+    assert h.closed
+
+
+def test_database_lost_after_the_whole_local_infile_answers_the_file_end():
+    """The file went whole (its empty end packet too) and the connection broke before the
+    server's answer: ERR 2013 in sequence after the end packet, and the session goes on."""
+    h = my.Harness()
+    h.login()
+    h.send(my.query("LOAD DATA LOCAL INFILE 'f' INTO TABLE t"))
+    lease = h.pool.give()
+    server_feed(lease.conn, my.wire([b"\xfbf"]))
+    h.packets()
+    h.send(_data_packet(2, b"row\n") + _data_packet(3, b"row\n") + _data_packet(4, b""))
+    assert not lease.conn.tracker.awaiting_client_data
+    h.frontend.backend_lost(lease.conn, "database closed the connection")
+    [(seq, payload)] = h.packets()
+    assert seq == 5 and my.err(payload)[0] == 2013
+    assert not h.closed
+    h.send(my.query("SELECT 2"))
+    [nxt] = h.pool.leases[1:] or [h.pool.give()]
+    assert nxt.conn.writes == [my.query("SELECT 2")]

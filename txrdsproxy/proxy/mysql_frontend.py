@@ -60,6 +60,7 @@ class Wait(enum.Enum):
     BORROW = "borrow"      # a connection from the pool (and its sync)
     RESPONSE = "response"  # the database's answer to the command sent
     PEER = "peer"          # `Workers: N`: another worker's answer to a KILL (workers/peer.py)
+    DISCARD = "discard"    # the rest of a LOCAL INFILE whose database connection was lost
 
 
 @implementer(IEngineSession, IMySQLSessionEvents)
@@ -69,7 +70,7 @@ class MySQLFrontend(MySQLLogin):
     __slots__ = ("desired", "charset_id", "client_caps", "_reader", "_auth", "_stream", "_wait",
                  "_relaying", "_statements", "_cmd", "_cmd_classified", "_server_caps",
                  "_before_tls", "_exclude_sets", "key_charset", "_unread", "_cmd_seq",
-                 "_answered")  # see ClientSession
+                 "_answered", "_lost_infile")  # see ClientSession
 
     def __init__(self, ctx):
         super().__init__(ctx, Phase.GREETING)
@@ -87,6 +88,7 @@ class MySQLFrontend(MySQLLogin):
         self._cmd_classified = None  # what classify_query said of the command on the wire
         self._cmd_seq = None     # sequence id of the command on the wire (one packet), else None
         self._answered = False   # some of the answer to the command on the wire was relayed
+        self._lost_infile = None  # Wait.DISCARD: the lost connection's tracker, fed the client's packets
         self._server_caps = 0
         self._before_tls = bytearray()  # handshake bytes while an SSLRequest is possible
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
@@ -143,6 +145,10 @@ class MySQLFrontend(MySQLLogin):
         lost command took effect is unknown, as for any connection lost mid-command."""
         tracker = conn.tracker
         seq = self._cmd_seq
+        if (self._wait is Wait.RESPONSE and tracker is not None and tracker.awaiting_client_data
+                and self.state is not SessionState.CLOSED):
+            self._discard_infile(conn, why)
+            return True
         if (self._wait is not Wait.RESPONSE or self._relaying or self._answered or seq is None
                 or self.pin_reason is not None or tracker is None or tracker.in_transaction
                 or self.state is SessionState.CLOSED or self._phase != "command"):
@@ -158,6 +164,47 @@ class MySQLFrontend(MySQLLogin):
         self.set_state(SessionState.IDLE)
         self.write_packet(errors.lost_during_command(), (seq + 1) & 0xFF)
         self._pump_safely()
+        return True
+
+    def _discard_infile(self, conn, why):
+        """The connection broke while the client streams a LOCAL INFILE file to it.  The client
+        cannot be interrupted (it reads no answer before its empty end-of-file packet), so, as
+        MariaDB does when a LOAD DATA fails midway, the rest of the file is read and dropped, and
+        its end is answered with ERR 2013: nothing of the file reached a database (the
+        statement was not committed where it ran).  The client keeps its connection unless the
+        session lost more than the statement (a pin, an open transaction): then the connection
+        is closed after the error, as `_answer_lost_command` would close it, but only once the
+        client has sent its file (a client cut off while it uploads sees a broken pipe, which
+        some drivers do not handle).  The wait is the client's, so IdleClientTimeout bounds
+        it."""
+        self.log.info("{s}: the database connection was lost during LOCAL INFILE ({why}); the"
+                      " rest of the file is dropped and answered with an error", s=self, why=why)
+        self._detach(conn)
+        if self._paused:
+            self.transport.pauseProducing()
+        self._relaying = False  # the packet being relayed now is dropped as it arrives
+        self._lost_infile = conn.tracker
+        self._wait = Wait.DISCARD
+        self._pump_safely()
+
+    def _discard_next(self, stream):
+        """Wait.DISCARD at a packet boundary: drop the client's next file packet; at the file's
+        end answer it.  -> False until that packet's header is here."""
+        if stream.buffered < 4:
+            return False
+        tracker = self._lost_infile
+        seq = stream.buf[3]
+        tracker.client_packet(stream.begin(single_packet=True))  # its bytes: dropped by _pump
+        if not tracker.awaiting_client_data:  # the empty packet that ends the file
+            stream.take()
+            self._lost_infile = None
+            self._wait = Wait.NOTHING
+            self._cmd = self._cmd_classified = self._cmd_seq = None
+            self.request_started = None
+            self.set_state(SessionState.IDLE)
+            self.write_packet(errors.lost_during_command(), (seq + 1) & 0xFF)
+            if tracker.in_transaction or self.pin_reason is not None:
+                self._close_client()  # its transaction (or pinned state) is gone
         return True
 
     def dataReceived(self, data):
@@ -223,10 +270,18 @@ class MySQLFrontend(MySQLLogin):
                 tracker = self.lease.conn.tracker
                 if not tracker.awaiting_client_data or stream.buffered < 4:
                     break
+                seq = stream.buf[3]
                 tracker.client_packet(stream.begin(single_packet=True))  # LOCAL INFILE data
                 self._relaying = True
+                if not tracker.awaiting_client_data:
+                    # the file's end: the server's OK or ERR comes next, in sequence after it
+                    # (and a connection lost from here on is answered as for any command)
+                    self._cmd_seq = seq
+                    self._answered = False
                 continue
             if self._wait is not Wait.NOTHING:
+                if self._wait is Wait.DISCARD and self._discard_next(stream):
+                    continue
                 break
             head = stream.head()
             if head is None:
