@@ -25,7 +25,7 @@ from txrdsproxy.failover.topology import READ_WRITE, Topology
 from txrdsproxy.pool.janitor import PoolJanitor
 from txrdsproxy.pool.pool import BackendPool
 from txrdsproxy.proxy.connector import TargetUnreachable
-from txrdsproxy.proxy.session import ProxyContext
+from txrdsproxy.proxy.context import ProxyContext
 from txrdsproxy.proxy.limits import ConnectionRateLimiter
 
 log = Logger()
@@ -385,7 +385,7 @@ class ProxyRuntime:
         if "max_cancel_rate" in changes:
             admission.cancel_rate = ConnectionRateLimiter(new.max_cancel_rate, ctx.clock)
         if "debug_logging" in changes:
-            from txrdsproxy.proxy.session import DEBUG_LOGGING_SECONDS
+            from txrdsproxy.proxy.context import DEBUG_LOGGING_SECONDS
             ctx.debug_until = ctx.clock.seconds() + DEBUG_LOGGING_SECONDS if new.debug_logging else 0.0
         if "tls" in changes:
             ctx.tls = None

@@ -270,9 +270,6 @@ class MySQLLogin(ClientSession):
         self.write_packet(payload, seq)
         self.transport.loseConnection()
 
-    key_charset = None  # the charset id of the last handshake/COM_CHANGE_USER
-    _unread = ()  # (seq, payload) the client sent after the packet that ended authentication
-
 
 def _known_databases(ctx):
     """(user, database) pairs a login has validated on this proxy."""
