@@ -467,3 +467,30 @@ def needs(library, name):
 
 asyncpg = client_library("asyncpg")
 needs_asyncpg = needs(asyncpg, "asyncpg")
+
+
+def sessions_client(port, key=None):
+    """A boto3 RDS client of the admin listener on *port* that knows our DescribeDBProxySessions
+    (the model extension); *key*: (access key id, secret) to sign with, None for unsigned."""
+    import boto3
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    from txrdsproxy.admin.extensions import install
+    session = boto3.Session(botocore_session=install(botocore.session.get_session()))
+    config = Config(retries={"max_attempts": 1}, **({"signature_version": UNSIGNED} if key is None else {}))
+    key = key or ("unsigned", "unsigned")
+    return session.client("rds", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id=key[0], aws_secret_access_key=key[1], config=config)
+
+
+def all_sessions(rds, **kwargs):
+    """Every page of DescribeDBProxySessions, read 20 at a time (the smallest page RDS allows)."""
+    found, marker = [], None
+    while True:
+        page = rds.describe_db_proxy_sessions(MaxRecords=20, **kwargs, **({"Marker": marker} if marker else {}))
+        found += page["DBProxySessions"]
+        marker = page.get("Marker")
+        if not marker:
+            return found

@@ -3,10 +3,12 @@ by both workers, connection ids are unique over the workers and name the worker,
 `KILL CONNECTION` reach the session whichever worker the KILL comes from, and an id of the other
 worker's range that it does not hold gets 1094, never passed to the database as a thread id."""
 
+import json
 import re
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pymysql
@@ -15,10 +17,10 @@ import yaml
 
 try:
     from mysql_harness import write_mysql_config
-    from proxyutil import TwistdProxy, find_free_port
+    from proxyutil import TwistdProxy, all_sessions, find_free_port, sessions_client
 except ImportError:
     from tests.integration.mysql_harness import write_mysql_config
-    from tests.integration.proxyutil import TwistdProxy, find_free_port
+    from tests.integration.proxyutil import TwistdProxy, all_sessions, find_free_port, sessions_client
 
 LISTENING = re.compile(r"worker (\d): proxy test-mysql \(MYSQL\) listening on .*port=(\d+)\)")
 
@@ -51,8 +53,11 @@ def mysql_workers(mariadb_server, tmp_path_factory):
     data = yaml.safe_load(Path(config).read_text())
     data["Workers"] = 2
     data["DrainTimeout"] = 5
+    admin = find_free_port()
+    data["Admin"] = {"Listen": f"tcp:{admin}:interface=127.0.0.1", "AllowUnauthenticatedLoopbackReads": True}
     Path(config).write_text(yaml.safe_dump(data, sort_keys=False))
     proxy = AnyPortProxy(config, None).start()
+    proxy.admin_port = admin
     try:
         yield proxy
     finally:
@@ -150,3 +155,31 @@ def test_kill_reaches_the_session_whichever_worker_sends_it(mysql_workers, maria
         for conns in by_worker.values():
             for c in conns:
                 c.close()
+
+
+def test_describe_sessions_and_the_console_answer_for_both_workers(mysql_workers, mariadb_server):
+    by_worker = on_both(mysql_workers, mariadb_server, per_worker=2)
+    conns = by_worker[0] + by_worker[1]
+    try:
+        pinned = [by_worker[0][0], by_worker[1][0]]
+        for conn in pinned:
+            with conn.cursor() as cur:
+                cur.execute("SET @token = 'secret-token'")  # a user variable pins the session
+        ids = sorted(c.thread_id() for c in conns)
+        rds = sessions_client(mysql_workers.admin_port)  # unsigned: loopback reads are allowed
+        found = all_sessions(rds, DBProxyName="test-mysql")
+        assert sorted(s["SessionId"] for s in found) == ids
+        assert {s["SessionId"] % 2 for s in found} == {0, 1}
+        only = rds.describe_db_proxy_sessions(DBProxyName="test-mysql", Pinned=True)["DBProxySessions"]
+        assert sorted(s["SessionId"] for s in only) == sorted(c.thread_id() for c in pinned)
+        assert {s["PinStatement"] for s in only} == {"SET @token = ?"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{mysql_workers.admin_port}/console/data.json",
+                                    timeout=15) as r:
+            text = r.read().decode()
+        assert "secret" not in text
+        [view] = json.loads(text)["proxies"]
+        assert view["figures"]["client_connections"] == len(conns)
+        assert sorted(s["SessionId"] for s in view["pinnedSessions"]) == sorted(c.thread_id() for c in pinned)
+    finally:
+        for conn in conns:
+            conn.close()

@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 try:
-    from proxyutil import TwistdProxy, find_free_port, write_proxy_config
+    from proxyutil import TwistdProxy, all_sessions, find_free_port, sessions_client, write_proxy_config
 except ImportError:
-    from tests.integration.proxyutil import TwistdProxy, find_free_port, write_proxy_config
+    from tests.integration.proxyutil import (TwistdProxy, all_sessions, find_free_port, sessions_client,
+                                             write_proxy_config)
 
 USER = "app_workers"  # its own role: pg_stat_activity counts only this proxy's connections
 PASSWORD = "workers-pw-1"
@@ -292,6 +293,60 @@ def test_an_api_change_reaches_every_worker(workers_proxy):
                                          ConnectionPoolConfig={"MaxConnectionsPercent": CAP})
         wait_for(lambda: health(workers_proxy)["proxies"]["test-pg"]["max_database_connections"] == CAP,
                  what="the change undone in both workers")
+
+
+def test_the_console_and_describe_sessions_answer_for_every_worker(workers_proxy):
+    proxy = workers_proxy
+    by_worker = connect_on_both(proxy, per_worker=1)
+    conns = by_worker[0] + by_worker[1]
+    conns += [proxy.connect() for _ in range(24 - len(conns))]  # more than one page of 20
+    try:
+        pinned = [by_worker[0][0], by_worker[1][0]]  # one pinned session in each worker
+        for conn in pinned:
+            conn.execute("SET application_name = 'secret-app-name'")
+        for conn in conns:
+            conn.execute("SELECT 1")
+        ids = {c.info.backend_pid for c in conns}
+        assert {i % 2 for i in ids} == {0, 1}
+        rds = sessions_client(proxy.admin_port, API_KEY)
+        found = all_sessions(rds, DBProxyName="test-pg")
+        assert sorted(s["SessionId"] for s in found) == sorted(ids)  # every worker's, once each
+        assert [s["CreatedDate"] for s in found] == sorted(s["CreatedDate"] for s in found)
+        only = rds.describe_db_proxy_sessions(DBProxyName="test-pg", Pinned=True)["DBProxySessions"]
+        assert sorted(s["SessionId"] for s in only) == sorted(c.info.backend_pid for c in pinned)
+        assert {s["PinStatement"] for s in only} == {"SET application_name = ?"}
+        assert all(s["DatabaseConnection"]["BackendId"] for s in only)
+        first = rds.describe_db_proxy_sessions(DBProxyName="test-pg", MaxRecords=20)
+        assert len(first["DBProxySessions"]) == 20 and first["Marker"]
+        # A request the workers refuse is refused once, in the API's own words.
+        with pytest.raises(Exception) as refused:
+            rds.describe_db_proxy_sessions(DBProxyName="no-such-proxy")
+        assert "DBProxyNotFoundFault" in str(refused.value)
+        wrong = sessions_client(proxy.admin_port, (API_KEY[0], "not-the-secret-key-0"))
+        with pytest.raises(Exception) as refused:
+            wrong.describe_db_proxy_sessions(DBProxyName="test-pg")
+        assert "SignatureDoesNotMatch" in str(refused.value)
+        with pytest.raises(Exception) as refused:
+            rds.describe_db_proxy_sessions(DBProxyName="test-pg", Marker="bm90LWFuLW9mZnNldA==")
+        assert "InvalidParameterValue" in str(refused.value)
+        # The console: every worker's figures and pinned sessions.
+        status, text = _get(proxy.admin_port, "/console/data.json")
+        assert status == 200, text
+        data = json.loads(text)
+        [view] = [p for p in data["proxies"] if p["name"] == "test-pg"]
+        assert view["figures"]["client_connections"] == len(conns), view["figures"]
+        assert sorted(s["SessionId"] for s in view["pinnedSessions"]) == \
+            sorted(c.info.backend_pid for c in pinned)
+        assert "secret" not in text
+        # Each worker's share of the cap (3 and 2) adds up to the proxy's cap.
+        assert [i["value"] for i in view["figures"]["max_database_connections_allowed"]] == [CAP]
+        assert [w["index"] for w in data["workers"]] == [0, 1] and all(w["up"] for w in data["workers"])
+        assert view["borrowLatency"]["count"] >= len(conns)
+        status, page = _get(proxy.admin_port, "/console")
+        assert status == 200 and "<html" in page.lower()
+    finally:
+        for c in conns:
+            c.close()
 
 
 def _line_of(log, text):

@@ -15,7 +15,8 @@ from txrdsproxy.testing.fakes import ClientTransport
 from txrdsproxy.wire.mysql import errors as mysql_errors
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.workers import WorkerIdentity, share_of
-from txrdsproxy.workers.admin import merge_metrics
+from txrdsproxy.admin.querycodec import QueryError, encode_response, operation
+from txrdsproxy.workers.admin import _HOP, ForwardedRequest, merge_console, merge_metrics, merge_sessions
 from txrdsproxy.workers.peer import PEER_TIMEOUT, PeerFactory
 
 try:
@@ -122,6 +123,97 @@ def test_merged_metrics_sum_what_adds_up_and_keep_the_rest_per_worker():
     assert values("process_resident_memory_bytes") == {
         ("process_resident_memory_bytes", (("worker", "0"),)): 1000.0,
         ("process_resident_memory_bytes", (("worker", "1"),)): 2000.0}
+
+
+def _view(name, clients, waiting, longest, pinned, allowed, borrow):
+    return {"name": name, "engine": "POSTGRESQL", "status": "available", "port": 5432,
+            "figures": {"client_connections": clients, "client_connections_waiting": waiting,
+                        "client_longest_wait_seconds": longest, "availability_percentage": [
+                            {"labels": ["default", "WRITER"], "value": 100.0 if clients else 50.0}],
+                        "max_database_connections_allowed": [
+                            {"labels": ["default", "pg-1"], "value": allowed}]},
+            "borrowLatency": borrow, "pinnedSessions": pinned}
+
+
+def _session(sid, created):
+    return {"SessionId": sid, "CreatedDate": created, "State": "pinned"}
+
+
+def test_merged_console_combines_as_metrics_do_and_lists_every_workers_pins():
+    class W:
+        def __init__(self, index):
+            self.index = index
+
+        def as_dict(self):
+            return {"index": self.index, "up": True}
+
+    w0 = {"time": 10, "refreshSeconds": 3, "proxies": [
+        _view("p", 3, 1, 0.5, [_session(4, "2026-12-03T10:00:02+00:00")], 3, {"sum": 1.0, "count": 4}),
+        _view("q", 0, 0, 0.0, [], 1, None)]}
+    w1 = {"time": 11, "refreshSeconds": 3, "proxies": [
+        _view("p", 4, 2, 0.25, [_session(1, "2026-12-03T10:00:01+00:00"),
+                                _session(3, "2026-12-03T10:00:03+00:00")], 2, {"sum": 0.5, "count": 1})]}
+    merged = merge_console([(0, w0), (1, w1)], [W(0), W(1)])
+    assert merged["time"] == 11 and merged["refreshSeconds"] == 3
+    assert [p["name"] for p in merged["proxies"]] == ["p", "q"]
+    p = merged["proxies"][0]
+    assert p["figures"]["client_connections"] == 7
+    assert p["figures"]["client_connections_waiting"] == 3
+    assert p["figures"]["client_longest_wait_seconds"] == 0.5  # the longest, not a sum
+    assert p["figures"]["availability_percentage"] == [{"labels": ["default", "WRITER"], "value": 100.0}]
+    assert p["figures"]["max_database_connections_allowed"] == [{"labels": ["default", "pg-1"], "value": 5}]
+    assert p["borrowLatency"] == {"sum": 1.5, "count": 5}
+    assert [s["SessionId"] for s in p["pinnedSessions"]] == [1, 4, 3]  # oldest first
+    assert merged["proxies"][1]["figures"]["client_connections"] == 0
+    assert merged["workers"] == [{"index": 0, "up": True}, {"index": 1, "up": True}]
+    assert w0["proxies"][0]["pinnedSessions"] == [_session(4, "2026-12-03T10:00:02+00:00")]  # untouched
+
+
+def _sessions_xml(ids, start):
+    import datetime
+    op = operation("DescribeDBProxySessions")
+    items = [{"SessionId": i, "DBProxyName": "p", "TLS": False, "State": "idle", "AgeSeconds": 1,
+              "IdleSeconds": 1, "QueryRequests": 0,
+              "CreatedDate": datetime.datetime(2026, 12, 3, 10, 0, start + n, tzinfo=datetime.timezone.utc)}
+             for n, i in enumerate(ids)]
+    return encode_response(op, {"DBProxySessions": items}, "w")
+
+
+def test_merged_sessions_are_one_list_paged_by_the_parent():
+    import botocore.parsers
+    op = operation("DescribeDBProxySessions")
+    answers = [_sessions_xml(range(0, 50, 2), 0), _sessions_xml(range(1, 51, 2), 0)]  # 25 + 25
+    seen, marker = [], None
+    for _ in range(3):
+        form = {"Action": "DescribeDBProxySessions", "Version": "2014-10-31", "DBProxyName": "p",
+                "MaxRecords": "20", **({"Marker": marker} if marker else {})}
+        xml = merge_sessions(op, answers, form, "req-9")
+        parsed = botocore.parsers.QueryParser().parse(
+            {"body": xml, "headers": {}, "status_code": 200}, op.output_shape)
+        assert parsed["ResponseMetadata"]["RequestId"] == "req-9"
+        seen += [s["SessionId"] for s in parsed["DBProxySessions"]]
+        marker = parsed.get("Marker")
+        if not marker:
+            break
+    assert seen == list(range(50))  # oldest first (then by id), each once
+    with pytest.raises(QueryError) as e:
+        merge_sessions(op, answers, {"DBProxyName": "p", "MaxRecords": "5"}, "r")
+    assert e.value.code == "InvalidParameterValue"
+    with pytest.raises(QueryError):
+        merge_sessions(op, answers, {"DBProxyName": "p", "Marker": "bm9wZQ=="}, "r")
+
+
+def test_only_the_parents_private_requests_get_every_record():
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from txrdsproxy.admin.operations import ALL_RECORDS, paginate
+    request = ForwardedRequest(DummyChannel())
+    assert not request.unpaged
+    request.requestHeaders.setRawHeaders(b"x-rdsproxy-unpaged", [b"1"])
+    assert request.unpaged
+    assert paginate(list(range(250)), {"MaxRecords": ALL_RECORDS}) == (list(range(250)), None)
+    assert len(paginate(list(range(250)), {})[0]) == 100
+    assert b"x-rdsproxy-unpaged" in _HOP  # a client's own header never reaches a worker
 
 
 # -- cancel requests -------------------------------------------------------------------------------

@@ -359,9 +359,15 @@ def apply_filters(items, filters, fields):
 MIN_RECORDS, MAX_RECORDS = 20, 100
 
 
+ALL_RECORDS = object()  # MaxRecords of a worker's answer to `Workers: N`'s parent: no page
+
+
 def paginate(items, params):
-    """-> (page, next Marker or None).  MaxRecords 20..100 (default 100), as RDS's."""
+    """-> (page, next Marker or None).  MaxRecords 20..100 (default 100), as RDS's;
+    ALL_RECORDS (never from a client: see query.py) gives every item."""
     size = params.get("MaxRecords", MAX_RECORDS)
+    if size is ALL_RECORDS:
+        return list(items), None
     if not MIN_RECORDS <= size <= MAX_RECORDS:
         raise fault("InvalidParameterValue",
                     f"MaxRecords must be between {MIN_RECORDS} and {MAX_RECORDS} (got {size}).")

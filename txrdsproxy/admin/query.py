@@ -18,7 +18,7 @@ import uuid
 from twisted.logger import Logger
 from twisted.web import resource
 
-from txrdsproxy.admin.operations import ACTIONS, READ_ACTIONS
+from txrdsproxy.admin.operations import ACTIONS, ALL_RECORDS, READ_ACTIONS
 from txrdsproxy.admin.querycodec import (
     API_VERSION, QueryError, decode_params, encode_error, encode_response, operation)
 
@@ -167,6 +167,11 @@ class QueryResource(resource.Resource):
                                  f"Version must be {API_VERSION}.")
             op = operation(action)
             params = decode_params(op, form)
+            if getattr(request, "unpaged", False) and "MaxRecords" in op.input_shape.members:
+                # `Workers: N`: the parent asks each worker for all its records and cuts the
+                # page itself (workers/admin.py); only its private socket's requests have this.
+                params = dict(params, MaxRecords=ALL_RECORDS)
+                params.pop("Marker", None)
             principal = self.authenticator.check(request, body, action,
                                                  self.api.resources(action, params))
             result = self.api.call(action, params)

@@ -6,8 +6,9 @@
     worker.py       one worker process: the ordinary proxy service (service.make_service) with
                     its listeners opened with SO_REUSEPORT (listen.py), a private admin endpoint
                     and a peer socket (peer.py) on UNIX sockets in the run directory
-    admin.py        the parent's admin resources: /metrics and /healthz merged over the workers,
-                    everything else (the Query API, /reload, /console) forwarded to one worker
+    admin.py        the parent's admin resources: /metrics, /healthz, /console/data.json and
+                    DescribeDBProxySessions merged over the workers, everything else (the rest
+                    of the Query API, /reload, the console page) forwarded to one worker
     peer.py         cancel requests for a session another worker holds
 
 With `Workers: 1` (the default) none of this runs: twistd's process is the proxy, as before.

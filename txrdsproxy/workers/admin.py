@@ -10,6 +10,15 @@
 - `/healthz`: the workers' answers summed per proxy, plus each worker's state.  200 "ok" when
   every worker listens, 200 "degraded" while some (not all) are down or restarting, 503 when
   none answers.
+- `/console/data.json`: each worker's view merged per proxy (figures combined by the rules of
+  /metrics, the borrow latency summed, the pinned sessions of every worker, the workers' state);
+  the worker checks the client's address (loopback only) as it does alone.
+- `DescribeDBProxySessions`: the signed request goes to every worker that is up, each answers
+  all its sessions that pass the request's filters (X-Rdsproxy-Unpaged, believed on the private
+  sockets only); the parent reads the answers with botocore's own parser, puts the sessions in
+  one list (oldest first), cuts the page (MaxRecords, Marker) and writes the XML.  A worker that
+  refuses the request (signature, policy, unknown proxy) answers for all; one that is up but
+  does not answer makes the whole answer a 503, never a silent partial list.
 - everything else (`POST /` the Query API, `/reload`, `/console`) is forwarded unchanged (the
   SigV4 signature covers the Host header, which is kept) to the first worker that is up.  A
   change (an Action other than Describe*/List*, or /reload) that succeeded there is then
@@ -22,6 +31,7 @@ Every fetch from a worker is bounded by FETCH_TIMEOUT.
 
 import json
 import signal
+import uuid
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -44,7 +54,7 @@ log = Logger()
 FETCH_TIMEOUT = 10.0
 CLIENT_HEADER = b"x-rdsproxy-client"
 _HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te", b"upgrade",
-        b"proxy-connection", CLIENT_HEADER}
+        b"proxy-connection", CLIENT_HEADER, b"x-rdsproxy-unpaged"}
 
 
 class ForwardedRequest(server.Request):
@@ -56,6 +66,12 @@ class ForwardedRequest(server.Request):
         if forwarded:
             return IPv4Address("TCP", forwarded[0].decode("ascii", "replace"), 0)
         return super().getClientAddress()
+
+    @property
+    def unpaged(self):
+        """True when the parent asks for every record of a paginated answer (it cuts the page
+        itself from all workers' records: DescribeDBProxySessions)."""
+        return bool(self.requestHeaders.getRawHeaders(b"x-rdsproxy-unpaged"))
 
 
 @implementer(IAgentEndpointFactory)
@@ -89,14 +105,26 @@ class _Workers:
             lambda data: (r.code, list(r.headers.getAllRawHeaders()), data)))
         return d.addTimeout(FETCH_TIMEOUT, self.reactor)
 
-    def gather(self, path):
-        """GET *path* from every worker that is up -> Deferred[[(WorkerState, body or None)]]."""
+    def gather(self, path, headers=None):
+        """GET *path* from every worker that is up -> Deferred[[(WorkerState, body or None)]]
+        (None: the worker did not answer 200)."""
         live = self.supervisor.live()
-        ds = [self.request(w.index, b"GET", path, Headers({b"accept": [b"text/plain"]}))
+        ds = [self.request(w.index, b"GET", path,
+                           headers if headers is not None else Headers({b"accept": [b"text/plain"]}))
               for w in live]
         d = defer.DeferredList(ds, consumeErrors=True)
         return d.addCallback(lambda results: [
             (w, r[2] if ok and r[0] == 200 else None) for w, (ok, r) in zip(live, results)])
+
+    def everyone(self, method, path, headers, body):
+        """Send one request to every worker that is up -> Deferred[[(WorkerState, (code,
+        headers, body))]]; fails (the first failure) when a worker that is up does not answer:
+        an answer for the whole proxy is never made of some workers' parts silently."""
+        live = self.supervisor.live()
+        ds = [self.request(w.index, method, path, headers, body) for w in live]
+        d = defer.gatherResults(ds, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+        return d.addCallback(lambda answers: list(zip(live, answers)))
 
 
 # -- /metrics --------------------------------------------------------------------------------------
@@ -166,35 +194,43 @@ def _worker_metrics(supervisor, texts):
     return [count, up, restarts, clients]
 
 
-class MergedMetrics(resource.Resource):
+class _FromWorkers(resource.Resource):
+    """A parent resource answered from what the workers answer (the base of the merged views
+    and of the forwarder): *supervisor* knows which workers are up, *workers* talks to them."""
+
     isLeaf = True
 
     def __init__(self, supervisor, workers):
         super().__init__()
         self.supervisor, self.workers = supervisor, workers
 
+    def answer_with(self, request, d, answer):
+        """Answer *request* with answer(result of *d*) -> NOT_DONE_YET (see `_serve`)."""
+        _serve(request, d, answer)
+        return server.NOT_DONE_YET
+
+
+def _finish(request, code, content_type, body):
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    request.write(body)
+    request.finish()
+
+
+class MergedMetrics(_FromWorkers):
     def render_GET(self, request):
         def merged(results):
             texts = [(w.index, body.decode("utf-8")) for w, body in results if body is not None]
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Collected(merge_metrics(texts) + _worker_metrics(self.supervisor, texts)))
-            request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            request.write(generate_latest(registry))
-            request.finish()
+            _finish(request, 200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(registry))
 
-        _serve(request, self.workers.gather(b"/metrics"), merged)
-        return server.NOT_DONE_YET
+        return self.answer_with(request, self.workers.gather(b"/metrics"), merged)
 
 
 # -- /healthz --------------------------------------------------------------------------------------
 
-class MergedHealth(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, supervisor, workers):
-        super().__init__()
-        self.supervisor, self.workers = supervisor, workers
-
+class MergedHealth(_FromWorkers):
     def render_GET(self, request):
         def merged(results):
             proxies, answered, listening = {}, 0, True
@@ -217,16 +253,163 @@ class MergedHealth(resource.Resource):
                 status, code = "starting", 503
             body = {"status": status, "proxies": proxies,
                     "workers": [w.as_dict() for w in self.supervisor.workers]}
-            request.setResponseCode(code)
-            request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(body).encode())
-            request.finish()
+            _finish(request, code, b"application/json", json.dumps(body).encode())
 
-        _serve(request, self.workers.gather(b"/healthz"), merged)
-        return server.NOT_DONE_YET
+        return self.answer_with(request, self.workers.gather(b"/healthz"), merged)
+
+
+# -- /console/data.json ------------------------------------------------------------------------------
+
+_SINGLE_VALUED = ("client_connections_waiting", "client_longest_wait_seconds",
+                  "database_connections_opening")
+
+
+def merge_console(views, workers):
+    """[(worker index, the worker's console data)] -> one console data for the whole proxy:
+    per proxy (by name, in the first worker's order) the settings and targets of the first
+    worker that has it, its figures combined as /metrics combines them (sum, or least / greatest
+    for the gauges that do not add up), the borrow latency summed and every worker's pinned
+    sessions (oldest first).  *workers*: the supervisor's WorkerStates (shown as they are)."""
+    proxies, order, time, refresh = {}, [], 0, None
+    figures = {}  # proxy -> name -> [values] (single-valued) or {labels: [values]}
+    for _, view in views:
+        time = max(time, view.get("time", 0))
+        refresh = refresh or view.get("refreshSeconds")
+        for proxy in view.get("proxies", []):
+            name = proxy["name"]
+            if name not in proxies:
+                proxies[name] = dict(proxy, figures={}, borrowLatency=None, pinnedSessions=[])
+                figures[name] = {}
+                order.append(name)
+            into = proxies[name]
+            for key, value in proxy.get("figures", {}).items():
+                if isinstance(value, list):
+                    series = figures[name].setdefault(key, {})
+                    for item in value:
+                        series.setdefault(tuple(item["labels"]), []).append(item["value"])
+                else:
+                    figures[name].setdefault(key, []).append(value)
+            latency = proxy.get("borrowLatency")
+            if latency is not None:
+                total = into["borrowLatency"] or {"sum": 0.0, "count": 0}
+                into["borrowLatency"] = {"sum": total["sum"] + latency["sum"],
+                                         "count": total["count"] + latency["count"]}
+            into["pinnedSessions"] = into["pinnedSessions"] + list(proxy.get("pinnedSessions", []))
+    for name in order:
+        out = proxies[name]["figures"]
+        for key, value in figures[name].items():
+            combine = _combine(key)
+            if isinstance(value, dict):
+                out[key] = [{"labels": list(labels), "value": combine(values)}
+                            for labels, values in value.items()]
+            else:
+                out[key] = combine(value)
+        proxies[name]["pinnedSessions"].sort(key=_oldest_first)
+    return {"time": time, "refreshSeconds": refresh, "proxies": [proxies[n] for n in order],
+            "workers": [w.as_dict() for w in workers]}
+
+
+def _oldest_first(session):
+    """Sort key of a DBProxySession (dict): its CreatedDate (a datetime, or the ISO text the
+    console's JSON has), then its id."""
+    created = session.get("CreatedDate")
+    if hasattr(created, "timestamp"):
+        created = created.timestamp()
+    elif isinstance(created, str):
+        import datetime
+        created = datetime.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    return (created or 0, session.get("SessionId", 0))
+
+
+class MergedConsoleData(_FromWorkers):
+    """GET /console/data.json for the whole proxy.  The client's address goes to the workers,
+    which refuse it (403) unless it is on the loopback interface, as one process does: their
+    refusal is passed on as it is."""
+
+    def render_GET(self, request):
+        headers = Headers({b"accept": [b"application/json"]})
+        headers.setRawHeaders(CLIENT_HEADER, [_client_host(request)])
+
+        def merged(answers):
+            views = []
+            for w, (code, out_headers, data) in answers:
+                if code != 200:  # refused (403): every worker refuses the same way
+                    return _pass_on(request, code, out_headers, data)
+                views.append((w.index, json.loads(data)))
+            body = json.dumps(merge_console(views, self.supervisor.workers)).encode()
+            request.setHeader(b"cache-control", b"no-store")
+            _finish(request, 200, b"application/json", body)
+
+        if not self.supervisor.live():
+            return _no_worker(request)
+        return self.answer_with(request, self.workers.everyone(b"GET", request.uri, headers, b""),
+                                merged)
+
+
+# -- DescribeDBProxySessions ---------------------------------------------------------------------------
+
+UNPAGED_HEADER = b"x-rdsproxy-unpaged"
+SESSIONS_ACTION = "DescribeDBProxySessions"
+
+
+def merge_sessions(op, answers, form, request_id):
+    """The DescribeDBProxySessions answer for the whole proxy, from every worker's unpaged
+    answer (XML bytes): -> XML bytes of the page *form* (the request's form: its MaxRecords and
+    Marker) asks for.  Raises QueryError for a MaxRecords or Marker that is not valid."""
+    from botocore.parsers import QueryParser
+
+    from txrdsproxy.admin.operations import _with_marker, paginate
+    from txrdsproxy.admin.querycodec import decode_params, encode_response
+    parser = QueryParser()
+    items = []
+    for data in answers:
+        parsed = parser.parse({"body": data, "headers": {}, "status_code": 200}, op.output_shape)
+        items.extend(parsed.get("DBProxySessions", []))
+    items.sort(key=_oldest_first)
+    params = decode_params(op, {k: v for k, v in form.items() if k not in ("Action", "Version")})
+    page, marker = paginate(items, params)
+    return encode_response(op, _with_marker({"DBProxySessions": page}, marker), request_id)
+
+
+class MergedSessions(_FromWorkers):
+    """`Action=DescribeDBProxySessions` for the whole proxy (see the module docstring)."""
+
+    def render_with(self, request, body, form):
+        from txrdsproxy.admin.querycodec import QueryError, encode_error, operation
+        headers = _forwarded_headers(request)
+        headers.setRawHeaders(UNPAGED_HEADER, [b"1"])
+
+        def merged(answers):
+            for _, (code, out_headers, data) in answers:
+                if code != 200:  # refused: the first refusal speaks for all
+                    return _pass_on(request, code, out_headers, data)
+            request_id = next((values[0].decode("latin-1") for name, values in answers[0][1][1]
+                               if name.lower() == b"x-amzn-requestid"), None) or str(uuid.uuid4())
+            request.setHeader(b"x-amzn-requestid", request_id.encode())
+            op = operation(SESSIONS_ACTION)
+            try:
+                out = merge_sessions(op, [data for _, (_, _, data) in answers], form, request_id)
+            except QueryError as e:
+                return _finish(request, e.status, b"text/xml",
+                               encode_error(e.code, e.message, request_id, e.sender))
+            _finish(request, 200, b"text/xml", out)
+
+        if not self.supervisor.live():
+            return _no_worker(request)
+        return self.answer_with(request, self.workers.everyone(request.method, request.uri, headers,
+                                                                body), merged)
 
 
 # -- everything else: forwarded ---------------------------------------------------------------------
+
+def _form(request, body):
+    """The Query API form of *request* ({str: str}, the last value of a repeated key) -- for
+    routing only: the worker reads and checks it."""
+    args = dict(request.args)
+    if body and b"x-www-form-urlencoded" in (request.getHeader(b"content-type") or b""):
+        args.update(parse_qs(body))
+    return {k.decode("utf-8", "replace"): v[-1].decode("utf-8", "replace") for k, v in args.items() if v}
+
 
 def _is_change(request, body):
     path = request.path.rstrip(b"/")
@@ -234,51 +417,73 @@ def _is_change(request, body):
         return request.method == b"POST"
     if path != b"":
         return False
-    args = dict(request.args)
-    if body and b"x-www-form-urlencoded" in (request.getHeader(b"content-type") or b""):
-        args.update(parse_qs(body))
-    action = (args.get(b"Action") or [b""])[0]
-    return bool(action) and not action.startswith((b"Describe", b"List"))
+    action = _form(request, body).get("Action", "")
+    return bool(action) and not action.startswith(("Describe", "List"))
 
 
-class Forwarder(resource.Resource):
-    isLeaf = True
+def _client_host(request):
+    return getattr(request.getClientAddress(), "host", "").encode("ascii")
+
+
+def _forwarded_headers(request):
+    """The client's request headers a worker gets: hop-by-hop ones left out, the client's
+    address added (X-Rdsproxy-Client)."""
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if name.lower() not in _HOP:
+            headers.setRawHeaders(name, values)
+    headers.setRawHeaders(CLIENT_HEADER, [_client_host(request)])
+    return headers
+
+
+def _pass_on(request, code, out_headers, data):
+    """Answer *request* with a worker's answer as it came (hop-by-hop headers left out)."""
+    request.setResponseCode(code)
+    for name, values in out_headers:
+        if name.lower() not in _HOP:
+            request.responseHeaders.setRawHeaders(name, values)
+    request.write(data)
+    request.finish()
+
+
+def _no_worker(request):
+    request.setResponseCode(503)
+    request.setHeader(b"content-type", b"text/plain")
+    return b"no proxy worker is up (starting or restarting)\n"
+
+
+class Forwarder(_FromWorkers):
+    """Everything the parent does not merge: to the first worker that is up."""
 
     def __init__(self, supervisor, workers):
-        super().__init__()
-        self.supervisor, self.workers = supervisor, workers
+        super().__init__(supervisor, workers)
+        self.console = MergedConsoleData(supervisor, workers)
+        self.sessions = MergedSessions(supervisor, workers)
 
     def render(self, request):
+        if request.method == b"GET" and request.path.rstrip(b"/") == b"/console/data.json":
+            return self.console.render_GET(request)
         live = self.supervisor.live()
         if not live:
-            request.setResponseCode(503)
-            request.setHeader(b"content-type", b"text/plain")
-            return b"no proxy worker is up (starting or restarting)\n"
+            return _no_worker(request)
         target = live[0]
         body = request.content.read() if request.content is not None else b""
-        headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in _HOP:
-                headers.setRawHeaders(name, values)
-        client = request.getClientAddress()
-        headers.setRawHeaders(CLIENT_HEADER, [getattr(client, "host", "").encode("ascii")])
+        if request.path.rstrip(b"/") == b"":
+            form = _form(request, body)
+            if form.get("Action") == SESSIONS_ACTION:
+                return self.sessions.render_with(request, body, form)
         change = _is_change(request, body)
-        d = self.workers.request(target.index, request.method, request.uri, headers, body)
+        d = self.workers.request(target.index, request.method, request.uri,
+                                 _forwarded_headers(request), body)
 
         def answered(result):
             code, out_headers, data = result
-            request.setResponseCode(code)
-            for name, values in out_headers:
-                if name.lower() not in _HOP:
-                    request.responseHeaders.setRawHeaders(name, values)
             if change and 200 <= code < 300:
                 # Applied there and written into the file: the others re-read the file.
                 self.supervisor.signal_workers(signal.SIGHUP, but=target.index)
-            request.write(data)
-            request.finish()
+            _pass_on(request, code, out_headers, data)
 
-        _serve(request, d, answered)
-        return server.NOT_DONE_YET
+        return self.answer_with(request, d, answered)
 
 
 def _serve(request, d, answer):
