@@ -437,6 +437,8 @@ class ProxyRuntime:
             ctx.connector.init_query = new.connection_pool_config.init_query or ""
             pool.reconfigure(new.connection_pool_config)
             ctx.replica_pools.reconfigure(new.connection_pool_config)
+            self._janitor.wake()  # a shorter IdleConnectionTimeout applies now, not after a sleep
+            ctx.replica_janitor.wake()
         if old.targets == new.targets:
             return
         topology = ctx.topology

@@ -244,15 +244,37 @@ def test_max_client_connections(proxy_factory, mariadb_server):
 
 
 def test_connection_rate_limit(proxy_factory, mariadb_server):
+    """MaxConnectionRate 2 (a burst of one second's worth): the file's rate reaches the proxy's
+    limiter, which is then given a clock that moves only when the test moves it, so the
+    machine's speed cannot decide the outcome: within one second two full logins get in and
+    every later connection gets 1040; a second later two more may come."""
+    from twisted.internet.task import Clock
+
+    from txrdsproxy.proxy.limits import ConnectionRateLimiter
     proxy = proxy_factory(MaxConnectionRate=2)
-    results = []
-    for _ in range(6):
-        try:
-            connect(proxy).close()
-            results.append("ok")
-        except pymysql.err.OperationalError as e:
-            results.append(e.args)
-    assert (1040, "Connections rate limit exceeded (2)") in results
+    clock = Clock()
+
+    def hold_time_still():
+        assert proxy.ctx.admission.connection_rate.rate == 2
+        proxy.ctx.admission.connection_rate = ConnectionRateLimiter(2, clock)
+    proxy.call(hold_time_still)
+
+    def attempts(n):
+        results = []
+        for _ in range(n):
+            try:
+                conn = connect(proxy)
+                assert one(conn, "SELECT 1") == (1,)
+                conn.close()
+                results.append("ok")
+            except pymysql.err.OperationalError as e:
+                results.append(e.args)
+        return results
+
+    refused = (1040, "Connections rate limit exceeded (2)")
+    assert attempts(5) == ["ok", "ok", refused, refused, refused]
+    proxy.call(clock.advance, 1.0)
+    assert attempts(3) == ["ok", "ok", refused]
 
 
 def test_caching_sha2_client_auth(mariadb_server, mux_user, tmp_path):

@@ -116,3 +116,22 @@ def test_a_failing_pass_does_not_stop_the_janitor():
     clock.advance(5)
     assert pool.idle_count() == pool.max_idle_connections == 10
     assert states(conns[:2]) == ["closed", "closed"]
+
+
+def test_a_shorter_idle_lifetime_applies_at_once_when_the_janitor_is_woken():
+    import dataclasses
+    pool, connector, clock, janitor = make(idle_pct=0, max_pct=20, lifetime=3600)
+    leases = [borrow_now(pool, connector) for _ in range(3)]
+    for lease in leases:
+        lease.release()
+    clock.advance(1)  # the janitor sleeps MAX_SLEEP under the old lifetime
+    pool.reconfigure(dataclasses.replace(pool.config, idle_connection_timeout=2))
+    assert [c.state for c in connector.made] == ["idle"] * 3  # idle 1 s: not due yet
+    janitor.wake()
+    ticks = [c for c in clock.getDelayedCalls() if c.func == janitor._tick]
+    assert len(ticks) == 1 and ticks[0].getTime() == 2  # one pass, when they are due (not two)
+    clock.advance(1)  # idle 2 s: due under the new lifetime, long before MAX_SLEEP
+    assert [c.state for c in connector.made] == ["closed"] * 3
+    janitor.stop()
+    janitor.wake()  # stopped: stays stopped
+    assert not janitor.running and not [c for c in clock.getDelayedCalls() if c.func == janitor._tick]

@@ -39,6 +39,15 @@ class PoolJanitor:
         if call is not None and call.active():
             call.cancel()
 
+    def wake(self):
+        """Run a pass now and schedule the next one from it: the pool's settings changed (a
+        shorter IdleConnectionTimeout or a lower idle cap must not wait for the sleep the old
+        settings gave, up to MAX_SLEEP).  Does nothing while stopped."""
+        if self._call is None:
+            return
+        self.stop()
+        self._schedule(self.run())
+
     def run(self):
         """One pass: close what is due; -> seconds until the next pass."""
         try:
