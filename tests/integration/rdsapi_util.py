@@ -3,9 +3,12 @@ boto3 clients for it (shared by the RDS API tests)."""
 
 import json
 import os
+import socket
 from pathlib import Path
 
+import pytest
 import yaml
+from botocore.exceptions import ClientError
 
 try:
     from proxyutil import HOST, InProcessProxy, write_proxy_config
@@ -92,3 +95,17 @@ def aws_env(who="admin"):
     env.update(AWS_ACCESS_KEY_ID=akid, AWS_SECRET_ACCESS_KEY=key, AWS_DEFAULT_REGION=REGION,
                AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     return env
+
+
+def fault(call, **params):
+    """-> (AWS error code, HTTP status) of a call that must fail."""
+    with pytest.raises(ClientError) as e:
+        call(**params)
+    return e.value.response["Error"]["Code"], e.value.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def listening(port):
+    """Whether something accepts TCP connections on the loopback *port*."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((HOST, port)) == 0

@@ -19,22 +19,19 @@ import time
 import pymysql  # test extras: a missing driver must fail, not skip
 
 try:
+    from failover_util import health_states, writer_id
     from mysql_harness import start_mysql_proxy
     from servers import find_binary
 except ImportError:
+    from tests.integration.failover_util import health_states, writer_id
     from tests.integration.mysql_harness import start_mysql_proxy
     from tests.integration.servers import find_binary
 
 IDLE_SESSIONS = 20
 
 
-def _writer_id(ctx):
-    writer = ctx.topology.current_writer()
-    return None if writer is None else writer.rds_resource_id
 
 
-def _health(ctx):
-    return {t.rds_resource_id: ctx.health.health_of(t).state for t in ctx.topology.targets}
 
 
 class MariadbCli:
@@ -108,9 +105,9 @@ def test_mysql_failover_keeps_the_session_as_in_the_rds_guide(mariadb_replicatio
 def _run(primary, replica, proxy, impatient, conns, make_cli):
     ctx = proxy.ctx
     for p in (proxy, impatient):
-        p.wait_for(lambda: p.call(_health, p.ctx) == {"mariadb-1": "AVAILABLE", "mariadb-2": "AVAILABLE"},
+        p.wait_for(lambda: p.call(health_states, p.ctx) == {"mariadb-1": "AVAILABLE", "mariadb-2": "AVAILABLE"},
                    timeout=30, what="the first health checks")
-    assert proxy.call(_writer_id, ctx) == "mariadb-1"
+    assert proxy.call(writer_id, ctx) == "mariadb-1"
     assert proxy.call(lambda: ctx.topology.probed_role(ctx.topology.targets[1])) == "READ_ONLY"
     hostname = primary.mariadb("SELECT @@hostname").strip()
 
@@ -141,7 +138,7 @@ def _run(primary, replica, proxy, impatient, conns, make_cli):
         replica.promote()
         primary.demote(replica)
         # "After a short time, the console shows that the failover operation is complete."
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) == "mariadb-2", timeout=30,
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) == "mariadb-2", timeout=30,
                        what="the proxy to take the promoted replica as its writer")
         assert cli.query("select @@port, @@hostname, @@server_id") == [
             str(replica.port), hostname, str(replica.server_id)]
@@ -149,7 +146,7 @@ def _run(primary, replica, proxy, impatient, conns, make_cli):
 
         # The second failover: the writer crashes away; requests wait for the promotion.
         replica.stop()
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, timeout=30,
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) is None, timeout=30,
                        what="the writer to be lost")
         answers, errors = [], []
 
@@ -181,7 +178,7 @@ def _run(primary, replica, proxy, impatient, conns, make_cli):
         (done_at, row), = answers
         assert row == (primary.port, 0)
         first_write = done_at - promoted_at
-        assert proxy.call(_writer_id, ctx) == "mariadb-1"
+        assert proxy.call(writer_id, ctx) == "mariadb-1"
 
         # $ fg / mysql> select @@aurora_server_id;  -- the first writer again, same connection
         assert cli.query("select @@port, @@hostname, @@server_id") == [

@@ -17,25 +17,19 @@ import time
 import pymysql  # test extras: a missing driver must fail, not skip
 
 try:
+    from failover_util import health_with_reasons, pool_by_target, writer_id
     from proxyutil import HOST, InProcessProxy, write_config
 except ImportError:
+    from tests.integration.failover_util import health_with_reasons, pool_by_target, writer_id
     from tests.integration.proxyutil import HOST, InProcessProxy, write_config
 
 NATIVE_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_native"
 
 
-def _writer_id(ctx):
-    writer = ctx.topology.current_writer()
-    return None if writer is None else writer.rds_resource_id
 
 
-def _health(ctx):
-    return {t.rds_resource_id: (ctx.health.health_of(t).state, ctx.health.health_of(t).reason)
-            for t in ctx.topology.targets}
 
 
-def _pool(ctx):
-    return sorted((c.target.rds_resource_id, c.state.name) for c in ctx.pool.connections())
 
 
 def _unsolicited_error(conn):
@@ -72,10 +66,10 @@ def test_mysql_switchover_and_never_two_writers(mariadb_replication_factory, tmp
 
 def _run(proxy, primary, replica, password):
     ctx = proxy.ctx
-    proxy.wait_for(lambda: proxy.call(_health, ctx) == {"mariadb-1": ("AVAILABLE", None),
+    proxy.wait_for(lambda: proxy.call(health_with_reasons, ctx) == {"mariadb-1": ("AVAILABLE", None),
                                                        "mariadb-2": ("AVAILABLE", None)},
                    timeout=20, what="the first health checks")
-    assert proxy.call(_writer_id, ctx) == "mariadb-1"
+    assert proxy.call(writer_id, ctx) == "mariadb-1"
     login = dict(host=HOST, port=proxy.port, user="app_native", password=password, database="appdb",
                  autocommit=True)
     unpinned = pymysql.connect(**login)
@@ -88,24 +82,24 @@ def _run(proxy, primary, replica, password):
         _run_sql(unpinned, "CREATE TABLE switched (n int)")
         _run_sql(unpinned, "INSERT INTO switched VALUES (1)")
         assert proxy.session_states().count("pinned") == 2
-        assert ("mariadb-1", "IDLE") in proxy.call(_pool, ctx)
+        assert ("mariadb-1", "IDLE") in proxy.call(pool_by_target, ctx)
         replica.sync_with(primary)
 
         # -- 1. switchover: the writer is made read-only and stays up
         primary.mariadb("SET GLOBAL read_only = 1")
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, timeout=20,
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) is None, timeout=20,
                        what="the demoted writer to be dropped")
-        assert proxy.call(_pool, ctx) == [("mariadb-1", "BORROWED")]  # the open transaction's only
+        assert proxy.call(pool_by_target, ctx) == [("mariadb-1", "BORROWED")]  # the open transaction's only
         seq, code, message = _unsolicited_error(pinned)
         assert (seq, code) == (0, 1053) and b"writer changed" in message, message
         assert _run_sql(pinned_in_txn, "SELECT @y") == ((2,),)  # its transaction goes on ...
         _run_sql(pinned_in_txn, "COMMIT")
         seq, code, message = _unsolicited_error(pinned_in_txn)  # ... and it is ended after it
         assert (seq, code) == (0, 1053) and b"The proxy ended this session" in message, message
-        assert proxy.call(_pool, ctx) == []
+        assert proxy.call(pool_by_target, ctx) == []
 
         replica.promote()
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) == "mariadb-2", timeout=20,
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) == "mariadb-2", timeout=20,
                        what="the promoted writer")
         _run_sql(unpinned, "INSERT INTO switched VALUES (2)")
         assert _run_sql(unpinned, "SELECT count(*), @@port, @@global.read_only FROM switched") == (
@@ -115,23 +109,23 @@ def _run(proxy, primary, replica, password):
         primary.mariadb("SET GLOBAL read_only = 0")
         deadline = time.monotonic() + 3  # three health-check rounds
         while time.monotonic() < deadline:
-            assert proxy.call(_writer_id, ctx) == "mariadb-2"
+            assert proxy.call(writer_id, ctx) == "mariadb-2"
             assert _run_sql(unpinned, "SELECT @@port") == ((replica.port,),)
             time.sleep(0.2)
 
         # -- 3. the promoted writer stops; the old primary (writable) takes over; the stopped one
         #       comes back read-write and is fenced
         replica.stop()
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) == "mariadb-1", timeout=30,
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) == "mariadb-1", timeout=30,
                        what="the failover to the old primary")
         replica.start()  # promoted before, so it starts writable: it never learnt of the change
-        proxy.wait_for(lambda: proxy.call(_health, ctx)["mariadb-2"] == ("UNAVAILABLE",
+        proxy.wait_for(lambda: proxy.call(health_with_reasons, ctx)["mariadb-2"] == ("UNAVAILABLE",
                                                                          "INVALID_REPLICATION_STATE"),
                        timeout=30, what="the former writer to be fenced")
         assert _run_sql(unpinned, "SELECT @@port") == ((primary.port,),)
         _run_sql(unpinned, "INSERT INTO switched VALUES (3)")
-        assert proxy.call(_writer_id, ctx) == "mariadb-1"
-        assert {t for t, _ in proxy.call(_pool, ctx)} == {"mariadb-1"}
+        assert proxy.call(writer_id, ctx) == "mariadb-1"
+        assert {t for t, _ in proxy.call(pool_by_target, ctx)} == {"mariadb-1"}
     finally:
         for conn in (unpinned, pinned, pinned_in_txn):
             try:

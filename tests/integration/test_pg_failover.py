@@ -13,53 +13,32 @@ import time
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
-    from servers import ServerError
+    from failover_util import health_states, pg_replicated, wait_replicated, writer_id
 except ImportError:
-    from tests.integration.servers import ServerError
+    from tests.integration.failover_util import health_states, pg_replicated, wait_replicated, writer_id
 
 
 IDLE_SESSIONS = 20
 
 
-def _writer_id(ctx):
-    writer = ctx.topology.current_writer()
-    return None if writer is None else writer.rds_resource_id
 
 
-def _health(ctx):
-    return {t.rds_resource_id: ctx.health.health_of(t).state for t in ctx.topology.targets}
 
 
-def _wait_replicated(standby, sql, expected, timeout=20):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if standby.psql(sql, dbname="appdb").strip() == expected:
-                return
-        except ServerError:
-            pass
-        assert time.monotonic() < deadline, "the standby never caught up"
-        time.sleep(0.05)
 
 
 def test_pg_failover_keeps_idle_clients(pg_server_factory, pg_proxy_factory, tmp_path):
-    primary = pg_server_factory(max_connections=20)
-    primary.create_user("app_scram", "failover-pass", method="scram-sha-256")
-    primary.create_database("appdb", owner="app_scram")
-    standby = primary.start_standby(tmp_path / "standby")
-    try:
+    with pg_replicated(pg_server_factory, tmp_path, "failover-pass", max_connections=20) as (primary, [standby]):
         _run(primary, standby, pg_proxy_factory)
-    finally:
-        standby.stop()
 
 
 def _run(primary, standby, pg_proxy_factory):
     proxy = pg_proxy_factory(server=primary, targets=[primary, standby], HealthCheckInterval=1,
                              ConnectionBorrowTimeout=30)
     ctx = proxy.ctx
-    proxy.wait_for(lambda: proxy.call(_health, ctx) == {"pg-1": "AVAILABLE", "pg-2": "AVAILABLE"},
+    proxy.wait_for(lambda: proxy.call(health_states, ctx) == {"pg-1": "AVAILABLE", "pg-2": "AVAILABLE"},
                    what="the first health checks")
-    assert proxy.call(_writer_id, ctx) == "pg-1"
+    assert proxy.call(writer_id, ctx) == "pg-1"
     assert proxy.call(lambda: ctx.topology.probed_role(ctx.topology.targets[1])) == "READ_ONLY"
 
     idle = psycopg.connect(proxy.dsn(primary), autocommit=True)
@@ -75,11 +54,11 @@ def _run(primary, standby, pg_proxy_factory):
         assert idle.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
         busy.execute("SELECT 1")
         assert "borrowed" in proxy.session_states()
-        _wait_replicated(standby, "SELECT count(*) FROM kept", "1")
+        wait_replicated(standby, "SELECT count(*) FROM kept", "1")
 
         primary.stop()
         # The primary is gone and nothing is promoted yet: the proxy has no writer.
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the writer to be lost")
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) is None, what="the writer to be lost")
 
         # The idle client's next query waits in the proxy (no writer) ...
         answers, errors, answered_at = [], [], []
@@ -106,7 +85,7 @@ def _run(primary, standby, pg_proxy_factory):
         assert not waiting.is_alive() and not errors, errors
         assert answers == [(False, 1, standby.port)]
         assert time.monotonic() - promoted_at < 10
-        assert proxy.call(_writer_id, ctx) == "pg-2"
+        assert proxy.call(writer_id, ctx) == "pg-2"
         assert proxy.call(lambda: ctx.topology.role_of(ctx.topology.targets[1])) == "READ_WRITE"
 
         # Same client connection, writes go to the new writer.
@@ -138,7 +117,7 @@ def _run(primary, standby, pg_proxy_factory):
 
         targets = proxy.call(lambda: [c.target.rds_resource_id for c in ctx.pool.connections()])
         assert targets and set(targets) == {"pg-2"}
-        assert proxy.call(_health, ctx) == {"pg-1": "UNAVAILABLE", "pg-2": "AVAILABLE"}
+        assert proxy.call(health_states, ctx) == {"pg-1": "UNAVAILABLE", "pg-2": "AVAILABLE"}
     finally:
         idle.close()
         busy.close()

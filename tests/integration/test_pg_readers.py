@@ -14,6 +14,11 @@ import time
 import psycopg  # test extras: a missing driver must fail, not skip
 import pytest
 
+try:
+    from failover_util import pg_replicated, wait_replicated
+except ImportError:
+    from tests.integration.failover_util import pg_replicated, wait_replicated
+
 READER = "test-pg-ro"
 QUERY = "SELECT pg_is_in_recovery(), inet_server_port()"
 
@@ -29,23 +34,10 @@ def _readers(proxy):
     return proxy.call(lambda: [t.rds_resource_id for t in proxy.ctx.readers.eligible()])
 
 
-def _wait_replicated(standby, sql, expected, timeout=20):
-    deadline = time.monotonic() + timeout
-    while standby.psql(sql, dbname="appdb").strip() != expected:
-        assert time.monotonic() < deadline, "the standby never caught up"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def replicated(pg_server_factory, tmp_path):
-    primary = pg_server_factory(max_connections=30)
-    primary.create_user("app_scram", "reader-pass", method="scram-sha-256")
-    primary.create_database("appdb", owner="app_scram")
-    standbys = [primary.start_standby(tmp_path / "standby-1"),
-                primary.start_standby(tmp_path / "standby-2")]
-    yield primary, standbys
-    for standby in standbys:
-        standby.stop()
+    with pg_replicated(pg_server_factory, tmp_path, "reader-pass", standbys=2) as (primary, standbys):
+        yield primary, standbys
 
 
 def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replicated, pg_proxy_factory):
@@ -152,7 +144,7 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
         loader.join(10)
         assert not write_errors, write_errors
         assert written
-        _wait_replicated(s1, "SELECT count(*) FROM t WHERE x > 0", str(len(written)))
+        wait_replicated(s1, "SELECT count(*) FROM t WHERE x > 0", str(len(written)))
         writer_targets = proxy.call(lambda: {c.target.rds_resource_id for c in proxy.ctx.pool.connections()})
         assert writer_targets == {"pg-1"}
 

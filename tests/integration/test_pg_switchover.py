@@ -12,42 +12,24 @@ then never two writers: the old primary switched back to read-write is not trust
 promoted one (TargetHealth INVALID_REPLICATION_STATE), not even once the promoted one stops.
 """
 
-import time
 
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
-    from servers import ServerError
+    from failover_util import health_with_reasons, pg_replicated, pool_by_target, wait_replicated, writer_id
 except ImportError:
-    from tests.integration.servers import ServerError
+    from tests.integration.failover_util import (health_with_reasons, pg_replicated, pool_by_target,
+                                                 wait_replicated, writer_id)
 
 WRITER_CHANGED = "The proxy ended this session: it was pinned to a database connection on the former writer"
 
 
-def _writer_id(ctx):
-    writer = ctx.topology.current_writer()
-    return None if writer is None else writer.rds_resource_id
 
 
-def _health(ctx):
-    return {t.rds_resource_id: (ctx.health.health_of(t).state, ctx.health.health_of(t).reason)
-            for t in ctx.topology.targets}
 
 
-def _pool(ctx):
-    return sorted((c.target.rds_resource_id, c.state.name) for c in ctx.pool.connections())
 
 
-def _wait_replicated(standby, sql, expected, timeout=20):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if standby.psql(sql, dbname="appdb").strip() == expected:
-                return
-        except ServerError:
-            pass
-        assert time.monotonic() < deadline, "the standby never caught up"
-        time.sleep(0.05)
 
 
 def _ended_with_writer_changed(conn, notices=()):
@@ -63,14 +45,8 @@ def _ended_with_writer_changed(conn, notices=()):
 
 
 def test_pg_switchover_demoted_writer_and_never_two_writers(pg_server_factory, pg_proxy_factory, tmp_path):
-    primary = pg_server_factory(max_connections=30)
-    primary.create_user("app_scram", "switchover-pass", method="scram-sha-256")
-    primary.create_database("appdb", owner="app_scram")
-    standby = primary.start_standby(tmp_path / "standby")
-    try:
+    with pg_replicated(pg_server_factory, tmp_path, "switchover-pass") as (primary, [standby]):
         _run(primary, standby, pg_proxy_factory)
-    finally:
-        standby.stop()
 
 
 def _run(primary, standby, pg_proxy_factory):
@@ -78,10 +54,10 @@ def _run(primary, standby, pg_proxy_factory):
                              ConnectionBorrowTimeout=4,
                              SessionPinningFilters=["EXCLUDE_PREPARED_STATEMENTS"])
     ctx = proxy.ctx
-    proxy.wait_for(lambda: proxy.call(_health, ctx) == {"pg-1": ("AVAILABLE", None),
+    proxy.wait_for(lambda: proxy.call(health_with_reasons, ctx) == {"pg-1": ("AVAILABLE", None),
                                                        "pg-2": ("AVAILABLE", None)},
                    what="the first health checks")
-    assert proxy.call(_writer_id, ctx) == "pg-1"
+    assert proxy.call(writer_id, ctx) == "pg-1"
 
     unpinned = psycopg.connect(proxy.dsn(primary), autocommit=True)
     pinned = psycopg.connect(proxy.dsn(primary), autocommit=True)
@@ -97,15 +73,15 @@ def _run(primary, standby, pg_proxy_factory):
         assert prepared.execute(count, (0,)).fetchone() == (1, primary.port)
         assert proxy.session_states().count("pinned") == 2
         assert proxy.call(lambda: dict(ctx.pin_counts)) == {"set_variable": 2}  # the statement: tracked
-        assert ("pg-1", "IDLE") in proxy.call(_pool, ctx)  # the unpinned sessions' connection
-        _wait_replicated(standby, "SELECT count(*) FROM moved", "1")
+        assert ("pg-1", "IDLE") in proxy.call(pool_by_target, ctx)  # the unpinned sessions' connection
+        wait_replicated(standby, "SELECT count(*) FROM moved", "1")
 
         # -- switchover, step 1: the writer is made read-only and stays up
         primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
         primary.reload()
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the demoted writer to be dropped")
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) is None, what="the demoted writer to be dropped")
         # no idle connection to it is left to lend; only the open transaction's is still there
-        assert proxy.call(_pool, ctx) == [("pg-1", "BORROWED")]
+        assert proxy.call(pool_by_target, ctx) == [("pg-1", "BORROWED")]
         ended, why = _ended_with_writer_changed(pinned)
         assert ended, why
         # the pinned session inside a transaction goes on until the transaction ends ...
@@ -117,40 +93,40 @@ def _run(primary, standby, pg_proxy_factory):
         proxy.wait_for(lambda: proxy.session_states().count("pinned") == 0, what="the pinned session to end")
         ended, why = _ended_with_writer_changed(pinned_in_txn, notices)
         assert ended, why
-        assert proxy.call(_pool, ctx) == []
+        assert proxy.call(pool_by_target, ctx) == []
 
         # -- step 2: the standby is promoted; the unpinned session moves at its next transaction
         standby.promote()
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) == "pg-2", what="the promoted writer")
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) == "pg-2", what="the promoted writer")
         unpinned.execute("INSERT INTO moved VALUES (2)")
         assert unpinned.execute("SELECT count(*), inet_server_port(), pg_is_in_recovery() FROM moved"
                                 ).fetchone() == (2, standby.port, False)
         # the session with a prepared statement moved too: the statement is prepared again on
         # the new writer, under the same name the driver keeps using
         assert prepared.execute(count, (0,)).fetchone() == (2, standby.port)
-        assert {t for t, _ in proxy.call(_pool, ctx)} == {"pg-2"}
+        assert {t for t, _ in proxy.call(pool_by_target, ctx)} == {"pg-2"}
 
         # -- never two writers: the old primary switched back to read-write is not trusted
         primary.psql("ALTER SYSTEM RESET default_transaction_read_only")
         primary.reload()
-        proxy.wait_for(lambda: proxy.call(_health, ctx)["pg-1"] == ("UNAVAILABLE", "INVALID_REPLICATION_STATE"),
+        proxy.wait_for(lambda: proxy.call(health_with_reasons, ctx)["pg-1"] == ("UNAVAILABLE", "INVALID_REPLICATION_STATE"),
                        what="the former writer to be flagged")
-        assert proxy.call(_writer_id, ctx) == "pg-2"
+        assert proxy.call(writer_id, ctx) == "pg-2"
         assert unpinned.execute("SELECT inet_server_port()").fetchone() == (standby.port,)
         description = proxy.call(lambda: ctx.health.health_of(ctx.topology.targets[0]).description)
         assert "pg-2 was promoted in its place" in description
 
         # ... not even once the promoted writer stops: requests wait, then time out
         standby.stop()
-        proxy.wait_for(lambda: proxy.call(_writer_id, ctx) is None, what="the promoted writer to be lost")
+        proxy.wait_for(lambda: proxy.call(writer_id, ctx) is None, what="the promoted writer to be lost")
         try:
             unpinned.execute("INSERT INTO moved VALUES (3)")
         except psycopg.OperationalError as e:
             assert "Timed-out waiting to acquire database connection" in str(e), str(e)
         else:
             raise AssertionError("a write went to the former writer")
-        assert proxy.call(_writer_id, ctx) is None
-        assert "pg-1" not in {t for t, _ in proxy.call(_pool, ctx)}
+        assert proxy.call(writer_id, ctx) is None
+        assert "pg-1" not in {t for t, _ in proxy.call(pool_by_target, ctx)}
         assert primary.psql("SELECT count(*) FROM moved", dbname="appdb").strip() == "1"
     finally:
         for conn in (unpinned, pinned, pinned_in_txn, prepared):

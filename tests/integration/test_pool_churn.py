@@ -13,7 +13,6 @@ machine's load stalls for a while cannot make its connection look idle long enou
 
 import dataclasses
 
-import os
 import subprocess
 import threading
 

@@ -2,30 +2,16 @@
 raise, SigV4 authentication and IAM authorisation) against an in-process proxy over real
 PostgreSQL.  Every response is parsed by botocore's own RDS model (boto3 does that)."""
 
-import socket
 
 import psycopg
 import pytest
-from botocore.exceptions import ClientError
 
 try:
-    from rdsapi_util import ACCOUNT, REGION, client, start
+    from rdsapi_util import ACCOUNT, REGION, client, start, fault, listening
     from proxyutil import HOST
 except ImportError:
-    from tests.integration.rdsapi_util import ACCOUNT, REGION, client, start
+    from tests.integration.rdsapi_util import ACCOUNT, REGION, client, start, fault, listening
     from tests.integration.proxyutil import HOST
-
-
-def fault(call, **params):
-    with pytest.raises(ClientError) as e:
-        call(**params)
-    return e.value.response["Error"]["Code"], e.value.response["ResponseMetadata"]["HTTPStatusCode"]
-
-
-def listening(port):
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex((HOST, port)) == 0
 
 
 @pytest.fixture(scope="module")

@@ -14,26 +14,13 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from botocore.exceptions import ClientError
 
 try:
-    from rdsapi_util import ACCOUNT, REGION, aws_env, client, start
+    from rdsapi_util import ACCOUNT, REGION, aws_env, client, start, fault, listening
     from proxyutil import HOST
 except ImportError:
-    from tests.integration.rdsapi_util import ACCOUNT, REGION, aws_env, client, start
+    from tests.integration.rdsapi_util import ACCOUNT, REGION, aws_env, client, start, fault, listening
     from tests.integration.proxyutil import HOST
-
-
-def fault(call, **params):
-    with pytest.raises(ClientError) as e:
-        call(**params)
-    return e.value.response["Error"]["Code"], e.value.response["ResponseMetadata"]["HTTPStatusCode"]
-
-
-def listening(port):
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex((HOST, port)) == 0
 
 
 def aws(endpoint, *args):

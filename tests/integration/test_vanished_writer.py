@@ -21,8 +21,10 @@ import pymysql
 from txrdsproxy.failover.monitor import WriterMonitor
 
 try:
+    from failover_util import writer_id
     from mysql_harness import start_mysql_proxy
 except ImportError:
+    from tests.integration.failover_util import writer_id
     from tests.integration.mysql_harness import start_mysql_proxy
 
 INTERVAL = 1.0
@@ -35,9 +37,6 @@ def _bound(proxy):
     return WriterMonitor.VANISHED_AFTER * (monitor.interval + monitor.probe_timeout) + MARGIN
 
 
-def _writer_id(ctx):
-    writer = ctx.topology.current_writer()
-    return None if writer is None else writer.rds_resource_id
 
 
 def _available(proxy):
@@ -110,7 +109,7 @@ def test_pg_statement_on_a_vanished_writer_fails_in_bounded_time_and_the_session
             print(f"\nPostgreSQL: statement on the vanished writer failed after"
                   f" {at - stopped_at:.1f} s (HealthCheckInterval {INTERVAL:g} s)")
             assert not victim.closed
-            proxy.wait_for(lambda: proxy.call(_writer_id, proxy.ctx) is None, timeout=bound,
+            proxy.wait_for(lambda: proxy.call(writer_id, proxy.ctx) is None, timeout=bound,
                            what="the writer to be lost")
             standby.promote()
             # the same client connections, on the promoted standby
@@ -161,7 +160,7 @@ def test_mysql_statement_on_a_vanished_writer_fails_in_bounded_time_and_the_sess
             assert error.args == (2013, "Lost connection to the database during the command"), error.args
             print(f"\nMySQL: statement on the vanished writer failed after {at - stopped_at:.1f} s"
                   f" (HealthCheckInterval {INTERVAL:g} s)")
-            proxy.wait_for(lambda: proxy.call(_writer_id, proxy.ctx) is None, timeout=bound,
+            proxy.wait_for(lambda: proxy.call(writer_id, proxy.ctx) is None, timeout=bound,
                            what="the writer to be lost")
             replica.promote()
             # the same client connections, on the promoted replica
@@ -217,7 +216,7 @@ def test_pg_statement_behind_a_network_cut_fails_in_bounded_time_and_the_session
         assert kind == "error" and error.sqlstate == "08006", outcome
         assert "outcome is unknown" in str(error)
         print(f"\nPostgreSQL: statement behind the cut failed after {at - cut_at:.1f} s")
-        proxy.wait_for(lambda: proxy.call(_writer_id, proxy.ctx) is None, timeout=bound,
+        proxy.wait_for(lambda: proxy.call(writer_id, proxy.ctx) is None, timeout=bound,
                        what="the writer to be lost")
         standby.promote()
         assert victim.execute("select inet_server_port(), pg_is_in_recovery()").fetchone() == (

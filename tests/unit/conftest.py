@@ -17,3 +17,14 @@ def failures():
     globalLogPublisher.addObserver(observer)
     yield seen
     globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def endpoints(monkeypatch):
+    """The connectors' HostnameEndpoint replaced by testing.fakes.RecordingEndpoint: -> the list
+    of (endpoint, factory, Deferred) of every connect, in order."""
+    from txrdsproxy.proxy import connector
+    from txrdsproxy.testing.fakes import RecordingEndpoint
+    RecordingEndpoint.made = []
+    monkeypatch.setattr(connector, "HostnameEndpoint", RecordingEndpoint)
+    return RecordingEndpoint.made

@@ -6,7 +6,6 @@ CancelRequest.  On expiry the connection is closed with a reason, the waiting De
 BackendGone saying what timed out, and the pool is told (its slot is freed).
 """
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -15,22 +14,15 @@ from txrdsproxy.auth.secrets import Credentials
 from txrdsproxy.config.model import ConnectionPoolConfig
 from txrdsproxy.failover.topology import Topology
 from txrdsproxy.pool.pool import BackendPool
-from txrdsproxy.proxy import connector as connector_mod
 from txrdsproxy.proxy import mysql_backend, pg_backend
 from txrdsproxy.proxy.connector import BackendGone, enable_keepalive
 from txrdsproxy.wire.pg import messages as msg
 
-from tests.unit.test_failover import FakeEndpoint, W
+from tests.unit.test_failover import W
 from tests.unit.test_pg_backend import LOGIN_OK, show_result, take_startup
 
 CREDS = Credentials("app", "pw")
 
-
-@pytest.fixture
-def endpoints(monkeypatch):
-    FakeEndpoint.made = []
-    monkeypatch.setattr(connector_mod, "HostnameEndpoint", FakeEndpoint)
-    return FakeEndpoint.made
 
 
 class KeepAliveTransport(StringTransport):

@@ -5,7 +5,6 @@ import pytest
 from twisted.internet import defer
 from twisted.internet import error as twisted_error
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from txrdsproxy.auth.secrets import Credentials
 from txrdsproxy.config.load import ConfigError, parse_config
@@ -14,9 +13,9 @@ from txrdsproxy.failover import monitor as mon
 from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import NoWriter, Topology
 from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
-from txrdsproxy.proxy import connector as connector_mod
 from txrdsproxy.proxy import mysql_backend, pg_backend
 from txrdsproxy.proxy.connector import BackendGone, TargetUnreachable
+from txrdsproxy.testing.deferreds import failure_of, result
 
 W = DBProxyTarget("db-1", "10.0.0.1", 5432)
 S = DBProxyTarget("db-2", "10.0.0.2", 5432)
@@ -126,22 +125,6 @@ class World:
         d = self.pool.borrow(key)
         conn = self.connector.complete()
         return result(d), conn
-
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
-    return out[0]
 
 
 # -- topology -------------------------------------------------------------------------------------
@@ -394,25 +377,7 @@ def test_probes_do_not_stack_while_a_round_is_running():
 
 
 # -- the connectors' health checks ----------------------------------------------------------------
-class FakeEndpoint:
-    made = []
-
-    def __init__(self, reactor, host, port, timeout=None):
-        self.host, self.port, self.timeout = host, port, timeout
-
-    def connect(self, factory):
-        d = defer.Deferred()
-        FakeEndpoint.made.append((self, factory, d))
-        return d
-
-
-@pytest.fixture
-def endpoints(monkeypatch):
-    FakeEndpoint.made = []
-    monkeypatch.setattr(connector_mod, "HostnameEndpoint", FakeEndpoint)
-    return FakeEndpoint.made
-
-
+# (the `endpoints` fixture: tests/unit/conftest.py)
 class FakeMetrics:
     class _C:
         def __init__(self):

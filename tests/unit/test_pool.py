@@ -3,11 +3,11 @@
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from txrdsproxy.config.model import ConnectionPoolConfig
 from txrdsproxy.pool.lease import Lease
 from txrdsproxy.pool.pool import BackendPool, BorrowTimeout, PoolClosed
+from txrdsproxy.testing.deferreds import failure_of, pending, result
 
 A, B, C = ("u", "a"), ("u", "b"), ("u", "c")
 
@@ -72,29 +72,6 @@ def make(max_pct=100, idle_pct=50, timeout=120.0, server_max=10):
     cfg = ConnectionPoolConfig(max_connections_percent=max_pct, max_idle_connections_percent=idle_pct,
                                connection_borrow_timeout=timeout)
     return BackendPool("p", connector, cfg, clock), connector, clock
-
-
-def result(d):
-    """The value a fired Deferred holds (failing the test if it has not fired or failed)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
-    return out[0]
-
-
-def pending(d):
-    out = []
-    d.addBoth(lambda r: out.append(r) or r)
-    return not out
 
 
 def idle_conns(pool):

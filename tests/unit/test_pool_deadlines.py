@@ -9,8 +9,7 @@ from txrdsproxy.config.model import ConnectionPoolConfig
 from txrdsproxy.pool.pool import BackendPool
 from txrdsproxy.proxy.connector import BackendGone
 
-from tests.unit.test_deadlines import (KeepAliveTransport, endpoints, outcome,  # noqa: F401
-                                       pg_connector)
+from tests.unit.test_deadlines import KeepAliveTransport, outcome, pg_connector
 from tests.unit.test_pg_backend import LOGIN_OK, show_result, take_startup
 
 KEY = ("app", "db")

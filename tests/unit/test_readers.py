@@ -6,7 +6,6 @@ from collections import Counter
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from txrdsproxy.config.model import ConnectionPoolConfig, DBProxyTarget
 from txrdsproxy.endpoints import attach_monitor
@@ -16,6 +15,7 @@ from txrdsproxy.failover.topology import NoWriter, ProbeResult, Topology
 from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
 from txrdsproxy.pool.targets import TargetPools
 from txrdsproxy.proxy.connector import BackendGone
+from txrdsproxy.testing.deferreds import failure_of, result
 
 W = DBProxyTarget("db-w", "10.0.0.1", 5432)
 R1 = DBProxyTarget("db-r1", "10.0.0.2", 5432)
@@ -127,22 +127,6 @@ class World:
 
     def lend(self):
         return result(self.router.borrow(KEY))
-
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
-
-
-def failure_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out and isinstance(out[0], Failure), f"expected a failure, got {out}"
-    return out[0]
 
 
 # -- the reader set -------------------------------------------------------------------------------------

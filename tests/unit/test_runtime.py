@@ -12,7 +12,8 @@ from txrdsproxy.runtime import (
     InvalidChange, ListenFailed, ProxyAlreadyExists, ProxyNotFound, ProxyStatus,
     TargetAlreadyRegistered, TargetGroupNotFound, TargetNotFound)
 
-from test_pool import make, result
+from test_pool import make
+from txrdsproxy.testing.deferreds import result
 
 ARN = "arn:aws:secretsmanager:local:000000000000:secret:app"
 

@@ -1,7 +1,6 @@
 """failover/monitor.py TargetHealth, and the connectors recording each attempt's outcome in it."""
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from txrdsproxy.auth.secrets import Credentials
@@ -29,27 +28,6 @@ def test_registering_until_an_attempt_then_the_last_outcome_wins():
     assert health.health_of(T2).state == monitor.REGISTERING  # per target
     health.record_success(T1)
     assert health.health_of(T1) == monitor.HealthRecord(monitor.AVAILABLE, since=5)
-
-
-class FakeEndpoint:
-    """Stands for HostnameEndpoint: connect() hands the protocol to the test."""
-
-    made = []
-
-    def __init__(self, reactor, host, port, timeout=None):
-        self.host, self.port = host, port
-
-    def connect(self, factory):
-        d = defer.Deferred()
-        FakeEndpoint.made.append((self, factory, d))
-        return d
-
-
-@pytest.fixture
-def endpoints(monkeypatch):
-    FakeEndpoint.made = []
-    monkeypatch.setattr(connector, "HostnameEndpoint", FakeEndpoint)
-    return FakeEndpoint.made
 
 
 def pg_connector(health):

@@ -5,7 +5,8 @@ task.Clock and fake probes only; the World of test_failover is reused."""
 
 from twisted.internet import defer
 
-from tests.unit.test_failover import INTERVAL, RO, RW, S, W, World, result
+from tests.unit.test_failover import INTERVAL, RO, RW, S, W, World
+from txrdsproxy.testing.deferreds import result
 from txrdsproxy.config.model import DBProxyTarget
 from txrdsproxy.failover import monitor as mon
 from txrdsproxy.failover.topology import ProbeResult

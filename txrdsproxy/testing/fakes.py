@@ -16,7 +16,8 @@ from txrdsproxy.pool.interfaces import ILease, ILeaseSource
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.interfaces import IBackendConnection
 
-__all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn"]
+__all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn",
+           "RecordingEndpoint"]
 
 
 class ClientTransport(StringTransport):
@@ -200,3 +201,19 @@ class FakePgBackendConn:
     def reset(self):
         self.session_dirty = False
         return defer.succeed(None)
+
+
+class RecordingEndpoint:
+    """Stands for HostnameEndpoint (in place of `txrdsproxy.proxy.connector.HostnameEndpoint`):
+    connect() records (endpoint, factory, Deferred) in the class's `made` list and leaves the
+    Deferred to the test, which builds the protocol from the factory and fires it."""
+
+    made = []
+
+    def __init__(self, reactor, host, port, timeout=None):
+        self.host, self.port, self.timeout = host, port, timeout
+
+    def connect(self, factory):
+        d = defer.Deferred()
+        RecordingEndpoint.made.append((self, factory, d))
+        return d
