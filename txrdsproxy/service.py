@@ -85,8 +85,8 @@ def make_service(config, reactor=None, config_path=None, secrets=None, worker=No
     metrics = Metrics()
     registry = ProxyRegistry(reactor, secrets, metrics, drain_timeout=config.drain_timeout)
     if worker is not None:
-        from txrdsproxy.workers.listen import bind_reuseport
-        registry.worker, registry.binder = worker, bind_reuseport
+        from txrdsproxy.workers.listen import worker_binder
+        registry.worker, registry.binder = worker, worker_binder(worker)
     registry.iam = DbTokenVerifier(PrincipalStore(config.iam, secrets), reactor,
                                    config.iam.max_concurrent_authentications)
     secrets.watch(config_secret_arns(config))

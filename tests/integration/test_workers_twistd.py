@@ -1,12 +1,18 @@
 """`Workers: 2` as an operator runs it (`twistd -n rdsproxy`, real PostgreSQL): sessions spread
 over both workers, the connection cap holds for the proxy as a whole (pg_stat_activity), a
 cancel reaches its query whichever worker accepted the cancel connection, a SIGKILLed worker
-is restarted and only its clients are cut, and /metrics, /healthz, SIGHUP and SIGTERM answer
-for the whole proxy."""
+is restarted and only its clients are cut, /metrics, /healthz, the console, DescribeDBProxySessions,
+SIGHUP and SIGTERM answer for the whole proxy, and `--uid` works with workers on a port below
+1024 (the supervisor hands its socket down)."""
 
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -57,12 +63,17 @@ def owner(conn):
     return conn.info.backend_pid % 2
 
 
-@pytest.fixture(scope="module")
-def workers_proxy(pg_server, tmp_path_factory):
+def _role(pg_server):
+    """The test's own role (pg_stat_activity counts only this proxy's connections)."""
     if USER not in pg_server.users:
         pg_server.create_user(USER, PASSWORD)
         pg_server.psql(f"GRANT appdb_owner TO {USER}")
         pg_server.users[USER] = PASSWORD
+
+
+@pytest.fixture(scope="module")
+def workers_proxy(pg_server, tmp_path_factory):
+    _role(pg_server)
     tmp = tmp_path_factory.mktemp("workers")
     port, admin = find_free_port(), find_free_port()
     config = write_proxy_config(tmp, pg_server, listen=f"tcp:{port}:interface=127.0.0.1",
@@ -414,3 +425,109 @@ def test_sigterm_drains_every_worker(workers_proxy, pg_server, tmp_path):
         for c in conns:
             c.close()
         proxy.stop()
+
+
+# -- --uid / --gid ---------------------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+def _reachable_by_others(path):
+    """Whether a user who is neither owner nor in the group can reach and run *path*."""
+    path = Path(os.path.realpath(path))
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents]) and bool(path.stat().st_mode & 0o004)
+
+
+def _interpreter_for_nobody():
+    """-> (interpreter, PYTHONPATH) an unprivileged user can run with this venv's packages, or
+    None.  The workers are started with the supervisor's own interpreter after it dropped its
+    privileges: a venv whose base interpreter lives in a private home cannot be run by them."""
+    import sysconfig
+    site = sysconfig.get_paths()["purelib"]
+    repo = str(Path(__file__).resolve().parents[2])
+    if not (_reachable_by_others(site) and _reachable_by_others(repo)):
+        return None
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, shutil.which(version) or "", f"/usr/bin/{version}"):
+        if candidate and os.path.exists(candidate) and _reachable_by_others(candidate):
+            return candidate, os.pathsep.join([repo, site])
+    return None
+
+
+def _free_privileged_port():
+    import socket
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024 on 127.0.0.1")
+
+
+def _uid_of(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return [int(x) for x in next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 then dropping privileges needs root")
+def test_uid_with_workers_privileged_port_handed_down(pg_server):
+    _role(pg_server)
+    """`twistd --uid nobody` with `Workers: 2` on a port below 1024: the supervisor binds it as
+    root, twistd drops privileges, and the workers (running as nobody) accept on the socket the
+    supervisor hands them; both serve, and a killed worker comes back on the same socket."""
+    found = _interpreter_for_nobody()
+    if found is None:
+        pytest.skip("no Python interpreter with this venv's packages that an unprivileged user can run "
+                    "(the venv's base interpreter is in a private directory)")
+    python, pythonpath = found
+    port = _free_privileged_port()
+    folder = Path(tempfile.mkdtemp(prefix="rdsproxy-uid-"))  # readable by the dropped user
+    try:
+        config = _config_with_workers(folder, pg_server, port)
+        for path in [folder, *folder.iterdir()]:
+            os.chown(path, NOBODY, NOBODY)
+        os.chmod(folder, 0o755)
+        os.chmod(folder / "secrets.json", 0o600)
+        log_path = folder / "twistd.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                 f"--uid={NOBODY}", f"--gid={NOBODY}", "rdsproxy", "--config", config],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(folder),
+                env=dict(os.environ, PYTHONPATH=pythonpath), start_new_session=True)
+        text = lambda: log_path.read_text(errors="replace")  # noqa: E731
+        try:
+            wait_for(lambda: text().count("is listening") >= 2 or proc.poll() is not None,
+                     timeout=60, what="both workers listening")
+            assert proc.poll() is None, text()
+            assert "handed down by the supervisor" in text()
+            pids = {int(i): int(p) for i, p in re.findall(r"worker (\d) started \(pid (\d+)\)", text())}
+            assert _uid_of(proc.pid)[:2] == [NOBODY, NOBODY]
+            assert all(_uid_of(pid) == [NOBODY] * 4 for pid in pids.values()), pids  # no way back to root
+            dsn = (f"host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname=appdb "
+                   f"sslmode=disable connect_timeout=10")
+
+            def served_by_both():
+                seen = set()
+                for _ in range(64):
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        assert conn.execute("SELECT 1").fetchone() == (1,)
+                        seen.add(conn.info.backend_pid % 2)
+                    if seen == {0, 1}:
+                        return seen
+                return seen
+
+            assert served_by_both() == {0, 1}
+            os.kill(pids[0], signal.SIGKILL)
+            wait_for(lambda: len(re.findall(r"worker 0 started", text())) == 2
+                     and text().count("is listening") >= 3, timeout=60, what="worker 0 restarted")
+            assert served_by_both() == {0, 1}  # the restarted worker adopted the same socket
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(60)
+        assert status == 0, text()
+        assert "Traceback" not in text(), text()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,8 @@
 the config key, the merge of the workers' metrics, and cancel forwarding (fake transports,
 task.Clock)."""
 
+import os
+
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -354,3 +356,81 @@ def test_peer_requests_of_unknown_kind_or_too_long_are_dropped():
         proto.makeConnection(transport)
         proto.dataReceived(data)
         assert transport.disconnecting and transport.value() == b""
+
+
+# -- --uid: the parent hands its sockets down ------------------------------------------------------
+
+class _RecordingReactor:
+    """adoptStreamPort / spawnProcess recorded (nothing runs)."""
+
+    def __init__(self):
+        self.adopted, self.spawned = [], []
+
+    def adoptStreamPort(self, fd, family, factory):
+        import socket
+        sock = socket.socket(fileno=os.dup(fd))  # what the reactor would accept on
+        self.adopted.append((sock.getsockname(), family, factory))
+        sock.close()
+        return object()
+
+    def seconds(self):
+        return 0.0
+
+    def spawnProcess(self, protocol, executable, argv, env=None, childFDs=None):
+        self.spawned.append((argv, childFDs))
+
+        class P:
+            pid = 4242
+        return P()
+
+
+def test_a_worker_adopts_the_handed_down_socket_and_binds_any_other_itself():
+    import socket
+    from txrdsproxy.workers.listen import bind_reuseport, inherited_sockets, worker_binder
+    assert worker_binder(WorkerIdentity(0, 2, "/nowhere")) is bind_reuseport  # nothing handed down
+    parent = socket.socket()
+    parent.bind(("127.0.0.1", 0))
+    parent.listen(5)
+    port = parent.getsockname()[1]
+    try:
+        inherited = inherited_sockets([parent.fileno()])
+        assert inherited == (((socket.AF_INET, "127.0.0.1", port), parent.fileno()),)
+        reactor = _RecordingReactor()
+        bind = worker_binder(WorkerIdentity(0, 2, "/nowhere", inherited))
+        bind(f"tcp:{port}:interface=127.0.0.1:backlog=100", "factory", reactor, "proxy p")
+        assert reactor.adopted == [(("127.0.0.1", port), socket.AF_INET, "factory")]
+        assert not os.get_blocking(parent.fileno())  # else the reactor's accept loop would block
+        bind("tcp:0:interface=127.0.0.1", "other", reactor, "proxy q")  # not handed down: bound here
+        assert reactor.adopted[1][0][1] not in (0, port) and reactor.adopted[1][2] == "other"
+        assert parent.fileno() != -1  # the handed-down descriptor stays the parent's
+    finally:
+        parent.close()
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_the_supervisor_hands_its_sockets_down_only_when_twistd_dropped_privileges(monkeypatch, dropped):
+    import socket
+    from txrdsproxy.workers import supervisor as sup_mod
+    config = parse_config(_config(2, listen="tcp:0:interface=127.0.0.1"))
+    reactor = _RecordingReactor()
+    sup = sup_mod.WorkerSupervisor(config, "/etc/rdsproxy.yaml", reactor)
+    euid = [0]
+    monkeypatch.setattr(sup_mod.os, "geteuid", lambda: euid[0])
+    sup.privilegedStartService()
+    try:
+        euid[0] = 65534 if dropped else 0  # twistd --uid nobody runs between the two
+        sup.startService()
+        [sock] = sup._reserved
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        assert len(reactor.spawned) == 2
+        for argv, child_fds in reactor.spawned:
+            if dropped:
+                assert argv[-2:] == ["--inherit", "3"] and child_fds[3] == sock.fileno()
+            else:
+                assert "--inherit" not in argv and set(child_fds) == {0, 1, 2}
+        assert bool(listening) is dropped  # reserved only (never accepting) unless handed down
+    finally:
+        for s in sup._reserved:
+            s.close()
+        import shutil
+        shutil.rmtree(sup.rundir, ignore_errors=True)

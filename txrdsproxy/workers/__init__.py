@@ -39,6 +39,9 @@ class WorkerIdentity:
     index: int
     count: int
     rundir: str
+    # {(address family, host, port): file descriptor}: listening sockets the parent opened and
+    # handed down (after twistd dropped privileges, see listen.py), used instead of binding.
+    inherited: tuple = ()
 
     def first_id(self):
         return self.count + self.index

@@ -18,15 +18,27 @@ kept simple:
   A worker that dies loses the connections still in its own accept queue (the kernel resets
   them; net.ipv4.tcp_migrate_req=1 moves them to another worker on Linux 5.14+).
 - Only processes of the same user can join the group (the kernel's rule for SO_REUSEPORT).
+
+With `--uid`/`--gid` (twistd drops privileges after the parent reserved the ports as root,
+before it starts the workers) the workers could neither join the root-owned group nor bind a
+port below 1024, so the parent hands its sockets down instead: it makes each reserved socket
+listen and passes it to every worker as an inherited file descriptor (`--inherit`), and the
+workers accept on that one shared socket (`worker_binder`).  Listeners added later (a proxy
+created through the API, a changed `Listen`, reader endpoints) are bound by the workers
+themselves as usual, as the dropped user: ports above 1023 only (or CAP_NET_BIND_SERVICE).
+What this mode changes: a dying worker's queued connections are accepted by the others (one
+queue), and a port the configuration stops using keeps accepting into its queue (the parent
+still holds it for restarts) until the proxy restarts.
 """
 
+import os
 import socket
 
 from twisted.internet.endpoints import _parseServer  # parsing only, as config/load.py does
 
 from txrdsproxy.runtime import ListenFailed, with_backlog
 
-__all__ = ["parse_tcp", "reuseport_socket", "reserve", "bind_reuseport"]
+__all__ = ["parse_tcp", "reuseport_socket", "reserve", "bind_reuseport", "worker_binder"]
 
 
 def parse_tcp(listen):
@@ -92,3 +104,54 @@ def bind_reuseport(listen, factory, reactor, what):
         return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
     finally:
         sock.close()  # the reactor holds its own duplicate
+
+
+def address_of(listen):
+    """-> (family, host, port) of a `tcp:` / `tcp6:` endpoint string, as `inherited_sockets`
+    names a handed-down socket; ValueError for any other kind."""
+    family, host, port, _ = parse_tcp(listen)
+    return family, host or "0.0.0.0", port
+
+
+def inherited_sockets(fds):
+    """[file descriptor] handed down by the parent -> ((family, host, port), fd) pairs, read
+    from each socket itself (getsockname), so a worker adopts a socket exactly where it is bound."""
+    out = []
+    for fd in fds:
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            host, port = sock.getsockname()[:2]
+            out.append(((sock.family, host, port), fd))
+        finally:
+            sock.close()
+    return tuple(out)
+
+
+def worker_binder(worker):
+    """The binder (runtime.bind_now's signature) of *worker* (a WorkerIdentity): a listener
+    whose address the parent handed down as a socket (`worker.inherited`) is adopted from it;
+    any other is bound with SO_REUSEPORT (bind_reuseport)."""
+    inherited = dict(worker.inherited)
+    if not inherited:
+        return bind_reuseport
+
+    def bind(listen, factory, reactor, what):
+        try:
+            fd = inherited.get(address_of(listen))
+        except ValueError:
+            fd = None
+        if fd is None:
+            return bind_reuseport(listen, factory, reactor, what)
+        family = address_of(listen)[0]
+        try:
+            # The reactor accepts until EAGAIN: a blocking socket would hang the worker in accept
+            # (O_NONBLOCK belongs to the socket the parent and every worker share).
+            os.set_blocking(fd, False)
+            # The reactor takes a duplicate: stopping this listener later leaves the handed-down
+            # descriptor open, so a proxy moved back to this address adopts it again.
+            return reactor.adoptStreamPort(fd, family, factory)
+        except OSError as e:
+            raise ListenFailed(f"{what} cannot listen on {listen} (socket from the supervisor): "
+                               f"{e.strerror or e}") from None
+
+    return bind

@@ -21,7 +21,8 @@ from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel
 
-from txrdsproxy.workers.listen import reserve
+from txrdsproxy.runtime import with_backlog
+from txrdsproxy.workers.listen import parse_tcp, reserve
 
 __all__ = ["WorkerSupervisor", "WorkerState"]
 
@@ -98,7 +99,7 @@ class WorkerState:
         self.started_at = sup.reactor.seconds()
         self.process = sup.reactor.spawnProcess(
             _WorkerProcess(self), sys.executable, sup.worker_argv(self.index), env=sup.worker_env(),
-            childFDs={0: "w", 1: "r", 2: "r"})
+            childFDs={0: "w", 1: "r", 2: "r", **sup.child_fds()})
         self.pid = self.process.pid
         log.info("worker {index} started (pid {pid})", index=self.index, pid=self.pid)
 
@@ -164,6 +165,8 @@ class WorkerSupervisor(service.Service):
         self.rundir = None
         self.listens = {}  # proxy name -> the endpoint its workers bind (port 0 resolved)
         self._reserved = []
+        self._reserved_euid = None  # who reserved the ports (twistd may drop privileges after)
+        self.handed_down = False  # True: the workers accept on the reserved sockets themselves
 
     # -- what workers are started with ---------------------------------------------------------------
     def worker_argv(self, index):
@@ -171,7 +174,15 @@ class WorkerSupervisor(service.Service):
                 "--index", str(index), "--count", str(self.count), "--rundir", self.rundir]
         for name, listen in sorted(self.listens.items()):
             argv += ["--listen", f"{name}={listen}"]
+        for fd in self.child_fds():
+            argv += ["--inherit", str(fd)]
         return argv
+
+    def child_fds(self):
+        """{file descriptor in the worker: the parent's}: the reserved sockets, when handed down."""
+        if not self.handed_down:
+            return {}
+        return {3 + n: sock.fileno() for n, sock in enumerate(self._reserved)}
 
     def worker_env(self):
         env = dict(os.environ)
@@ -185,6 +196,7 @@ class WorkerSupervisor(service.Service):
         super().privilegedStartService()
         if self._reserved:
             return
+        self._reserved_euid = os.geteuid()
         for proxy in self.config.proxies:
             sock, listen = reserve(proxy.listen, f"proxy {proxy.name}")
             self._reserved.append(sock)
@@ -195,8 +207,16 @@ class WorkerSupervisor(service.Service):
             self.privilegedStartService()
         # Made here, after twistd has dropped privileges (--uid): the workers run as we do.
         self.rundir = tempfile.mkdtemp(prefix="rdsproxy-")  # 0700: peers and admin sockets
-        log.info("{n} workers; listeners shared with SO_REUSEPORT; run directory {dir}",
-                 n=self.count, dir=self.rundir)
+        if os.geteuid() != self._reserved_euid:
+            # twistd dropped privileges (--uid) after the ports were reserved: the workers can
+            # neither join a group of sockets another user opened nor bind a port below 1024,
+            # so they get the reserved sockets themselves (listen.py says what this changes).
+            self.handed_down = True
+            for sock, name in zip(self._reserved, (p.name for p in self.config.proxies)):
+                sock.listen(parse_tcp(with_backlog(self.listens[name]))[3])
+        log.info("{n} workers; listeners {how}; run directory {dir}", n=self.count,
+                 how="handed down by the supervisor (privileges dropped)" if self.handed_down
+                 else "shared with SO_REUSEPORT", dir=self.rundir)
         super().startService()
         for state in self.workers:
             state.start()

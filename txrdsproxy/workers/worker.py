@@ -1,11 +1,12 @@
 """One worker process of `Workers: N` (started by supervisor.py; not a command for users).
 
     python -m txrdsproxy.workers.worker --config FILE --index I --count N --rundir DIR
-                                        [--listen NAME=ENDPOINT ...]
+                                        [--listen NAME=ENDPOINT ...] [--inherit FD ...]
 
 It runs the ordinary proxy service (service.make_service) with:
 - its listeners bound with SO_REUSEPORT (listen.py); `--listen` gives the port the parent
-  picked for a proxy whose file says port 0;
+  picked for a proxy whose file says port 0; `--inherit` names listening sockets the parent
+  hands down when twistd dropped privileges (`--uid`), adopted instead of bound;
 - the admin endpoint, when the file has one, on `DIR/admin-I.sock` (the parent serves the
   public one and merges or forwards, see admin.py);
 - the peer socket `DIR/peer-I.sock` for cancel requests other workers pass on (peer.py);
@@ -82,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--rundir", required=True)
     parser.add_argument("--listen", action="append", default=[])
+    parser.add_argument("--inherit", action="append", type=int, default=[],
+                        help="a listening socket the parent opened (file descriptor)")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([_observer], redirectStandardIO=False)
 
@@ -94,7 +97,8 @@ def main(argv=None):
     from txrdsproxy.workers import WorkerIdentity
     from txrdsproxy.workers.peer import PeerFactory
 
-    worker = WorkerIdentity(args.index, args.count, args.rundir)
+    from txrdsproxy.workers.listen import inherited_sockets
+    worker = WorkerIdentity(args.index, args.count, args.rundir, inherited_sockets(args.inherit))
     try:
         config = load_config(args.config)
     except ConfigError as e:
