@@ -494,3 +494,17 @@ def all_sessions(rds, **kwargs):
         marker = page.get("Marker")
         if not marker:
             return found
+
+
+def free_privileged_port():
+    """A port below 1024 free on the loopback interface (for tests run as root); skips the test
+    when there is none."""
+    import pytest
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below 1024 on 127.0.0.1")

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 try:
-    from proxyutil import TwistdProxy, find_free_port, run_psql, write_proxy_config
+    from proxyutil import TwistdProxy, find_free_port, free_privileged_port, run_psql, write_proxy_config
 except ImportError:
-    from tests.integration.proxyutil import TwistdProxy, find_free_port, run_psql, write_proxy_config
+    from tests.integration.proxyutil import (TwistdProxy, find_free_port, free_privileged_port, run_psql,
+                                             write_proxy_config)
 
 
 def test_twistd_serves_psql(pg_server, tmp_path):
@@ -80,20 +81,9 @@ def test_busy_admin_port_also_stops_the_start(pg_server, tmp_path):
     assert f"127.0.0.1:{admin}" in out.stdout + out.stderr and "Address already in use" in out.stdout
 
 
-def _free_privileged_port():
-    for port in range(1023, 900, -1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port below 1024 on 127.0.0.1")
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 then dropping privileges needs root")
 def test_privileged_port_is_bound_before_privileges_drop(pg_server, tmp_path):
-    port = _free_privileged_port()
+    port = free_privileged_port()
     config = write_proxy_config(tmp_path, pg_server, listen=f"tcp:{port}:interface=127.0.0.1")
     os.chmod(tmp_path, 0o755)  # the unprivileged process reads its config folder
     proxy = TwistdProxy(config, port, twistd_args=["--uid=65534", "--gid=65534"])

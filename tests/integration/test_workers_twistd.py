@@ -23,10 +23,11 @@ import pytest
 import yaml
 
 try:
-    from proxyutil import TwistdProxy, all_sessions, find_free_port, sessions_client, write_proxy_config
+    from proxyutil import (TwistdProxy, all_sessions, find_free_port, free_privileged_port, sessions_client,
+                           write_proxy_config)
 except ImportError:
-    from tests.integration.proxyutil import (TwistdProxy, all_sessions, find_free_port, sessions_client,
-                                             write_proxy_config)
+    from tests.integration.proxyutil import (TwistdProxy, all_sessions, find_free_port, free_privileged_port,
+                                             sessions_client, write_proxy_config)
 
 USER = "app_workers"  # its own role: pg_stat_activity counts only this proxy's connections
 PASSWORD = "workers-pw-1"
@@ -454,18 +455,6 @@ def _interpreter_for_nobody():
     return None
 
 
-def _free_privileged_port():
-    import socket
-    for port in range(1023, 900, -1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port below 1024 on 127.0.0.1")
-
-
 def _uid_of(pid):
     status = Path(f"/proc/{pid}/status").read_text()
     return [int(x) for x in next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]]
@@ -482,7 +471,7 @@ def test_uid_with_workers_privileged_port_handed_down(pg_server):
         pytest.skip("no Python interpreter with this venv's packages that an unprivileged user can run "
                     "(the venv's base interpreter is in a private directory)")
     python, pythonpath = found
-    port = _free_privileged_port()
+    port = free_privileged_port()
     folder = Path(tempfile.mkdtemp(prefix="rdsproxy-uid-"))  # readable by the dropped user
     try:
         config = _config_with_workers(folder, pg_server, port)
