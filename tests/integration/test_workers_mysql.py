@@ -28,7 +28,7 @@ LISTENING = re.compile(r"worker (\d): proxy test-mysql \(MYSQL\) listening on .*
 class AnyPortProxy(TwistdProxy):
     """twistd with `Listen: tcp:0`: ready once every worker logged the port it listens on."""
 
-    def start(self, timeout=60):
+    def start(self, timeout=120):  # two workers import the whole proxy; bounded for loaded machines
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.twistd(), "-n", "--pidfile=", "rdsproxy", "--config", self.config_path],

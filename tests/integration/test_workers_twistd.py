@@ -34,6 +34,9 @@ PASSWORD = "workers-pw-1"
 ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_workers"
 API_KEY = ("AKIAWORKERS00000001", "workers-secret-key-01")
 KEY_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:key-admin"
+# Bound on twistd + 2 workers starting (each worker imports the whole proxy): a full suite at load
+# ~26 on 2 cores once needed more than 30 s.
+STARTUP = 120
 CAP = 5  # MaxConnectionsPercent 5 of max_connections 100: shares 3 (worker 0) and 2 (worker 1)
 
 
@@ -95,13 +98,13 @@ def workers_proxy(pg_server, tmp_path_factory):
         "Policies": [{"Version": "2012-10-17", "Statement": [
             {"Effect": "Allow", "Action": "rds:*", "Resource": "*"}]}]}]}
     Path(config).write_text(yaml.safe_dump(data, sort_keys=False))
-    proxy = TwistdProxy(config, port).start()
+    proxy = TwistdProxy(config, port).start(timeout=STARTUP)
     proxy.admin_port = admin
     proxy.dsn = (f"host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname=appdb "
                  f"sslmode=disable connect_timeout=10")
     proxy.connect = lambda: psycopg.connect(proxy.dsn, autocommit=True, prepare_threshold=None)
     try:
-        wait_for(lambda: health(proxy)["status"] == "ok", what="both workers listening")
+        wait_for(lambda: health(proxy)["status"] == "ok", timeout=STARTUP, what="both workers listening")
         yield proxy
     finally:
         status = proxy.stop(timeout=60)
@@ -253,7 +256,7 @@ def test_a_killed_worker_is_restarted_and_only_its_clients_are_cut(workers_proxy
         assert by_worker[1][1].execute("SELECT 3").fetchone() == (3,)
         wait_for(lambda: (lambda h: h["status"] == "ok" and h["workers"][0]["restarts"] == restarts + 1
                           and h["workers"][0]["pid"] != victim["pid"])(health(proxy)),
-                 what="worker 0 restarted")
+                 timeout=STARTUP, what="worker 0 restarted")
         fresh = connect_on_both(proxy)
         for conns in fresh.values():
             for c in conns:
@@ -393,7 +396,8 @@ def test_a_busy_port_stops_the_start_with_the_address(workers_proxy, pg_server, 
 
 def test_sigterm_drains_every_worker(workers_proxy, pg_server, tmp_path):
     port = find_free_port()
-    proxy = TwistdProxy(_config_with_workers(tmp_path, pg_server, port, DrainTimeout=20), port).start()
+    proxy = TwistdProxy(_config_with_workers(tmp_path, pg_server, port, DrainTimeout=20), port).start(
+        timeout=STARTUP)
     dsn = workers_proxy.dsn.replace(f"port={workers_proxy.port}", f"port={port}")
     proxy.dsn = dsn
     proxy.admin_port = None
@@ -401,7 +405,7 @@ def test_sigterm_drains_every_worker(workers_proxy, pg_server, tmp_path):
     try:
         # the port answers once one worker listens: wait for both before spreading sessions
         wait_for(lambda: all(_line_of(proxy.log(), f"worker {w} (pid") for w in (0, 1)),
-                 what="both workers listening")
+                 timeout=STARTUP, what="both workers listening")
         conns = [psycopg.connect(dsn, autocommit=True, prepare_threshold=None) for _ in range(24)]
         assert {owner(c) for c in conns} == {0, 1}
         in_tx = [next(c for c in conns if owner(c) == w) for w in (0, 1)]
@@ -489,7 +493,7 @@ def test_uid_with_workers_privileged_port_handed_down(pg_server):
         text = lambda: log_path.read_text(errors="replace")  # noqa: E731
         try:
             wait_for(lambda: text().count("is listening") >= 2 or proc.poll() is not None,
-                     timeout=60, what="both workers listening")
+                     timeout=STARTUP, what="both workers listening")
             assert proc.poll() is None, text()
             assert "handed down by the supervisor" in text()
             pids = {int(i): int(p) for i, p in re.findall(r"worker (\d) started \(pid (\d+)\)", text())}
@@ -511,7 +515,7 @@ def test_uid_with_workers_privileged_port_handed_down(pg_server):
             assert served_by_both() == {0, 1}
             os.kill(pids[0], signal.SIGKILL)
             wait_for(lambda: len(re.findall(r"worker 0 started", text())) == 2
-                     and text().count("is listening") >= 3, timeout=60, what="worker 0 restarted")
+                     and text().count("is listening") >= 3, timeout=STARTUP, what="worker 0 restarted")
             assert served_by_both() == {0, 1}  # the restarted worker adopted the same socket
         finally:
             proc.send_signal(signal.SIGTERM)
