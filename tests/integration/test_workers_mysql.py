@@ -63,6 +63,7 @@ def mysql_workers(mariadb_server, tmp_path_factory):
     finally:
         assert proxy.stop(timeout=60) == 0, proxy.log()
         assert "Traceback" not in proxy.log(), proxy.log()
+        assert "Starting factory" not in proxy.log(), proxy.log()  # passed-on KILLs, admin fetches
 
 
 def connect(proxy, server):

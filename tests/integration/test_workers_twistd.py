@@ -111,6 +111,8 @@ def workers_proxy(pg_server, tmp_path_factory):
         log = proxy.log()
         assert status == 0, log
         assert "Traceback" not in log, log
+        # Scrapes, API calls and passed-on cancels do not log a factory per request.
+        assert "Starting factory" not in log, log
 
 
 def connect_on_both(proxy, per_worker=1, limit=64):

@@ -6,7 +6,6 @@ and refuses a name the model does not have, so these cannot drift unnoticed).  S
 never appear: Auth lists the secrets' ARNs and settings only.
 """
 
-import collections
 import hashlib
 
 DEFAULT_TARGET_GROUP = "default"
@@ -188,30 +187,3 @@ def db_proxy_targets(runtime, arns):
         "Role": ctx.topology.role_of(target),
         "TargetHealth": target_health(ctx, target),
     } for target in runtime.config.target_group.targets]
-
-
-# -- our own figures (not in the RDS shapes: the JSON routes and the console show them) ---------------
-
-def live_figures(ctx):
-    sessions = list(ctx.sessions)
-    conns = ctx.pool.connections()
-    states = collections.Counter(c.state for c in conns)
-    pinned = [s for s in sessions if s.state.value == "pinned"]
-    reasons = collections.Counter(
-        getattr(s.pin_reason, "value", s.pin_reason) for s in pinned
-        if getattr(s, "pin_reason", None) is not None)
-    return {
-        "ClientConnections": len(sessions),
-        "DatabaseConnections": len(conns),
-        "DatabaseConnectionStates": dict(sorted(states.items())),
-        "Borrowed": states.get("borrowed", 0),
-        "Pinned": len(pinned),
-        "PinReasons": dict(sorted(reasons.items())),
-        "Waiting": ctx.pool.waiting,
-        "MaxDatabaseConnectionsAllowed": ctx.pool.max_connections,
-        "DatabaseMaxConnections": ctx.pool.db_max_connections,
-    }
-
-
-def connections_per_target(ctx):
-    return collections.Counter(getattr(c, "target", None) for c in ctx.pool.connections())

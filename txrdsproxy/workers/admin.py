@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.web import resource, server
 from twisted.web.client import Agent, readBody
@@ -83,8 +84,21 @@ class _WorkerSockets:
 
     def endpointForURI(self, uri):
         index = int(uri.host.decode("ascii").rsplit("-", 1)[1])
-        return UNIXClientEndpoint(self.reactor, f"{self.supervisor.rundir}/admin-{index}.sock",
-                                  timeout=FETCH_TIMEOUT)
+        return _Quiet(UNIXClientEndpoint(self.reactor, f"{self.supervisor.rundir}/admin-{index}.sock",
+                                         timeout=FETCH_TIMEOUT))
+
+
+@implementer(IStreamClientEndpoint)
+class _Quiet:
+    """An endpoint whose factories do not log "Starting factory" / "Stopping factory": the
+    parent opens a connection to every worker for each scrape and API call."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+
+    def connect(self, factory):
+        factory.noisy = False
+        return self.endpoint.connect(factory)
 
 
 class _Workers:

@@ -169,7 +169,9 @@ def _ask(worker, owner, payload, reactor):
     before closing (b"" when it could not be reached or after PEER_TIMEOUT).  Never fails."""
     done = defer.Deferred()
     endpoint = UNIXClientEndpoint(reactor, worker.peer_socket(owner), timeout=PEER_TIMEOUT)
-    connecting = endpoint.connect(protocol.Factory.forProtocol(lambda: _Sender(payload, done)))
+    factory = protocol.Factory.forProtocol(lambda: _Sender(payload, done))
+    factory.noisy = False  # no "Starting factory" log line per request passed on
+    connecting = endpoint.connect(factory)
     connected = []
     connecting.addCallback(connected.append)
 
