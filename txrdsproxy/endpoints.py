@@ -102,7 +102,8 @@ def wire_readers(ctx, clock, metrics=None):
         end_pinned_on(ctx, target)
 
     readers = ReaderSet(ctx.topology, ctx.health, clock, ctx.config.max_replica_lag, probe=probe,
-                        interval=ctx.config.health_check_interval, on_left=on_left)
+                        interval=ctx.config.health_check_interval, on_left=on_left,
+                        on_vanished=pools.abandon)
     pools.on_trouble = readers.trouble
     ctx.readers = readers
     ctx.replica_pools = pools
@@ -132,6 +133,10 @@ def attach_monitor(readers, monitor):
         return
     if readers.round_done not in monitor.round_listeners:
         monitor.round_listeners.append(readers.round_done)
+    if readers.verdict not in monitor.verdicts:
+        monitor.verdicts.append(readers.verdict)
+    if readers.vanished not in monitor.vanished_listeners:
+        monitor.vanished_listeners.append(readers.vanished)
 
 
 class EndpointSet:

@@ -4,15 +4,30 @@ standbys behind one proxy.
 Reads through the reader endpoint run on the standbys (pg_is_in_recovery() is true), spread over
 both; a write there gets PostgreSQL's own read-only error, unchanged; a standby stopped while
 sessions are using the endpoint is left out and those sessions go on, on the other standby, over
-the same client connections; it rejoins once it is back.  The default (writer) endpoint takes
-writes the whole time.
+the same client connections; it rejoins once it is back.  A standby that vanishes (SIGSTOP:
+its kernel keeps every TCP connection open) while a reader session's statement runs there: the
+statement ends with 08006 within the proxy's vanished-target bound, the same client connection
+goes on on the other standby.  A lagging standby's TargetHealth is UNAVAILABLE in every round
+(DescribeDBProxyTargets through boto3, and every record the proxy made).  A standby promoted in
+a switchover is AVAILABLE with Reason PROMOTED while a session's transaction still runs on the
+former writer, plain AVAILABLE once it has ended.  The default (writer) endpoint takes writes
+the whole time.
 """
 
+import os
+import signal
 import threading
 import time
 
 import psycopg  # test extras: a missing driver must fail, not skip
 import pytest
+
+from txrdsproxy.failover.monitor import WriterMonitor
+
+try:
+    from rdsapi_util import client, start
+except ImportError:
+    from tests.integration.rdsapi_util import client, start
 
 try:
     from failover_util import pg_replicated, wait_replicated
@@ -40,11 +55,45 @@ def replicated(pg_server_factory, tmp_path):
         yield primary, standbys
 
 
-def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replicated, pg_proxy_factory):
+def _in_thread(fn):
+    """Run fn() in a thread -> (thread, outcome): outcome gets ("ok", value, t) or ("error", e, t)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", fn(), time.monotonic()))
+        except Exception as e:  # the expected error; checked by the test
+            outcome.append(("error", e, time.monotonic()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _borrowed_on(proxy, index):
+    """Connections of target *index*'s replica pool lent to a session now."""
+    def count():
+        pool = proxy.ctx.replica_pools.existing(proxy.ctx.topology.targets[index])
+        return 0 if pool is None else sum(str(c.state) == "borrowed" for c in pool.connections())
+    return proxy.call(count)
+
+
+def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replicated, tmp_path):
     primary, (s1, s2) = replicated
-    proxy = pg_proxy_factory(server=primary, targets=[primary, s1, s2], HealthCheckInterval=1,
-                             Endpoints=[{"DBProxyEndpointName": READER, "TargetRole": "READ_ONLY",
-                                         "Listen": "tcp:0:interface=127.0.0.1"}])
+    proxy, api, _ = start(tmp_path, primary, targets=[primary, s1, s2], HealthCheckInterval=1,
+                          Endpoints=[{"DBProxyEndpointName": READER, "TargetRole": "READ_ONLY",
+                                      "Listen": "tcp:0:interface=127.0.0.1"}])
+    try:
+        _reader_endpoint_scenario(proxy, client(api), primary, s1, s2)
+    finally:
+        proxy.stop()
+
+
+def _reader_endpoint_scenario(proxy, rds, primary, s1, s2):
+    def described():
+        return {t["RdsResourceId"]: (t["Role"], t["TargetHealth"])
+                for t in rds.describe_db_proxy_targets(DBProxyName=proxy.ctx.name)["Targets"]}
+
     proxy.wait_for(lambda: _readers(proxy) == ["pg-2", "pg-3"], what="both standbys in the reader set")
     reader_dsn = proxy.dsn(primary).replace(f"port={proxy.port}", f"port={_endpoint_port(proxy, READER)}")
 
@@ -120,6 +169,39 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
             first = sessions[1].execute(QUERY).fetchone()
             assert all(sessions[1].execute(QUERY).fetchone() == first for _ in range(4))
 
+        # s2 vanishes (SIGSTOP of its whole process group: its kernel keeps the connections
+        # open, nothing ever closes them) while a reader session's statement runs there.
+        on_s2 = f"SELECT CASE WHEN inet_server_port() = {s2.port} THEN pg_sleep(600) END"
+        victim = None
+        for session in sessions:  # routing takes ties in turn: one of the first two lands on s2
+            thread, outcome = _in_thread(lambda session=session: session.execute(on_s2).fetchone())
+            proxy.wait_for(lambda: outcome or _borrowed_on(proxy, 2) == 1, what="the statement to run")
+            if _borrowed_on(proxy, 2) == 1 and not outcome:
+                victim = session
+                break
+            thread.join(10)
+        assert victim is not None, "no statement landed on s2"
+        monitor = proxy.ctx.monitor
+        bound = WriterMonitor.VANISHED_AFTER * (monitor.interval + monitor.probe_timeout) + 30.0
+        os.killpg(s2.proc.pid, signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            thread.join(bound)
+            assert not thread.is_alive(), f"no error within {bound:g} s of the standby vanishing"
+            (kind, error, at), = outcome
+            assert kind == "error" and isinstance(error, psycopg.OperationalError), outcome
+            assert error.sqlstate == "08006" and "outcome is unknown" in str(error), str(error)
+            print(f"\nPostgreSQL: statement on a vanished standby failed after {at - stopped_at:.1f} s"
+                  f" (HealthCheckInterval {monitor.interval:g} s)")
+            assert not victim.closed  # the same client connection goes on, on the other standby
+            assert [victim.execute(QUERY).fetchone() for _ in range(3)] == [(True, s1.port)] * 3
+            assert {s.execute(QUERY).fetchone() for s in sessions} == {(True, s1.port)}
+            assert _readers(proxy) == ["pg-2"]
+        finally:
+            os.killpg(s2.proc.pid, signal.SIGCONT)
+        proxy.wait_for(lambda: _readers(proxy) == ["pg-2", "pg-3"], what="the standby to come back",
+                       timeout=30)
+
         # s2 stops while the sessions are in use (between their transactions).
         s2.stop()
         proxy.wait_for(lambda: _readers(proxy) == ["pg-2"], what="the stopped standby to leave the set")
@@ -161,14 +243,44 @@ def test_pg_reader_endpoint_reads_on_standbys_and_survives_a_stopped_one(replica
         writer.execute("INSERT INTO t VALUES (-2)")
         proxy.wait_for(lambda: _readers(proxy) == ["pg-3"], what="the paused standby to leave the set",
                        timeout=15)
-        record = proxy.call(lambda: proxy.ctx.health.health_of(proxy.ctx.topology.targets[1]))
-        assert (record.state, record.reason) == ("UNAVAILABLE", "INVALID_REPLICATION_STATE")
-        assert record.description.startswith("replica lag ") and "exceeds MaxReplicaLag 1 s" in record.description
+        # Its TargetHealth has one owner: UNAVAILABLE in every round while it lags, never
+        # AVAILABLE between two (the monitor asks the reader set's verdict before recording).
+        records = []
+        pg2 = proxy.ctx.topology.targets[1]
+        listener = lambda target, record: target is pg2 and records.append(record)  # noqa: E731
+        proxy.call(proxy.ctx.health.listeners.append, listener)
+        rounds = proxy.call(lambda: monitor.rounds)
+        proxy.wait_for(lambda: proxy.call(lambda: monitor.rounds) >= rounds + 3, what="three rounds")
+        proxy.call(proxy.ctx.health.listeners.remove, listener)
+        assert records and {(r.state, r.reason) for r in records} == {("UNAVAILABLE", "INVALID_REPLICATION_STATE")}
+        role, health = described()["pg-2"]
+        assert role == "READ_ONLY" and (health["State"], health["Reason"]) == ("UNAVAILABLE", "INVALID_REPLICATION_STATE")
+        assert health["Description"].startswith("replica lag ") and "exceeds MaxReplicaLag 1 s" in health["Description"]
         assert {s.execute(QUERY).fetchone() for s in sessions} == {(True, s2.port)}
         s1.psql("SELECT pg_wal_replay_resume()")
         proxy.wait_for(lambda: _readers(proxy) == ["pg-2", "pg-3"], what="the standby to catch up",
                        timeout=15)
         assert proxy.call(lambda: proxy.ctx.health.health_of(proxy.ctx.topology.targets[1]).state) == "AVAILABLE"
+
+        # Switchover: the primary is made read-only while a session's transaction runs on it,
+        # s1 is promoted.  s1 is the writer, AVAILABLE with Reason PROMOTED while that session is
+        # still on the former writer, then plain AVAILABLE.
+        late = psycopg.connect(proxy.dsn(primary))
+        late.execute("INSERT INTO t VALUES (-3)")  # a transaction open on pg-1
+        primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+        primary.reload()
+        s1.promote()
+        proxy.wait_for(lambda: described()["pg-2"][0] == "READ_WRITE", what="the promoted writer", timeout=20)
+        assert described()["pg-2"] == ("READ_WRITE", {"State": "AVAILABLE", "Reason": "PROMOTED"})
+        rounds = proxy.call(lambda: monitor.rounds)
+        proxy.wait_for(lambda: proxy.call(lambda: monitor.rounds) >= rounds + 2, what="two rounds")
+        assert described()["pg-2"] == ("READ_WRITE", {"State": "AVAILABLE", "Reason": "PROMOTED"})
+        late.commit()  # its transaction ends on the former writer; the session moves
+        late.close()
+        proxy.wait_for(lambda: described()["pg-2"] == ("READ_WRITE", {"State": "AVAILABLE"}),
+                       what="the end of the transition", timeout=20)
+        with psycopg.connect(proxy.dsn(primary), autocommit=True) as moved:
+            assert moved.execute(QUERY).fetchone() == (False, s1.port)
     finally:
         stop_writing.set()
         for s in sessions:

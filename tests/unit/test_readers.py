@@ -371,3 +371,151 @@ def test_a_read_only_server_that_replicates_from_nobody_is_not_a_reader():
     w.round()
     assert w.readers.eligible() == (R2,)  # None: unknown (the check may not ask), kept
     assert "replicates from no writer" in w.readers.why_not(R1)
+
+
+# -- a replica that vanishes (stopped, cut off): the writer's rule, for replica pools ------------------
+class Silent:
+    """A health check answer that never comes (a SIGSTOPped server, a cut network)."""
+
+
+def silent_world(**kwargs):
+    w = World(**kwargs)
+    probe = w.probe
+
+    def silent_probe(target):
+        if isinstance(w.answers.get(target), Silent):
+            return defer.Deferred()  # never fires: the monitor's ProbeTimeout ends the wait
+        return probe(target)
+
+    w.readers.probe = w.monitor.probe = silent_probe
+    w.readers.on_vanished = w.pools.abandon  # as endpoints.wire_readers does
+    return w
+
+
+def lend_on(w, target):
+    """A lease on *target* (others are given back)."""
+    others = []
+    for _ in range(6):
+        lease = w.lend()
+        if lease.conn.target is target:
+            for other in others:
+                other.release()
+            return lease
+        others.append(lease)
+    raise AssertionError(f"no lease landed on {target.rds_resource_id}")
+
+
+def test_a_vanished_replica_has_its_lent_connections_cut_after_two_silent_rounds():
+    w = silent_world()
+    w.round()
+    lease = lend_on(w, R1)  # a reader session mid-statement on R1
+    w.answers[R1] = Silent()
+    w.round()
+    assert R1 not in w.readers.eligible()  # out after one silent round: nothing new goes there...
+    assert lease.conn.state == "borrowed"  # ...but one round is no proof: the statement runs on
+    assert all(w.lend().conn.target is R2 for _ in range(3))
+    w.round()
+    assert lease.conn.state == "closed"  # cut (aborted) after VANISHED_AFTER silent rounds
+    assert "vanished" in lease.conn.closed_reason
+    assert w.pools.existing(R1).connections() == []
+    # the session's next transaction goes to the other replica
+    assert all(w.lend().conn.target is R2 for _ in range(3))
+
+
+def test_a_vanished_replica_comes_back_once_it_answers_and_a_blip_cuts_nothing():
+    w = silent_world()
+    w.round()
+    lease = lend_on(w, R1)
+    w.answers[R1] = Silent()
+    w.round()
+    w.answers[R1] = Answer(RO)  # answers again before the second round: a blip
+    w.round()
+    assert lease.conn.state == "borrowed"  # never cut
+    assert R1 in w.readers.eligible()
+    w.answers[R1] = Silent()
+    w.round()
+    w.round()
+    assert lease.conn.state == "closed"
+    w.answers[R1] = Answer(RO)  # SIGCONT
+    # the reader set's own re-check under way when it stopped answering times out (bounded),
+    # the next one (an interval later) finds it back
+    for _ in range(4):
+        w.clock.advance(INTERVAL / 2)
+    assert R1 in w.readers.eligible()
+    assert w.health.health_of(R1).state == AVAILABLE
+
+
+def test_the_reader_sets_own_recheck_of_a_silent_replica_is_bounded():
+    w = silent_world()
+    w.round()
+    w.answers[R1] = Silent()
+    w.readers.trouble(R1, "a database connection to it was lost")
+    for _ in range(5):  # the first re-check times out, the next one is due an interval later
+        w.clock.advance(INTERVAL / 2)
+    w.answers[R1] = Answer(RO)
+    for _ in range(5):
+        w.clock.advance(INTERVAL / 2)
+    assert R1 in w.readers.eligible()
+    w.answers[R1] = Silent()
+    w.readers.trouble(R1, "lost again")
+    assert [c for c in w.clock.getDelayedCalls() if c.func.__name__ == "expired"]
+    w.readers.stop()  # a re-check under way: its bound is cancelled with it
+    assert [c for c in w.clock.getDelayedCalls() if c.func.__name__ == "expired"] == []
+
+
+# -- TargetHealth of a lagging replica: one owner, stable across rounds -------------------------------
+def test_a_lagging_replicas_target_health_never_flips_between_rounds():
+    w = World(max_lag=10.0, answers={W: RW, R1: Answer(RO, 42.5), R2: Answer(RO, 0.0)})
+    seen = []
+    w.health.listeners.append(lambda target, record: seen.append((target, record)))
+    for _ in range(4):
+        w.round()
+        record = w.health.health_of(R1)
+        assert (record.state, record.reason) == (UNAVAILABLE, "INVALID_REPLICATION_STATE")
+    r1 = [(r.state, r.reason) for t, r in seen if t is R1]
+    assert r1 and set(r1) == {(UNAVAILABLE, "INVALID_REPLICATION_STATE")}  # never AVAILABLE between
+    w.answers[R1] = Answer(RO, 1.0)
+    seen.clear()
+    w.round()
+    w.round()
+    assert [(r.state, r.reason) for t, r in seen if t is R1] == [(AVAILABLE, None)]  # once, then kept
+    assert w.readers.eligible() == (R1, R2)
+
+
+# -- PROMOTED: a replica made the writer, for the transition -----------------------------------------
+def test_a_promoted_replica_is_available_with_reason_promoted_until_sessions_left_the_former_writer():
+    from txrdsproxy.admin.shapes import target_health
+    from types import SimpleNamespace
+
+    w = World()
+    w.round()
+    on_old = result(w.pool.borrow(KEY))  # a session's transaction on the writer W
+    assert on_old.conn.target is W
+    w.answers.update({W: BackendGone("down"), R1: Answer(RW)})
+    w.round()
+    assert w.topology.current_writer() is R1
+    ctx = SimpleNamespace(health=w.health)
+    assert target_health(ctx, R1) == {"State": "AVAILABLE", "Reason": "PROMOTED"}
+    w.health.record_success(R1)  # a connection opened to the new writer: still the transition
+    w.round()
+    assert target_health(ctx, R1) == {"State": "AVAILABLE", "Reason": "PROMOTED"}  # W still has a session
+    on_old.release()  # its transaction ended: the retired connection closes
+    assert on_old.conn.state == "closed"
+    w.round()
+    assert target_health(ctx, R1) == {"State": "AVAILABLE"}
+    w.round()
+    assert target_health(ctx, R1) == {"State": "AVAILABLE"}
+    assert target_health(ctx, R2) == {"State": "AVAILABLE"}  # never promoted
+
+
+def test_the_first_writer_and_a_writer_that_comes_back_are_not_promoted():
+    w = World()
+    w.round()
+    assert w.health.health_of(W).reason is None
+    w.answers[W] = BackendGone("down")
+    w.round()
+    w.answers[W] = Answer(RW)  # back before anyone else answered read-write: no move
+    w.round()
+    assert w.topology.current_writer() is W
+    assert w.health.health_of(W).reason is None
+    assert w.monitor.promoted == {}

@@ -12,7 +12,20 @@ Reasons (the RDS API's TargetHealthReason values) for UNAVAILABLE:
 - PENDING_PROXY_CAPACITY: the database refused a connection for lack of connection slots
   (PostgreSQL 53300, MySQL 1040): try again once the proxy's connections are given back;
 - INVALID_REPLICATION_STATE: a former writer answers read-write after another target was promoted
-  in its place (see WriterMonitor: never two writers).
+  in its place (see WriterMonitor: never two writers), or a replica lags more than MaxReplicaLag
+  (the reader set's verdict, failover/readers.py).
+
+PROMOTED is the one reason that goes with State AVAILABLE: a target the WriterMonitor made the
+writer in place of another one is AVAILABLE with Reason PROMOTED (no Description, as the API
+has none for AVAILABLE) for the transition: from the round that promoted it until a round finds
+it still the writer and the writer's pool holding no connection to the former writer any more
+(every session moved off it; pinned ones ended, FORMER_WRITER_DRAIN at most).  Then plain
+AVAILABLE.  A connection opened to it meanwhile does not end the transition (a success keeps an
+AVAILABLE record as it is).
+
+Each target's TargetHealth has one writer per round: the monitor records the check's outcome,
+asking its *verdicts* first (the reader set's lag rule), so a lagging replica is UNAVAILABLE in
+every round, never AVAILABLE then UNAVAILABLE within one.
 """
 
 from dataclasses import dataclass
@@ -70,8 +83,22 @@ class TargetHealth:
         return self._records.get(target, _REGISTERING)
 
     def record_success(self, target):
-        """A connection to *target* was opened and logged in."""
+        """A connection to *target* was opened and logged in, or its check answered well.  An
+        AVAILABLE record stays as it is (its `since`, and Reason PROMOTED during a promotion's
+        transition: only the WriterMonitor ends that, `end_promotion`)."""
+        if self._records.get(target, _REGISTERING).state == AVAILABLE:
+            return
         self._set(target, HealthRecord(AVAILABLE, since=self._now()))
+
+    def record_promoted(self, target):
+        """*target* was made the writer in place of another target: AVAILABLE, Reason PROMOTED."""
+        self._set(target, HealthRecord(AVAILABLE, PROMOTED, None, self._now()))
+
+    def end_promotion(self, target):
+        """The transition after *target*'s promotion is over: plain AVAILABLE."""
+        record = self._records.get(target)
+        if record is not None and record.state == AVAILABLE and record.reason == PROMOTED:
+            self._set(target, HealthRecord(AVAILABLE, since=self._now()))
 
     def record_failure(self, target, reason, description):
         """A connection attempt to *target* failed, or the target is not usable (*reason*: one
@@ -128,6 +155,11 @@ class WriterMonitor:
     *writer_listeners*: callables(old, new, why) told after the pool was moved off *old* (new may
     be None): the runtime ends the pinned sessions whose connection is on *old*.
     *round_listeners*: callables({target: ProbeResult | Failure}) told after each round.
+    *verdicts*: callables(target, ProbeResult) -> (reason, description) or None, asked before a
+    check that answered is recorded as AVAILABLE (the reader set's lag rule): a verdict records
+    UNAVAILABLE with it instead, so each target's health has one writer per round.
+    *vanished_listeners*: callables(target, why) told when a target has vanished (see
+    `_count_vanished`): the replica pools of the reader endpoints cut their connections to it.
 
     The pool reports failed connection attempts and lost connections through
     `connection_failed` / `connection_lost`: a round starts at once instead of at the next tick.
@@ -158,6 +190,9 @@ class WriterMonitor:
         self.fenced = {}  # former writer -> the target promoted in its place
         self.writer_listeners = []
         self.round_listeners = []
+        self.vanished_listeners = []
+        self.verdicts = []
+        self.promoted = {}  # promoted writer -> the former writer, during the transition (PROMOTED)
         self.rounds = 0
         self.retried = 0  # checks of the writer repeated after a quick failure (tests, logs)
         self._vanished_rounds = {}  # target -> rounds in a row its check got no answer
@@ -318,8 +353,39 @@ class WriterMonitor:
                 f"former writer answers read-write after {promoted.rds_resource_id} was promoted in"
                 f" its place; not used until it answers read-only or is registered again")
         else:
-            self.health.record_success(target)
+            verdict = self._verdict(target, result)
+            if verdict is not None:
+                self.health.record_unavailable(target, *verdict)
+            else:
+                self.health.record_success(target)
         return result.role
+
+    def _verdict(self, target, result):
+        for verdict in self.verdicts:
+            try:
+                found = verdict(target, result)
+            except Exception:
+                self.log.failure("health verdict failed")
+                continue
+            if found is not None:
+                return found
+        return None
+
+    def _follow_promotions(self, roles):
+        """End the PROMOTED transition of writers whose sessions have all moved (see the
+        module docstring); forget promotions of targets that are no longer the writer."""
+        current = self.topology.current_writer()
+        for target, former in list(self.promoted.items()):
+            if target is not current:
+                del self.promoted[target]
+                continue
+            if roles.get(target) != READ_WRITE:
+                continue
+            if self.pool is not None and any(getattr(c, "target", None) is former
+                                             for c in self.pool.connections()):
+                continue  # sessions still on the former writer
+            del self.promoted[target]
+            self.health.end_promotion(target)
 
     def _decide_and_tell(self, results):
         if not self._running:
@@ -333,6 +399,7 @@ class WriterMonitor:
 
     def _decide(self, results):
         roles = {t: self._record(t, r) for t, r in results.items()}
+        self._follow_promotions(roles)
         for target in [t for t in self.fenced if _follows(results.get(t))]:
             self.log.info("former writer {t} answers as a standby: it may be the writer again",
                           t=target.rds_resource_id)
@@ -380,6 +447,9 @@ class WriterMonitor:
                           "answers as a standby or is registered again", old=old.rds_resource_id)
             if roles.get(old) == READ_WRITE:
                 self._record(old, results[old])  # its answer this round: INVALID_REPLICATION_STATE
+        if old is not None:
+            self.promoted[new] = old
+            self.health.record_promoted(new)
         self._move_pool(old, new, "failover")
 
     def _move_pool(self, old, new, why):
@@ -394,21 +464,31 @@ class WriterMonitor:
     def _count_vanished(self, target, result):
         """A target whose checks fail VANISHED_AFTER rounds in a row without an answer from the
         database (*unreachable*: no connection, no reply within probe_timeout: stopped, cut
-        off, crashed without a RST) has vanished: the pool closes its connections, lent ones too, so that
-        statements in flight there end with an error within about VANISHED_AFTER rounds
-        instead of hanging until TCP gives up (forever for a SIGSTOPped server, whose kernel
-        answers keepalives).  One failed round is not enough (a blip must not cut running
-        statements).  Any other outcome restarts the count: an answer, even a refusal by the
-        database itself (bad password, too many connections) or READ_ONLY, says the server is
-        there, and a check that could not be made (no credentials) says nothing against it.  The pool holds connections only to the writer (and, until they
-        are given back, to former writers), so this concerns them alone."""
+        off, crashed without a RST) has vanished: the pool closes its connections, lent ones
+        too, so that statements in flight there end with an error within about VANISHED_AFTER
+        rounds instead of hanging until TCP gives up (forever for a SIGSTOPped server, whose
+        kernel answers keepalives).  One failed round is not enough (a blip must not cut
+        running statements).  Any other outcome restarts the count: an answer, even a refusal
+        by the database itself (bad password, too many connections) or READ_ONLY, says the
+        server is there, and a check that could not be made (no credentials) says nothing
+        against it.  The writer's pool holds connections only to the writer (and, until they
+        are given back, to former writers); the replica pools of the reader endpoints hold
+        connections to replicas: both are told (`vanished_listeners` for the latter), the
+        same rule for every target."""
         if not isinstance(result, Failure) or not result.check(*self.unreachable):
             self._vanished_rounds.pop(target, None)
             return
         rounds = self._vanished_rounds[target] = self._vanished_rounds.get(target, 0) + 1
-        if rounds == self.VANISHED_AFTER and self.pool is not None:
-            self.pool.abandon_target(target, f"target {target.rds_resource_id} vanished:"
-                                             f" {result.getErrorMessage()}")
+        if rounds != self.VANISHED_AFTER:
+            return
+        why = f"target {target.rds_resource_id} vanished: {result.getErrorMessage()}"
+        if self.pool is not None:
+            self.pool.abandon_target(target, why)
+        for listener in list(self.vanished_listeners):
+            try:
+                listener(target, why)
+            except Exception:
+                self.log.failure("vanished listener failed")
 
     def _retry_pool(self):
         if self.pool is not None:

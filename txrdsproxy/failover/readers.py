@@ -70,7 +70,8 @@ class ReaderSet:
 
     log = Logger()
 
-    def __init__(self, topology, health, clock, max_lag=0.0, probe=None, interval=5.0, on_left=None):
+    def __init__(self, topology, health, clock, max_lag=0.0, probe=None, interval=5.0, on_left=None,
+                 on_vanished=None):
         self.topology = topology
         self.health = health
         self.clock = clock
@@ -78,10 +79,12 @@ class ReaderSet:
         self.probe = probe
         self.interval = interval
         self.on_left = on_left
+        self.on_vanished = on_vanished  # callable(target, why): cut its replica pool's connections
         self.known = False  # a health check round has ended (or there is no monitor)
         self._suspect = {}  # target -> why: a connection to it failed since its last good check
         self._lagging = {}  # target -> lag (seconds) above max_lag at its last check
         self._rechecks = {}  # target -> IDelayedCall or Deferred of its own check
+        self._timers = set()  # IDelayedCalls bounding those checks
         self._members = ()  # the set as last computed by `refresh` (to see who left)
         self._waiting = []  # Deferreds of borrows waiting for the first round
         self._running = True
@@ -113,17 +116,27 @@ class ReaderSet:
     # -- evidence --------------------------------------------------------------------------------------
     def round_done(self, results):
         """A health check round ended (`WriterMonitor.round_listeners`): *results* maps each
-        target to its answer (ProbeResult or role) or a Failure.  Lag is judged here, then the
-        set recomputed."""
+        target to its answer (ProbeResult or role) or a Failure.  The lag was judged while the
+        monitor recorded each answer (`verdict`, one writer of TargetHealth); here the set is
+        recomputed."""
         for target, result in results.items():
             if isinstance(result, Failure):
                 self._lagging.pop(target, None)
-                continue
-            self._judge_lag(target, result)
+            else:
+                self._judge_lag(target, result)  # the same verdict again: no change, no log
         self.known = True
         self.refresh()
 
+    def verdict(self, target, result):
+        """`WriterMonitor.verdicts`: -> (INVALID_REPLICATION_STATE, why) for a replica whose
+        replay lag exceeds MaxReplicaLag, recorded by the monitor as its TargetHealth instead of
+        AVAILABLE; None otherwise.  Judged against the writer as it stands before the round's
+        decision (a replica promoted this round answers READ_WRITE: never lagging)."""
+        return self._judge_lag(target, result)
+
     def _judge_lag(self, target, result):
+        """-> the TargetHealth verdict (reason, description) for *result*, or None; notes
+        whether *target* lags (state only: TargetHealth is written by the caller)."""
         lag = probe_lag(result)
         if (self.max_lag and lag is not None and probe_role(result) == READ_ONLY
                 and target is not self.topology.current_writer() and lag > self.max_lag):
@@ -132,12 +145,12 @@ class ReaderSet:
                               " reader set until it catches up", t=target.rds_resource_id, lag=lag,
                               max=self.max_lag)
             self._lagging[target] = lag
-            self.health.record_unavailable(target, INVALID_REPLICATION_STATE,
-                   f"replica lag {lag:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s")
-        elif self._lagging.pop(target, None) is not None:
+            return (INVALID_REPLICATION_STATE,
+                    f"replica lag {lag:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s")
+        if self._lagging.pop(target, None) is not None:
             self.log.info("replica {t} caught up (lag {lag}): back in the reader set",
                           t=target.rds_resource_id, lag=lag)
-            self.health.record_success(target)
+        return None
 
     def trouble(self, target, why):
         """A connection to *target* was refused or lost: out of the set until it answers a
@@ -151,6 +164,19 @@ class ReaderSet:
         if target not in self._rechecks:
             self._recheck(target)
 
+    def vanished(self, target, why):
+        """*target* got no answer to its health checks for WriterMonitor.VANISHED_AFTER rounds
+        (stopped, cut off: `WriterMonitor.vanished_listeners`): out of the set like any trouble,
+        and every connection its replica pool holds is cut now (`on_vanished`), lent ones too,
+        so a reader session's statement in flight there ends with the engine's "lost during the
+        request" error instead of waiting for TCP; the session's next transaction is routed to
+        another replica."""
+        if target not in self.topology.targets or target is self.topology.current_writer():
+            return
+        self.trouble(target, why)
+        if self.on_vanished is not None:
+            self.on_vanished(target, why)
+
     def _recheck(self, target):
         if not self._running or self.probe is None or target not in self.topology.targets:
             self._rechecks.pop(target, None)
@@ -159,8 +185,29 @@ class ReaderSet:
             d = self.probe(target)
         except Exception:
             d = defer.fail()
-        self._rechecks[target] = d
-        d.addBoth(self._rechecked, target)
+        # Bounded like the monitor's checks: a stopped replica never answers, and a check that
+        # waits forever would keep it out of the set after it is back.
+        answered = defer.Deferred()
+        bound = max(self.interval, 2.0)
+
+        def expired():
+            if not answered.called:
+                answered.errback(Failure(TimeoutError(f"no answer within {bound:g}s")))
+
+        timer = self.clock.callLater(bound, expired)
+        self._timers.add(timer)
+
+        def settle(result):
+            self._timers.discard(timer)
+            if timer.active():
+                timer.cancel()
+            if not answered.called:
+                answered.callback(result)
+            return None
+
+        d.addBoth(settle)
+        self._rechecks[target] = answered
+        answered.addBoth(self._rechecked, target)
 
     def _rechecked(self, result, target):
         self._rechecks.pop(target, None)
@@ -168,7 +215,11 @@ class ReaderSet:
             return None
         if not isinstance(result, Failure) and probe_role(result) == READ_ONLY:
             self.topology.record_probe(target, result)
-            self._judge_lag(target, result)
+            verdict = self._judge_lag(target, result)
+            if verdict is not None:
+                self.health.record_unavailable(target, *verdict)
+            else:
+                self.health.record_success(target)
             if self._suspect.pop(target, None) is not None:
                 self.log.info("replica {t} answers again: back in the reader set", t=target.rds_resource_id)
             self.refresh()
@@ -228,6 +279,10 @@ class ReaderSet:
             if hasattr(pending, "active") and pending.active():
                 pending.cancel()
         self._rechecks.clear()
+        for timer in list(self._timers):
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
 
 
 @implementer(ILeaseSource)

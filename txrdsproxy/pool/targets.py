@@ -105,6 +105,19 @@ class TargetPools:
         if pool is not None:
             pool.writer_changed(reason)
 
+    def abandon(self, target, reason):
+        """*target* vanished (the WriterMonitor's rule, failover/monitor.py): every connection
+        of its pool closes now, lent ones included (their sessions hear of it at once and
+        answer the request in flight with the engine's "lost during the request" error when
+        nothing else was lost), and the pool is retired so nothing more is lent from it.
+        -> the number of connections closed."""
+        pool = self._pools.get(target)
+        if pool is None:
+            return 0
+        closed = pool.abandon_target(target, reason)
+        pool.writer_changed(reason)
+        return closed
+
     def drop(self, target, reason):
         """*target* left the target group: close its pool (borrowed connections close on
         return) and forget it."""
