@@ -4,14 +4,21 @@ replicas behind one proxy.
 Reads through the reader endpoint run on the replicas (@@read_only is 1), spread over both; a
 write there gets the server's own read-only error (1290), unchanged; a replica stopped while
 sessions are using the endpoint is left out and those sessions go on, on the other replica, over
-the same client connections.  The default (writer) endpoint takes writes the whole time.
+the same client connections.  A replica that vanishes (SIGSTOP) while a reader session's
+statement runs there: the statement ends with 2013 within the proxy's vanished-target bound and
+the same client connection goes on on the other replica.  The default (writer) endpoint takes
+writes the whole time.
 """
 
+import os
+import signal
 import threading
 import time
 
 import pymysql  # test extras: a missing driver must fail, not skip
 import pytest
+
+from txrdsproxy.failover.monitor import WriterMonitor
 
 try:
     from proxyutil import InProcessProxy, write_config
@@ -43,6 +50,29 @@ def _one(conn, sql, args=None):
     with conn.cursor() as cur:
         cur.execute(sql, args)
         return cur.fetchone()
+
+
+def _in_thread(fn):
+    """Run fn() in a thread -> (thread, outcome): outcome gets ("ok", value, t) or ("error", e, t)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", fn(), time.monotonic()))
+        except Exception as e:  # the expected error; checked by the test
+            outcome.append(("error", e, time.monotonic()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _borrowed_on(proxy, index):
+    """Connections of target *index*'s replica pool lent to a session now."""
+    def count():
+        pool = proxy.ctx.replica_pools.existing(proxy.ctx.topology.targets[index])
+        return 0 if pool is None else sum(str(c.state) == "borrowed" for c in pool.connections())
+    return proxy.call(count)
 
 
 def test_mysql_reader_endpoint_reads_on_replicas_and_survives_a_stopped_one(
@@ -116,6 +146,37 @@ def _run(proxy, primary, r1, r2):
         first = _one(sessions[1], QUERY)
         assert all(_one(sessions[1], QUERY) == first for _ in range(4))
         sessions[1].commit()
+
+        # r2 vanishes (SIGSTOP: its connections stay open) while a reader session's statement
+        # runs there: 2013 within the bound, and the same client connection goes on, on r1.
+        on_r2 = f"SELECT IF(@@port = {r2.port}, SLEEP(600), 0)"
+        victim = None
+        for session in sessions:  # ties are taken in turn: one of the first two lands on r2
+            thread, outcome = _in_thread(lambda session=session: _one(session, on_r2))
+            proxy.wait_for(lambda: outcome or _borrowed_on(proxy, 2) == 1, what="the statement to run")
+            if _borrowed_on(proxy, 2) == 1 and not outcome:
+                victim = session
+                break
+            thread.join(10)
+        assert victim is not None, "no statement landed on r2"
+        monitor = proxy.ctx.monitor
+        bound = WriterMonitor.VANISHED_AFTER * (monitor.interval + monitor.probe_timeout) + 30.0
+        os.killpg(r2.proc.pid, signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            thread.join(bound)
+            assert not thread.is_alive(), f"no error within {bound:g} s of the replica vanishing"
+            (kind, error, at), = outcome
+            assert kind == "error" and isinstance(error, pymysql.err.OperationalError), outcome
+            assert error.args == (2013, "Lost connection to the database during the command"), error.args
+            print(f"\nMySQL: statement on a vanished replica failed after {at - stopped_at:.1f} s"
+                  f" (HealthCheckInterval {monitor.interval:g} s)")
+            assert [_one(victim, QUERY) for _ in range(3)] == [(1, r1.port)] * 3
+            assert {_one(s, QUERY) for s in sessions} == {(1, r1.port)}
+        finally:
+            os.killpg(r2.proc.pid, signal.SIGCONT)
+        proxy.wait_for(lambda: _readers(proxy) == ["mariadb-2", "mariadb-3"],
+                       what="the replica to come back", timeout=30)
 
         r2.stop()
         proxy.wait_for(lambda: _readers(proxy) == ["mariadb-2"],
