@@ -16,6 +16,8 @@ the whole time.
 
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 
@@ -23,6 +25,8 @@ import psycopg  # test extras: a missing driver must fail, not skip
 import pytest
 
 from txrdsproxy.failover.monitor import WriterMonitor
+from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.wire.pg.auth import ScramClient
 
 try:
     from rdsapi_util import client, start
@@ -68,6 +72,59 @@ def _in_thread(fn):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
+
+
+class RawPg:
+    """A bare PostgreSQL client (simple Query protocol) that writes exactly the bytes it is
+    given, in one send: what a pipelining client does."""
+
+    def __init__(self, port, user, password, database):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.buf = b""
+        self.sock.sendall(msg.startup_message({"user": user, "database": database}))
+        scram = ScramClient(user, password)
+        kind, payload = self.read()
+        assert kind == b"R" and payload[:4] == b"\0\0\0\x0a", (kind, payload)
+        self.sock.sendall(msg.sasl_initial("SCRAM-SHA-256", scram.client_first()))
+        kind, payload = self.read()
+        self.sock.sendall(msg.message(b"p", scram.server_first(payload[4:])))
+        kind, payload = self.read()
+        scram.server_final(payload[4:])
+        self.until_ready()
+
+    def read(self):
+        """-> (kind, payload) of the next message."""
+        while True:
+            if len(self.buf) >= 5:
+                (length,) = struct.unpack_from("!I", self.buf, 1)
+                if len(self.buf) >= 1 + length:
+                    kind, payload = self.buf[:1], self.buf[5:1 + length]
+                    self.buf = self.buf[1 + length:]
+                    return kind, payload
+            data = self.sock.recv(65536)
+            assert data, "the proxy closed the connection"
+            self.buf += data
+
+    def until_ready(self):
+        """-> ([first column of each row (str)], error fields or None, transaction status)."""
+        rows, error = [], None
+        while True:
+            kind, payload = self.read()
+            if kind == b"D":
+                (size,) = struct.unpack_from("!i", payload, 2)
+                rows.append(payload[6:6 + size].decode())
+            elif kind == b"E":
+                error = msg.parse_error_fields(payload)
+            elif kind == b"Z":
+                return rows, error, payload
+
+    def pipeline(self, *sqls):
+        """Every query in one send; -> the answer of each."""
+        self.sock.sendall(b"".join(msg.query(sql) for sql in sqls))
+        return [self.until_ready() for _ in sqls]
+
+    def close(self):
+        self.sock.close()
 
 
 def _borrowed_on(proxy, index):
@@ -264,9 +321,11 @@ def _reader_endpoint_scenario(proxy, rds, primary, s1, s2):
 
         # Switchover: the primary is made read-only while a session's transaction runs on it,
         # s1 is promoted.  s1 is the writer, AVAILABLE with Reason PROMOTED while that session is
-        # still on the former writer, then plain AVAILABLE.
-        late = psycopg.connect(proxy.dsn(primary))
-        late.execute("INSERT INTO t VALUES (-3)")  # a transaction open on pg-1
+        # still on the former writer, then plain AVAILABLE.  The session ends its transaction
+        # with COMMIT and pipelines its next statement right behind it, in the same send: that
+        # statement must run on the new writer, not on the former one (read-only now: 25006).
+        late = RawPg(proxy.port, "app_scram", primary.users["app_scram"], "appdb")
+        assert late.pipeline("BEGIN", "INSERT INTO t VALUES (-3)") == [([], None, b"T"), ([], None, b"T")]
         primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
         primary.reload()
         s1.promote()
@@ -275,7 +334,10 @@ def _reader_endpoint_scenario(proxy, rds, primary, s1, s2):
         rounds = proxy.call(lambda: monitor.rounds)
         proxy.wait_for(lambda: proxy.call(lambda: monitor.rounds) >= rounds + 2, what="two rounds")
         assert described()["pg-2"] == ("READ_WRITE", {"State": "AVAILABLE", "Reason": "PROMOTED"})
-        late.commit()  # its transaction ends on the former writer; the session moves
+        commit, insert = late.pipeline("COMMIT", "INSERT INTO t VALUES (-4) RETURNING inet_server_port()")
+        assert commit == ([], None, b"I")  # on the former writer: its transaction began read-write
+        assert insert == ([str(s1.port)], None, b"I"), insert  # on the new writer
+        assert primary.psql("SELECT count(*) FROM t WHERE x = -3", dbname="appdb").strip() == "1"
         late.close()
         proxy.wait_for(lambda: described()["pg-2"] == ("READ_WRITE", {"State": "AVAILABLE"}),
                        what="the end of the transition", timeout=20)

@@ -72,6 +72,10 @@ class Lease:
     def __init__(self, pool, conn):
         self.pool, self.conn, self.released, self.release_args = pool, conn, False, None
 
+    @property
+    def retired(self):
+        return self.conn in self.pool.retired
+
     def release(self, clean=True, needs_reset=False, reason=None):
         assert not self.released
         self.released = True
@@ -79,7 +83,9 @@ class Lease:
         server = self.pool.servers[self.conn]
         self.pool.released.append((self.conn, clean, len(server.t.value()), server.mid_message))
         self.conn.detach()
-        if clean:
+        if self.conn in self.pool.retired:
+            self.conn.state = "closed"  # a former writer's connection is not lent again
+        elif clean:
             self.conn.state = "idle"
             self.pool.free.append(self.conn)
 
@@ -90,6 +96,7 @@ class Pool(FakePool):
     def __init__(self):
         super().__init__(FakePgBackendConn)
         self.free, self.servers, self.released = [], {}, []
+        self.retired = set()  # connections that close once given back (a former writer's)
 
     def try_borrow(self, key):
         if self.free:

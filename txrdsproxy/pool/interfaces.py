@@ -14,6 +14,9 @@ class ILease(Interface):
     conn = Attribute("The lent connection (provides proxy.interfaces.IBackendConnection).")
     borrowed_at = Attribute("Clock time it was lent (latency metrics).")
     released = Attribute("True once `release` was called.")
+    retired = Attribute("True when the connection closes once given back (no longer lent: a former"
+                        " writer, a replica out of the reader set): send it nothing more than the"
+                        " transaction in progress needs.")
 
     def release(clean=True, needs_reset=False, reason=None):
         """Give the connection back; idempotent.  *clean* False: its state is unknown, it is

@@ -21,6 +21,13 @@ class Lease:
     def released(self):
         return self._released
 
+    @property
+    def retired(self):
+        """True when the connection will not be lent again once given back (its target is no
+        longer the writer or a reader, it vanished, ...): the session must not send it more
+        than the transaction in progress needs."""
+        return self._pool.is_retired(self.conn)
+
     def release(self, clean=True, needs_reset=False, reason=None):
         """Give the connection back.
 

@@ -435,6 +435,10 @@ class BackendPool:
                 self._retired[conn] = reason
         self._dispatch()
 
+    def is_retired(self, conn):
+        """*conn* closes when it comes back (retired, or its pool is closing or gone)."""
+        return conn in self._retired or conn not in self._all
+
     def abandon_target(self, target, reason):
         """*target* vanished (called by the WriterMonitor when the writer's health check got no
         answer or no connection): every connection to it closes now, lent ones included, by

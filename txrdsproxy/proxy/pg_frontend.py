@@ -518,6 +518,10 @@ class PgFrontend(ClientSession):
                 self.pin_statement = stream.pin_text
                 self._pin(stream.pin_reason)
             return
+        lease = self.lease
+        # A connection that must take no more than the transaction in progress needs: a request
+        # pipelined behind the one in flight is held until that one's boundary is decided.
+        stream.gate = self._draining or (lease is not None and lease.retired)
         stream.feed(data)
         self._after_input()
 
@@ -581,6 +585,7 @@ class PgFrontend(ClientSession):
         # Before attach: the connection reads it to decide whether ParseCompletes are inspected.
         conn.statement_tracker = self._stmts
         conn.attach(self)
+        self._stream.gate = self._draining or self.lease.retired
         try:
             self._stream.attach(conn, self._write_db)
         except ProtocolViolation as e:  # in bytes held until now
@@ -649,7 +654,19 @@ class PgFrontend(ClientSession):
         elif self._draining and status == b"I" and self.pin_reason is not None:
             # a pinned session asked to end (proxy stopping, former writer): this boundary, in
             # the turn that forwarded its ReadyForQuery, before the client can send more
+            # (and before a request it pipelined behind this one, held by the gate)
             self.drain()
+        if stream.scanner.halted and self.lease is not None and self._phase is Phase.SESSION:
+            # the session keeps its connection (a transaction goes on, or pinned): what was held
+            # behind the answered request goes to it now, one request at a time while gated
+            lease = self.lease
+            stream.gate = self._draining or lease.retired
+            try:
+                stream.resume()
+            except ProtocolViolation as e:
+                self._violation(e)
+                return
+            self._after_input()
 
     def _release(self):
         lease, self.lease = self.lease, None

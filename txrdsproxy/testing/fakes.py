@@ -70,6 +70,7 @@ class FakeLease:
         self.borrowed_at = borrowed_at  # clock time it was lent (as Lease.borrowed_at)
         self.released = False
         self.release_args = None
+        self.retired = False  # the pool will close the connection once given back
 
     def release(self, clean=True, needs_reset=False, reason=None):
         if self.released:

@@ -9,7 +9,13 @@ session (Twisted glue in proxy/pg_frontend.py) must know:
 - whether the connection may be given back (`releasable`): nothing outstanding, no open batch,
   and no message half passed on to it -- a message begun on a connection is finished on it;
 - why the session pins (`pin_reason`), from the classifier and the statement tracker;
-- whether the client said goodbye (`terminated`).
+- whether the client said goodbye (`terminated`);
+- with `gate` set (the session's connection must not take a request it does not have to: it is
+  on a former writer, a replica that left the reader set, or the session is draining), a request
+  that arrives while an earlier one still waits for its ReadyForQuery is held (the scanner's
+  HOLD), so the session decides the boundary at that ReadyForQuery -- release and borrow again,
+  or end -- before any of it is forwarded.  A client that pipelines its next query right behind
+  COMMIT thus never sends it to the former writer, however the bytes are split over reads.
 
 When no connection can be had (`refuse`), it answers queued requests itself as PostgreSQL
 would after an error: one error per Query/FunctionCall, one per extended batch, a ReadyForQuery
@@ -21,7 +27,7 @@ import enum
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg import pinning
 from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring
-from txrdsproxy.wire.pg.scanner import DROP_HALT, MessageScanner, limits_table
+from txrdsproxy.wire.pg.scanner import DROP_HALT, HOLD, MessageScanner, limits_table
 from txrdsproxy.wire.pg.statements import NAMES_LIMIT, PIN, QUERY_LIMIT, mentions_proxy_names
 
 _Q, _P, _B, _D, _E, _H, _C, _S, _F, _X = (ord(c) for c in "QPBDEHCSFX")
@@ -50,7 +56,7 @@ class ClientStream:
 
     __slots__ = ("scanner", "outstanding", "unsynced", "requests", "pin_reason", "pin_text", "terminated",
                  "state", "conn", "tracker", "exclude_sets", "reply", "debug", "_refusal",
-                 "_batch_failed")
+                 "_batch_failed", "gate")
 
     def __init__(self, max_size, exclude_sets=False, tracker=None, debug=None):
         self.scanner = MessageScanner(SESSION_LIMITS, max_size, self._message, hold=True)
@@ -68,6 +74,7 @@ class ClientStream:
         self.debug = debug  # callable(statement text) while DebugLogging lasts, else None
         self._refusal = None  # the ERROR sent for each refused request
         self._batch_failed = False
+        self.gate = False  # hold a request behind an unanswered one (see the module docstring)
 
     # -- questions -------------------------------------------------------------------------------
     @property
@@ -123,6 +130,18 @@ class ClientStream:
         sc.hold = False
         sc.scan()
 
+    @property
+    def holding(self):
+        """A request is held behind an unanswered one (`gate`): `resume` once the session has
+        decided to keep its connection."""
+        return self.scanner.halted and self.state is StreamState.FORWARDING
+
+    def resume(self):
+        """Forward what was held to the attached connection (the session keeps it: a
+        transaction goes on).  Raises ProtocolViolation as `feed`."""
+        if self.holding:
+            self.scanner.scan()
+
     def detach(self):
         """Hold bytes again (the connection went back to the pool)."""
         sc = self.scanner
@@ -167,6 +186,8 @@ class ClientStream:
     def _message(self, kind, body):
         if self._refusal is not None:
             return self._refused(kind)
+        if self.gate and self.outstanding and not self.unsynced and kind != _X:
+            return HOLD  # a new request: after the boundary is decided (module docstring)
         tracker = self.tracker
         if kind == _Q:
             self.outstanding += 1

@@ -31,6 +31,9 @@ What `inspect` returns decides what goes out:
   stays buffered until `scan()` is called (after the consumer changed mode: released the
   connection, finished a login step...);
 - DROP_HALT: the (whole) message is swallowed and scanning halts.
+- HOLD: nothing of the message goes out and scanning halts before it: it stays buffered, whole
+  or not, and is inspected again when `scan()` resumes (the consumer must decide a boundary
+  first: the connection the message goes to is not known yet).
 
 All output of one `feed` goes to `emit` in one call (one send per read).  With `hold` set the
 scanner only buffers (nothing is scanned: the session has no database connection yet); with
@@ -43,11 +46,12 @@ import struct
 
 from txrdsproxy.wire.pg.framing import ProtocolViolation
 
-__all__ = ["MessageScanner", "HALT", "DROP", "DROP_HALT", "limits_table", "maxima_table"]
+__all__ = ["MessageScanner", "HALT", "DROP", "DROP_HALT", "HOLD", "limits_table", "maxima_table"]
 
 HALT = 1
 DROP = 2
 DROP_HALT = 3
+HOLD = 4
 
 _unpack_len = struct.Struct("!I").unpack_from
 _STREAM_MAX = 0x7FFFFFFF
@@ -269,6 +273,12 @@ class MessageScanner:
                     if out is None:
                         out = []
                     if action.__class__ is int:
+                        if action == HOLD:  # before the message: it stays buffered from pos
+                            out.append(data[start:pos])
+                            start = pos
+                            self.halted = True
+                            self._need = 5
+                            break
                         if action == HALT:
                             out.append(data[start:stop])
                             start = pos = stop
