@@ -7,7 +7,8 @@ sessions are using the endpoint is left out and those sessions go on, on the oth
 the same client connections.  A replica that vanishes (SIGSTOP) while a reader session's
 statement runs there: the statement ends with 2013 within the proxy's vanished-target bound and
 the same client connection goes on on the other replica.  The default (writer) endpoint takes
-writes the whole time.
+writes the whole time.  At the end, `make demo`'s MySQL failover (scripts/demo.py failover mysql)
+switches the writer over and back under the proxy.
 """
 
 import os
@@ -50,6 +51,16 @@ def _one(conn, sql, args=None):
     with conn.cursor() as cur:
         cur.execute(sql, args)
         return cur.fetchone()
+
+
+def _load_demo():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _in_thread(fn):
@@ -217,6 +228,20 @@ def _run(proxy, primary, r1, r2):
         proxy.wait_for(lambda: _readers(proxy) == ["mariadb-2"], what="the replica to catch up",
                        timeout=20)
         assert _one(sessions[0], QUERY) == (1, r1.port)
+
+        # `make demo`'s MySQL failover (scripts/demo.py failover mysql: a switchover, from the
+        # state the demo writes) under this proxy, there and back: the writer endpoint's same
+        # client connection answers from the new writer each time, with no reconnect.
+        demo = _load_demo()
+        state = {"mysql": {"servers": [demo._maria_state(primary), demo._maria_state(r1)]}}
+        demo.failover_mysql(state)
+        proxy.wait_for(lambda: _one(writer, "SELECT @@port, @@read_only") == (r1.port, 0),
+                       what="the writer session on the promoted replica", timeout=30)
+        _one(writer, "INSERT INTO t VALUES (-5)")
+        demo.failover_mysql(state)  # and back, as the demo's tour suggests
+        proxy.wait_for(lambda: _one(writer, "SELECT @@port, @@read_only") == (primary.port, 0),
+                       what="the writer session back on the first writer", timeout=30)
+        assert _one(writer, "SELECT count(*) FROM t WHERE x = -5") == (1,)
     finally:
         stop_writing.set()
         for s in sessions:
