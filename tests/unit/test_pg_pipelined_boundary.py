@@ -109,13 +109,25 @@ EXTENDED = batch(b"COMMIT") + batch(b"INSERT INTO t VALUES (2)")
 MIXED = msg.query("COMMIT") + batch(b"INSERT INTO t VALUES (2)")
 
 
+def send(h, chunks, answer_between):
+    """Send *chunks*; the servers answer after each one (*answer_between*) or only after all:
+    a later read may arrive before or after the answer to the earlier request."""
+    if answer_between:
+        rb.run(h, chunks)
+        return
+    for chunk in chunks:
+        h.send(chunk)
+    rb.run(h, [b""])
+
+
+@pytest.mark.parametrize("answer_between", [True, False], ids=["answered-between", "all-reads-first"])
 @pytest.mark.parametrize("stream", [SIMPLE, EXTENDED, MIXED], ids=["simple", "extended", "mixed"])
-def test_a_request_pipelined_behind_commit_goes_to_the_new_writer_whatever_the_split(stream):
+def test_a_request_pipelined_behind_commit_goes_to_the_new_writer_whatever_the_split(stream, answer_between):
     for chunks in every_split(stream):
         h = session()
         old = in_transaction(h)
         h.ctx.pool.retired.add(old)  # switchover: the writer was demoted under the transaction
-        rb.run(h, chunks)
+        send(h, chunks, answer_between)
         servers = h.ctx.pool.servers
         assert servers[old].ran == [b"BEGIN", b"INSERT INTO t VALUES (1)", b"COMMIT"], chunks
         assert old.state == "closed"  # given back at COMMIT's boundary and not lent again
@@ -126,13 +138,14 @@ def test_a_request_pipelined_behind_commit_goes_to_the_new_writer_whatever_the_s
         assert kinds.count(b"Z") == 2 and b"E" not in kinds, (chunks, kinds)
 
 
-def test_requests_pipelined_inside_the_transaction_stay_on_its_connection_in_order():
+@pytest.mark.parametrize("answer_between", [True, False], ids=["answered-between", "all-reads-first"])
+def test_requests_pipelined_inside_the_transaction_stay_on_its_connection_in_order(answer_between):
     stream = msg.query("INSERT INTO t VALUES (2)") + msg.query("COMMIT") + msg.query("SELECT 1")
     for chunks in every_split(stream):
         h = session()
         old = in_transaction(h)
         h.ctx.pool.retired.add(old)
-        rb.run(h, chunks)
+        send(h, chunks, answer_between)
         servers = h.ctx.pool.servers
         assert servers[old].ran == [b"BEGIN", b"INSERT INTO t VALUES (1)", b"INSERT INTO t VALUES (2)",
                                     b"COMMIT"], chunks
@@ -153,8 +166,10 @@ def test_without_a_retired_connection_pipelined_requests_go_out_together():
     assert h.ctx.pool.servers[old].ran[-2:] == [b"COMMIT", b"INSERT INTO t VALUES (2)"]
 
 
+@pytest.mark.parametrize("answer_between", [True, False], ids=["answered-between", "all-reads-first"])
 @pytest.mark.parametrize("stream", [SIMPLE, EXTENDED], ids=["simple", "extended"])
-def test_a_pinned_session_on_a_former_writer_ends_at_commit_and_its_pipelined_request_goes_nowhere(stream):
+def test_a_pinned_session_on_a_former_writer_ends_at_commit_and_its_pipelined_request_goes_nowhere(
+        stream, answer_between):
     for chunks in every_split(stream):
         h = session()
         rb.run(h, [msg.query("SET search_path TO app")])  # pins the session
@@ -162,7 +177,7 @@ def test_a_pinned_session_on_a_former_writer_ends_at_commit_and_its_pipelined_re
         old = in_transaction(h)
         h.ctx.pool.retired.add(old)
         assert h.frontend.drain("writer changed") is False  # in a transaction: ends at its boundary
-        rb.run(h, chunks)
+        send(h, chunks, answer_between)
         servers = h.ctx.pool.servers
         assert servers[old].ran[-1] == b"COMMIT", chunks
         assert b"INSERT INTO t VALUES (2)" not in [sql for s in servers.values() for sql in s.ran]

@@ -510,6 +510,7 @@ class PgFrontend(ClientSession):
             # already match is attached now and *data* goes straight out, without queueing.
             self.borrow_if_idle()
         if (self._conn is not None and stream.state is StreamState.FORWARDING and not self._paused
+                and not (stream.outstanding and (self._draining or self.lease.retired))
                 and stream.take_query(data)):
             # One whole simple Query in this read (the usual request): counted and classified
             # by the stream, sent as it came, in one write; nothing else can have changed.
