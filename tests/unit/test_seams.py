@@ -8,6 +8,8 @@ ILease), the session events a lent connection sends (IPgSessionEvents, IMySQLSes
 the engine hooks the shared ClientSession calls (IEngineSession).
 """
 
+from types import SimpleNamespace
+
 import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyClass, verifyObject
@@ -33,7 +35,8 @@ def test_the_pool_and_its_fake_lend_through_the_same_interface():
 
 
 def test_leases_and_their_fake_provide_the_lease_interface():
-    assert verifyObject(ILease, Lease(pool=None, conn=FakePgBackendConn(("u", "d")), now=0.0))
+    pool = SimpleNamespace(is_retired=lambda conn: False)  # what a Lease asks its pool
+    assert verifyObject(ILease, Lease(pool=pool, conn=FakePgBackendConn(("u", "d")), now=0.0))
     assert verifyObject(ILease, FakeLease(FakePgBackendConn(("u", "d"))))
 
 
