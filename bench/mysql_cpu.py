@@ -59,6 +59,15 @@ def churn_count(port, total, threads=4):
     return errors
 
 
+def cpu_split(pid):
+    """(user, system) CPU seconds of *pid* so far (/proc/<pid>/stat)."""
+    import os
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def sysbench_events(test, port, events):
     return bench.sysbench(test, port, 0, "run", test, extra=["--events=%d" % events])
 
@@ -99,6 +108,7 @@ def main():
                 sysbench_events("oltp_point_select", proxy.port, 200)
             conns0 = int(db.mariadb("SHOW GLOBAL STATUS LIKE 'Connections'").split()[1])
             cpu0 = idle_clients.cpu_seconds(proxy.proc.pid)
+            user0, sys0 = cpu_split(proxy.proc.pid)
             ctx = proxy.profiling() if prof else contextlib.nullcontext()
             with ctx:
                 if name == "churn":
@@ -113,9 +123,12 @@ def main():
                     sysbench_events("oltp_read_write", proxy.port, args.events // 10)
                     count = bench.LAST_RUN.get("transactions") or args.events // 10
             cpu = idle_clients.cpu_seconds(proxy.proc.pid) - cpu0
+            user1, sys1 = cpu_split(proxy.proc.pid)
             conns = int(db.mariadb("SHOW GLOBAL STATUS LIKE 'Connections'").split()[1]) - conns0 - 1
-            bench.say("%-6s %6d %s: proxy CPU %.1f us/%s, db connections opened %d"
-                      % (name, count, unit + "s", cpu / count * 1e6, unit, conns))
+            bench.say("%-6s %6d %s: proxy CPU %.1f us/%s (user %.1f, system %.1f),"
+                      " db connections opened %d"
+                      % (name, count, unit + "s", cpu / count * 1e6, unit,
+                         (user1 - user0) / count * 1e6, (sys1 - sys0) / count * 1e6, conns))
             proxy.stop()
             if prof:
                 bench.print_profile(prof, proxy, top=30)

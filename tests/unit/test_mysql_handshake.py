@@ -214,3 +214,39 @@ def test_auth_more_data():
     assert H.parse_auth_more_data(b"\x01\x04") == b"\x04"
     with pytest.raises(ProtocolError):
         H.parse_auth_more_data(b"\x00")
+
+
+def test_make_scramble_maps_every_byte_as_the_server_does():
+    """7 bits, NUL and '$' moved up by one: the same nonce bytes as the per-byte rule."""
+    def per_byte(raw):
+        out = bytearray()
+        for b in raw:
+            b &= 0x7F
+            out.append(b + 1 if b in (0, 0x24) else b)
+        return bytes(out)
+
+    for start in range(0, 256, 20):
+        raw = bytes((start + i) % 256 for i in range(20))
+        assert H.make_scramble(lambda n, raw=raw: raw) == per_byte(raw)
+    assert len(H.make_scramble()) == 20
+
+
+@pytest.mark.parametrize("version", ["10.11.6-MariaDB-log", "5.7.0-txrdsproxy", "8.0.36", "x"])
+@pytest.mark.parametrize("caps", [H.DEFAULT_SERVER_CAPABILITIES,
+                                  H.DEFAULT_SERVER_CAPABILITIES | P.CLIENT_SSL,
+                                  H.DEFAULT_SERVER_CAPABILITIES & ~P.CLIENT_PLUGIN_AUTH])
+def test_greeting_template_is_the_built_greeting(version, caps):
+    import os
+    template = H.GreetingTemplate(version, caps, 224, P.SERVER_STATUS_AUTOCOMMIT, H.NATIVE_PASSWORD)
+    for connection_id in (0, 1, 77, 0xFFFFFFFF, 0x1_0000_0005):
+        scramble = H.make_scramble(os.urandom)
+        built = P.encode_packet(H.build_handshake_v10(
+            version, connection_id, scramble, caps, 224, P.SERVER_STATUS_AUTOCOMMIT,
+            H.NATIVE_PASSWORD), 0)
+        assert template.packet(connection_id, scramble) == built
+        parsed = H.parse_handshake_v10(built[4:])
+        assert parsed.connection_id == connection_id & 0xFFFFFFFF
+        if caps & P.CLIENT_PLUGIN_AUTH:
+            assert parsed.scramble == scramble
+    with pytest.raises(ValueError):
+        template.packet(1, b"short")

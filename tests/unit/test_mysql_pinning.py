@@ -217,3 +217,71 @@ def test_classify_command():
 def test_reason_values_are_snake_case():
     for r in PinReason:
         assert r.value == r.name.lower()
+
+
+# --- the verdict cache ------------------------------------------------------------------------------
+def _fresh(sql, **kw):
+    """classify_query's verdict computed now, bypassing the cache."""
+    from txrdsproxy.wire.mysql import pinning
+    args = dict(exclude_variable_sets=False, no_backslash_escapes=False, ansi_quotes=False,
+                server_version=None, track_use=False, oracle=False)
+    args.update(kw)
+    if len(sql) > MAX_STATEMENT_BYTES:
+        return R.STATEMENT_TOO_LARGE
+    return pinning._classify(sql, **args)
+
+
+def test_cached_verdicts_equal_fresh_ones_for_every_option():
+    """Every argument that changes how the server reads a text is part of the cache key: the
+    same text under other options (sql_mode, version, USE tracking, the exclude filter) never
+    gets another session's verdict."""
+    import itertools
+    from txrdsproxy.wire.mysql import pinning
+    texts = [c[0] for c in CASES] + [c[0] for c in EXCLUDED] + [
+        "SELECT 'a\\' , GET_LOCK('x', 1)", 'SELECT "a" , @x := 1', "USE shop",
+        "/*!100000 SET @x = 1 */ SELECT 1", "SET sql_mode = 'ANSI_QUOTES'; SELECT \"@x := 1\""]
+    options = list(itertools.product((False, True), (False, True), (False, True),
+                                     (None, MARIADB_10_11), (False, True), (False, True)))
+    pinning._seen.clear()
+    for rounds in range(2):  # cold, then answered from the cache (where it fits)
+        for sql in texts:
+            raw = sql.encode("utf-8")
+            for exclude, nbe, ansi, version, use, oracle in options:
+                kw = dict(exclude_variable_sets=exclude, no_backslash_escapes=nbe,
+                          ansi_quotes=ansi, server_version=version, track_use=use, oracle=oracle)
+                assert classify_query(raw, **kw) == _fresh(raw, **kw), (sql, kw, rounds)
+
+
+def test_options_never_share_a_cached_verdict():
+    sql = b"SELECT 'a\\' , GET_LOCK('x', 1)"
+    assert classify_query(sql) is None
+    assert classify_query(sql, no_backslash_escapes=True) == R.GET_LOCK
+    assert classify_query(sql) is None
+    use = b"USE shop"
+    assert classify_query(use, track_use=True) == TrackedSet({}, "shop")
+    assert classify_query(use) is None
+
+
+def test_a_cached_tracked_set_cannot_be_changed_by_its_reader():
+    """Two sessions sending the same SET get the same verdict object: neither can alter it."""
+    first = classify_query(b"SET NAMES latin1, time_zone = '+01:00'")
+    again = classify_query(bytearray(b"SET NAMES latin1, time_zone = '+01:00'"))
+    assert again is first
+    with pytest.raises(TypeError):
+        first.assignments["time_zone"] = "+02:00"
+    with pytest.raises(AttributeError):
+        first.assignments = {}
+    assert classify_query(b"SET NAMES latin1, time_zone = '+01:00'").assignments["time_zone"] \
+        == "+01:00"
+
+
+def test_verdict_cache_is_bounded():
+    from txrdsproxy.wire.mysql import pinning
+    pinning._seen.clear()
+    for i in range(pinning.SEEN_MAX + 50):
+        classify_query(b"SET time_zone = '+%02d:00'" % (i % 24) + b" /* %d */" % i)
+    assert 0 < len(pinning._seen) <= pinning.SEEN_MAX
+    pinning._seen.clear()
+    big = b"SELECT '" + b"x" * pinning.SEEN_TEXT_MAX + b"'"
+    assert classify_query(big) is None
+    assert not pinning._seen  # long texts are classified every time, never kept

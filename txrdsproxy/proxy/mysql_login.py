@@ -63,11 +63,15 @@ class MySQLLogin(ClientSession):
         self._server_caps &= ~P.CLIENT_COMPRESS
         self._phase = Phase.HANDSHAKE
         self._auth = ClientAuth(self)
-        packet = hs.build_handshake_v10(
-            server.server_version or DEFAULT_VERSION, self.id, self._auth.scramble,
-            self._server_caps, server.charset or 45, P.SERVER_STATUS_AUTOCOMMIT,
-            hs.NATIVE_PASSWORD)
-        self.write_packet(packet, 0)
+        key = (server, self._server_caps)
+        template = _GREETINGS.get(key)
+        if template is None:  # once per server greeting and capability set
+            if len(_GREETINGS) >= 64:
+                _GREETINGS.clear()
+            template = _GREETINGS[key] = hs.GreetingTemplate(
+                server.server_version or DEFAULT_VERSION, self._server_caps,
+                server.charset or 45, P.SERVER_STATUS_AUTOCOMMIT, hs.NATIVE_PASSWORD)
+        direct_write(self.transport, template.packet(self.id, self._auth.scramble))
         self.arm_first_packet_timer()  # the client's turn starts now
 
     def auth_timed_out(self):
@@ -228,10 +232,12 @@ class MySQLLogin(ClientSession):
         # No connection: the flags a server keeps in every OK, from the session's values, or
         # the connections' baseline (login + InitQuery) for those it never set.  Clients escape
         # strings by SERVER_STATUS_NO_BACKSLASH_ESCAPES of the last OK.
-        values = getattr(self.ctx.connector, "baseline", None) or {}
-        values = {**values, **self.desired}
-        status = 0 if values.get("autocommit") == "0" else P.SERVER_STATUS_AUTOCOMMIT
-        if mstate.no_backslash_escapes(values.get("sql_mode")):
+        baseline = getattr(self.ctx.connector, "baseline", None) or {}
+        desired = self.desired
+        autocommit = desired["autocommit"] if "autocommit" in desired else baseline.get("autocommit")
+        status = 0 if autocommit == "0" else P.SERVER_STATUS_AUTOCOMMIT
+        if mstate.no_backslash_escapes(desired["sql_mode"] if "sql_mode" in desired
+                                       else baseline.get("sql_mode")):
             status |= P.SERVER_STATUS_NO_BACKSLASH_ESCAPES
         return status
 
@@ -269,6 +275,9 @@ class MySQLLogin(ClientSession):
         self._phase = Phase.CLOSING
         self.write_packet(payload, seq)
         self.transport.loseConnection()
+
+
+_GREETINGS = {}  # (server greeting, capabilities) -> hs.GreetingTemplate
 
 
 def _known_databases(ctx):

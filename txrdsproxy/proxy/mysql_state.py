@@ -12,6 +12,7 @@ Values are compared as text, after `normalize`; a harmless mismatch of spellings
 ``utf8mb3``) only costs one redundant SET.
 """
 
+import functools
 from collections import namedtuple
 
 from txrdsproxy.wire.mysql import packets as P
@@ -46,6 +47,7 @@ def parse_state_row(row):
     return int(row[0]), row[1], values
 
 
+@functools.lru_cache(maxsize=256)  # asked for every answer the proxy writes itself
 def no_backslash_escapes(sql_mode):
     """Whether an sql_mode value (or None) includes NO_BACKSLASH_ESCAPES."""
     if not sql_mode:

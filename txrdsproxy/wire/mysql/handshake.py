@@ -53,19 +53,17 @@ def proxy_server_capabilities(tls=False):
     return caps
 
 
+# Each random byte -> 7 bits, NUL and "$" moved up by one (one `translate`, no Python loop).
+_SCRAMBLE_BYTES = bytes((b & 0x7F) + ((b & 0x7F) in (0, 0x24)) for b in range(256))
+
+
 def make_scramble(randbytes=os.urandom):
     """A 20-byte nonce like the server's: 7-bit, no NUL and no ``$``.
 
     NUL-free matters because the scramble travels NUL-terminated in the
     handshake and in AuthSwitchRequest.
     """
-    out = bytearray(randbytes(20))
-    for i, b in enumerate(out):
-        b &= 0x7F
-        if b in (0, 0x24):
-            b += 1
-        out[i] = b
-    return bytes(out)
+    return bytes(randbytes(20)).translate(_SCRAMBLE_BYTES)
 
 
 def _s(value):
@@ -103,6 +101,33 @@ def build_handshake_v10(server_version, connection_id, scramble, capabilities,
         scramble[8:], b"\x00",
         (_s(auth_plugin) + b"\x00") if capabilities & P.CLIENT_PLUGIN_AUTH else b"",
     ])
+
+
+class GreetingTemplate:
+    """The proxy's greeting packet (header included) for one server version, capability set,
+    charset, status and plugin, built once: per client only the connection id and the scramble
+    change, and `packet` splices them into the precomputed bytes (the same bytes as
+    ``encode_packet(build_handshake_v10(...), 0)``)."""
+
+    __slots__ = ("_head", "_middle", "_tail")
+
+    def __init__(self, server_version, capabilities, charset, status, auth_plugin):
+        zero = b"\x00" * 20
+        payload = build_handshake_v10(server_version, 0, zero, capabilities, charset, status,
+                                      auth_plugin)
+        at_id = 1 + len(_s(server_version)) + 1
+        at_scramble2 = at_id + 4 + 8 + 1 + 2 + 1 + 2 + 2 + 1 + 10
+        header = struct.pack("<I", len(payload))[:3] + b"\x00"
+        self._head = header + payload[:at_id]
+        self._middle = payload[at_id + 4 + 8:at_scramble2]
+        self._tail = payload[at_scramble2 + 12:]
+
+    def packet(self, connection_id, scramble):
+        """The greeting packet (sequence id 0) with this *connection_id* and 20-byte *scramble*."""
+        if len(scramble) != 20:
+            raise ValueError("scramble must be 20 bytes")
+        return b"".join((self._head, (connection_id & 0xFFFFFFFF).to_bytes(4, "little"),
+                         scramble[:8], self._middle, scramble[8:], self._tail))
 
 
 def _parse_handshake_v10(payload):

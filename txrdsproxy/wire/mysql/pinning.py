@@ -39,6 +39,7 @@ can fool the string scanner; utf8/latin1 cannot.
 
 import enum
 import re
+import types
 from dataclasses import dataclass, field
 
 from txrdsproxy.wire.mysql import packets as P
@@ -108,6 +109,11 @@ class TrackedSet:
     assignments: dict = field(default_factory=dict)
     database: object = None  # USE's database (when asked: track_use), or None
     multi: bool = False  # from a query of several statements (an ERR leaves the values unknown)
+
+    def __post_init__(self):
+        # Read-only: classify_query hands the same verdict to every session that sends the
+        # same text (its cache), so no session may change what another one reads.
+        object.__setattr__(self, "assignments", types.MappingProxyType(dict(self.assignments)))
 
     @property
     def invalid_charset_client(self):
@@ -200,8 +206,33 @@ def classify_query(sql, exclude_variable_sets=False, no_backslash_escapes=False,
         sql = sql.encode("utf-8")
     if len(sql) > MAX_STATEMENT_BYTES:
         return PinReason.STATEMENT_TOO_LARGE
-    if not isinstance(sql, (bytes, bytearray)):
+    if type(sql) is not bytes:
         sql = bytes(sql)
+    # The verdict is a function of the text and of these arguments alone: applications and
+    # drivers send the same few statements over and over (SET NAMES, SET autocommit on every
+    # connect), and lexing them each time was a tenth of the proxy's CPU per connect.
+    key = (sql, exclude_variable_sets, no_backslash_escapes, ansi_quotes, server_version,
+           track_use, oracle)
+    try:
+        return _seen[key]
+    except KeyError:
+        pass
+    verdict = _classify(sql, exclude_variable_sets, no_backslash_escapes, ansi_quotes,
+                        server_version, track_use, oracle)
+    if len(sql) <= SEEN_TEXT_MAX:  # bounded memory: SEEN_MAX texts of at most 2 KB
+        if len(_seen) >= SEEN_MAX:
+            _seen.clear()
+        _seen[key] = verdict
+    return verdict
+
+
+SEEN_MAX = 4096
+SEEN_TEXT_MAX = 2048
+_seen = {}  # classify_query's arguments -> its verdict (PinReason, read-only TrackedSet, None)
+
+
+def _classify(sql, exclude_variable_sets, no_backslash_escapes, ansi_quotes, server_version,
+              track_use, oracle):
     if _LITERALS.search(sql.lower()) is None or not _PRECHECK.search(sql):
         if not track_use or _PRECHECK_USE.search(sql) is None:
             return None
