@@ -387,3 +387,58 @@ def test_a_streamed_row_followed_by_the_terminator_in_pieces():
         buf += data[cut:]
         end = t.consume(buf, 0)
         assert end == len(buf) and t.idle and t.in_transaction
+
+
+# --- consume's inline result-set path against the per-packet state machine -------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _responses(draw):
+    """A COM_QUERY / COM_STMT_EXECUTE response: result sets (1..300 columns: one-byte and
+    0xFC column counts), rows (some starting with 0xFE, 0xFF-free), OK/ERR parts chained by
+    MORE_RESULTS, as legacy-EOF or DEPRECATE_EOF bytes."""
+    caps = draw(st.sampled_from([CAPS_EOF, CAPS_NOEOF]))
+    command = draw(st.sampled_from([P.COM_QUERY, P.COM_STMT_EXECUTE]))
+    parts = draw(st.lists(st.sampled_from(["rs", "ok", "empty"]), min_size=1, max_size=3))
+    end_with_err = draw(st.booleans())
+    payloads = []
+    for i, kind in enumerate(parts):
+        last = i == len(parts) - 1 and not end_with_err
+        status = draw(st.sampled_from([AC, AC | INTX, 0, AC | P.SERVER_STATUS_NO_BACKSLASH_ESCAPES])) \
+            | (0 if last else MORE)
+        if kind == "ok":
+            payloads.append(ok(status))
+            continue
+        ncols = draw(st.sampled_from([1, 2, 250, 251, 300]))
+        rows = [] if kind == "empty" else draw(st.lists(
+            st.sampled_from([text_row(b"1"), text_row(b"\xfe" * 3), text_row(b"x" * 300)]),
+            max_size=3))
+        payloads += resultset(caps, ncols, rows, status)
+    if end_with_err:
+        payloads.append(P.err_packet(1064, "42000", "bad"))
+    return caps, command, payloads
+
+
+@settings(max_examples=150, deadline=None)
+@given(_responses(), st.data())
+def test_consume_matches_the_packet_machine_at_any_split(response, data):
+    caps, command, payloads = response
+    logical = C.ResponseTracker(caps)
+    logical.expect(command)
+    for i, p in enumerate(payloads):
+        assert logical.feed(p) == (i == len(payloads) - 1)
+    raw = wire(payloads)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(raw)), max_size=6))))
+    tracker = C.ResponseTracker(caps)
+    tracker.expect(command)
+    buf, pos, start = bytearray(), 0, 0
+    for cut in cuts + [len(raw)]:
+        buf += raw[start:cut]
+        start = cut
+        pos = tracker.consume(buf, pos)
+    assert pos == len(raw) and tracker.idle
+    assert tracker.status == logical.status
+    assert (tracker.last_error is None) == (logical.last_error is None)
+    assert tracker.completed == logical.completed == 1

@@ -329,3 +329,23 @@ def test_use_on_a_connection_of_sessions_without_a_database_closes_it_after(s):
     # ... and the session's next borrow is of the ordinary kind.
     s.send(my.query("SELECT 1"))
     assert s.pool.requests[-1][0] == my.KEY
+
+
+@pytest.mark.parametrize("cmd", [P.COM_STMT_EXECUTE, P.COM_STMT_CLOSE, P.COM_STMT_RESET])
+def test_a_statement_id_is_read_from_its_own_command_only(s, cmd):
+    """A statement command shorter than its 4-byte id: the id is never completed with the
+    bytes of the command pipelined after it (which could spell an id the session owns)."""
+    s.send(my.command(P.COM_STMT_PREPARE, b"SELECT 1"))
+    lease = s.pool.give()
+    lease.conn.respond(my.prepare_ok(stmt_id=0x03_03_01))
+    s.sent()
+    writes = list(lease.conn.writes)
+    # a 2-byte command (id 0x01), then a packet whose header bytes are 03 03 00 ...: read across
+    # the boundary they would make 0x030301, the session's own statement.
+    short = P.encode_packet(bytes((cmd, 0x01)), 0)
+    follower = P.encode_packet(b"\x0e" + b"\x00" * (0x0303 - 1), 0)  # a COM_PING of 0x303 bytes
+    assert follower[:2] == b"\x03\x03"
+    s.send(short + follower)
+    assert lease.conn.writes == writes  # the short command named no statement of the session
+    if cmd != P.COM_STMT_CLOSE:
+        assert my.err(s.packets()[0][1])[:1] == (1243,)

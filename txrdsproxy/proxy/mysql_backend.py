@@ -441,25 +441,32 @@ class MySQLBackendConnection(BackendConnection):
     def _forward(self, data):
         """Relay *data* to the sink; tell it when the response is complete."""
         buf = self._fbuf
-        buf += data
-        if self._inline is not None and (not self._inline_answer(buf) or not buf):
-            return
+        if buf or self._inline is not None:  # a partial packet is held back: join it first
+            buf += data
+            if self._inline is not None and (not self._inline_answer(buf) or not buf):
+                return
+            data = buf
+        # else the new bytes are read in place: the common whole answer is relayed as it came
         tracker = self.tracker
         try:
-            end = tracker.consume(buf, 0)
+            end = tracker.consume(data, 0)
         except ProtocolError as e:
             self.close(f"protocol violation from the database: {e}")
             return
+        if data is buf:
+            if end == len(buf):
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:end])
+                del buf[:end]
+        elif end != len(data):  # what is not relayed now waits for the rest of its packet
+            buf += data[end:]
+            data = data[:end]
         sink = self._sink
         try:
             if end:
-                if end == len(buf):
-                    chunk = bytes(buf)
-                    buf.clear()
-                else:
-                    chunk = bytes(buf[:end])
-                    del buf[:end]
-                sink.backend_data(chunk)
+                sink.backend_data(data)
             if tracker.idle:
                 if buf:
                     self.close("the database sent data nobody asked for")

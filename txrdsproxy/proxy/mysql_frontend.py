@@ -283,19 +283,25 @@ class MySQLFrontend(MySQLLogin):
                 if self._wait is Wait.DISCARD and self._discard_next(stream):
                     continue
                 break
-            head = stream.head()
-            if head is None:
+            buf = stream.buf  # the next command's header (CommandScanner.head, inline)
+            if len(buf) < 5:
+                if len(buf) == 4 and not (buf[0] or buf[1] or buf[2]):
+                    raise ProtocolError("empty command packet")
                 break
-            length, cmd, _seq = head
+            length = buf[0] | (buf[1] << 8) | (buf[2] << 16)
+            if not length:
+                raise ProtocolError("empty command packet")
+            cmd = buf[4]
             if length > WHOLE_LIMIT:
                 if cmd in _LOCAL_WHOLE:
                     raise ProtocolError(f"command 0x{cmd:02x} too long ({length} bytes)")
                 if cmd in STATEMENT_COMMANDS and not stream.has(5):
                     break  # the statement id decides whether it may go anywhere
-            elif len(stream.buf) < 4 + length:  # not whole yet
+            elif len(buf) < 4 + length:  # not whole yet
                 break
             self._command(cmd, length)
-        self._flow_control()
+        if self._paused or len(stream.buf) > PENDING_PAUSE:
+            self._flow_control()
 
     def _flow_control(self):
         """Pause reading from the client while its unforwarded bytes pass PENDING_PAUSE."""
@@ -346,8 +352,12 @@ class MySQLFrontend(MySQLLogin):
         elif cmd == P.COM_SET_OPTION:
             self._pin(pinning.PinReason.SET_VARIABLE)
         elif cmd in STATEMENT_COMMANDS:
-            stmt_id = int.from_bytes(stream.peek(1, 5).ljust(4, b"\x00"), "little")
-            if not self._owns_statement(stmt_id):
+            b = stream.buf
+            if length >= 5:  # (all here: see _pump)
+                stmt_id = b[5] | (b[6] << 8) | (b[7] << 16) | (b[8] << 24)
+            else:  # a command shorter than its id: only its own bytes, never the next command's
+                stmt_id = int.from_bytes(stream.peek(1, length).ljust(4, b"\x00"), "little")
+            if stmt_id not in self._statements and not self._owns_statement(stmt_id):
                 if cmd in NO_RESPONSE:  # COM_STMT_CLOSE/SEND_LONG_DATA: the server answers nothing
                     self._drop_command()
                 else:
@@ -471,9 +481,10 @@ class MySQLFrontend(MySQLLogin):
         tracker.expect(self._cmd)
         stream = self._stream
         self._answered = False
-        if stream.whole():
-            self._cmd_seq = stream.buf[3]  # one packet: a lost command can be answered in its place
-            data = stream.take_whole()
+        seq = stream.buf[3] if stream.buf else None
+        data = stream.take_if_whole()
+        if data is not None:
+            self._cmd_seq = seq  # one packet: a lost command can be answered in its place
         else:  # streamed: what is here now, the rest as it comes (_pump)
             self._cmd_seq = None
             stream.begin()

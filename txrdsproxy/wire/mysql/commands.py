@@ -212,11 +212,36 @@ class ResponseTracker:
             else:
                 state = self._state
                 self._cont = length == P.MAX_PACKET_CHUNK
+                first = buf[pos + 4] if length else -1
+                # The packets of every result set are handled inline (no call per packet):
+                # rows, column definitions, a one-byte column count, legacy EOFs.  Everything
+                # else (OK, ERR, LOCAL INFILE, PREPARE_OK, ...) goes through _packet.
                 if state == ROWS:
-                    first = buf[pos + 4] if length else 0
-                    if (first == 0xFE and length < eof_limit) or first == 0xFF:
+                    if first == 0xFE and length < eof_limit:
+                        if self.deprecate_eof:
+                            self._packet(buf, pos + 4, length)
+                        else:  # legacy EOF (_end_of_resultset)
+                            if length >= 5:
+                                self.status = buf[pos + 7] | (buf[pos + 8] << 8)
+                            if self.status & P.SERVER_MORE_RESULTS_EXISTS:
+                                self._state = FIRST
+                            else:
+                                self._complete()
+                    elif first == 0xFF:
                         self._packet(buf, pos + 4, length)
                     # else: a row, nothing to do
+                elif state == COLDEFS and first != 0xFF:
+                    self._remaining -= 1
+                    if self._remaining == 0:
+                        if self.deprecate_eof:
+                            self._after_defs(None)
+                        else:
+                            self._state = DEFS_EOF
+                elif state == DEFS_EOF and first == 0xFE and length < 9:
+                    self._after_defs(self.status if length < 5
+                                     else buf[pos + 7] | (buf[pos + 8] << 8))
+                elif state == FIRST and 0 < first < 0xFB:
+                    self._start_defs(first, _RESULTSET)  # a result set of < 251 columns
                 elif state == IDLE:
                     raise ProtocolError("unexpected packet from server while idle")
                 else:

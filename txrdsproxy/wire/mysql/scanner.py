@@ -124,6 +124,24 @@ class CommandScanner:
             del buf[:4 + length]
         return out
 
+    def take_if_whole(self):
+        """`take_whole` when the next command is here whole in one physical packet (at a
+        boundary), else None and nothing taken: the relay's common case in one header read."""
+        buf = self.buf
+        have = len(buf)
+        if have < 4 or self.position is not StreamPosition.BOUNDARY:
+            return None
+        size = 4 + (buf[0] | (buf[1] << 8) | (buf[2] << 16))
+        if size - 4 >= MAX_PACKET_CHUNK or have < size:
+            return None
+        if have == size:
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(buf[:size])
+            del buf[:size]
+        return out
+
     def begin(self, single_packet=False):
         """Start streaming the unit at the head (its header must be here); -> the payload length
         of its first physical packet.  *single_packet*: a LOCAL INFILE data packet, one physical
