@@ -250,3 +250,37 @@ def test_greeting_template_is_the_built_greeting(version, caps):
             assert parsed.scramble == scramble
     with pytest.raises(ValueError):
         template.packet(1, b"short")
+
+
+def _attributes_by_lenenc(blob):
+    """The reference: every string through packets.read_lenenc_str."""
+    attrs, pos = {}, 0
+    while pos < len(blob):
+        key, pos = P.read_lenenc_str(blob, pos)
+        value, pos = P.read_lenenc_str(blob, pos)
+        attrs[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return attrs
+
+
+def _outcome(fn, blob):
+    try:
+        return fn(blob)
+    except ProtocolError:
+        return ProtocolError
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40),
+    st.lists(st.tuples(st.binary(max_size=300), st.binary(max_size=300)), max_size=4).map(
+        lambda pairs: b"".join(P.encode_lenenc_str(k) + P.encode_lenenc_str(v) for k, v in pairs)),
+), st.integers(0, 3))
+def test_connection_attributes_read_as_lenenc_strings(blob, cut):
+    """Well-formed attributes (short and 0xFC-length strings), truncated ones, and garbage: the
+    same dict, or the same ProtocolError, as reading each string with read_lenenc_str."""
+    blob = blob[:len(blob) - cut] if cut else blob
+    assert _outcome(H._attributes, blob) == _outcome(_attributes_by_lenenc, blob)

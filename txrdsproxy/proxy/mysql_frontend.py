@@ -208,7 +208,14 @@ class MySQLFrontend(MySQLLogin):
         return True
 
     def dataReceived(self, data):
-        self._safely(self._received, data)
+        try:  # (_safely, inline: this runs for every read)
+            self._received(data)
+        except ProtocolError as e:
+            self.log.info("{s}: protocol violation from client: {e}", s=self, e=e)
+            self._close_client()
+        except Exception:
+            self.log.failure("{s}: unexpected error; closing this session", s=self)
+            self._close_client()
 
     def _pump_safely(self):
         """_pump from a database or pool callback: the client's bytes may be bad there too."""
@@ -457,12 +464,17 @@ class MySQLFrontend(MySQLLogin):
         cached = self._lex_cache
         if cached is not None and cached[0] == mode and cached[1] is server:
             return cached[2]
-        ansi_quotes, no_backslash_escapes = pinning.sql_mode_flags(mode)
-        options = {"ansi_quotes": ansi_quotes, "no_backslash_escapes": no_backslash_escapes,
-                   "oracle": pinning.other_grammar(mode),
-                   "server_version": version_id(server.server_version) if server else None}
-        self._lex_cache = (mode, server, options)
-        return options
+        shared = _LEXINGS.get((mode, id(server)))  # the same for every session: once per proxy
+        if shared is None or shared[0] is not server:
+            ansi_quotes, no_backslash_escapes = pinning.sql_mode_flags(mode)
+            options = {"ansi_quotes": ansi_quotes, "no_backslash_escapes": no_backslash_escapes,
+                       "oracle": pinning.other_grammar(mode),
+                       "server_version": version_id(server.server_version) if server else None}
+            if len(_LEXINGS) >= 256:
+                _LEXINGS.clear()
+            shared = _LEXINGS[(mode, id(server))] = (server, options)
+        self._lex_cache = (mode, server, shared[1])
+        return shared[1]
 
     _lex_cache = None  # (sql_mode, greeting, classify_query's lexing arguments)
 
@@ -758,6 +770,9 @@ class MySQLFrontend(MySQLLogin):
 # raises); such statements go to the server, which answers them itself.
 _KILL = re.compile(rb"^\s*kill\s+(query\s+|connection\s+)?(\d{1,20})\s*;?\s*$", re.IGNORECASE)
 
+
+# (sql_mode, id(greeting)) -> (greeting, classify_query's lexing arguments); never mutated
+_LEXINGS = {}
 
 # Tracked variables a single SET may assign without the connection being synced to the session's
 # value first: neither the statement's parsing (sql_mode, character sets) nor the format of its

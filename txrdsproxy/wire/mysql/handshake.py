@@ -231,13 +231,27 @@ def _parse_handshake_response41(payload, server_caps):
     attrs = {}
     if caps & P.CLIENT_CONNECT_ATTRS and pos < len(payload):
         blob, pos = P.read_lenenc_str(payload, pos)
-        apos = 0
-        while apos < len(blob):
-            key, apos = P.read_lenenc_str(blob, apos)
-            value, apos = P.read_lenenc_str(blob, apos)
-            attrs[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        attrs = _attributes(blob)
     return HandshakeResponse(client_caps, max_packet, charset, user.decode("utf-8"), auth,
                              database, plugin, attrs, mariadb_caps)
+
+
+def _attributes(blob):
+    """Connection attributes: lenenc key/value strings (one-byte lengths read inline)."""
+    attrs = {}
+    apos, end = 0, len(blob)
+    while apos < end:
+        strings = []
+        for _ in range(2):
+            n = blob[apos] if apos < end else 0xFF
+            if n < 0xFB and apos + 1 + n <= end:
+                strings.append(blob[apos + 1:apos + 1 + n])
+                apos += 1 + n
+            else:  # longer strings, or malformed (ProtocolError)
+                value, apos = P.read_lenenc_str(blob, apos)
+                strings.append(value)
+        attrs[strings[0].decode("utf-8", "replace")] = strings[1].decode("utf-8", "replace")
+    return attrs
 
 
 parse_handshake_response41 = _wrap(_parse_handshake_response41, "handshake response")
