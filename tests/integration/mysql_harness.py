@@ -30,3 +30,18 @@ def write_mysql_config(dir, server, secrets=None, name="test-mysql", targets=Non
 
 def start_mysql_proxy(dir, server, **kwargs):
     return InProcessProxy(write_mysql_config(dir, server, **kwargs))
+
+
+def kill_connection_ends_only_the_victim(killer, victim):
+    """`KILL <victim's id>` from *killer* (PyMySQL connections through the proxy): the victim's
+    session ends (its next statement fails), the killer's goes on."""
+    import pymysql
+    import pytest
+    with killer.cursor() as cur:
+        cur.execute("KILL %d" % victim.thread_id())
+    with pytest.raises(pymysql.err.OperationalError):
+        with victim.cursor() as cur:
+            cur.execute("SELECT 1")
+    with killer.cursor() as cur:
+        cur.execute("SELECT 2")
+        assert cur.fetchone() == (2,)

@@ -14,6 +14,7 @@ from txrdsproxy.backend_tls import (NO_TLS, PG_SSL_REQUEST, DatabaseTLS, Databas
 from txrdsproxy.config.model import DatabaseTLSConfig, DBProxyTarget
 from txrdsproxy.testing.certs import TestCA, write_self_signed
 from txrdsproxy.tls import build_context
+from txrdsproxy.testing.handshake import memory_handshake
 
 TARGET = DBProxyTarget("db-1", "127.0.0.1", 5432)
 
@@ -140,29 +141,6 @@ def test_tls_failure_texts():
     assert NO_TLS.use_tls is False
 
 
-def _handshake(server_ctx, client_ctx):
-    server, client = SSL.Connection(server_ctx, None), SSL.Connection(client_ctx, None)
-    server.set_accept_state()
-    client.set_connect_state()
-    for _ in range(20):
-        for a, b in ((client, server), (server, client)):
-            try:
-                a.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                b.bio_write(a.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-        try:
-            client.do_handshake()
-            server.do_handshake()
-            return client.get_cipher_name()
-        except SSL.WantReadError:
-            continue
-    raise AssertionError("no handshake")
-
-
 @pytest.mark.parametrize("cipher, accepted", [
     ("ECDHE-ECDSA-AES128-GCM-SHA256", True),
     ("ECDHE-ECDSA-CHACHA20-POLY1305", True),
@@ -177,10 +155,10 @@ def test_server_offers_only_ecdhe_with_aead_under_tls12(tmp_path, cipher, accept
     client_ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
     client_ctx.set_cipher_list(cipher.encode() + b":@SECLEVEL=0")
     if accepted:
-        assert _handshake(build_context(cert, key), client_ctx) == cipher
+        assert memory_handshake(build_context(cert, key), client_ctx) == cipher
     else:
         with pytest.raises(SSL.Error):
-            _handshake(build_context(cert, key), client_ctx)
+            memory_handshake(build_context(cert, key), client_ctx)
 
 
 def test_database_client_options_offer_only_ecdhe_with_aead_under_tls12(tmp_path):
@@ -194,10 +172,10 @@ def test_database_client_options_offer_only_ecdhe_with_aead_under_tls12(tmp_path
         server_ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
         server_ctx.set_cipher_list(cipher.encode() + b":@SECLEVEL=0")
         if accepted:
-            assert _handshake(server_ctx, client_ctx) == cipher
+            assert memory_handshake(server_ctx, client_ctx) == cipher
         else:
             with pytest.raises(SSL.Error):
-                _handshake(server_ctx, client_ctx)
+                memory_handshake(server_ctx, client_ctx)
 
 
 def test_twisted_tls_layer_still_has_the_aggregator_clock_we_repoint():

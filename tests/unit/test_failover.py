@@ -16,6 +16,7 @@ from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
 from txrdsproxy.proxy import mysql_backend, pg_backend
 from txrdsproxy.proxy.connector import BackendGone, TargetUnreachable
 from txrdsproxy.testing.deferreds import failure_of, result
+from txrdsproxy.testing.fakes import FakePooledConn
 
 W = DBProxyTarget("db-1", "10.0.0.1", 5432)
 S = DBProxyTarget("db-2", "10.0.0.2", 5432)
@@ -36,28 +37,8 @@ class Refused(Exception):
 
 
 # -- fakes ----------------------------------------------------------------------------------------
-class FakeConn:
-    def __init__(self, key, target):
-        self.key, self.target = key, target
-        self.state = "connecting"
-        self.idle_since = 0.0
-        self.server_max_connections = 10
-        self.pool_listener = None
-        self.closed_reason = None
-        self.aborted = False
-
-    def close(self, reason, abort=False):
-        assert self.state != "closed", "closed twice"
-        self.closed_reason = reason
-        self.aborted = abort
-        self.state = "closed"
-
-    def reset(self):
-        return defer.succeed(None)
-
-    def lose(self, reason="terminating connection due to administrator command"):
-        self.state = "closed"
-        self.pool_listener(self, reason)
+def FakeConn(key, target):
+    return FakePooledConn(key, target)
 
 
 class FakeConnector:

@@ -8,36 +8,14 @@ from txrdsproxy.config.model import ConnectionPoolConfig
 from txrdsproxy.pool.lease import Lease
 from txrdsproxy.pool.pool import BackendPool, BorrowTimeout, PoolClosed
 from txrdsproxy.testing.deferreds import failure_of, pending, result
+from txrdsproxy.testing.fakes import FakePooledConn
 
 A, B, C = ("u", "a"), ("u", "b"), ("u", "c")
 
 
-class FakeConn:
-    def __init__(self, key, server_max_connections):
-        self.key = key
-        self.state = "connecting"
-        self.idle_since = 0.0
-        self.server_max_connections = server_max_connections
-        self.pool_listener = None
-        self.closed_reason = None
-        self.resets = []
-
-    def close(self, reason):
-        assert self.state != "closed", "closed twice"
-        self.closed_reason = reason
-        self.state = "closed"
-
-    def reset(self):
-        d = defer.Deferred()
-        self.resets.append(d)
-        return d
-
-    def lose(self, reason="connection reset by peer"):
-        self.state = "closed"
-        self.pool_listener(self, reason)
-
-    def __repr__(self):
-        return f"<FakeConn {self.key} {self.state}>"
+def FakeConn(key, server_max_connections):
+    """The pool's tests fire each reset themselves (`conn.resets`)."""
+    return FakePooledConn(key, None, server_max_connections, manual_reset=True)
 
 
 class FakeConnector:

@@ -16,6 +16,7 @@ from txrdsproxy.pool.pool import BackendPool, BorrowTimeout
 from txrdsproxy.pool.targets import TargetPools
 from txrdsproxy.proxy.connector import BackendGone
 from txrdsproxy.testing.deferreds import failure_of, result
+from txrdsproxy.testing.fakes import FakePooledConn
 
 W = DBProxyTarget("db-w", "10.0.0.1", 5432)
 R1 = DBProxyTarget("db-r1", "10.0.0.2", 5432)
@@ -34,25 +35,8 @@ class Refused(Exception):
     """Stands for the engine's DatabaseError."""
 
 
-class FakeConn:
-    def __init__(self, key, target, max_connections):
-        self.key, self.target = key, target
-        self.state = "connecting"
-        self.idle_since = 0.0
-        self.server_max_connections = max_connections
-        self.pool_listener = None
-        self.closed_reason = None
-
-    def close(self, reason, abort=False):
-        self.closed_reason = reason
-        self.state = "closed"
-
-    def reset(self):
-        return defer.succeed(None)
-
-    def lose(self, reason="terminating connection due to administrator command"):
-        self.state = "closed"
-        self.pool_listener(self, reason)
+def FakeConn(key, target, max_connections):
+    return FakePooledConn(key, target, max_connections)
 
 
 class FakeConnector:

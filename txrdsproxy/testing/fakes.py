@@ -17,7 +17,7 @@ from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.interfaces import IBackendConnection
 
 __all__ = ["ClientTransport", "FakeSecrets", "FakeLease", "FakePool", "FakePgBackendConn",
-           "RecordingEndpoint"]
+           "FakePooledConn", "RecordingEndpoint"]
 
 
 class ClientTransport(StringTransport):
@@ -218,3 +218,41 @@ class RecordingEndpoint:
         d = defer.Deferred()
         RecordingEndpoint.made.append((self, factory, d))
         return d
+
+
+class FakePooledConn:
+    """A database connection as pool.BackendPool sees it (the pool's, failover's and readers'
+    tests): it starts "connecting", the pool sets its state and `pool_listener`; `lose()` is the
+    database ending it.  `reset()` succeeds at once, or with *manual_reset* returns a Deferred
+    the test fires (kept in `resets`).  Closing it twice is a bug the fake catches."""
+
+    def __init__(self, key, target=None, server_max_connections=10, manual_reset=False):
+        self.key, self.target = key, target
+        self.state = "connecting"
+        self.idle_since = 0.0
+        self.server_max_connections = server_max_connections
+        self.pool_listener = None
+        self.closed_reason = None
+        self.aborted = False
+        self.manual_reset = manual_reset
+        self.resets = []
+
+    def close(self, reason, abort=False):
+        assert self.state != "closed", "closed twice"
+        self.closed_reason = reason
+        self.aborted = abort
+        self.state = "closed"
+
+    def reset(self):
+        if not self.manual_reset:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.resets.append(d)
+        return d
+
+    def lose(self, reason="terminating connection due to administrator command"):
+        self.state = "closed"
+        self.pool_listener(self, reason)
+
+    def __repr__(self):
+        return f"<FakePooledConn {self.key} {self.state}>"
