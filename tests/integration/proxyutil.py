@@ -137,6 +137,19 @@ def reactor_thread():
     return _reactor
 
 
+def wait_for(predicate, timeout=30, interval=0.1, what="condition"):
+    """Poll predicate() until it returns something true (-> that value); AssertionError naming
+    *what* after *timeout* seconds: every wait of a test is bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
 class LogCapture:
     """Formatted Twisted log lines, collected in the reactor thread."""
 
@@ -217,14 +230,7 @@ class InProcessProxy:
 
     def wait_for(self, predicate, timeout=10, interval=0.05, what="condition"):
         """Poll predicate() (called in the test thread) until true; AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(interval)
+        return wait_for(predicate, timeout, interval, what)
 
     def dsn(self, pg_server, user="app_scram", password=None, dbname="appdb", **extra):
         """A libpq DSN for *user* through this proxy."""
@@ -418,10 +424,21 @@ def raw_login(proxy, pg_server, params=None):
     return sock, msgs
 
 
-def raw_query(sock, sql):
-    """A simple Query on a raw session; -> rows as lists of text (asserts no error)."""
+def send_query(sock, sql):
+    """Send a simple Query on a raw PostgreSQL session (the answer is left to the caller)."""
     body = sql.encode() + b"\0"
     sock.sendall(b"Q" + struct.pack("!I", len(body) + 4) + body)
+
+
+def kill_socket(sock):
+    """Close *sock* with a RST, as a crashed client would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def raw_query(sock, sql):
+    """A simple Query on a raw session; -> rows as lists of text (asserts no error)."""
+    send_query(sock, sql)
     msgs = read_messages(sock, until=b"Z")
     rows = []
     for kind, payload in msgs:

@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -15,11 +14,10 @@ import psycopg
 import pytest
 
 try:
-    from proxyutil import HOST
+    from proxyutil import wait_for, write_proxy_config
     from test_metrics_live import Scraper, start_with_admin
-    from proxyutil import write_proxy_config
 except ImportError:
-    from tests.integration.proxyutil import HOST, write_proxy_config
+    from tests.integration.proxyutil import wait_for, write_proxy_config
     from tests.integration.test_metrics_live import Scraper, start_with_admin
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -56,17 +54,6 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _wait(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_console_page_under_load(pg_server, tmp_path, browser):
     from selenium.webdriver.common.by import By
     path = write_proxy_config(tmp_path, pg_server, name="con-pg", MaxConnectionsPercent=20)
@@ -97,11 +84,11 @@ def test_console_page_under_load(pg_server, tmp_path, browser):
 
         browser.get(base + "/console")
         assert browser.title.startswith("Proxies")
-        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-pinned-sessions="con-pg"]'),
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '[data-pinned-sessions="con-pg"]'),
               what="the pinned session on the page")
         # Under load: the page keeps refreshing (graphs grow) while clients run.
         first = browser.find_element(By.ID, "status").get_attribute("data-updated")
-        _wait(lambda: browser.find_element(By.ID, "status").get_attribute("data-updated") != first,
+        wait_for(lambda: browser.find_element(By.ID, "status").get_attribute("data-updated") != first,
               what="a refresh")
         stop.set()
         for w in workers:
@@ -113,7 +100,7 @@ def test_console_page_under_load(pg_server, tmp_path, browser):
         proxy.wait_for(lambda: scrape.value("rdsproxy_client_connections", proxy_name="con-pg") == 1,
                        what="the load's sessions to end")
         seen = browser.find_element(By.ID, "status").get_attribute("data-updated")
-        _wait(lambda: browser.find_element(By.ID, "status").get_attribute("data-updated") != seen,
+        wait_for(lambda: browser.find_element(By.ID, "status").get_attribute("data-updated") != seen,
               what="a refresh after the load")
         metrics = scrape.samples()
 

@@ -23,26 +23,15 @@ from txrdsproxy.testing.faultrelay import TO_CLIENT, TO_SERVER, Action, FaultRel
 try:
     from mysql_harness import start_mysql_proxy
     from proxyutil import (
-        InProcessProxy, raw_connect, raw_login, raw_query, read_messages, reactor_thread,
-        startup_packet, write_proxy_config,
+        InProcessProxy, kill_socket, raw_connect, raw_login, raw_query, read_messages, reactor_thread,
+        send_query, startup_packet, write_proxy_config,
     )
 except ImportError:
     from tests.integration.mysql_harness import start_mysql_proxy
     from tests.integration.proxyutil import (
-        InProcessProxy, raw_connect, raw_login, raw_query, read_messages, reactor_thread,
-        startup_packet, write_proxy_config,
+        InProcessProxy, kill_socket, raw_connect, raw_login, raw_query, read_messages, reactor_thread,
+        send_query, startup_packet, write_proxy_config,
     )
-
-
-def _kill(sock):
-    """Close with a RST, as a crashed client would."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def _send_query(sock, sql):
-    body = sql.encode() + b"\0"
-    sock.sendall(b"Q" + struct.pack("!I", len(body) + 4) + body)
 
 
 class Relayed:
@@ -120,7 +109,7 @@ def test_pg_database_stalls_mid_result(pg_relayed, pg_server):
     sock, _ = raw_login(r.proxy, pg_server)
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
     r.rule(TO_CLIENT, b"stall-here", Action.STALL, offset=3)  # inside the DataRow
-    _send_query(sock, "select 'stall-here' || g from generate_series(1, 5000) g")
+    send_query(sock, "select 'stall-here' || g from generate_series(1, 5000) g")
     sock.settimeout(0.5)
     got = b""
     try:
@@ -133,7 +122,7 @@ def test_pg_database_stalls_mid_result(pg_relayed, pg_server):
         pass
     assert b"Z\0\0\0\x05" not in got  # the result never completed
     assert _other_session_works(r, pg_server) != int(pid)  # on another connection
-    _kill(sock)  # the client gives up
+    kill_socket(sock)  # the client gives up
     r.proxy.wait_for(lambda: int(pid) not in _pool_pids(r.proxy), what="stalled connection closed")
     r.call(r.relay.resume)  # what the database sent late goes nowhere
     r.proxy.wait_for(r.pool_ok, what="slots back")
@@ -148,7 +137,7 @@ def test_pg_database_resets_mid_transaction(pg_relayed, pg_server, pg_table):
     raw_query(sock, "insert into fault_t values (1)")
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
     r.rule(TO_SERVER, b"reset-here", Action.RESET, offset=0)
-    _send_query(sock, "select 'reset-here'")
+    send_query(sock, "select 'reset-here'")
     msgs = read_messages(sock)  # until the proxy closes the client
     errors = [p for k, p in msgs if k == b"E"]
     assert errors and b"the database connection was lost" in errors[0], msgs
@@ -168,7 +157,7 @@ def test_pg_database_cuts_mid_copy(pg_relayed, pg_server):
         sock, _ = raw_login(r.proxy, pg_server)
         (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
         r.rule(TO_CLIENT, b"cut-here", Action.CUT, offset=4)  # inside a CopyData message
-        _send_query(sock, "copy (select 'cut-here', g from generate_series(1, 20000) g) to stdout")
+        send_query(sock, "copy (select 'cut-here', g from generate_series(1, 20000) g) to stdout")
         sock.settimeout(10)
         data = b""
         while True:
@@ -194,12 +183,12 @@ def test_pg_client_vanishes_mid_copy_in(pg_relayed, pg_server, pg_table):
     r = pg_relayed
     sock, _ = raw_login(r.proxy, pg_server)
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-    _send_query(sock, "copy fault_t from stdin")
+    send_query(sock, "copy fault_t from stdin")
     assert read_messages(sock, until=b"G")[-1][0] == b"G"
     rows = b"".join(b"%d\n" % i for i in range(500))
     message = b"d" + struct.pack("!I", len(rows) + 4) + rows
     sock.sendall(message[:len(message) // 2])  # half a CopyData message, then gone
-    _kill(sock)
+    kill_socket(sock)
     r.proxy.wait_for(lambda: int(pid) not in _pool_pids(r.proxy), what="dirty connection closed")
     r.proxy.wait_for(r.pool_ok, what="slots back")
     r.proxy.wait_for(lambda: not _pg_backend_alive(pg_server, pid), what="server backend gone")
@@ -212,11 +201,11 @@ def test_pg_client_vanishes_mid_result(pg_relayed, pg_server):
     r.relay.throttle = 200_000  # the result trickles: the client leaves while it flows
     sock, _ = raw_login(r.proxy, pg_server)
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-    _send_query(sock, "select repeat('y', 500) from generate_series(1, 20000)")
+    send_query(sock, "select repeat('y', 500) from generate_series(1, 20000)")
     got = 0
     while got < 64 * 1024:
         got += len(sock.recv(65536))
-    _kill(sock)
+    kill_socket(sock)
     r.proxy.wait_for(lambda: int(pid) not in _pool_pids(r.proxy), what="connection closed")
     r.relay.throttle = 0
     r.proxy.wait_for(r.pool_ok, what="slots back")
@@ -236,7 +225,7 @@ def test_pg_client_vanishes_mid_login(pg_relayed, pg_server):
     inner = hashlib.md5((pg_server.users["app_md5"] + "app_md5").encode()).hexdigest()
     body = ("md5" + hashlib.md5(inner.encode() + salt).hexdigest()).encode() + b"\0"
     sock.sendall(b"p" + struct.pack("!I", len(body) + 4) + body)
-    _kill(sock)  # before the login's borrow is answered
+    kill_socket(sock)  # before the login's borrow is answered
     r.proxy.wait_for(lambda: r.proxy.session_states() == [], what="session gone")
     r.proxy.wait_for(lambda: r.pool_ok() and "connecting" not in r.proxy.pool_state(),
                      what="slots back", timeout=15)
@@ -360,7 +349,7 @@ def test_mysql_client_vanishes_mid_login(my_relayed, mariadb_server):
     scramble = myauth.native_password_scramble(mariadb_server.users["app_native"], greeting.scramble)
     sock.sendall(P.encode_packet(hs.build_handshake_response41(caps, "app_native", scramble,
                                                                database="appdb"), 1))
-    _kill(sock)
+    kill_socket(sock)
     r.proxy.wait_for(lambda: r.proxy.session_states() == [], what="session gone")
     r.proxy.wait_for(lambda: r.pool_ok() and "connecting" not in r.proxy.pool_state(),
                      timeout=15, what="slots back")

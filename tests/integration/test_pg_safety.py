@@ -1,6 +1,5 @@
 """Safety and limits: vanishing clients, malformed input, idle clients, admission limits."""
 
-import socket
 import struct
 import time
 
@@ -9,20 +8,10 @@ import pytest
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
-    from proxyutil import error_fields, raw_login, raw_query, read_messages
+    from proxyutil import error_fields, kill_socket, raw_login, raw_query, read_messages, send_query
 except ImportError:
-    from tests.integration.proxyutil import error_fields, raw_login, raw_query, read_messages
-
-
-def _kill(sock):
-    """Close with a RST, as a crashed client would."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def _send_query(sock, sql):
-    body = sql.encode() + b"\0"
-    sock.sendall(b"Q" + struct.pack("!I", len(body) + 4) + body)
+    from tests.integration.proxyutil import (error_fields, kill_socket, raw_login, raw_query, read_messages,
+                                             send_query)
 
 
 def _one(conn, sql, params=None):
@@ -46,7 +35,7 @@ def test_client_killed_mid_transaction(pg_proxy_factory, pg_server, safety_table
     assert raw_query(sock, "begin") == []
     raw_query(sock, "insert into safety_t values (1)")
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-    _kill(sock)
+    kill_socket(sock)
     proxy.wait_for(lambda: proxy.pool_state() == {"idle": 1}, what="connection back, idle")
     with psycopg.connect(proxy.dsn(pg_server, user="app_md5"), autocommit=True) as conn:
         assert _one(conn, "select pg_backend_pid()") == int(pid)  # rolled back and reused
@@ -60,9 +49,9 @@ def test_client_killed_while_query_runs(pg_proxy_factory, pg_server, safety_tabl
     proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1)
     sock, _ = raw_login(proxy, pg_server)
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-    _send_query(sock, "begin; insert into safety_t values (2); select pg_sleep(0.5)")
+    send_query(sock, "begin; insert into safety_t values (2); select pg_sleep(0.5)")
     time.sleep(0.1)
-    _kill(sock)
+    kill_socket(sock)
     with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:
         assert _one(conn, "select pg_backend_pid()") != int(pid)  # the dirty one was closed
         assert _one(conn, "select count(*) from safety_t") == 0
@@ -76,12 +65,12 @@ def test_client_killed_mid_copy(pg_proxy_factory, pg_server, safety_table):
         assert _one(other, "select 1") == 1
         sock, _ = raw_login(proxy, pg_server)
         (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-        _send_query(sock, "copy safety_t from stdin")
+        send_query(sock, "copy safety_t from stdin")
         msgs = read_messages(sock, until=b"G")
         assert msgs[-1][0] == b"G", msgs
         data = b"".join(f"{i}\n".encode() for i in range(1000))
         sock.sendall(b"d" + struct.pack("!I", len(data) + 4) + data)
-        _kill(sock)
+        kill_socket(sock)
         proxy.wait_for(lambda: int(pid) not in _pool_pids(proxy), what="dirty connection closed")
         live = pg_server.psql(f"select count(*) from pg_stat_activity where pid = {pid}").strip()
         proxy.wait_for(lambda: pg_server.psql(
@@ -100,11 +89,11 @@ def test_client_killed_mid_large_result(pg_proxy_factory, pg_server):
     try:
         sock, _ = raw_login(proxy, pg_server)
         (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-        _send_query(sock, "select repeat('x', 1000) from generate_series(1, 100000)")
+        send_query(sock, "select repeat('x', 1000) from generate_series(1, 100000)")
         got = 0
         while got < 256 * 1024:
             got += len(sock.recv(65536))
-        _kill(sock)
+        kill_socket(sock)
         proxy.wait_for(lambda: int(pid) not in _pool_pids(proxy), what="connection closed")
         assert _one(other, "select count(*) from generate_series(1, 1000)") == 1000
         with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:

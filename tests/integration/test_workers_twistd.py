@@ -24,10 +24,10 @@ import yaml
 
 try:
     from proxyutil import (TwistdProxy, all_sessions, find_free_port, free_privileged_port, sessions_client,
-                           write_proxy_config)
+                           wait_for, write_proxy_config)
 except ImportError:
     from tests.integration.proxyutil import (TwistdProxy, all_sessions, find_free_port, free_privileged_port,
-                                             sessions_client, write_proxy_config)
+                                             sessions_client, wait_for, write_proxy_config)
 
 USER = "app_workers"  # its own role: pg_stat_activity counts only this proxy's connections
 PASSWORD = "workers-pw-1"
@@ -50,16 +50,6 @@ def _get(port, path):
 
 def health(proxy):
     return json.loads(_get(proxy.admin_port, "/healthz")[1])
-
-
-def wait_for(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def owner(conn):
