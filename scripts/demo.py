@@ -42,7 +42,9 @@ MYSQL_PROXY_PORT = 3307
 PG_ARN = "arn:aws:secretsmanager:local:000000000000:secret:demo-app-pg"
 MYSQL_ARN = "arn:aws:secretsmanager:local:000000000000:secret:demo-app-mysql"
 MYSQL_FRONTEND = os.path.join(REPO, "txrdsproxy", "proxy", "mysql_frontend.py")
-CURRENT = os.path.join(REPO, ".state", "demo", "current.json")
+# Where a running demo says how to reach it (`demo.py failover` reads it).  The environment may
+# move it (the automated test of the demo does, so it never touches a demo you are running).
+CURRENT = os.environ.get("TXRDSPROXY_DEMO_CURRENT") or os.path.join(REPO, ".state", "demo", "current.json")
 HEALTH_CHECK_INTERVAL = 2  # seconds: a failover is noticed quickly in the demo
 
 
@@ -59,7 +61,10 @@ def say(text=""):
 
 
 def port_or_free(preferred):
-    """*preferred* if nothing listens there and we can bind it, else a free port."""
+    """*preferred* if nothing listens there and we can bind it, else a free port (also for
+    0 or below: "any port", whose number must be known before the proxy binds it)."""
+    if preferred <= 0 or preferred > 65535:
+        return servers.find_free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((HOST, preferred))

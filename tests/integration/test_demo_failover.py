@@ -1,17 +1,14 @@
-"""The pieces `make demo`'s failover path uses (scripts/demo.py), on real servers.
+"""`make demo`'s failover path (scripts/demo.py), on real servers.
 
-Starting the whole demo (four servers and a twistd) takes well over a minute on a loaded
-machine, so the demo's parts are tested here one by one, each as the demo uses it:
+- The whole demo as `make demo` runs it (PostgreSQL primary + hot standby, MariaDB primary + GTID
+  replica, twistd with both proxies and their READ_ONLY endpoints): sessions through the ports it
+  prints, `demo.py failover postgresql` and `demo.py failover mysql` from another process, the
+  same sessions answering from the new writers, SIGTERM stops everything (about 35 s here; the
+  demo's `current.json` goes to a temporary path through TXRDSPROXY_DEMO_CURRENT, so a demo you
+  are running is never touched);
+- the configuration the demo writes loads with the proxy's own loader.
 
-- the configuration the demo writes loads with the proxy's own loader (both proxies, their
-  READ_ONLY endpoints, the target groups of writer + standby/replica);
-- `demo.py failover postgresql` (`failover_postgresql`, working from the state the demo writes
-  to .state/demo/current.json): the primary stops and the standby is promoted; a session opened
-  through a proxy configured like the demo's answers from the promoted standby afterwards, over
-  the same client connection; a second call refuses (PostgreSQL fails over once per demo).
-
-`demo.py failover mysql` (`failover_mysql`, a switchover back and forth) is exercised at the end
-of test_mysql_readers.py, on the replication that test already runs.
+`demo.py failover mysql` there and back is also run at the end of test_mysql_readers.py.
 """
 
 import importlib.util
@@ -24,6 +21,7 @@ import psycopg  # test extras: a missing driver must fail, not skip
 import pytest
 
 from txrdsproxy.config.load import load_config
+from txrdsproxy.testing.servers import MARIADB_BINARIES, PG_BINARIES, require_binaries
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,26 +54,106 @@ def test_the_configuration_the_demo_writes_loads(tmp_path):
     assert json.loads((tmp_path / "secrets.json").read_text())[demo.PG_ARN]["username"] == demo.USER
 
 
-def test_demo_failover_postgresql_promotes_the_standby_under_a_running_proxy(
-        pg_server_factory, pg_proxy_factory, tmp_path):
-    demo = load_demo()
-    primary = pg_server_factory(max_connections=20)
-    primary.create_user("app_scram", "demo-pass", method="scram-sha-256")
-    primary.create_database("appdb", owner="app_scram")
-    standby = primary.start_standby(tmp_path / "standby")
+def _collect(proc, lines):
+    """Read *proc*'s output lines into *lines* from a thread (until EOF)."""
+    import threading
+
+    def run():
+        for line in proc.stdout:
+            lines.append(line)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for_line(proc, marker, lines, timeout):
+    """Poll *lines* until one contains *marker* (bounded)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not any(marker in line for line in list(lines)):
+        assert proc.poll() is None, "the demo exited; output:\n" + "".join(lines)
+        assert time.monotonic() < deadline, "no %r within %g s; output:\n%s" % (marker, timeout, "".join(lines))
+        time.sleep(0.1)
+
+
+def test_make_demo_starts_fails_over_and_stops(tmp_path):
+    """`make demo` as run (scripts/demo.py under this interpreter), PostgreSQL and MariaDB with
+    their standby/replica: sessions through the printed proxy ports, `demo.py failover
+    postgresql` and `demo.py failover mysql` from another process, the same sessions answering
+    from the new writers, then SIGTERM stops everything and removes the state."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import pymysql
+
+    reason = require_binaries(*PG_BINARIES, *MARIADB_BINARIES)  # CI=true: raises, never skips
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, TXRDSPROXY_DEMO_CURRENT=str(tmp_path / "current.json"))
+    argv = [sys.executable, str(REPO / "scripts" / "demo.py"), "--pg-port", "0", "--mysql-port", "0",
+            "--password", "demo-test-pw"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    reader_thread = _collect(proc, lines)
     try:
-        proxy = pg_proxy_factory(server=primary, targets=[primary, standby],
-                                 HealthCheckInterval=1, ConnectionBorrowTimeout=60)
-        state = {"postgresql": {"primary": demo._pg_state(primary), "standby": demo._pg_state(standby)}}
-        with psycopg.connect(proxy.dsn(primary), autocommit=True) as session:
-            assert session.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
-            demo.failover_postgresql(state)
-            assert not (primary.data_dir / "postmaster.pid").exists()  # the primary is down
-            # the same client connection, on the promoted standby (the query waits in the
-            # proxy until the health checks have found it: ConnectionBorrowTimeout)
-            assert session.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone() == (
-                standby.port, False)
-        with pytest.raises(SystemExit, match="promoted already"):
-            demo.failover_postgresql(state)
+        _wait_for_line(proc, "Press Ctrl-C", lines, timeout=180)
+        out = "".join(lines)
+        pg_proxy = int(re.search(r'psql "host=127\.0\.0\.1 port=(\d+) user=app', out).group(1))
+        pg_reader = int(re.search(r'port=(\d+) user=app dbname=appdb"    # demo-pg-ro', out).group(1))
+        primary, standby = map(int, re.search(r"PostgreSQL primary 127\.0\.0\.1:(\d+), hot standby 127\.0\.0\.1:(\d+)",
+                                              out).groups())
+        my_proxy = int(re.search(r"mariadb -h 127\.0\.0\.1 -P (\d+) -u app", out).group(1))
+        m1, m2 = map(int, re.search(r"MariaDB primary 127\.0\.0\.1:(\d+), GTID replica 127\.0\.0\.1:(\d+)",
+                                    out).groups())
+        dsn = "host=127.0.0.1 user=app password=demo-test-pw dbname=appdb port=%d"
+        pg = psycopg.connect(dsn % pg_proxy, autocommit=True)
+        reader = psycopg.connect(dsn % pg_reader, autocommit=True)
+        my = pymysql.connect(host="127.0.0.1", port=my_proxy, user="app", password="demo-test-pw",
+                             database="appdb", autocommit=True)
+        try:
+            assert pg.execute("SELECT inet_server_port()").fetchone()[0] == primary
+            assert reader.execute("SELECT pg_is_in_recovery(), inet_server_port()").fetchone() == (True, standby)
+            with my.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == m1
+            for engine in ("postgresql", "mysql"):
+                done = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "failover", engine],
+                                      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                assert done.returncode == 0, done.stdout + done.stderr
+            # the same sessions, on the new writers (a statement waits in the proxy until its
+            # health checks have found the new writer)
+            assert pg.execute("SELECT inet_server_port(), pg_is_in_recovery()").fetchone() == (standby, False)
+            # MySQL's switchover leaves the old writer up, read-only: until the next health check
+            # (HealthCheckInterval 2 s in the demo) reads still go there (documented), so poll
+            import time
+            deadline = time.monotonic() + 60
+            while True:
+                with my.cursor() as cur:
+                    cur.execute("SELECT @@port, @@read_only")
+                    found = cur.fetchone()
+                if found == (m2, 0):
+                    break
+                assert found == (m1, 1) and time.monotonic() < deadline, found
+                time.sleep(0.1)
+        finally:
+            for conn in (pg, reader, my):
+                conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(lines)
+        reader_thread.join(10)
+        assert "demo: stopping PostgreSQL" in "".join(lines)
+        assert not (tmp_path / "current.json").exists()
     finally:
-        standby.stop()
+        if proc.poll() is None:
+            # the demo stops its own children (twistd and the servers run in sessions of their
+            # own: killing the demo alone would leave them running)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
