@@ -329,3 +329,39 @@ def test_client_vanishes_while_large_result_streams(proxy_factory, mariadb_serve
     assert proxy.wait_for(lambda: proxy.pool_state().get("borrowed", 0) == 0 or None,
                           what="no borrowed connections")
     b.close()
+
+
+def test_quit_ends_the_session_and_gives_its_connection_back(proxy_factory, mariadb_server):
+    """After COM_QUIT the session's database connection goes back clean, every time, including
+    after a transaction left open and a pinned session (reset, then reused), and the client's
+    socket is closed in order (EOF, as MariaDB closes it), never reset: a reset would make the
+    client's kernel drop answers the client has not read yet (a pipelining client)."""
+    proxy = proxy_factory(MaxConnectionsPercent=1)  # one database connection for everybody
+
+    def opened():
+        out = mariadb_server.mariadb("SHOW GLOBAL STATUS LIKE 'Connections'")
+        return int(out.split()[-1])
+
+    connect(proxy).close()  # warm-up: the pool's connection exists
+    before = opened()
+    for i in range(20):
+        conn = connect(proxy, autocommit=i % 3 != 1)
+        if i % 3 == 1:
+            one(conn, "SELECT 1")  # a transaction left open: rolled back, connection kept
+        elif i % 3 == 2:
+            one(conn, "SET @x = 1")  # pinned: reset before another session gets it
+        assert one(conn, f"SELECT {i}") == (i,)
+        conn.close()  # PyMySQL sends COM_QUIT
+    conn = connect(proxy)
+    assert one(conn, "SELECT @x") == (None,)  # nothing of the pinned sessions is left
+    conn.close()
+    # the second reading's own connection (the mariadb CLI), none by the proxy
+    assert opened() - before == 1
+    assert server_connections(mariadb_server) <= 1
+    # the socket of a client that sent COM_QUIT is closed by the proxy: EOF, promptly
+    conn = connect(proxy)
+    sock = conn._sock
+    sock.sendall(b"\x01\x00\x00\x00\x01")  # COM_QUIT
+    sock.settimeout(10)
+    assert sock.recv(100) == b""
+    sock.close()
