@@ -2,7 +2,7 @@
 proxy process (/proc/<pid>/stat), so that the figure holds on a machine others share.
 
     .venv/bin/python bench/mysql_cpu.py [--connects N] [--events N] [--only churn|point|rw]
-                                        [--profile [--profile-dir DIR]]
+                                        [--ps-mode auto|disable] [--profile [--profile-dir DIR]]
 
 Starts a MariaDB and a proxy (RDS defaults, pool of 20 of max_connections 100), then:
 - churn: N PyMySQL connect / SELECT 1 / close, 4 threads; proxy CPU per connect;
@@ -68,8 +68,11 @@ def cpu_split(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+PS_MODE = ["--db-ps-mode=auto"]  # sysbench's default: server-side prepared statements (they pin)
+
+
 def sysbench_events(test, port, events):
-    return bench.sysbench(test, port, 0, "run", test, extra=["--events=%d" % events])
+    return bench.sysbench(test, port, 0, "run", test, extra=["--events=%d" % events] + PS_MODE)
 
 
 def main():
@@ -78,9 +81,14 @@ def main():
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only", choices=("churn", "point", "rw"))
+    parser.add_argument("--ps-mode", choices=("auto", "disable"), default="auto",
+                        help="sysbench --db-ps-mode: auto (server-side prepared statements: each"
+                             " sysbench session pins) or disable (COM_QUERY: multiplexed, one"
+                             " borrow and release per transaction)")
     parser.add_argument("--profile-dir", type=Path,
                         help="keep the cProfile files (<phase>.prof) in this folder")
     args = parser.parse_args()
+    PS_MODE[:] = ["--db-ps-mode=%s" % args.ps_mode]
     root = Path(tempfile.mkdtemp(prefix="txrdsproxy-mycpu-"))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, root, True)

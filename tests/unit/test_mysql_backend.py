@@ -587,3 +587,37 @@ def test_database_closing_mid_response_tells_the_session():
     [(kind, why)] = sink.events
     assert kind == "lost" and why.startswith("database closed the connection")
     assert len(s.lost) == 1
+
+
+# --- needs_sync's memo: always the answer of sync_sql ------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_VALUES = {"autocommit": ["0", "1"], "time_zone": ["SYSTEM", "+01:00"],
+           "character_set_client": ["utf8mb4", "latin1"], "sql_mode": ["", "ANSI_QUOTES"]}
+_STEP = st.tuples(st.sampled_from(["desired", "current"]), st.sampled_from(sorted(_VALUES)),
+                  st.integers(0, 2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STEP, max_size=30))
+def test_needs_sync_always_agrees_with_sync_sql(steps):
+    """Sessions' values and the connection's change in place between borrows (SETs, learned
+    statuses, syncs); the memo never answers "in step" when sync_sql has something to set."""
+    conn = MySQLBackendConnection((DB_USER, 0), Target("my-1", "127.0.0.1", 3306),
+                                  Credentials(DB_USER, "pw"), "", 1 << 20, None)
+    conn.baseline = {"autocommit": "1", "time_zone": "SYSTEM", "character_set_client": "utf8mb4",
+                     "sql_mode": ""}
+    conn.current = dict(conn.baseline)
+    desired = {}
+    for where, name, choice in steps:
+        target = desired if where == "desired" else conn.current
+        if choice == 2:
+            target.pop(name, None)
+        else:
+            target[name] = _VALUES[name][choice]
+        expected = bool(mstate.sync_sql(conn.current, conn.baseline, desired)[0])
+        assert conn.needs_sync(desired, None) is expected
+        assert conn.needs_sync(desired, None) is expected  # asked again: same answer
+    conn.database = "a"
+    assert conn.needs_sync(desired, "b") is True

@@ -177,6 +177,7 @@ class MySQLBackendConnection(BackendConnection):
         self._fbuf = bytearray()
         self._closing_reason = None
         self._inline = None  # {variable: value} of a SET sent ahead of a command, until its OK
+        self._in_step = None  # (desired, current, baseline) last found needing no sync
 
     def __repr__(self):
         tid = self.handshake.connection_id if self.handshake else None
@@ -409,10 +410,23 @@ class MySQLBackendConnection(BackendConnection):
             self._sink.write_queued(self)
 
     def needs_sync(self, desired, database):
-        """Whether `sync` has anything to do (checked first, to skip a Deferred per borrow)."""
+        """Whether `sync` has anything to do (checked first, to skip a Deferred per borrow).
+
+        `sync_sql` is a function of the connection's values, its baseline and the session's
+        values alone: when those equal the last ones found in step (copies compared by value;
+        the baseline is never changed in place), the answer is the same, without building the
+        statement again (a borrow per transaction of a multiplexed session asks this)."""
         if database is not None and database != self.database:
             return True
-        return bool(state.sync_sql(self.current, self.baseline, desired)[0])
+        current = self.current
+        seen = self._in_step
+        if (seen is not None and seen[2] is self.baseline and seen[0] == desired
+                and seen[1] == current):
+            return False
+        if state.sync_sql(current, self.baseline, desired)[0]:
+            return True
+        self._in_step = (dict(desired), dict(current), self.baseline)
+        return False
 
     # -- reading --------------------------------------------------------------------------------
     def dataReceived(self, data):
