@@ -1,0 +1,141 @@
+"""Proxy CPU time per pgbench transaction: a fixed number of transactions, counted in CPU seconds
+of the proxy process (/proc/<pid>/stat), so that the figure holds on a machine others share.
+
+    .venv/bin/python bench/pg_cpu.py [-t TX_PER_CLIENT] [--rounds N] [--mode simple,extended]
+                                     [--tree DIR ...] [--profile [--profile-dir DIR]]
+
+Starts one PostgreSQL (pgbench -i -s 1) and, per round and per source tree, a proxy (RDS
+defaults but a pool of 20 of max_connections 100), then runs pgbench -S -c 20 -j 2 -t N through
+it and prints the proxy's CPU per transaction and the database sessions it opened.  With
+several --tree folders (other checkouts of this repository, e.g. `git worktree add /tmp/base
+926e124`) the trees run alternately, round after round, so that a load change on the machine
+hits both alike; the summary gives each tree's minimum and median.  With --profile the proxy
+runs under cProfile (CPU time) and the top functions and the Python calls per transaction are
+printed.
+"""
+
+import argparse
+import contextlib
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import idle_clients  # noqa: E402  (beside this file)
+import run as bench  # noqa: E402  (bench/run.py: servers, Proxy, pgbench helpers)
+
+
+def pgbench_count(pg, port, mode, per_client):
+    """pgbench -S -c 20 -j 2 -t *per_client*; -> transactions processed (0 on failure)."""
+    name, password, _ = bench.PG_USERS["scram"]
+    argv = [bench.find_binary("pgbench"), "-n", "-S", "-c", str(bench.CLIENTS), "-j", "2",
+            "-t", str(per_client), "-M", mode, "-h", bench.HOST, "-p", str(port), "-U", name,
+            bench.PG_DB]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=dict(pg._env(password)),
+                          timeout=600)
+    processed = bench.PROCESSED_RE.search(proc.stdout)
+    if proc.returncode != 0 or processed is None:
+        bench.say("pgbench failed (exit %s):\n%s\n%s" % (proc.returncode, proc.stdout[-800:],
+                                                        proc.stderr[-800:]))
+        return 0
+    return int(processed.group(1))
+
+
+def sessions(pg):
+    out = pg.psql("SELECT sessions FROM pg_stat_database WHERE datname = '%s'" % bench.PG_DB)
+    return int(out.strip() or 0)
+
+
+def one_run(root, pg, tree, mode, per_client, prof):
+    env_before = os.environ.get("PYTHONPATH")
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree)  # the proxy imports txrdsproxy from *tree*
+    opened0 = sessions(pg)
+    try:
+        proxy = bench.pg_proxy(root, pg, profile_path=prof).start()
+    finally:
+        if tree is not None:
+            if env_before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = env_before
+    try:
+        pgbench_count(pg, proxy.port, mode, 20)  # warm-up: logins, pool, caches
+        cpu0 = idle_clients.cpu_seconds(proxy.proc.pid)
+        ctx = proxy.profiling() if prof else contextlib.nullcontext()
+        with ctx:
+            count = pgbench_count(pg, proxy.port, mode, per_client)
+        cpu = idle_clients.cpu_seconds(proxy.proc.pid) - cpu0
+    finally:
+        proxy.stop()
+    # pg_stat_database counts a session when it ends: read once the proxy (and its pool) is gone
+    time.sleep(0.5)
+    opened = sessions(pg) - opened0 - 1  # minus the first count's own session
+    return count, cpu, opened
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-t", "--transactions", type=int, default=1500,
+                        help="transactions per client (20 clients)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mode", default="simple", help="pgbench -M values, comma-separated")
+    parser.add_argument("--tree", type=Path, action="append",
+                        help="a checkout whose txrdsproxy the proxy runs (repeatable; default: this one)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-dir", type=Path, help="keep the cProfile files here")
+    args = parser.parse_args()
+    trees = [t.resolve() for t in args.tree] if args.tree else [None]
+    root = Path(tempfile.mkdtemp(prefix="txrdsproxy-pgcpu-"))
+    results = {}
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, True)
+        pg = bench.PostgresServer(root / "pg", max_connections=bench.MAX_CONNECTIONS).start()
+        stack.callback(pg.stop)
+        for name, password, method in bench.PG_USERS.values():
+            pg.create_user(name, password, method=method)
+        pg.create_database(bench.PG_DB)
+        bench.servers.check_output([bench.find_binary("pgbench"), "-i", "-s", "1", "-q", "-h", bench.HOST,
+                                    "-p", str(pg.port), "-U", pg.superuser, bench.PG_DB],
+                                   env=pg._env(pg.superuser_password), timeout=600, what="pgbench -i")
+        names = ", ".join(n for n, _, _ in bench.PG_USERS.values())
+        pg.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO %s" % names, dbname=bench.PG_DB)
+        run_no = 0
+        for r in range(args.rounds):
+            for mode in args.mode.split(","):
+                for tree in trees:
+                    run_no += 1
+                    prof = None
+                    if args.profile:
+                        pdir = args.profile_dir or root
+                        pdir.mkdir(parents=True, exist_ok=True)
+                        prof = pdir / ("%s-%s-%d.prof" % (mode, tree.name if tree else "here", r))
+                    count, cpu, opened = one_run(root / ("proxy-%d" % run_no), pg, tree, mode,
+                                                 args.transactions, prof)
+                    label = "%s %s" % (tree or "this tree", mode)
+                    if count:
+                        us = cpu / count * 1e6
+                        results.setdefault(label, []).append(us)
+                        bench.say("round %d  %-50s %6d tx  proxy CPU %6.1f us/tx  db sessions opened %d"
+                                  % (r + 1, label, count, us, opened))
+                    if prof is not None and prof.exists() and count:
+                        stats = pstats.Stats(str(prof))
+                        bench.say("   Python calls per tx: %.1f" % (stats.total_calls / count))
+                        if r == args.rounds - 1:
+                            bench.print_profile(prof, type("P", (), {"proc": None, "log_path": None})(),
+                                                top=30)
+        bench.say("\nsummary (proxy CPU us per transaction):")
+        for label, values in results.items():
+            bench.say("  %-45s min %6.1f  median %6.1f  (%d runs)"
+                      % (label, min(values), statistics.median(values), len(values)))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
