@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import idle_clients  # noqa: E402  (beside this file)
 import run as bench  # noqa: E402  (bench/run.py: servers, Proxy, pgbench helpers)
 
 
@@ -46,6 +45,14 @@ def pgbench_count(pg, port, mode, per_client):
     return int(processed.group(1))
 
 
+def cpu_times(pid):
+    """(user, system) CPU seconds of *pid* so far (/proc/<pid>/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def sessions(pg):
     out = pg.psql("SELECT sessions FROM pg_stat_database WHERE datname = '%s'" % bench.PG_DB)
     return int(out.strip() or 0)
@@ -53,12 +60,17 @@ def sessions(pg):
 
 def one_run(root, pg, tree, mode, per_client, prof):
     env_before = os.environ.get("PYTHONPATH")
+    repo_before = bench.REPO
     if tree is not None:
-        os.environ["PYTHONPATH"] = str(tree)  # the proxy imports txrdsproxy from *tree*
+        # The proxy imports txrdsproxy from *tree*: first on its path, and its working directory
+        # (the profiler wrapper runs `python -c`, whose path starts with the working directory).
+        os.environ["PYTHONPATH"] = str(tree)
+        bench.REPO = tree
     opened0 = sessions(pg)
     try:
         proxy = bench.pg_proxy(root, pg, profile_path=prof).start()
     finally:
+        bench.REPO = repo_before
         if tree is not None:
             if env_before is None:
                 del os.environ["PYTHONPATH"]
@@ -66,11 +78,12 @@ def one_run(root, pg, tree, mode, per_client, prof):
                 os.environ["PYTHONPATH"] = env_before
     try:
         pgbench_count(pg, proxy.port, mode, 20)  # warm-up: logins, pool, caches
-        cpu0 = idle_clients.cpu_seconds(proxy.proc.pid)
+        user0, sys0 = cpu_times(proxy.proc.pid)
         ctx = proxy.profiling() if prof else contextlib.nullcontext()
         with ctx:
             count = pgbench_count(pg, proxy.port, mode, per_client)
-        cpu = idle_clients.cpu_seconds(proxy.proc.pid) - cpu0
+        user1, sys1 = cpu_times(proxy.proc.pid)
+        cpu = (user1 - user0, sys1 - sys0)
     finally:
         proxy.stop()
     # pg_stat_database counts a session when it ends: read once the proxy (and its pool) is gone
@@ -119,12 +132,17 @@ def main():
                                                  args.transactions, prof)
                     label = "%s %s" % (tree or "this tree", mode)
                     if count:
-                        us = cpu / count * 1e6
+                        us = sum(cpu) / count * 1e6
+                        user = cpu[0] / count * 1e6
                         results.setdefault(label, []).append(us)
-                        bench.say("round %d  %-50s %6d tx  proxy CPU %6.1f us/tx  db sessions opened %d"
-                                  % (r + 1, label, count, us, opened))
+                        results.setdefault(label + " (user)", []).append(user)
+                        bench.say("round %d  %-40s %6d tx  proxy CPU %6.1f us/tx (user %5.1f, system %5.1f)"
+                                  "  db sessions opened %d (warm-up included)"
+                                  % (r + 1, label, count, us, user, us - user, opened))
                     if prof is not None and prof.exists() and count:
                         stats = pstats.Stats(str(prof))
+                        where = {f for f, _, _ in stats.stats if f.endswith("pg_frontend.py")}
+                        bench.say("   profiled code: %s" % ", ".join(sorted(where)))
                         bench.say("   Python calls per tx: %.1f" % (stats.total_calls / count))
                         if r == args.rounds - 1:
                             bench.print_profile(prof, type("P", (), {"proc": None, "log_path": None})(),
