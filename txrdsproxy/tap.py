@@ -103,6 +103,8 @@ class SignalHandlers(service.Service):
 def makeService(options):
     from twisted.internet import reactor
 
+    from txrdsproxy import fastpoll
+    fastpoll.install(reactor)  # socket events without the legacy log context (fastpoll's doc)
     parent = getattr(options, "parent", None)  # twistd's ServerOptions, when run by twistd
     guard = StartupGuard(foreground=bool(parent["nodaemon"]) if parent is not None else True)
     if options.loaded.workers > 1:

@@ -90,6 +90,8 @@ def main(argv=None):
 
     from twisted.internet import reactor
 
+    from txrdsproxy import fastpoll
+    fastpoll.install(reactor)  # socket events without the legacy log context (fastpoll's doc)
     from txrdsproxy.config.load import ConfigError, load_config
     from txrdsproxy.runtime import ListenFailed, bind_now
     from txrdsproxy.service import make_service
