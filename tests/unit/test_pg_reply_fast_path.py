@@ -178,7 +178,7 @@ class Pool(FakePool):
 
     def __init__(self):
         super().__init__(FakePgBackendConn)
-        self.free, self.servers, self.released, self.leases = [], {}, [], []
+        self.free, self.servers, self.released, self.leases, self.retired = [], {}, [], [], set()
 
     def try_borrow(self, key):
         if self.free:
@@ -278,8 +278,9 @@ def test_writer_changed_fatal_follows_the_commit_reply_byte_for_byte(cut, path):
 
 
 def test_writer_changed_with_a_query_pipelined_after_the_commit(path):
-    """COMMIT and a SELECT in one read: the SELECT is answered (its ReadyForQuery is the
-    boundary), then the FATAL; nothing is lost or reordered."""
+    """COMMIT and a SELECT in one read, on a draining pinned session: the SELECT is held behind
+    the COMMIT (ClientStream.gate) and never reaches the former writer; the client gets the
+    COMMIT's reply, then the FATAL, then EOF -- on both reply paths."""
     h = session()
     h.send(msg.query("SET work_mem = '4MB'"))
     h.ctx.pool.step(lambda n: 0)
@@ -289,9 +290,8 @@ def test_writer_changed_with_a_query_pipelined_after_the_commit(path):
     assert h.frontend.drain("writer changed") is False
     [(conn, server)] = h.ctx.pool.servers.items()
     h.send(msg.query("COMMIT") + msg.query("SELECT 1"))
-    reply = server.pending_answer()
-    conn.dataReceived(reply[:len(COMMIT_REPLY)])
-    assert h.sent() == COMMIT_REPLY and not h.closed  # the SELECT is still outstanding
-    conn.dataReceived(reply[len(COMMIT_REPLY):])
-    assert h.sent() == reply[len(COMMIT_REPLY):] + errors.WRITER_CHANGED
+    assert server.pending_answer() == COMMIT_REPLY  # the SELECT was not sent
+    conn.dataReceived(COMMIT_REPLY)
+    assert h.sent() == COMMIT_REPLY + errors.WRITER_CHANGED
     assert h.closed
+    assert server.pending_answer() == b""  # still nothing more reached the server

@@ -511,9 +511,10 @@ class PgFrontend(ClientSession):
             self.borrow_if_idle()
         if (self._conn is not None and stream.state is StreamState.FORWARDING and not self._paused
                 and not (stream.outstanding and (self._draining or self.lease.retired))
-                and stream.take_query(data)):
-            # One whole simple Query in this read (the usual request): counted and classified
-            # by the stream, sent as it came, in one write; nothing else can have changed.
+                and (stream.take_query(data) or stream.take_batch(data))):
+            # One whole simple Query, or one whole unnamed Parse/Bind/Execute/Sync batch, in
+            # this read (the usual requests): counted and classified by the stream, sent as it
+            # came, in one write; nothing else can have changed.
             self._write_db(data)
             if stream.pin_reason is not None and self.pin_reason is None:
                 self.pin_statement = stream.pin_text

@@ -32,6 +32,7 @@ from txrdsproxy.wire.pg.statements import NAMES_LIMIT, PIN, QUERY_LIMIT, mention
 
 _Q, _P, _B, _D, _E, _H, _C, _S, _F, _X = (ord(c) for c in "QPBDEHCSFX")
 _READY = msg.ready_for_query(msg.IDLE)
+_SYNC_LENGTH = b"\0\0\0\x04"
 
 # Every message type a client may send after login.  CopyData/CopyDone/CopyFail stream unseen
 # (PostgreSQL ignores them outside COPY); anything else is refused here rather than forwarded.
@@ -112,6 +113,58 @@ class ClientStream:
         if self.pin_reason is None:
             sql = data[5:-1]
             self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()), sql)
+        return True
+
+    def take_batch(self, data):
+        """The extended-protocol request of drivers with unnamed statements (pgbench -M extended,
+        asyncpg/psycopg without prepares), without the scanner: *data* (one read) is exactly
+        whole Parse / Bind / Describe / Execute messages ending with one Sync, each short
+        enough to be classified whole, at a boundary with no batch open and nothing held, no
+        statement tracker / debug log to feed.  Counted and classified as `feed` would (a
+        named statement or portal pins, the SQL of each Parse is classified), and True says
+        the caller sends *data* itself, unchanged.  False: nothing was taken (also for any
+        message `feed` would refuse or find malformed: it then says so); use `feed`."""
+        n = len(data)
+        if (n < 10 or data[n - 5] != _S or data[n - 4:] != _SYNC_LENGTH or data[0] != _P and data[0] != _B
+                or self.tracker is not None or self.debug is not None or self._refusal is not None
+                or self.state is StreamState.REFUSING or self.unsynced or not self.scanner.idle
+                or self.gate and self.outstanding):  # held behind an unanswered request: feed
+            return False
+        maxima = self.scanner.maxima
+        end = n - 5
+        pos = 0
+        found = []  # (kind, body) of each Parse and Bind, classified once all are known good
+        try:
+            while pos < end:
+                kind = data[pos]
+                length = int.from_bytes(data[pos + 1:pos + 5], "big")
+                stop = pos + 1 + length
+                if length < 4 or stop > end or length > maxima[kind]:
+                    return False
+                if kind == _P or kind == _B:
+                    if length - 4 > NAMES_LIMIT:
+                        return False
+                    body = data[pos + 5:stop]
+                    if kind == _P:
+                        name, at = cstring(body)
+                        sql, _ = cstring(body, at)
+                        found.append((name, sql))
+                    else:
+                        found.append((cstring(body)[0], None))
+                elif kind != _E and kind != _D:
+                    return False
+                pos = stop
+        except ProtocolViolation:
+            return False  # feed finds it again and says so
+        for name, sql in found:
+            if self.pin_reason is not None:
+                break
+            if sql is None:
+                self._pin(pinning.classify_bind(name))
+            else:
+                self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql)
+        self.outstanding += 1
+        self.requests += 1
         return True
 
     def feed(self, data):
