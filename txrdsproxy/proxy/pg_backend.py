@@ -25,7 +25,7 @@ from txrdsproxy.wire.pg.backend_login import BackendLogin, LoginStep
 from txrdsproxy.wire.pg.client_login import REPORTED_PARAMS, SESSION_PARAMS
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation
-from txrdsproxy.wire.pg.scanner import DROP, HALT, MessageScanner, limits_table, maxima_table
+from txrdsproxy.wire.pg.scanner import DROP, HALT, MessageScanner, limits_table, maxima_table, uniform_maxima
 from txrdsproxy.pool.states import ConnState
 
 _R, _S, _K, _E, _Z, _D = (ord(c) for c in "RSKEZD")
@@ -131,6 +131,7 @@ class PgBackendConnection(BackendConnection):
         # Lent: any length streams, except what the proxy reads (a ReadyForQuery is 5 bytes, a
         # ParameterStatus at most 64 KB, an ErrorResponse at most MaxMessageSize).
         self._lent_maxima = maxima_table(STREAM_MAX, {b"Z": 5, b"S": 65536 + 4, b"E": value, b"1": 4})
+        self._whole_maxima = uniform_maxima(value)
         if self._sink is None:
             self._scanner.max_size = value
         else:
@@ -290,7 +291,7 @@ class PgBackendConnection(BackendConnection):
         self._sink = sink
         sc = self._scanner
         sc.limits = LENT_TRACKED_LIMITS if self.statement_tracker is not None else LENT_LIMITS
-        sc.set_maxima(self._lent_maxima)
+        sc.maxima = self._lent_maxima
         sc.inspect = self._lent_scanned
         sc.emit = sink.backend_data
 
@@ -303,7 +304,7 @@ class PgBackendConnection(BackendConnection):
         """Not lent: whole messages are read and decoded (login, internal operations)."""
         sc = self._scanner
         sc.limits = WHOLE_LIMITS
-        sc.max_size = self.max_message_size
+        sc.maxima = self._whole_maxima  # every kind: MaxMessageSize (the scanner's max_size)
         sc.inspect = self._login_scanned if self.state == ConnState.CONNECTING else self._internal_scanned
         sc.emit = None
 

@@ -46,7 +46,8 @@ import struct
 
 from txrdsproxy.wire.pg.framing import ProtocolViolation
 
-__all__ = ["MessageScanner", "HALT", "DROP", "DROP_HALT", "HOLD", "limits_table", "maxima_table"]
+__all__ = ["MessageScanner", "HALT", "DROP", "DROP_HALT", "HOLD", "limits_table", "maxima_table",
+           "uniform_maxima"]
 
 HALT = 1
 DROP = 2
@@ -77,6 +78,18 @@ def maxima_table(default, overrides=None):
 
 _UNIFORM_MAXIMA = {}  # max_size -> the shared read-only 256-entry table
 
+
+def uniform_maxima(value):
+    """-> the maxima table (see `maxima_table`) giving every kind the maximum *value*.  The
+    table is shared by every scanner with the same maximum (a 256-entry list per client
+    session was 2 KiB of its idle memory)."""
+    table = _UNIFORM_MAXIMA.get(value)
+    if table is None:
+        if len(_UNIFORM_MAXIMA) >= 64:
+            _UNIFORM_MAXIMA.clear()
+        table = _UNIFORM_MAXIMA[value] = (value,) * 256
+    return table
+
 class MessageScanner:
     """Incremental scanner of one direction of a PostgreSQL connection (see the module doc)."""
 
@@ -103,15 +116,8 @@ class MessageScanner:
 
     @max_size.setter
     def max_size(self, value):
-        """One maximum length for every kind (see `set_maxima` for a table).  The table is
-        shared by every scanner with the same maximum (a 256-entry list per client session
-        was 2 KiB of its idle memory)."""
-        table = _UNIFORM_MAXIMA.get(value)
-        if table is None:
-            if len(_UNIFORM_MAXIMA) >= 64:
-                _UNIFORM_MAXIMA.clear()
-            table = _UNIFORM_MAXIMA[value] = (value,) * 256
-        self.maxima = table
+        """One maximum length for every kind (see `set_maxima` for a table)."""
+        self.maxima = uniform_maxima(value)
 
     def set_maxima(self, maxima):
         """Per-kind maximum lengths (a 256-entry list, see `maxima_table`)."""
