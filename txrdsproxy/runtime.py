@@ -384,6 +384,8 @@ class ProxyRuntime:
             admission.connection_rate = ConnectionRateLimiter(new.max_connection_rate, ctx.clock)
         if "max_cancel_rate" in changes:
             admission.cancel_rate = ConnectionRateLimiter(new.max_cancel_rate, ctx.clock)
+        if "idle_client_timeout" in changes:
+            ctx.idle_sweep.reschedule()  # a shorter timeout applies now, not at the old sweep time
         if "debug_logging" in changes:
             from txrdsproxy.proxy.context import DEBUG_LOGGING_SECONDS
             ctx.debug_until = ctx.clock.seconds() + DEBUG_LOGGING_SECONDS if new.debug_logging else 0.0

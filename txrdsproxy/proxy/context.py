@@ -12,6 +12,7 @@ import os
 from twisted.logger import Logger
 
 from txrdsproxy.auth.secrets import ISecretsLoading
+from txrdsproxy.proxy.idle_sweep import IdleSweep
 from txrdsproxy.proxy.limits import Admission
 from txrdsproxy.sqlmask import mask_literals
 
@@ -41,6 +42,7 @@ class ProxyContext:
         self.readers = None  # failover.readers.ReaderSet (endpoints.wire_readers)
         self.replica_pools = None  # pool.targets.TargetPools of the READ_ONLY endpoints
         self.sessions = set()
+        self.idle_sweep = IdleSweep(self)  # IdleClientTimeout of every logged-in session: one timer
         self.cancel_registry = cancel_registry if cancel_registry is not None else {}
         self.admission = Admission(proxy_config, clock)  # pre-authentication limits
         self.arns = [a.secret_arn for a in proxy_config.auth]

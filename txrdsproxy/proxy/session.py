@@ -166,7 +166,7 @@ class ClientSession(protocol.Protocol):
         self.refusal = ctx.admission.admit(len(ctx.sessions))
         if self.refusal is not None:
             self.log.info("{s}: refused at accept ({limit})", s=self, limit=self.refusal.value)
-        self._timer = self.clock.callLater(ctx.config.client_auth_timeout, self._check_idle)
+        self._timer = self.clock.callLater(ctx.config.client_auth_timeout, self._auth_timer_fired)
         self.arm_first_packet_timer()
 
     def arm_first_packet_timer(self):
@@ -195,32 +195,30 @@ class ClientSession(protocol.Protocol):
             self.transport.loseConnection()
 
     def start_idle_timer(self):
-        """Logged in: from now on IdleClientTimeout applies instead of the auth timeout."""
+        """Logged in: from now on IdleClientTimeout applies instead of the auth timeout, through
+        the proxy's one IdleSweep (idle_sweep.py), not a timer of this session's own."""
         self.last_active = self.clock.seconds()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self.clock.callLater(self.ctx.config.idle_client_timeout, self._check_idle)
+        self.stop_auth_timer()
+        self.ctx.idle_sweep.track(self)
 
     def stop_auth_timer(self):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _check_idle(self):
+    def _auth_timer_fired(self):
         self._timer = None
+        if self.state is SessionState.CLOSED or self.in_session:
+            return
+        self.log.info("{s}: authentication timed out", s=self)
+        self.auth_timed_out()
+
+    def idle_timed_out(self, timeout):
+        """The IdleSweep found this session idle for *timeout* seconds (and not busy)."""
         if self.state is SessionState.CLOSED:
             return
-        if not self.in_session:
-            self.log.info("{s}: authentication timed out", s=self)
-            self.auth_timed_out()
-            return
-        timeout = self.ctx.config.idle_client_timeout
-        idle_for = self.clock.seconds() - self.last_active
-        if idle_for >= timeout and not self.busy:
-            self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
-            self._close_client()
-            return
-        self._timer = self.clock.callLater(max(1.0, timeout - idle_for), self._check_idle)
+        self.log.info("{s}: closing after IdleClientTimeout ({t:.0f} s)", s=self, t=timeout)
+        self._close_client()
 
     # -- pinning and the lent connection -------------------------------------------------------------
     def _pin(self, reason):
@@ -505,6 +503,7 @@ class ClientSession(protocol.Protocol):
         self.set_state(SessionState.CLOSED)
         self._phase = Phase.CLOSING
         ctx.sessions.discard(self)
+        ctx.idle_sweep.forget(self)
         ctx.queries_closed += self.queries
         if self.tls:
             ctx.queries_closed_tls += self.queries
