@@ -16,16 +16,21 @@ setup:
 test: setup
 	$(PY) -m pytest tests
 
-# The unit tests and an integration subset on PyPy (CI, `make test`, is CPython).  The subset drives
-# the proxy with psql, pgbench, PyMySQL and mysql-connector's pure-Python mode: psycopg's
-# pure-Python libpq binding fails inside PyPy 7.3.11's ctypes ("cannot create weak reference to
-# 'weakref' object"), asyncpg has no PyPy build, mysql-connector's C extension is CPython only.
+# PyPy (`make test` is CPython only: building .venv-pypy3 takes minutes to most of an hour).
+# 1. the unit tests on PyPy; 2. an integration subset with the proxy in the PyPy test process,
+# driven by psql, pgbench, PyMySQL and mysql-connector's pure-Python mode (psycopg's pure-Python
+# libpq binding fails inside PyPy 7.3.11's ctypes, asyncpg has no PyPy build, mysql-connector's
+# C extension is CPython only); 3. the proxy as a PyPy twistd process in front of PostgreSQL and
+# MariaDB, driven from CPython by psycopg, pgbench, PyMySQL and sysbench
+# (tests/integration/test_proxy_on_pypy.py; it fails, never skips, without .venv-pypy3).
 PYPY_INTEGRATION := tests/integration/test_pg_clients.py tests/integration/test_mysql_clients.py
 PYPY_DESELECT := not psycopg and not cext and not large_result and not long_query
 test-pypy:
+	$(MAKE) setup
 	$(MAKE) setup PYTHON=pypy3
 	.venv-pypy3/bin/python -m pytest tests/unit
 	.venv-pypy3/bin/python -m pytest $(PYPY_INTEGRATION) -k "$(PYPY_DESELECT)"
+	TXRDSPROXY_PYPY=1 .venv/bin/python -m pytest tests/integration/test_proxy_on_pypy.py
 
 demo: setup
 	$(PY) scripts/demo.py
