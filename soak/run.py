@@ -5,8 +5,10 @@ the pool cap and the proxy's memory throughout.  Prints figures; not part of `ma
     SOAK_HOSTILE=2                                       (hostile PostgreSQL sessions, +1 MySQL; 0 = none)
     SOAK_TRACEMALLOC=10                                  (the proxy under tracemalloc, N frames:
                                                           prints what grew from warm-up to the end)
-    SOAK_MEMPROBE=1                                      (no tracing; at the end, the proxy's RSS
-                                                          after a full collection and malloc_trim)
+    SOAK_MEMPROBE=1                                      (no tracing; after the warm-up, every
+                                                          SOAK_PROBE_EVERY s and at the end: the
+                                                          proxy's RSS after a full collection and
+                                                          malloc_trim, pymalloc arenas, malloc in use)
 
 Runs, against a real PostgreSQL 15 and MariaDB started in a temp dir, through
 `twistd -n rdsproxy` (one PostgreSQL and one MySQL proxy, pools capped at 20 connections each):
@@ -115,11 +117,13 @@ def write_config(root, pg, db):
 
 
 # SOAK_TRACEMALLOC / SOAK_MEMPROBE: twistd in a wrapper; SIGUSR1 runs a full collection, writes a
-# tracemalloc snapshot (when tracing) to <prefix>.<n>.snap, then the RSS (KiB) before, after the
-# collection and after glibc's malloc_trim(0) to <prefix>.<n>.done.  Memory that malloc_trim gives
-# back was free in the allocator, not held by the proxy.
+# tracemalloc snapshot (when tracing) to <prefix>.<n>.snap, then to <prefix>.<n>.done: the RSS (KiB)
+# before, after the collection and after glibc's malloc_trim(0) (memory that malloc_trim gives
+# back was free in the allocator, not held by the proxy), and where the rest is: pymalloc's arenas
+# (sys._debugmallocstats: arenas held, bytes in live blocks), glibc malloc's bytes in use
+# (mallinfo2: large objects, buffers, C extensions), and the number of objects the gc tracks.
 TRACED_TWISTD = """
-import ctypes, ctypes.util, gc, signal, sys, tracemalloc
+import ctypes, ctypes.util, gc, os, re, signal, sys, tracemalloc
 from twisted.scripts.twistd import run
 prefix, frames, sys.argv = sys.argv[1], int(sys.argv[2]), ["twistd"] + sys.argv[3:]
 if frames:
@@ -128,6 +132,33 @@ taken = [0]
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+class mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+def malloc_in_use():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallinfo2.restype = mallinfo2
+        info = libc.mallinfo2()
+        return (info.uordblks + info.hblkhd) // 1024
+    except (OSError, AttributeError):
+        return -1
+def pymalloc():
+    path = "%s.%d.pymalloc" % (prefix, taken[0])
+    fd, saved = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+    text = open(path).read()
+    def field(name):
+        m = re.search(re.escape(name) + r"\\s*=\\s*([0-9,]+)", text)
+        return int(m.group(1).replace(",", "")) if m else -1
+    return field("# arenas allocated current"), field("# bytes in allocated blocks") // 1024
 def snapshot(*args):
     before = rss()
     gc.collect()
@@ -139,25 +170,45 @@ def snapshot(*args):
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    arenas, live = pymalloc()
     with open("%s.%d.done" % (prefix, taken[0]), "w") as f:
-        f.write("%d %d %d" % (before, collected, rss()))
+        f.write("%d %d %d %d %d %d %d" % (before, collected, rss(), arenas, live, malloc_in_use(),
+                                          len(gc.get_objects())))
 signal.signal(signal.SIGUSR1, snapshot)
 run()
 """
 
+PROBE_FIELDS = ("RSS KiB", "after gc", "after trim", "pymalloc arenas", "pymalloc live KiB",
+                "malloc in use KiB", "gc objects")
+
 
 def traced_snapshot(proc, prefix, n, timeout=120):
-    """Ask the traced proxy for snapshot n; -> its path, or None if it did not come."""
+    """Ask the traced proxy for snapshot n; -> (snapshot path, [figures of PROBE_FIELDS]), or
+    None if it did not come."""
     proc.send_signal(signal.SIGUSR1)
     done, deadline = Path("%s.%d.done" % (prefix, n)), time.monotonic() + timeout
     while not done.exists() or not done.read_text():
         if time.monotonic() > deadline or proc.poll() is not None:
             return None
         time.sleep(0.2)
-    before, collected, trimmed = done.read_text().split()
-    say(f"proxy RSS at probe {n}: {before} KiB, {collected} KiB after gc.collect(), "
-        f"{trimmed} KiB after malloc_trim(0)")
-    return Path("%s.%d.snap" % (prefix, n))
+    figures = [int(v) for v in done.read_text().split()]
+    say(f"proxy memory at probe {n}: " + ", ".join(f"{k} {v}" for k, v in zip(PROBE_FIELDS, figures)))
+    return Path("%s.%d.snap" % (prefix, n)), figures
+
+
+def print_probes(probes, t0):
+    """The probes side by side: how each part of the proxy's memory moved over the run."""
+    say("memory probes (after the warm-up, then every SOAK_PROBE_EVERY s, then at the end):")
+    say("  %6s " % "min" + " ".join("%17s" % k for k in PROBE_FIELDS))
+    for at, got in probes:
+        if got is not None:
+            say("  %6.1f " % ((at - t0) / 60) + " ".join("%17d" % v for v in got[1]))
+    got = [(at, g[1]) for at, g in probes if g is not None]
+    if len(got) >= 3:
+        (ta, a), (tm, m), (tb, b) = got[0], got[len(got) // 2], got[-1]
+        rate = lambda x, y, t1, t2: (y - x) / 1024 / max((t2 - t1) / 60, 1e-9)  # noqa: E731
+        say("  RSS after trim, MB/min: first half %+.3f, second half %+.3f"
+            % (rate(a[2], m[2], ta, tm), rate(m[2], b[2], tm, tb)))
 
 
 def print_growth(first, last, minutes, top=15):
@@ -299,10 +350,21 @@ def main():
         for t in loads:
             t.start()
         snapshots = []
+        t0 = time.monotonic()
         if probe:
-            # The first snapshot after the warm-up the RSS figure uses; the last at the end.
+            # The first snapshot after the warm-up the RSS figure uses; then every
+            # SOAK_PROBE_EVERY seconds (default: a tenth of the run, at least a minute); the last
+            # at the end.  tracemalloc compares the first and the last.
             stop.wait(min(60.0, seconds * 0.1))
             snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace", 1)))
+            every = float(os.environ.get("SOAK_PROBE_EVERY", "0") or 0) or max(60.0, seconds / 10)
+            while any(t.is_alive() for t in loads):
+                if time.monotonic() + every > t0 + seconds:
+                    break
+                loads[0].join(every)
+                if any(t.is_alive() for t in loads):
+                    snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace",
+                                                                        len(snapshots) + 1)))
         try:
             for t in loads:
                 t.join()
@@ -316,7 +378,8 @@ def main():
         time.sleep(1)
         rss_end = rss_kib(proxy.pid)
         if probe:
-            snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace", 2)))
+            snapshots.append((time.monotonic(), traced_snapshot(proxy, root / "trace",
+                                                                len(snapshots) + 1)))
 
         killed_pg = pg.psql("select count(*) from soak_killed", user=PG_USER, dbname=PG_DB).strip()
         killed_my = db.mariadb("select count(*) from soak_killed", database=MY_DB).strip()
@@ -363,12 +426,14 @@ def main():
         warm = [kib for t, kib in samples if t >= min(60.0, seconds * 0.1)]
         say(f"proxy RSS: start {rss_start} KiB, after warm-up {warm[0] if warm else '?'} KiB, "
             f"peak {max(k for _, k in samples) if samples else '?'} KiB, end {rss_end} KiB")
+        if probe:
+            print_probes(snapshots, t0)
         if trace_frames:
-            (t1, first), (t2, last) = snapshots
-            if first is None or last is None or not first.exists():
+            (t1, first), (t2, last) = snapshots[0], snapshots[-1]
+            if first is None or last is None or not first[0].exists():
                 say("tracemalloc: a snapshot did not come")
             else:
-                print_growth(first, last, (t2 - t1) / 60)
+                print_growth(first[0], last[0], (t2 - t1) / 60)
         if sum(tally.leaks.values()):
             status = status or 1
         log = (root / "proxy.log").read_text(errors="replace")
