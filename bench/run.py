@@ -51,6 +51,7 @@ import idle_clients  # noqa: E402  (bench/idle_clients.py, beside this file)
 import iam as iam_bench  # noqa: E402  (bench/iam.py: IAM token verification rate)
 import workers as workers_bench  # noqa: E402  (bench/workers.py: Workers 1 vs 2)
 import failover as failover_bench  # noqa: E402  (bench/failover.py: promotion -> first write)
+import pypy as pypy_bench  # noqa: E402  (bench/pypy.py: the proxy on PyPy beside CPython)
 from txrdsproxy.testing import servers  # noqa: E402
 from txrdsproxy.testing.servers import (MariaDBServer, PostgresServer, find_binary,  # noqa: E402
                                         find_free_port, stop_process)
@@ -376,6 +377,7 @@ def run_pg(args, stack, root):
             pgbench(pg, port, key, ["-M", "simple"], 1, "warm-up", record=False)
 
     rows = []
+    cpython_rss = {}  # scenario -> the CPython proxy's RSS (MiB) after it (the PyPy table)
     for label, key, options, info in SCENARIOS:
         tps, opened, cpu = {}, {}, None
         for target, port in targets:
@@ -397,6 +399,8 @@ def run_pg(args, stack, root):
                                  % (proxy.proc.returncode, tail(proxy.log_path))))
                 break
         rows.append((label + (" [info]" if info else ""), tps, opened, cpu))
+        if proxy.alive():
+            cpython_rss[label] = idle_clients.rss_kib(proxy.proc.pid) / 1024
         say("  %-36s direct %8s  proxy %8s  pgbouncer %8s   db sessions opened %s"
             "   proxy CPU/tx %s" % (
                 label, fmt_tps(tps.get("direct")), fmt_tps(tps.get("proxy")),
@@ -451,8 +455,8 @@ def run_pg(args, stack, root):
     proxy.stop()
     bouncer.stop()
     workers_bench.run(args, say, pg, root, sys.modules[__name__])
-    if PYPY_BIN is not None:
-        pypy_pg(args, root, pg, rows)
+    if pypy_bench.pypy_bin(REPO) is not None:
+        pypy_bench.run_pg(args, sys.modules[__name__], root, pg, rows, cpython_rss)
     name, password, _ = PG_USERS["md5"]
     idle_proxy = pg_proxy(root / "proxy-idle", pg).start()
     stack.callback(idle_proxy.stop)
@@ -461,54 +465,6 @@ def run_pg(args, stack, root):
     idle_proxy.stop()
     if args.profile:
         profile_pg(args, root, pg)
-
-
-# The proxy on PyPy beside CPython: `make setup PYTHON=pypy3` made .venv-pypy3.  Not when this
-# bench itself runs on PyPy (`make bench PYTHON=pypy3`): then every figure above is PyPy's.
-PYPY_BIN = REPO / ".venv-pypy3" / "bin"
-if sys.implementation.name == "pypy" or not (PYPY_BIN / "twistd").exists():
-    PYPY_BIN = None
-PYPY_SCENARIOS = ("persistent -M simple", "-C md5 clients")
-PYPY_WARMUP = 10   # seconds of pgbench before each measured PyPy run: the JIT compiles the hot path
-
-
-def pypy_pg(args, root, pg, rows):
-    """The same pgbench scenarios through the proxy on PyPy, after a JIT warm-up, beside the
-    CPython proxy's figures from `rows`."""
-    say("\n== PostgreSQL: the proxy on PyPy (%s), after %ss of JIT warm-up per scenario =="
-        % (PYPY_BIN.parent.name, PYPY_WARMUP))
-    cpython = {label: (tps, cpu) for label, tps, _, cpu in rows}
-    out = []
-    for label, key, options, _ in SCENARIOS:
-        if label not in PYPY_SCENARIOS:
-            continue
-        proxy = pg_proxy(root / ("proxy-pypy-%d" % len(out)), pg, venv_bin=PYPY_BIN).start()
-        try:
-            cold = pgbench(pg, proxy.port, key, options, 2, "%s via proxy on PyPy (cold)" % label)
-            pgbench(pg, proxy.port, key, options, PYPY_WARMUP, "JIT warm-up", record=False)
-            cpu0 = idle_clients.cpu_seconds(proxy.proc.pid)
-            tps = pgbench(pg, proxy.port, key, options, args.time, "%s via proxy on PyPy" % label)
-            cpu = ((idle_clients.cpu_seconds(proxy.proc.pid) - cpu0) / LAST_RUN["transactions"]
-                   if LAST_RUN.get("transactions") else None)
-            rss = idle_clients.rss_kib(proxy.proc.pid)
-        finally:
-            proxy.stop()
-        out.append((label, cold, tps, cpu, rss))
-    header = "%-24s %10s %12s %12s %14s %14s %12s %12s %10s" % (
-        "scenario", "direct", "CPython", "PyPy", "CPython/dir", "PyPy/direct", "CPU CPython",
-        "CPU PyPy", "PyPy cold")
-    say(header)
-    say("-" * len(header))
-    for label, cold, tps, cpu, rss in out:
-        (c_tps, c_cpu) = cpython.get(label, ({}, None))
-        d, c = c_tps.get("direct"), c_tps.get("proxy")
-        say("%-24s %10s %12s %12s %14s %14s %12s %12s %10s" % (
-            label, fmt_tps(d), fmt_tps(c), fmt_tps(tps), ratio(c, d), ratio(tps, d),
-            fmt_us(c_cpu), fmt_us(cpu), fmt_tps(cold)))
-    say("PyPy: the proxy under .venv-pypy3's twistd, fresh for each scenario; 'PyPy cold': TPS of "
-        "its first 2 s, before the warm-up; CPU: the proxy's CPU time per transaction; direct "
-        "and CPython figures from the runs above.  PyPy's RSS after the runs: %s."
-        % ", ".join("%s %d MiB" % (label, rss // 1024) for label, _, _, _, rss in out if rss))
 
 
 IDLE_TOTAL, IDLE_BURST = 10000, 5000
@@ -532,7 +488,8 @@ def raise_open_files():
 
 
 def idle_phase(engine, proxy, args, login):
-    """Idle client sessions: the proxy's RSS per session and the login rate of a burst."""
+    """Idle client sessions: the proxy's RSS per session and the login rate of a burst.
+    -> idle_clients.measure's figures, or None when it failed."""
     total, burst = (IDLE_TOTAL, IDLE_BURST) if not args.quick else (2000, 1000)
     room = OPEN_FILES - 256   # listeners, database connections, logs
     if total > room:
@@ -555,6 +512,7 @@ def idle_phase(engine, proxy, args, login):
     if not proxy.alive():
         failures.append(("%s idle clients" % engine, "the proxy exited; log tail:\n%s"
                          % tail(proxy.log_path)))
+    return res
 
 
 def profile_pg(args, root, pg):
@@ -752,6 +710,12 @@ def run_mysql(args, stack, root):
         "transaction (churn: per connection); db conns: connections MariaDB accepted during the "
         "run (pool %d, RDS defaults: MaxIdleConnectionsPercent unset)." % (churn_seconds, POOL_SIZE))
     proxy.stop()
+    if pypy_bench.pypy_bin(REPO) is not None:
+        def pypy_proxy(workdir, venv_bin):
+            return Proxy(workdir, "MYSQL", db.port, [("arn:bench:my", "MYSQL_NATIVE_PASSWORD")],
+                         {"arn:bench:my": {"username": MY_USER, "password": MY_PASSWORD}},
+                         venv_bin=venv_bin).start()
+        pypy_bench.run_mysql(args, sys.modules[__name__], root, rows, (p, d, churn_cpu), pypy_proxy)
     idle_proxy = Proxy(root / "proxy-mysql-idle", "MYSQL", db.port,
                        [("arn:bench:my", "MYSQL_NATIVE_PASSWORD")],
                        {"arn:bench:my": {"username": MY_USER, "password": MY_PASSWORD}}).start()
