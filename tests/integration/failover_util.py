@@ -3,6 +3,7 @@ view of its targets (read in the reactor thread, through InProcessProxy.call) an
 primary with a streaming standby."""
 
 import contextlib
+import threading
 import time
 
 try:
@@ -62,3 +63,18 @@ def pg_replicated(pg_server_factory, tmp_path, password, standbys=1, max_connect
     finally:
         for standby in started:
             standby.stop()
+
+
+def in_thread(fn):
+    """Run fn() in a thread -> (thread, outcome): outcome gets ("ok", value, t) or ("error", e, t)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("ok", fn(), time.monotonic()))
+        except Exception as e:  # the expected error; checked by the test
+            outcome.append(("error", e, time.monotonic()))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome

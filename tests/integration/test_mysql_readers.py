@@ -22,8 +22,10 @@ import pytest
 from txrdsproxy.failover.monitor import WriterMonitor
 
 try:
+    from failover_util import in_thread
     from proxyutil import InProcessProxy, write_config
 except ImportError:  # tests/ became a package
+    from tests.integration.failover_util import in_thread
     from tests.integration.proxyutil import InProcessProxy, write_config
 
 NATIVE_ARN = "arn:aws:secretsmanager:local:000000000000:secret:app_native"
@@ -61,21 +63,6 @@ def _load_demo():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _in_thread(fn):
-    """Run fn() in a thread -> (thread, outcome): outcome gets ("ok", value, t) or ("error", e, t)."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", fn(), time.monotonic()))
-        except Exception as e:  # the expected error; checked by the test
-            outcome.append(("error", e, time.monotonic()))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def _borrowed_on(proxy, index):
@@ -163,7 +150,7 @@ def _run(proxy, primary, r1, r2):
         on_r2 = f"SELECT IF(@@port = {r2.port}, SLEEP(600), 0)"
         victim = None
         for session in sessions:  # ties are taken in turn: one of the first two lands on r2
-            thread, outcome = _in_thread(lambda session=session: _one(session, on_r2))
+            thread, outcome = in_thread(lambda session=session: _one(session, on_r2))
             proxy.wait_for(lambda: outcome or _borrowed_on(proxy, 2) == 1, what="the statement to run")
             if _borrowed_on(proxy, 2) == 1 and not outcome:
                 victim = session

@@ -34,9 +34,9 @@ except ImportError:
     from tests.integration.rdsapi_util import client, start
 
 try:
-    from failover_util import pg_replicated, wait_replicated
+    from failover_util import in_thread, pg_replicated, wait_replicated
 except ImportError:
-    from tests.integration.failover_util import pg_replicated, wait_replicated
+    from tests.integration.failover_util import in_thread, pg_replicated, wait_replicated
 
 READER = "test-pg-ro"
 QUERY = "SELECT pg_is_in_recovery(), inet_server_port()"
@@ -57,21 +57,6 @@ def _readers(proxy):
 def replicated(pg_server_factory, tmp_path):
     with pg_replicated(pg_server_factory, tmp_path, "reader-pass", standbys=2) as (primary, standbys):
         yield primary, standbys
-
-
-def _in_thread(fn):
-    """Run fn() in a thread -> (thread, outcome): outcome gets ("ok", value, t) or ("error", e, t)."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", fn(), time.monotonic()))
-        except Exception as e:  # the expected error; checked by the test
-            outcome.append(("error", e, time.monotonic()))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 class RawPg:
@@ -231,7 +216,7 @@ def _reader_endpoint_scenario(proxy, rds, primary, s1, s2):
         on_s2 = f"SELECT CASE WHEN inet_server_port() = {s2.port} THEN pg_sleep(600) END"
         victim = None
         for session in sessions:  # routing takes ties in turn: one of the first two lands on s2
-            thread, outcome = _in_thread(lambda session=session: session.execute(on_s2).fetchone())
+            thread, outcome = in_thread(lambda session=session: session.execute(on_s2).fetchone())
             proxy.wait_for(lambda: outcome or _borrowed_on(proxy, 2) == 1, what="the statement to run")
             if _borrowed_on(proxy, 2) == 1 and not outcome:
                 victim = session

@@ -12,7 +12,6 @@ printed, not asserted as performance.
 
 import os
 import signal
-import threading
 import time
 
 import psycopg  # test extras: a missing driver must fail, not skip
@@ -21,10 +20,10 @@ import pymysql
 from txrdsproxy.failover.monitor import WriterMonitor
 
 try:
-    from failover_util import writer_id
+    from failover_util import in_thread, writer_id
     from mysql_harness import start_mysql_proxy
 except ImportError:
-    from tests.integration.failover_util import writer_id
+    from tests.integration.failover_util import in_thread, writer_id
     from tests.integration.mysql_harness import start_mysql_proxy
 
 INTERVAL = 1.0
@@ -62,21 +61,6 @@ class Frozen:
                 pass
 
 
-def _in_thread(fn):
-    """Run fn() in a thread -> (thread, outcome): outcome gets ("ok", value, t) or ("error", e, t)."""
-    outcome = []
-
-    def run():
-        try:
-            outcome.append(("ok", fn(), time.monotonic()))
-        except Exception as e:  # the expected error; checked by the test
-            outcome.append(("error", e, time.monotonic()))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
 def test_pg_statement_on_a_vanished_writer_fails_in_bounded_time_and_the_session_goes_on(
         pg_server_factory, pg_proxy_factory, tmp_path):
     primary = pg_server_factory(max_connections=20)
@@ -95,7 +79,7 @@ def test_pg_statement_on_a_vanished_writer_fails_in_bounded_time_and_the_session
         assert victim.execute("select inet_server_port()").fetchone()[0] == primary.port
         assert idle.execute("select inet_server_port()").fetchone()[0] == primary.port
 
-        thread, outcome = _in_thread(lambda: victim.execute("select pg_sleep(600)").fetchone())
+        thread, outcome = in_thread(lambda: victim.execute("select pg_sleep(600)").fetchone())
         proxy.wait_for(lambda: proxy.pool_state().get("borrowed") == 1, timeout=15,
                        what="the statement to run")
         bound = proxy.call(_bound, proxy)
@@ -147,7 +131,7 @@ def test_mysql_statement_on_a_vanished_writer_fails_in_bounded_time_and_the_sess
         assert one(victim, "SELECT @@port")[0] == primary.port
         assert one(idle, "SELECT @@port")[0] == primary.port
 
-        thread, outcome = _in_thread(lambda: one(victim, "SELECT SLEEP(600)"))
+        thread, outcome = in_thread(lambda: one(victim, "SELECT SLEEP(600)"))
         proxy.wait_for(lambda: proxy.pool_state().get("borrowed") == 1, timeout=15,
                        what="the statement to run")
         bound = proxy.call(_bound, proxy)
@@ -204,7 +188,7 @@ def test_pg_statement_behind_a_network_cut_fails_in_bounded_time_and_the_session
         victim = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
         conns.append(victim)
         assert victim.execute("select inet_server_port()").fetchone()[0] == pg_server.port
-        thread, outcome = _in_thread(lambda: victim.execute("select pg_sleep(600)").fetchone())
+        thread, outcome = in_thread(lambda: victim.execute("select pg_sleep(600)").fetchone())
         proxy.wait_for(lambda: proxy.pool_state().get("borrowed") == 1, timeout=15,
                        what="the statement to run")
         bound = proxy.call(_bound, proxy)

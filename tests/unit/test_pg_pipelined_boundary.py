@@ -12,8 +12,6 @@ and a scripted PostgreSQL that keeps a transaction status and records every stat
 Client bytes are split at every offset (two and three pieces).
 """
 
-import struct
-
 import pytest
 
 from tests.unit import test_pg_backend as be
@@ -47,28 +45,19 @@ class TxnServer(rb.Server):
             self.status = b"I"
         return message(b"C", word + b"\0")
 
-    def pending_answer(self):
-        data = self.t.value()
-        out = []
-        while len(data) - self.offset >= 5:
-            (length,) = struct.unpack_from("!I", data, self.offset + 1)
-            stop = self.offset + 1 + length
-            if stop > len(data):
-                break
-            kind, body = data[self.offset:self.offset + 1], data[self.offset + 5:stop]
-            if kind == b"Q":
-                out.append(self._run(body[:-1]) + msg.ready_for_query(self.status))
-            elif kind == b"P":
-                self.parsed = body.split(b"\0")[1]
-                out.append(message(b"1"))
-            elif kind == b"B":
-                out.append(message(b"2"))
-            elif kind == b"E":
-                out.append(self._run(self.parsed))
-            elif kind == b"S":
-                out.append(msg.ready_for_query(self.status))
-            self.offset = stop
-        return b"".join(out)
+    def reply(self, kind, body):
+        if kind == b"Q":
+            return self._run(body[:-1]) + msg.ready_for_query(self.status)
+        if kind == b"P":
+            self.parsed = body.split(b"\0")[1]
+            return message(b"1")
+        if kind == b"B":
+            return message(b"2")
+        if kind == b"E":
+            return self._run(self.parsed)
+        if kind == b"S":
+            return msg.ready_for_query(self.status)
+        return b""
 
 
 class Pool(rb.Pool):

@@ -46,7 +46,12 @@ class Server:
     def __init__(self, conn, transport):
         self.conn, self.t, self.offset = conn, transport, 0
 
+    def reply(self, kind, body):
+        """The answer to one whole message (*body*: its bytes after the length)."""
+        return answer(kind)
+
     def pending_answer(self):
+        """The answers to the whole messages received since the last call."""
         data = self.t.value()
         out = []
         while len(data) - self.offset >= 5:
@@ -54,7 +59,7 @@ class Server:
             stop = self.offset + 1 + length
             if stop > len(data):
                 break
-            out.append(answer(data[self.offset:self.offset + 1]))
+            out.append(self.reply(data[self.offset:self.offset + 1], data[self.offset + 5:stop]))
             self.offset = stop
         return b"".join(out)
 

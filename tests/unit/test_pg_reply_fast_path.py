@@ -18,14 +18,13 @@ read in the same recv() as the ReadyForQuery before it to the notice processor (
 then), and the next query only sees the EOF; tests/integration/test_pg_switchover.py accepts both.
 """
 
-import struct
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit import test_pg_backend as be
 from tests.unit import test_pg_frontend as fe
+from tests.unit import test_pg_release_boundary as rb
 from tests.unit.test_pg_release_boundary import Lease
 from txrdsproxy.proxy.pg_backend import PgBackendConnection
 from txrdsproxy.testing.fakes import FakePgBackendConn, FakePool
@@ -127,11 +126,12 @@ def test_whole_reply_in_one_read_takes_the_fast_path(monkeypatch):
 
 
 # -- end to end through the real PgFrontend -------------------------------------------------------------
-class Server:
+class Server(rb.Server):
     """A scripted PostgreSQL on one connection: answers each whole Query by its text."""
 
     def __init__(self, conn, transport):
-        self.conn, self.t, self.offset, self.status = conn, transport, 0, b"I"
+        super().__init__(conn, transport)
+        self.status = b"I"
 
     def answer(self, text):
         if text.startswith(b"BEGIN"):
@@ -150,27 +150,8 @@ class Server:
         return (be.row_description("a") + be.data_row(text[-8:]) + be.command_complete("SELECT 1")
                 + msg.ready_for_query(self.status))
 
-    def pending_answer(self):
-        data = self.t.value()
-        out = []
-        while len(data) - self.offset >= 5:
-            (length,) = struct.unpack_from("!I", data, self.offset + 1)
-            stop = self.offset + 1 + length
-            if stop > len(data):
-                break
-            if data[self.offset:self.offset + 1] == b"Q":
-                out.append(self.answer(data[self.offset + 5:stop - 1]))
-            self.offset = stop
-        return b"".join(out)
-
-    @property
-    def mid_message(self):
-        """The server has part of a message: it waits for the rest on this connection."""
-        data = self.t.value()
-        pos = 0
-        while len(data) - pos >= 5:
-            pos += 1 + struct.unpack_from("!I", data, pos + 1)[0]
-        return pos != len(data)
+    def reply(self, kind, body):
+        return self.answer(body[:-1]) if kind == b"Q" else b""
 
 
 class Pool(FakePool):
