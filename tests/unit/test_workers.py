@@ -368,7 +368,10 @@ class _RecordingReactor:
 
     def adoptStreamPort(self, fd, family, factory):
         import socket
-        sock = socket.socket(fileno=os.dup(fd))  # what the reactor would accept on
+        # what Twisted's adoptStreamPort does: socket.fromfd (on PyPy this makes the shared
+        # socket blocking, on CPython it does not: both are simulated here)
+        sock = socket.fromfd(fd, family, socket.SOCK_STREAM)
+        os.set_blocking(fd, True)
         self.adopted.append((sock.getsockname(), family, factory))
         sock.close()
         return object()

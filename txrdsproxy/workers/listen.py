@@ -149,7 +149,11 @@ def worker_binder(worker):
             os.set_blocking(fd, False)
             # The reactor takes a duplicate: stopping this listener later leaves the handed-down
             # descriptor open, so a proxy moved back to this address adopts it again.
-            return reactor.adoptStreamPort(fd, family, factory)
+            port = reactor.adoptStreamPort(fd, family, factory)
+            # Again after: on PyPy the socket.fromfd inside adoptStreamPort makes the shared
+            # socket blocking (CPython leaves the flag alone).
+            os.set_blocking(fd, False)
+            return port
         except OSError as e:
             raise ListenFailed(f"{what} cannot listen on {listen} (socket from the supervisor): "
                                f"{e.strerror or e}") from None
