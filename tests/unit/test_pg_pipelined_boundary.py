@@ -14,7 +14,6 @@ Client bytes are split at every offset (two and three pieces).
 
 import pytest
 
-from tests.unit import test_pg_backend as be
 from tests.unit import test_pg_release_boundary as rb
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import message
@@ -61,14 +60,7 @@ class TxnServer(rb.Server):
 
 
 class Pool(rb.Pool):
-    def try_borrow(self, key):
-        if self.free:
-            conn = self.free.pop()
-        else:
-            conn, t = be.logged_in()
-            self.servers[conn] = TxnServer(conn, t)
-        conn.state = "borrowed"
-        return rb.Lease(self, conn)
+    server_class = TxnServer
 
 
 def session():

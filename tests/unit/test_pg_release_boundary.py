@@ -96,11 +96,14 @@ class Lease:
 
 
 class Pool(FakePool):
-    """Login borrows are answered by hand (FakePool); session borrows get real connections."""
+    """Login borrows are answered by hand (FakePool); session borrows get real connections,
+    each with its scripted server (an instance of `server_class`)."""
+
+    server_class = Server
 
     def __init__(self):
         super().__init__(FakePgBackendConn)
-        self.free, self.servers, self.released = [], {}, []
+        self.free, self.servers, self.released, self.leases = [], {}, [], []
         self.retired = set()  # connections that close once given back (a former writer's)
 
     def try_borrow(self, key):
@@ -108,9 +111,11 @@ class Pool(FakePool):
             conn = self.free.pop()
         else:
             conn, t = be.logged_in()
-            self.servers[conn] = Server(conn, t)
+            self.servers[conn] = self.server_class(conn, t)
         conn.state = "borrowed"
-        return Lease(self, conn)
+        lease = Lease(self, conn)
+        self.leases.append(lease)
+        return lease
 
     def step(self, split=None):
         """Every server answers what it has received whole (its answer split at *split*)."""

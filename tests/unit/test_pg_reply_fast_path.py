@@ -25,9 +25,7 @@ from hypothesis import strategies as st
 from tests.unit import test_pg_backend as be
 from tests.unit import test_pg_frontend as fe
 from tests.unit import test_pg_release_boundary as rb
-from tests.unit.test_pg_release_boundary import Lease
 from txrdsproxy.proxy.pg_backend import PgBackendConnection
-from txrdsproxy.testing.fakes import FakePgBackendConn, FakePool
 from txrdsproxy.wire.pg import errors
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import message, split_messages
@@ -154,23 +152,10 @@ class Server(rb.Server):
         return self.answer(body[:-1]) if kind == b"Q" else b""
 
 
-class Pool(FakePool):
+class Pool(rb.Pool):
     """Session borrows get real PgBackendConnections, each with its scripted server."""
 
-    def __init__(self):
-        super().__init__(FakePgBackendConn)
-        self.free, self.servers, self.released, self.leases, self.retired = [], {}, [], [], set()
-
-    def try_borrow(self, key):
-        if self.free:
-            conn = self.free.pop()
-        else:
-            conn, t = be.logged_in()
-            self.servers[conn] = Server(conn, t)
-        conn.state = "borrowed"
-        lease = Lease(self, conn)
-        self.leases.append(lease)
-        return lease
+    server_class = Server
 
     def step(self, cut):
         """Every server answers what it has received whole, its answer cut by *cut*(len)."""
