@@ -411,7 +411,12 @@ def test_a_worker_adopts_the_handed_down_socket_and_binds_any_other_itself():
 
 
 @pytest.mark.parametrize("dropped", [False, True])
-def test_the_supervisor_hands_its_sockets_down_only_when_twistd_dropped_privileges(monkeypatch, dropped):
+def test_the_supervisor_hands_each_worker_its_own_socket_only_when_twistd_dropped_privileges(
+        monkeypatch, dropped):
+    """Reserved as root: one socket per worker in the port's SO_REUSEPORT group, so the kernel
+    balances over the workers (one shared socket lets whichever worker wakes first take every
+    connection).  Handed down only when twistd dropped privileges; else one reservation stays,
+    bound and never listening, and the workers bind their own."""
     import socket
     from txrdsproxy.workers import supervisor as sup_mod
     config = parse_config(_config(2, listen="tcp:0:interface=127.0.0.1"))
@@ -421,19 +426,60 @@ def test_the_supervisor_hands_its_sockets_down_only_when_twistd_dropped_privileg
     monkeypatch.setattr(sup_mod.os, "geteuid", lambda: euid[0])
     sup.privilegedStartService()
     try:
+        [socks] = sup._reserved
+        assert len(socks) == 2 and len({s.getsockname() for s in socks}) == 1  # one port, 2 members
         euid[0] = 65534 if dropped else 0  # twistd --uid nobody runs between the two
         sup.startService()
-        [sock] = sup._reserved
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        [socks] = sup._reserved
         assert len(reactor.spawned) == 2
-        for argv, child_fds in reactor.spawned:
-            if dropped:
-                assert argv[-2:] == ["--inherit", "3"] and child_fds[3] == sock.fileno()
-            else:
+        if dropped:
+            for index, (argv, child_fds) in enumerate(reactor.spawned):
+                assert argv[-2:] == ["--inherit", "3"] and child_fds[3] == socks[index].fileno()
+            assert socks[0].fileno() != socks[1].fileno()
+        else:
+            for argv, child_fds in reactor.spawned:
                 assert "--inherit" not in argv and set(child_fds) == {0, 1, 2}
-        assert bool(listening) is dropped  # reserved only (never accepting) unless handed down
+            assert len(socks) == 1  # the extra members were closed
+        listening = [s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in socks]
+        assert listening == [int(dropped)] * len(socks)  # reserved only unless handed down
+        port = socks[0].getsockname()[1]
+        if dropped:  # the kernel spreads connections over both members
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+            try:
+                accepted = []
+                for s in socks:
+                    s.setblocking(False)
+                    n = 0
+                    while True:
+                        try:
+                            s.accept()[0].close()
+                        except BlockingIOError:
+                            break
+                        n += 1
+                    accepted.append(n)
+                assert sum(accepted) == 64 and min(accepted) > 0, accepted
+            finally:
+                for c in clients:
+                    c.close()
     finally:
-        for s in sup._reserved:
-            s.close()
+        for socks in sup._reserved:
+            for s in socks:
+                s.close()
         import shutil
         shutil.rmtree(sup.rundir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_reserving_as_another_user_keeps_one_socket_per_proxy(monkeypatch, euid):
+    """Not root: twistd cannot drop privileges, so no socket per worker is kept for handing down."""
+    from txrdsproxy.workers import supervisor as sup_mod
+    config = parse_config(_config(3, listen="tcp:0:interface=127.0.0.1"))
+    sup = sup_mod.WorkerSupervisor(config, "/etc/rdsproxy.yaml", _RecordingReactor())
+    monkeypatch.setattr(sup_mod.os, "geteuid", lambda: euid)
+    sup.privilegedStartService()
+    try:
+        assert [len(socks) for socks in sup._reserved] == [3 if euid == 0 else 1]
+    finally:
+        for socks in sup._reserved:
+            for s in socks:
+                s.close()

@@ -21,14 +21,18 @@ kept simple:
 
 With `--uid`/`--gid` (twistd drops privileges after the parent reserved the ports as root,
 before it starts the workers) the workers could neither join the root-owned group nor bind a
-port below 1024, so the parent hands its sockets down instead: it makes each reserved socket
-listen and passes it to every worker as an inherited file descriptor (`--inherit`), and the
-workers accept on that one shared socket (`worker_binder`).  Listeners added later (a proxy
+port below 1024, so the parent hands its sockets down instead: running as root, it reserves one
+socket per worker in the group before the drop, makes them listen after it, and passes each
+worker its own as an inherited file descriptor (`--inherit`), which the worker adopts
+(`worker_binder`).  One socket per worker, not one shared by all: the kernel balances over the
+members of the group, whereas on one shared socket whichever worker wakes first takes the
+connection (on an idle machine, one worker gets all of them).  Listeners added later (a proxy
 created through the API, a changed `Listen`, reader endpoints) are bound by the workers
 themselves as usual, as the dropped user: ports above 1023 only (or CAP_NET_BIND_SERVICE).
-What this mode changes: a dying worker's queued connections are accepted by the others (one
-queue), and a port the configuration stops using keeps accepting into its queue (the parent
-still holds it for restarts) until the proxy restarts.
+What this mode changes: a dying worker's socket stays open in the parent, so its queued
+connections, and those the kernel gives it until the worker is back, wait for the restarted
+worker instead of being reset; and a port the configuration stops using keeps accepting into
+its queues (the parent still holds them for restarts) until the proxy restarts.
 """
 
 import os

@@ -99,7 +99,7 @@ class WorkerState:
         self.started_at = sup.reactor.seconds()
         self.process = sup.reactor.spawnProcess(
             _WorkerProcess(self), sys.executable, sup.worker_argv(self.index), env=sup.worker_env(),
-            childFDs={0: "w", 1: "r", 2: "r", **sup.child_fds()})
+            childFDs={0: "w", 1: "r", 2: "r", **sup.child_fds(self.index)})
         self.pid = self.process.pid
         log.info("worker {index} started (pid {pid})", index=self.index, pid=self.pid)
 
@@ -164,9 +164,9 @@ class WorkerSupervisor(service.Service):
         self.workers = [WorkerState(self, i) for i in range(self.count)]
         self.rundir = None
         self.listens = {}  # proxy name -> the endpoint its workers bind (port 0 resolved)
-        self._reserved = []
+        self._reserved = []  # per proxy: [socket per worker] (root) or [the one reservation]
         self._reserved_euid = None  # who reserved the ports (twistd may drop privileges after)
-        self.handed_down = False  # True: the workers accept on the reserved sockets themselves
+        self.handed_down = False  # True: each worker accepts on its own reserved socket
 
     # -- what workers are started with ---------------------------------------------------------------
     def worker_argv(self, index):
@@ -174,15 +174,16 @@ class WorkerSupervisor(service.Service):
                 "--index", str(index), "--count", str(self.count), "--rundir", self.rundir]
         for name, listen in sorted(self.listens.items()):
             argv += ["--listen", f"{name}={listen}"]
-        for fd in self.child_fds():
+        for fd in self.child_fds(index):
             argv += ["--inherit", str(fd)]
         return argv
 
-    def child_fds(self):
-        """{file descriptor in the worker: the parent's}: the reserved sockets, when handed down."""
+    def child_fds(self, index):
+        """{file descriptor in worker *index*: the parent's}: that worker's own reserved socket of
+        each proxy, when handed down."""
         if not self.handed_down:
             return {}
-        return {3 + n: sock.fileno() for n, sock in enumerate(self._reserved)}
+        return {3 + n: socks[index].fileno() for n, socks in enumerate(self._reserved)}
 
     def worker_env(self):
         env = dict(os.environ)
@@ -197,9 +198,23 @@ class WorkerSupervisor(service.Service):
         if self._reserved:
             return
         self._reserved_euid = os.geteuid()
+        # As root, twistd may drop privileges (--uid) before startService, after which the
+        # workers could not bind the port themselves: reserve one socket per worker now, so
+        # that each worker gets its own member of the SO_REUSEPORT group and the kernel
+        # balances over the workers exactly as when they bind themselves (one shared socket
+        # would leave the balance to whichever worker wakes first).
+        per_proxy = self.count if self._reserved_euid == 0 else 1
         for proxy in self.config.proxies:
             sock, listen = reserve(proxy.listen, f"proxy {proxy.name}")
-            self._reserved.append(sock)
+            socks = [sock]
+            try:
+                for _ in range(per_proxy - 1):
+                    socks.append(reserve(listen, f"proxy {proxy.name}")[0])
+            except BaseException:
+                for s in socks:
+                    s.close()
+                raise
+            self._reserved.append(socks)
             self.listens[proxy.name] = listen
 
     def startService(self):
@@ -212,8 +227,16 @@ class WorkerSupervisor(service.Service):
             # neither join a group of sockets another user opened nor bind a port below 1024,
             # so they get the reserved sockets themselves (listen.py says what this changes).
             self.handed_down = True
-            for sock, name in zip(self._reserved, (p.name for p in self.config.proxies)):
-                sock.listen(parse_tcp(with_backlog(self.listens[name]))[3])
+            for socks, name in zip(self._reserved, (p.name for p in self.config.proxies)):
+                for sock in socks:
+                    sock.listen(parse_tcp(with_backlog(self.listens[name]))[3])
+        else:
+            # The workers bind their own sockets: keep one bound, never listening, per proxy
+            # (the port stays ours while a worker restarts).
+            for socks in self._reserved:
+                for sock in socks[1:]:
+                    sock.close()
+                del socks[1:]
         log.info("{n} workers; listeners {how}; run directory {dir}", n=self.count,
                  how="handed down by the supervisor (privileges dropped)" if self.handed_down
                  else "shared with SO_REUSEPORT", dir=self.rundir)
@@ -229,8 +252,9 @@ class WorkerSupervisor(service.Service):
         d = defer.DeferredList([w.stop(timeout) for w in self.workers], consumeErrors=True)
 
         def cleanup(_):
-            for sock in self._reserved:
-                sock.close()
+            for socks in self._reserved:
+                for sock in socks:
+                    sock.close()
             self._reserved = []
             if self.rundir is not None:
                 shutil.rmtree(self.rundir, ignore_errors=True)
