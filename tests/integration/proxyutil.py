@@ -150,6 +150,33 @@ def wait_for(predicate, timeout=30, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
+def pg_running(pg_server, query, wait_event=None):
+    """Whether a backend of PostgreSQL *pg_server* is running *query* (its exact text) right now,
+    as pg_stat_activity shows it; with *wait_event* ('PgSleep', 'advisory'...), only while it
+    waits on that."""
+    def literal(text):
+        return "'" + text.replace("'", "''") + "'"
+    sql = "select count(*) from pg_stat_activity where state = 'active' and query = " + literal(query)
+    if wait_event:
+        sql += " and wait_event = " + literal(wait_event)
+    return int(pg_server.psql(sql).strip()) > 0
+
+
+def wait_pg_running(pg_server, query, wait_event=None, timeout=30):
+    """Wait until *query* runs on *pg_server* (see pg_running): what a test does to a running query
+    (cancel it, kill its client, terminate its backend) must not race with the query's way there
+    through the proxy, which a loaded machine can make take any time."""
+    return wait_for(lambda: pg_running(pg_server, query, wait_event), timeout,
+                    what=f"{query!r} running on the database")
+
+
+def mariadb_running(mariadb_server, query):
+    """Whether a connection of *mariadb_server* is running *query* (its exact text) right now."""
+    sql = "SELECT COUNT(*) FROM information_schema.processlist WHERE info = '%s'" % query.replace(
+        "\\", "\\\\").replace("'", "\\'")
+    return int(mariadb_server.mariadb(sql).strip()) > 0
+
+
 class LogCapture:
     """Formatted Twisted log lines, collected in the reactor thread."""
 

@@ -6,48 +6,64 @@ releasing the GIL, which would starve the in-process proxy's reactor thread.
 
 import asyncio
 import threading
-import time
 
 import pytest
 
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
-    from proxyutil import asyncpg, needs_asyncpg
+    from proxyutil import asyncpg, needs_asyncpg, pg_running, wait_pg_running
 except ImportError:
-    from tests.integration.proxyutil import asyncpg, needs_asyncpg
+    from tests.integration.proxyutil import asyncpg, needs_asyncpg, pg_running, wait_pg_running
+
+
+def _holding_lock(pg_server, key):
+    """A direct superuser connection to appdb holding transaction-level advisory lock *key* until
+    it is closed: a query through the proxy that takes the same lock keeps running, on any
+    machine, until the test lets it go (where a pg_sleep would race with a slow machine)."""
+    holder = psycopg.connect(pg_server.dsn(dbname="appdb"))
+    holder.execute("select pg_advisory_xact_lock(%s)", (key,))
+    return holder
+
+
+def _run(results, name, conn, sql):
+    def run():
+        try:
+            results[name] = conn.execute(sql).fetchone()[0]
+        except Exception as e:
+            results[name] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_cancel_only_its_own_query(pg_proxy_factory, pg_server):
     proxy = pg_proxy_factory(MaxConnectionsPercent=3)
     victim = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
     bystander = psycopg.connect(proxy.dsn(pg_server, user="app_md5"), autocommit=True)
+    victim_sql = "select pg_sleep(60)::text"
+    bystander_sql = "select pg_advisory_xact_lock(7301)::text || 'done'"
     results = {}
-
-    def run(name, conn, sql):
-        t0 = time.monotonic()
-        try:
-            results[name] = conn.execute(sql).fetchone()[0]
-        except Exception as e:
-            results[name] = e
-        results[name + "_t"] = time.monotonic() - t0
-
+    holder = _holding_lock(pg_server, 7301)
     try:
-        threads = [threading.Thread(target=run, args=("victim", victim, "select pg_sleep(10)::text")),
-                   threading.Thread(target=run, args=("bystander", bystander, "select pg_sleep(2)::text || 'done'"))]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        victim.cancel_safe(timeout=10)
-        for t in threads:
-            t.join(20)
-        assert isinstance(results["victim"], psycopg.errors.QueryCanceled), results
-        assert results["victim_t"] < 5
-        assert results["bystander"] == "done" and results["bystander_t"] >= 2
+        threads = [_run(results, "victim", victim, victim_sql),
+                   _run(results, "bystander", bystander, bystander_sql)]
+        # Both queries run on the database when the cancel is sent.
+        wait_pg_running(pg_server, victim_sql, "PgSleep")
+        wait_pg_running(pg_server, bystander_sql, "advisory")
+        victim.cancel_safe(timeout=10)  # returns once the proxy has delivered it
+        threads[0].join(30)
+        assert isinstance(results.get("victim"), psycopg.errors.QueryCanceled), results
+        # The bystander's query still waits on the lock: the cancel did not reach it.
+        assert "bystander" not in results and pg_running(pg_server, bystander_sql, "advisory")
+        holder.close()  # lets it finish
+        threads[1].join(30)
+        assert results.get("bystander") == "done", results
         # both sessions go on
         assert victim.execute("select 'after'").fetchone() == ("after",)
         assert bystander.execute("select 'after'").fetchone() == ("after",)
     finally:
+        holder.close()
         victim.close()
         bystander.close()
 
@@ -56,17 +72,20 @@ def test_cancel_of_an_idle_session_does_nothing(pg_proxy_factory, pg_server):
     proxy = pg_proxy_factory(MaxConnectionsPercent=2)
     idle = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
     busy = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
+    busy_sql = "select pg_advisory_xact_lock(7302)::text || 'not cancelled'"
+    results = {}
+    holder = _holding_lock(pg_server, 7302)
     try:
-        t = threading.Thread(target=lambda: busy.execute("select pg_sleep(1)"))
-        t0 = time.monotonic()
-        t.start()
-        time.sleep(0.3)
+        thread = _run(results, "busy", busy, busy_sql)
+        wait_pg_running(pg_server, busy_sql, "advisory")
         idle.cancel_safe(timeout=10)  # no query of its own: must not hit the busy session's connection
-        t.join(10)
-        assert time.monotonic() - t0 >= 1
+        holder.close()
+        thread.join(30)
+        assert results.get("busy") == "not cancelled", results
         assert busy.execute("select 1").fetchone() == (1,)
         assert idle.execute("select 2").fetchone() == (2,)
     finally:
+        holder.close()
         idle.close()
         busy.close()
 
@@ -79,11 +98,14 @@ def test_asyncpg_timeout_cancels(pg_proxy_factory, pg_server):
         conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="app_scram",
                                      password=pg_server.users["app_scram"], database="appdb")
         try:
-            t0 = time.monotonic()
+            # The timeout must outlast the query's way to the database (a cancel that arrives
+            # before it is ignored, by PostgreSQL too): 2 s is ample on a loaded machine.
             with pytest.raises(asyncio.TimeoutError):
-                await conn.fetchval("select pg_sleep(10)", timeout=0.5)
-            assert time.monotonic() - t0 < 5
-            assert await conn.fetchval("select 5") == 5
+                await conn.fetchval("select pg_sleep(600)", timeout=2)
+            # Only a cancel that reached the sleep lets the next query run within the bound (the
+            # bound guards against a hang; the sleep would last ten minutes).
+            assert await asyncio.wait_for(conn.fetchval("select 5"), 60) == 5
+            assert not pg_running(pg_server, "select pg_sleep(600)")
         finally:
             await conn.close()
 
