@@ -7,10 +7,11 @@ import asyncio
 
 
 try:
-    from proxyutil import asyncpg, error_fields, needs_asyncpg, raw_login, raw_query, read_messages
+    from proxyutil import (asyncpg, error_fields, needs_asyncpg, pg_running, raw_login, raw_query,
+                           read_messages)
 except ImportError:
-    from tests.integration.proxyutil import (asyncpg, error_fields, needs_asyncpg, raw_login,
-                                             raw_query, read_messages)
+    from tests.integration.proxyutil import (asyncpg, error_fields, needs_asyncpg, pg_running,
+                                             raw_login, raw_query, read_messages)
 
 
 def _run(coro):
@@ -30,7 +31,14 @@ def test_fatal_from_the_server_reaches_the_client_as_its_last_word(pg_proxy, pg_
             await conn.execute("BEGIN")  # keeps the same database connection
             pid = await conn.fetchval("SELECT pg_backend_pid()")
             running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
-            await asyncio.sleep(0.3)
+            # Terminate the backend once it runs the query (a backend terminated while idle in
+            # the transaction is another case).
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                if pg_running(pg_server, "SELECT pg_sleep(30)", "PgSleep"):
+                    break
+            else:
+                raise AssertionError("pg_sleep(30) never ran")
             pg_server.psql("SELECT pg_terminate_backend(%d)" % pid)
             try:
                 await running
