@@ -8,10 +8,11 @@ import pytest
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
-    from proxyutil import error_fields, kill_socket, raw_login, raw_query, read_messages, send_query
+    from proxyutil import (error_fields, kill_socket, raw_login, raw_query, read_messages, send_query,
+                           wait_pg_running)
 except ImportError:
     from tests.integration.proxyutil import (error_fields, kill_socket, raw_login, raw_query, read_messages,
-                                             send_query)
+                                             send_query, wait_pg_running)
 
 
 def _one(conn, sql, params=None):
@@ -49,12 +50,16 @@ def test_client_killed_while_query_runs(pg_proxy_factory, pg_server, safety_tabl
     proxy = pg_proxy_factory(MaxConnectionsPercent=1, MaxIdleConnectionsPercent=1)
     sock, _ = raw_login(proxy, pg_server)
     (pid,) = raw_query(sock, "select pg_backend_pid()")[0]
-    send_query(sock, "begin; insert into safety_t values (2); select pg_sleep(0.5)")
-    time.sleep(0.1)
-    kill_socket(sock)
-    with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:
-        assert _one(conn, "select pg_backend_pid()") != int(pid)  # the dirty one was closed
-        assert _one(conn, "select count(*) from safety_t") == 0
+    sql = "begin; insert into safety_t values (2); select pg_sleep(60)"
+    send_query(sock, sql)
+    try:
+        wait_pg_running(pg_server, sql, "PgSleep")  # the client dies while its query runs
+        kill_socket(sock)
+        with psycopg.connect(proxy.dsn(pg_server), autocommit=True) as conn:
+            assert _one(conn, "select pg_backend_pid()") != int(pid)  # the dirty one was closed
+            assert _one(conn, "select count(*) from safety_t") == 0
+    finally:  # the closed connection's backend sleeps on (holding its lock on safety_t): end it
+        pg_server.psql(f"select pg_terminate_backend({int(pid)})")
     assert "client left mid-request" in proxy.logs.text() or "mid-request" in proxy.logs.text()
 
 
@@ -125,14 +130,18 @@ def test_malformed_message_closes_only_that_client(pg_proxy, pg_server, bad):
 
 
 def test_idle_client_timeout(pg_proxy_factory, pg_server):
-    proxy = pg_proxy_factory(IdleClientTimeout=1)
+    # 3 s against a query every 0.1 s: the working client's gaps stay far below the timeout
+    # however loaded the machine (with 1 s and 0.4 s sleeps, one slow gap closed it too).
+    proxy = pg_proxy_factory(IdleClientTimeout=3)
     conn = psycopg.connect(proxy.dsn(pg_server), autocommit=True)
     busy = psycopg.connect(proxy.dsn(pg_server), autocommit=True, prepare_threshold=None)
     try:
         assert _one(conn, "select 1") == 1
-        # A client that keeps working is not idle.
-        for _ in range(6):
-            time.sleep(0.4)
+        # A client that keeps working is not idle; the idle one is closed meanwhile.
+        deadline = time.monotonic() + 60
+        while len(proxy.session_states()) > 1:
+            assert time.monotonic() < deadline, "the idle client was not closed"
+            time.sleep(0.1)
             assert _one(busy, "select 2") == 2
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 1")
@@ -166,16 +175,34 @@ def test_max_client_connections(pg_proxy_factory, pg_server):
 
 
 def test_max_connection_rate(pg_proxy_factory, pg_server):
+    """MaxConnectionRate 1 (a burst of one second's worth): the file's rate reaches the proxy's
+    limiter, which is then given a clock that moves only when the test moves it, so the
+    machine's speed cannot decide the outcome (four logins that took more than a second each
+    used to all get in)."""
+    from twisted.internet.task import Clock
+
+    from txrdsproxy.proxy.limits import ConnectionRateLimiter
     proxy = pg_proxy_factory(MaxConnectionRate=1)
-    results = []
-    for _ in range(4):
-        try:
-            psycopg.connect(proxy.dsn(pg_server)).close()
-            results.append("ok")
-        except psycopg.OperationalError as e:
-            results.append(str(e))
-    assert results[0] == "ok"
-    refused = [r for r in results if r != "ok"]
-    assert refused and all("Rate of connection to proxy exceeded 1." in r for r in refused)
-    time.sleep(1.1)
-    psycopg.connect(proxy.dsn(pg_server)).close()  # the bucket refills
+    clock = Clock()
+
+    def hold_time_still():
+        assert proxy.ctx.admission.connection_rate.rate == 1
+        proxy.ctx.admission.connection_rate = ConnectionRateLimiter(1, clock)
+    proxy.call(hold_time_still)
+
+    def attempts(n):
+        results = []
+        for _ in range(n):
+            try:
+                psycopg.connect(proxy.dsn(pg_server)).close()
+                results.append("ok")
+            except psycopg.OperationalError as e:
+                results.append(str(e))
+        return results
+
+    results = attempts(4)
+    assert results[0] == "ok", results
+    assert len(results) == 4 and all("Rate of connection to proxy exceeded 1." in r for r in results[1:]), results
+    proxy.call(clock.advance, 1.0)
+    after = attempts(2)  # the bucket refills, by one
+    assert after[0] == "ok" and "Rate of connection to proxy exceeded 1." in after[1], after
