@@ -125,6 +125,8 @@ def reactor_thread():
         if _reactor is None:
             from twisted.internet.epollreactor import EPollReactor
             reactor = EPollReactor()
+            from txrdsproxy import fastpoll
+            fastpoll.install(reactor)  # the dispatch and inline reads twistd runs the proxy with
             started = threading.Event()
             reactor.callWhenRunning(started.set)
             thread = threading.Thread(

@@ -72,6 +72,7 @@ class BackendPool:
         self._retired = {}  # conn -> reason: made under what no longer holds (a former writer,
         # older DatabaseTLS, a deregistered target): closed when returned
         self._retired_targets = set()  # deregistered targets: connections to them are not kept
+        self._zero_borrows = None  # this pool's borrow latency series (try_borrow), once looked up
 
     # -- limits -----------------------------------------------------------------------------
     # `Workers: N`: (this worker's index, N).  The caps below are this worker's share of the
@@ -164,7 +165,12 @@ class BackendPool:
         conn = idle.pop()
         conn.state = ConnState.BORROWED
         if self.metrics is not None:
-            self.metrics.borrow_latency.observe(self.name, 0.0)  # seconds
+            # DatabaseConnectionsBorrowLatency 0 s: the histogram's first bucket (every bound
+            # is above 0), counted on the series looked up once, as its observe(0.0) would.
+            zero = self._zero_borrows
+            if zero is None:
+                zero = self._zero_borrows = self.metrics.borrow_latency.series(self.name)
+            zero.counts[0] += 1
         return Lease(self, conn, self.clock.seconds())
 
     def _drop_waiter(self, waiter):

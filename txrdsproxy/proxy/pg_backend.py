@@ -298,7 +298,12 @@ class PgBackendConnection(BackendConnection):
     def detach(self):
         self._sink = None
         self.statement_tracker = None
-        self._use_internal()
+        # _use_internal, inline (once per transaction): lent means logged in, so internal reads
+        sc = self._scanner
+        sc.limits = WHOLE_LIMITS
+        sc.maxima = self._whole_maxima
+        sc.inspect = self._login_scanned if self.state == ConnState.CONNECTING else self._internal_scanned
+        sc.emit = None
 
     def _use_internal(self):
         """Not lent: whole messages are read and decoded (login, internal operations)."""

@@ -82,17 +82,17 @@ class ClientStream:
     def releasable(self):
         """The connection may go back: every request answered, no batch open, and the bytes sent
         to it end at a message boundary (DESIGN rule 9)."""
-        return self.outstanding == 0 and not self.unsynced and not self.scanner.mid_message
+        # the scanner's fields rather than its properties: asked once per request
+        return self.outstanding == 0 and not self.unsynced and not self.scanner._left
 
     @property
     def wants_connection(self):
         """Bytes wait and need a database connection (at least one whole header is here)."""
-        sc = self.scanner
-        return self.state is StreamState.HELD and sc.buffered >= 5
+        return self.state is StreamState.HELD and len(self.scanner._buf) >= 5
 
     @property
     def buffered(self):
-        return self.scanner.buffered
+        return len(self.scanner._buf)  # MessageScanner.buffered, without the second call
 
     # -- driving ---------------------------------------------------------------------------------
     def take_query(self, data):
@@ -181,7 +181,10 @@ class ClientStream:
         self.state = StreamState.FORWARDING
         sc.emit = write
         sc.hold = False
-        sc.scan()
+        if sc._buf:
+            sc.scan()
+        else:  # what scan() does with nothing held (the usual borrow: the request follows)
+            sc.halted = False
 
     @property
     def holding(self):
