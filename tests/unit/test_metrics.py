@@ -192,6 +192,36 @@ def test_query_latencies_are_measured_per_request():
     assert (database.count, database.sum) == (2, 2.5)
 
 
+def test_a_request_on_a_held_connection_records_both_latencies_alike():
+    """In a transaction the connection is held before the request arrives: its database
+    latency is its response latency (one bisect for both: HistogramSeries.observe_pair)."""
+    s = metered_session()
+    m = s.ctx.metrics
+    s.send(pg.msg.query("BEGIN"))
+    s.pool.give()
+    s.frontend.ready_for_query(b"T")
+    response = m.query_response_latency.series("app-pg")
+    database = m.query_database_response_latency.series("app-pg", "db-1")
+    before = (list(response.counts), list(database.counts))
+    s.clock.advance(5)
+    s.send(pg.msg.query("SELECT 1"))
+    s.clock.advance(0.3)
+    s.frontend.ready_for_query(b"T")
+    assert response.sum == pytest.approx(0.3) and database.sum == pytest.approx(0.3)
+    grew = [i for i, (a, b) in enumerate(zip(before[0], response.counts)) if a != b]
+    assert grew == [i for i, (a, b) in enumerate(zip(before[1], database.counts)) if a != b]
+    assert len(grew) == 1 and response.count == database.count == 2
+
+
+@pytest.mark.parametrize("value", [0.0, 0.0001, 0.005, 0.0051, 1.0, 1e9])
+def test_observe_pair_is_two_observes(value):
+    h = Histogram("x", "x", (), [0.001, 0.005, 0.01, 1, 10])
+    alone, a, b = h.series("alone"), h.series("a"), h.series("b")
+    alone.observe(value)
+    a.observe_pair(b, value)
+    assert a.counts == b.counts == alone.counts and a.sum == b.sum == alone.sum
+
+
 def test_a_request_the_proxy_answers_itself_records_no_latency():
     s = metered_session()
     s.send(pg.msg.query("SELECT 1"))

@@ -59,7 +59,9 @@ class FakeSink:
         assert isinstance(data, bytes)
         self.data += data
 
-    def response_complete(self):
+    def response_complete(self, data=None):
+        if data is not None:  # the response's last bytes, relayed with its end
+            self.backend_data(data)
         self.events.append(("complete", len(self.data)))
 
     def infile_requested(self):

@@ -409,7 +409,16 @@ def _responses(draw):
         status = draw(st.sampled_from([AC, AC | INTX, 0, AC | P.SERVER_STATUS_NO_BACKSLASH_ESCAPES])) \
             | (0 if last else MORE)
         if kind == "ok":
-            payloads.append(ok(status))
+            # the short OK consume reads inline, and longer ones (2-byte affected rows, session
+            # state changes) that go through the packet machine
+            shape = draw(st.sampled_from(["short", "affected", "state"]))
+            if shape == "short":
+                payloads.append(ok(status))
+            elif shape == "affected":
+                payloads.append(ok(status, affected=300))
+            else:
+                payloads.append(ok(status, state=b"\x01\x04\x03abc" if caps & P.CLIENT_SESSION_TRACK
+                                   else b"") + (b"" if caps & P.CLIENT_SESSION_TRACK else b"info"))
             continue
         ncols = draw(st.sampled_from([1, 2, 250, 251, 300]))
         rows = [] if kind == "empty" else draw(st.lists(
@@ -442,3 +451,4 @@ def test_consume_matches_the_packet_machine_at_any_split(response, data):
     assert tracker.status == logical.status
     assert (tracker.last_error is None) == (logical.last_error is None)
     assert tracker.completed == logical.completed == 1
+    assert tracker.session_state_changes == logical.session_state_changes

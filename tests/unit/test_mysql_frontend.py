@@ -110,15 +110,16 @@ class FakeConn:
         return defer.succeed(None)
 
     def respond(self, *payloads, seq=1):
-        """The database answers: what MySQLBackendConnection._forward does with the bytes."""
+        """The database answers: what MySQLBackendConnection.dataReceived does with the bytes."""
         data = wire(payloads, seq)
         buf = bytearray(data)
         end = self.tracker.consume(buf, 0)
         assert end == len(data)
         sink = self._sink
-        sink.backend_data(data)
-        if self.tracker.idle:
-            sink.response_complete()
+        if self.tracker.idle:  # the response's end: relayed and ended in one call
+            sink.response_complete(data)
+        else:
+            sink.backend_data(data)
         return data
 
 

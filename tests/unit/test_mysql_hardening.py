@@ -70,6 +70,47 @@ def test_own_statement_runs_and_others_are_refused_even_when_pinned(s):
 AC = P.SERVER_STATUS_AUTOCOMMIT
 
 
+@pytest.mark.parametrize("arrival", ["alone", "split", "two in one read", "with a foreign id",
+                                     "with a ping"])
+def test_executes_on_a_held_connection_whatever_the_reads(s, arrival):
+    """A pinned session's COM_STMT_EXECUTE is relayed byte for byte and answered in order,
+    whether it arrives alone in a read (the fast path) or cut, or with other commands (the
+    stream): a foreign id is refused either way, and nothing but whole commands reaches the
+    connection."""
+    s.send(my.command(P.COM_STMT_PREPARE, b"SELECT 2"))
+    lease = s.pool.give()
+    lease.conn.respond(my.prepare_ok(stmt_id=5))
+    s.sent()
+    own = stmt(P.COM_STMT_EXECUTE, 5, EXECUTE_ARGS)
+    foreign = stmt(P.COM_STMT_EXECUTE, 6, EXECUTE_ARGS)
+    writes = len(lease.conn.writes)
+    if arrival == "alone":
+        s.send(own)
+    elif arrival == "split":
+        s.send(own[:7])
+        assert len(lease.conn.writes) == writes  # nothing of a command cut short
+        s.send(own[7:])
+    elif arrival == "two in one read":
+        s.send(own + own)
+    elif arrival == "with a foreign id":
+        s.send(foreign + own)
+        [(seq, payload)] = s.packets()
+        assert seq == 1 and my.err(payload)[0] == 1243
+    else:
+        s.send(my.command(P.COM_PING) + own)
+        assert s.packets() == [(1, P.ok_packet(status=AC))]
+    assert lease.conn.writes[writes:] == [own]
+    lease.conn.respond(my.ok())
+    assert s.packets() == [(1, my.ok())]
+    if arrival == "two in one read":  # the second waited for the first's answer
+        assert lease.conn.writes[writes:] == [own, own]
+        lease.conn.respond(my.ok())
+        assert s.packets() == [(1, my.ok())]
+    # QueryRequests: each execute that reached the proxy whole, a refused one included
+    assert s.frontend.queries == 1 + (arrival in ("two in one read", "with a foreign id"))
+    assert not s.closed
+
+
 def test_stmt_close_of_a_foreign_id_inside_a_transaction_is_not_forwarded(s):
     s.send(my.query("BEGIN"))
     lease = s.pool.give()

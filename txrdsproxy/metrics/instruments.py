@@ -50,6 +50,16 @@ class HistogramSeries:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    def observe_pair(self, other, value):
+        """Record *value* here and in *other*, a series with the same bounds: one bisect for
+        both (a request's response and database latencies are the same value when it went to
+        the database on arrival)."""
+        i = bisect.bisect_left(self.bounds, value)
+        self.counts[i] += 1
+        self.sum += value
+        other.counts[i] += 1
+        other.sum += value
+
     @property
     def count(self):
         return sum(self.counts)

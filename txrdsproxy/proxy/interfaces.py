@@ -83,8 +83,9 @@ class IPgSessionEvents(ISessionEvents):
 class IMySQLSessionEvents(ISessionEvents):
     """MySQL: where a response ends, and when the server asks for LOCAL INFILE data."""
 
-    def response_complete():
-        """The response to the command on the wire has ended (the tracker is idle)."""
+    def response_complete(data=None):
+        """The response to the command on the wire has ended (the tracker is idle); *data*, when
+        given, is its last bytes, to relay first (as `backend_data` would)."""
 
     def infile_requested():
         """The server asked for a LOCAL INFILE: the client's next packets go to it."""

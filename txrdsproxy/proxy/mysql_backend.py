@@ -339,7 +339,7 @@ class MySQLBackendConnection(BackendConnection):
     def sync_inline(self, desired, database):
         """-> the packet of a SET to write just ahead of the session's command, in the same
         write, when that is all a sync needs; None when it must be a round trip of its own
-        (`sync`).  The SET's answer is read here before anything is relayed (`_forward`).
+        (`sync`).  The SET's answer is read here before anything is relayed (`dataReceived`).
 
         Only a change of autocommit alone goes inline: ``SET autocommit=N`` (a literal the
         server accepted before) does not fail on a connection between transactions, so the
@@ -429,10 +429,7 @@ class MySQLBackendConnection(BackendConnection):
         return False
 
     # -- reading --------------------------------------------------------------------------------
-    def dataReceived(self, data):
-        if self._sink is not None:
-            self._forward(data)
-            return
+    def _internal_data(self, data):
         try:
             packets = self._reader.feed(data)
             for i, (seq, payload) in enumerate(packets):
@@ -452,8 +449,12 @@ class MySQLBackendConnection(BackendConnection):
             else:
                 self.close(f"protocol violation from the database: {e}")
 
-    def _forward(self, data):
-        """Relay *data* to the sink; tell it when the response is complete."""
+    def dataReceived(self, data):
+        """Lent: relay *data* to the sink and tell it when the response is complete (the
+        forwarding path, inline).  Otherwise `_internal_data`."""
+        if self._sink is None:
+            self._internal_data(data)
+            return
         buf = self._fbuf
         if buf or self._inline is not None:  # a partial packet is held back: join it first
             buf += data
@@ -479,14 +480,17 @@ class MySQLBackendConnection(BackendConnection):
             data = data[:end]
         sink = self._sink
         try:
-            if end:
-                sink.backend_data(data)
             if tracker.idle:
                 if buf:
+                    if end:
+                        sink.backend_data(data)
                     self.close("the database sent data nobody asked for")
                     return
-                sink.response_complete()
-            elif tracker.awaiting_client_data:
+                sink.response_complete(data if end else None)  # relays, then ends
+                return
+            if end:
+                sink.backend_data(data)
+            if tracker.awaiting_client_data:
                 sink.infile_requested()
         except Exception:
             # Never out of a protocol callback.  The session's state is unknown: close this

@@ -209,6 +209,9 @@ class MySQLFrontend(MySQLLogin):
 
     def dataReceived(self, data):
         try:  # (_safely, inline: this runs for every read)
+            if (self._wait is Wait.NOTHING and self.lease is not None and not self._stream.buf
+                    and self._phase is Phase.COMMAND and self._execute_whole(data)):
+                return
             self._received(data)
         except ProtocolError as e:
             self.log.info("{s}: protocol violation from client: {e}", s=self, e=e)
@@ -216,6 +219,41 @@ class MySQLFrontend(MySQLLogin):
         except Exception:
             self.log.failure("{s}: unexpected error; closing this session", s=self)
             self._close_client()
+
+    def _execute_whole(self, data):
+        """The read of a session that holds its connection (pinned, or in a transaction) is
+        exactly one whole COM_STMT_EXECUTE of a statement it prepared: sent as it came, in
+        one write, without going through the stream (what `_command` and `_dispatch` do for
+        it, inline).  -> False, nothing done, for anything else (the general path).
+
+        The stream is empty and at a boundary, no command is outstanding, and *data* is one
+        physical packet whose length says exactly len(data): nothing of another command
+        travels with it, and the connection stays at a message boundary."""
+        n = len(data)
+        if (n < 9 or data[4] != P.COM_STMT_EXECUTE or n != 4 + (data[0] | (data[1] << 8) | (data[2] << 16))
+                or n - 4 >= P.MAX_PACKET_CHUNK or self._relaying or self._paused
+                or self._inline_sync is not None or self._stream.position is not BOUNDARY
+                or (data[5] | (data[6] << 8) | (data[7] << 16) | (data[8] << 24))
+                not in self._statements):
+            return False
+        conn = self.lease.conn
+        tracker = conn.tracker
+        if not tracker.idle:
+            return False
+        self.last_active = now = self.clock.seconds()
+        self._cmd_classified = None
+        self.queries += 1  # QueryRequests
+        self.request_started = now
+        self._cmd = P.COM_STMT_EXECUTE
+        tracker.last_error = None
+        if tracker.session_state_changes:
+            tracker.session_state_changes = []
+        tracker.expect(P.COM_STMT_EXECUTE)
+        self._answered = False
+        self._cmd_seq = data[3]
+        self._wait = Wait.RESPONSE
+        conn.write(data)
+        return True
 
     def _pump_safely(self):
         """_pump from a database or pool callback: the client's bytes may be bad there too."""
@@ -689,8 +727,14 @@ class MySQLFrontend(MySQLLogin):
         self._answered = True
         self._pump_safely()
 
-    def response_complete(self):
+    def response_complete(self, data=None):
+        """*data*: the last bytes of the response, relayed first (the database connection's
+        usual read: a whole response, relayed and ended in one call)."""
         conn = self.lease.conn
+        if data is not None:
+            self._answered = True
+            if not direct_write(self.transport, data):
+                self.write_queued(conn)
         tracker = conn.tracker
         ok = tracker.last_error is None
         if (self._cmd_classified is None and not tracker.session_state_changes
@@ -706,7 +750,8 @@ class MySQLFrontend(MySQLLogin):
             self._cmd = None
             if self.request_started is not None:
                 self.request_done(self.clock.seconds())
-            self._maybe_release()
+            if self.pin_reason is None or self._draining:  # (else _maybe_release does nothing)
+                self._maybe_release()
             if self._stream.buf or self._paused:  # else _pump has nothing to do
                 self._pump_safely()
             return

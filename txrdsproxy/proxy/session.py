@@ -471,16 +471,20 @@ class ClientSession(protocol.Protocol):
         series = self._latency_series
         if series is None:  # looked up once per session
             series = self._latency_series = metrics.query_response_latency.series(self.ctx.name)
-        series.observe(now - started)
         lease = self.lease
-        if lease is not None:
-            at_db = lease.borrowed_at if lease.borrowed_at > started else started
-            target = lease.conn.target
-            cached = self._db_latency_series
-            if cached is None or cached[0] is not target:
-                cached = self._db_latency_series = (target, metrics.query_database_response_latency
-                                                    .series(self.ctx.name, target.rds_resource_id))
-            cached[1].observe(now - at_db)
+        if lease is None:
+            series.observe(now - started)
+            return
+        target = lease.conn.target
+        cached = self._db_latency_series
+        if cached is None or cached[0] is not target:
+            cached = self._db_latency_series = (target, metrics.query_database_response_latency
+                                                .series(self.ctx.name, target.rds_resource_id))
+        if lease.borrowed_at > started:  # it waited for the connection
+            series.observe(now - started)
+            cached[1].observe(now - lease.borrowed_at)
+        else:  # (same buckets: metrics.QUERY_BUCKETS)
+            series.observe_pair(cached[1], now - started)
 
     def setup_failed(self, why):
         """The connection will not become a session because of authentication or TLS (wrong

@@ -87,6 +87,8 @@ class ResponseTracker:
         # carry info/session state, so any length below 0xFFFFFF counts (a
         # row starting with 0xFE is then >= 16 MiB, i.e. a continued packet).
         self._eof_limit = P.MAX_PACKET_CHUNK if self.deprecate_eof else 9
+        # OK packets have status and warnings after the two ids (consume reads short ones inline)
+        self._ok_inline = bool(capabilities & P.CLIENT_PROTOCOL_41)
         self.status = status
         self.session_state_changes = []
         self.last_error = None
@@ -139,10 +141,13 @@ class ResponseTracker:
             return
         if command in UNSUPPORTED:
             raise UnsupportedCommand("command 0x%02x is not relayed" % command)
-        if self._state == IDLE:
-            self._begin(command)
-        else:
+        if self._state != IDLE:
             self._queue.append(command)
+        elif command == P.COM_QUERY or command == P.COM_STMT_EXECUTE:  # (_begin, inline)
+            self._command = command
+            self._state = FIRST
+        else:
+            self._begin(command)
 
     def _begin(self, command):
         self._command = command
@@ -185,6 +190,7 @@ class ResponseTracker:
         if end is None:
             end = len(buf)
         eof_limit = self._eof_limit
+        ok_inline = self._ok_inline
         while True:
             if self._row_left:
                 step = min(self._row_left, end - pos)
@@ -216,7 +222,22 @@ class ResponseTracker:
                 # The packets of every result set are handled inline (no call per packet):
                 # rows, column definitions, a one-byte column count, legacy EOFs.  Everything
                 # else (OK, ERR, LOCAL INFILE, PREPARE_OK, ...) goes through _packet.
-                if state == ROWS:
+                if length == 7 and ok_inline and buf[pos + 5] < 0xFB and buf[pos + 6] < 0xFB and (
+                        (first == 0xFE and state == ROWS and self.deprecate_eof)
+                        or (first == 0x00 and state == FIRST)):
+                    # The usual end of a response: an OK (or DEPRECATE_EOF terminator) of one-
+                    # byte affected rows and insert id, status and warnings, and nothing else
+                    # (no info, no session state): what `_ok` reads of it, read inline.
+                    status = self.status = buf[pos + 7] | (buf[pos + 8] << 8)
+                    if status & P.SERVER_MORE_RESULTS_EXISTS:
+                        self._state = FIRST
+                    elif self._queue:
+                        self._complete()
+                    else:  # (_complete, inline)
+                        self.completed += 1
+                        self._state = IDLE
+                        self._command = None
+                elif state == ROWS:
                     if first == 0xFE and length < eof_limit:
                         if self.deprecate_eof:
                             self._packet(buf, pos + 4, length)
@@ -225,8 +246,12 @@ class ResponseTracker:
                                 self.status = buf[pos + 7] | (buf[pos + 8] << 8)
                             if self.status & P.SERVER_MORE_RESULTS_EXISTS:
                                 self._state = FIRST
-                            else:
+                            elif self._queue:
                                 self._complete()
+                            else:  # (_complete, inline)
+                                self.completed += 1
+                                self._state = IDLE
+                                self._command = None
                     elif first == 0xFF:
                         self._packet(buf, pos + 4, length)
                     # else: a row, nothing to do
@@ -238,10 +263,17 @@ class ResponseTracker:
                         else:
                             self._state = DEFS_EOF
                 elif state == DEFS_EOF and first == 0xFE and length < 9:
-                    self._after_defs(self.status if length < 5
-                                     else buf[pos + 7] | (buf[pos + 8] << 8))
+                    status = self.status if length < 5 else buf[pos + 7] | (buf[pos + 8] << 8)
+                    if self._defs_kind == _RESULTSET and not status & P.SERVER_STATUS_CURSOR_EXISTS:
+                        self.status = status  # (_after_defs, inline: the rows come next)
+                        self._state = ROWS
+                    else:
+                        self._after_defs(status)
                 elif state == FIRST and 0 < first < 0xFB:
-                    self._start_defs(first, _RESULTSET)  # a result set of < 251 columns
+                    # a result set of < 251 columns (_start_defs, inline)
+                    self._defs_kind = _RESULTSET
+                    self._remaining = first
+                    self._state = COLDEFS
                 elif state == IDLE:
                     raise ProtocolError("unexpected packet from server while idle")
                 else:
