@@ -24,7 +24,8 @@ from txrdsproxy.auth.secrets import config_secret_arns
 from txrdsproxy.config import model
 from txrdsproxy.runtime import (
     DEFAULT_DRAIN_TIMEOUT, InvalidChange, ListenFailed, ProxyAlreadyExists, ProxyNotFound,
-    ProxyRuntime, RegistryError, TargetAlreadyRegistered, TargetGroupNotFound, TargetNotFound)
+    ProxyRuntime, RegistryError, TargetAlreadyRegistered, TargetGroupNotFound, TargetNotFound,
+    build_monitor)
 
 log = Logger()
 
@@ -100,6 +101,7 @@ class ProxyRegistry(service.Service):
         # listeners with SO_REUSEPORT (workers/listen.py).  None / bind_now: the only process.
         self.worker = None
         self.binder = None
+        self.fence_store = None  # failover.fencing.FenceStore: fencing that survives a restart
 
     # -- reading --------------------------------------------------------------------------------------
     def __iter__(self):
@@ -168,6 +170,9 @@ class ProxyRegistry(service.Service):
         runtime.drain_timeout = self.drain_timeout
         if self.worker is not None:
             runtime.ctx.join_worker(self.worker)
+        runtime.ctx.fence_store = self.fence_store
+        if runtime.ctx.monitor is not None:  # built again, knowing the two above
+            runtime.ctx.monitor = build_monitor(runtime.ctx)
         if self.binder is not None:
             runtime.binder = self.binder
         runtime.ctx.iam = self.iam

@@ -166,13 +166,27 @@ def build_monitor(ctx):
     if len(ctx.topology.targets) < 2:
         return None
     connector = ctx.connector
+    worker = ctx.worker
+    if worker is not None and worker.shared_monitor:
+        # `Workers: N`: the supervisor's monitor decides for every worker (workers/monitor.py)
+        from txrdsproxy.failover.follower import FollowerMonitor
+        from txrdsproxy.workers.hub import ask_monitor
+        monitor = FollowerMonitor(ctx.clock, ctx.name, ctx.topology, ctx.health,
+                                  ctx.config.health_check_interval, pool=ctx.pool,
+                                  database_errors=connector.database_error,
+                                  ask=lambda name: ask_monitor(worker, name, ctx.clock))
+        monitor.checks = HealthChecks(ctx)  # the reader set's own re-checks after trouble
+        monitor.writer_listeners.append(lambda old, new, why: end_pinned_sessions_on(ctx, old, why))
+        ctx.pool.failover = monitor
+        return monitor
     checks = HealthChecks(ctx)
+    fences = ctx.fence_store.for_proxy(ctx.name) if ctx.fence_store is not None else None
     monitor = WriterMonitor(ctx.clock, ctx.topology, ctx.health, checks.probe,
                             ctx.config.health_check_interval, pool=ctx.pool,
                             database_errors=connector.database_error,
                             failure_reason=checks.failure_reason,
                             retries=ctx.config.health_check.retries,
-                            unreachable=(TargetUnreachable,))
+                            unreachable=(TargetUnreachable,), fences=fences)
     monitor.checks = checks
     monitor.writer_listeners.append(lambda old, new, why: end_pinned_sessions_on(ctx, old, why))
     ctx.pool.failover = monitor
@@ -467,10 +481,11 @@ class ProxyRuntime:
             log.info("proxy {name}: ending {n} pinned session(s) on deregistered targets after "
                      "their transactions", name=ctx.name, n=len(pinned))
             drain_sessions(ctx, self.drain_timeout, self.reactor, pinned)
+        follower = getattr(ctx.monitor, "follows", False)  # Workers: N: the supervisor decides
         if writer is not None and writer in removed:
             writers = [t for t in new.targets if topology.probed_role(t) == READ_WRITE
                        or t.role == READ_WRITE]
-            topology.set_writer((writers or list(new.targets) or [None])[0])
+            topology.set_writer(None if follower else (writers or list(new.targets) or [None])[0])
             log.warn("proxy {name}: the writer {old} was deregistered; writer now {new}",
                      name=new.name if hasattr(new, "name") else ctx.name,
                      old=writer.rds_resource_id, new=getattr(topology.current_writer(),
@@ -487,7 +502,8 @@ class ProxyRuntime:
                 attach_monitor(ctx.readers, ctx.monitor)
                 ctx.monitor.start()
         elif ctx.monitor is not None:
-            ctx.monitor.last_writer = topology.current_writer()
+            if not follower:
+                ctx.monitor.last_writer = topology.current_writer()
             ctx.monitor.probe_now()
 
 

@@ -62,6 +62,23 @@ class AdminService(service.Service):
             return port.stopListening()
 
 
+def state_directory(config, config_path=None):
+    """-> the folder of the fencing state file (failover/fencing.py): StateDirectory, else the
+    configuration file's folder; None when there is neither (an embedded configuration: the
+    fencing is kept in memory only)."""
+    if config.state_directory:
+        return config.state_directory
+    path = config_path or (config.source if os.path.isfile(config.source) else None)
+    return os.path.dirname(os.path.abspath(path)) if path else None
+
+
+def fence_store(config, config_path=None):
+    """-> the FenceStore of this configuration, or None (see state_directory)."""
+    from txrdsproxy.failover.fencing import FenceStore
+    directory = state_directory(config, config_path)
+    return FenceStore.in_directory(directory) if directory else None
+
+
 def make_service(config, reactor=None, config_path=None, secrets=None, worker=None):
     """-> (MultiService, [ProxyContext]) for a validated Config.
 
@@ -87,6 +104,7 @@ def make_service(config, reactor=None, config_path=None, secrets=None, worker=No
     if worker is not None:
         from txrdsproxy.workers.listen import worker_binder
         registry.worker, registry.binder = worker, worker_binder(worker)
+    registry.fence_store = fence_store(config, config_path)
     registry.iam = DbTokenVerifier(PrincipalStore(config.iam, secrets), reactor,
                                    config.iam.max_concurrent_authentications)
     secrets.watch(config_secret_arns(config))

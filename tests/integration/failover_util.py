@@ -48,10 +48,11 @@ def wait_replicated(standby, sql, expected, timeout=20):
 
 
 @contextlib.contextmanager
-def pg_replicated(pg_server_factory, tmp_path, password, standbys=1, max_connections=30):
+def pg_replicated(pg_server_factory, tmp_path, password, standbys=1, max_connections=30, settings=None):
     """A PostgreSQL primary (user app_scram with *password*, owner of database appdb) and
-    *standbys* streaming standbys under *tmp_path*, stopped on leaving: -> (primary, [standby])."""
-    primary = pg_server_factory(max_connections=max_connections)
+    *standbys* streaming standbys under *tmp_path* (*settings*: postgresql.conf lines of all),
+    stopped on leaving: -> (primary, [standby])."""
+    primary = pg_server_factory(max_connections=max_connections, settings=settings)
     primary.create_user("app_scram", password, method="scram-sha-256")
     primary.create_database("appdb", owner="app_scram")
     started = []

@@ -222,7 +222,7 @@ def test_empty_file(tmp_path):
 # -- key path errors ----------------------------------------------------------------------------------
 CASES = [
     # (change, expected message after "etc/x.yaml: ")
-    (lambda d: d.update(Extra=1), "Extra: unknown key (allowed: Admin, DBInstances, DBProxies, DrainTimeout, IAM, Secrets, Workers)"),
+    (lambda d: d.update(Extra=1), "Extra: unknown key (allowed: Admin, DBInstances, DBProxies, DrainTimeout, IAM, Secrets, StateDirectory, Workers)"),
     (lambda d: proxy0(d).update(Bogus=1), "DBProxies[0].Bogus: unknown key"),
     (lambda d: proxy0(d)["Auth"][0].update(Password="x"), "DBProxies[0].Auth[0].Password: unknown key"),
     (lambda d: proxy0(d)["TargetGroups"][0]["Targets"][0].update(Host="h"),

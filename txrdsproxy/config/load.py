@@ -110,7 +110,8 @@ def load_config(path):
 
 def parse_config(data, source="<config>", base_dir="."):
     top = _Node(source, "", data if data is not None else {}).mapping(
-        {"Admin", "Secrets", "DBProxies", "IAM", "DBInstances", "DrainTimeout", "Workers"})
+        {"Admin", "Secrets", "DBProxies", "IAM", "DBInstances", "DrainTimeout", "Workers",
+         "StateDirectory"})
     admin = m.AdminConfig()
     node = top.get("Admin", dict)
     if node is not None:
@@ -141,7 +142,18 @@ def parse_config(data, source="<config>", base_dir="."):
     return m.Config(source=source, proxies=proxies, secrets=secrets, admin=admin, iam=iam,
                     db_instances=_db_instances(top.get("DBInstances", list, [])),
                     drain_timeout=top.ranged("DrainTimeout", float, 30.0, 0, 3600),
-                    workers=_workers(top, proxies))
+                    workers=_workers(top, proxies),
+                    state_directory=_state_directory(top, base_dir))
+
+
+def _state_directory(top, base_dir):
+    """`StateDirectory` (ours): where the failover monitor keeps its fencing decisions
+    (failover/fencing.py), relative to the file's folder.  Absent: "" (the folder of the
+    configuration file, when there is one: service.state_directory)."""
+    value = top.get("StateDirectory", str, "")
+    if value == "" and "StateDirectory" in top.value:
+        top.fail("must not be empty (leave it out for the configuration file's folder)", "StateDirectory")
+    return os.path.join(base_dir, value) if value else ""
 
 
 MAX_WORKERS = 64

@@ -246,3 +246,4 @@ class Config:
     db_instances: Tuple[DBInstance, ...] = ()
     drain_timeout: float = 30.0  # SIGTERM / DeleteDBProxy: seconds open transactions may finish
     workers: int = 1  # worker processes sharing the listeners (txrdsproxy/workers/); 1: no extra process
+    state_directory: str = ""  # where fencing decisions are kept (failover/fencing.py); "": the file's folder

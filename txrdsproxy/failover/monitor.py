@@ -74,6 +74,9 @@ class TargetHealth:
         self.clock = clock
         self._records = {}
         self.listeners = []  # callables(target, HealthRecord) told of every new record (metrics)
+        # True in a worker of `Workers: N`: the supervisor's monitor writes every record
+        # (`apply`, failover/follower.py); this process's own evidence does not.
+        self.remote = False
 
     def _now(self):
         return self.clock.seconds() if self.clock is not None else None
@@ -86,24 +89,35 @@ class TargetHealth:
         """A connection to *target* was opened and logged in, or its check answered well.  An
         AVAILABLE record stays as it is (its `since`, and Reason PROMOTED during a promotion's
         transition: only the WriterMonitor ends that, `end_promotion`)."""
-        if self._records.get(target, _REGISTERING).state == AVAILABLE:
+        if self.remote or self._records.get(target, _REGISTERING).state == AVAILABLE:
             return
         self._set(target, HealthRecord(AVAILABLE, since=self._now()))
 
     def record_promoted(self, target):
         """*target* was made the writer in place of another target: AVAILABLE, Reason PROMOTED."""
+        if self.remote:
+            return
         self._set(target, HealthRecord(AVAILABLE, PROMOTED, None, self._now()))
 
     def end_promotion(self, target):
         """The transition after *target*'s promotion is over: plain AVAILABLE."""
         record = self._records.get(target)
+        if self.remote:
+            return
         if record is not None and record.state == AVAILABLE and record.reason == PROMOTED:
             self._set(target, HealthRecord(AVAILABLE, since=self._now()))
 
     def record_failure(self, target, reason, description):
         """A connection attempt to *target* failed, or the target is not usable (*reason*: one
         of the TargetHealthReason values above)."""
+        if self.remote:
+            return
         self._set(target, HealthRecord(UNAVAILABLE, reason, description, self._now()))
+
+    def apply(self, target, record):
+        """The record the one monitor of the proxy decided (a worker of `Workers: N`)."""
+        if self._records.get(target) != record:
+            self._set(target, record)
 
     record_unavailable = record_failure  # for verdicts that are not a failed attempt (lag, fencing)
 
@@ -166,6 +180,14 @@ class WriterMonitor:
     *database_errors*: failure classes that are the database's own answer (bad password, unknown
     database); they go to the client as before and say nothing about a failover.
     *failure_reason*: failure -> TargetHealth reason (default CONNECTION_FAILED).
+    *fences*: where the fencing decision survives a restart (failover/fencing.py ProxyFences:
+    `read()` -> (writer id, {fenced id: promoted id}), `save(writer id, fenced)`), or None (in
+    memory only).  Read at `start`: a remembered writer that is still a target and not fenced is
+    the writer until the first round says otherwise, a remembered fence holds again (a fenced
+    target is never kept as the writer, even when the configuration names it first); written
+    whenever the writer decided on or the fenced set changes.
+    *former_held*: callable(former writer) -> True while some pool still holds a connection to
+    it (ends the PROMOTED transition, below); default: this monitor's *pool*.
     """
 
     log = Logger()
@@ -173,7 +195,7 @@ class WriterMonitor:
 
     def __init__(self, clock, topology, health, probe, interval=5.0, pool=None,
                  database_errors=(), failure_reason=None, probe_timeout=None,
-                 retries=2, retry_backoff=0.5, unreachable=()):
+                 retries=2, retry_backoff=0.5, unreachable=(), fences=None):
         self.clock = clock
         self.topology = topology
         self.health = health
@@ -188,6 +210,8 @@ class WriterMonitor:
         self.retry_backoff = retry_backoff
         self.last_writer = topology.current_writer()  # the last target known as the writer
         self.fenced = {}  # former writer -> the target promoted in its place
+        self.fences = fences
+        self.former_held = None
         self.writer_listeners = []
         self.round_listeners = []
         self.vanished_listeners = []
@@ -208,6 +232,7 @@ class WriterMonitor:
         if self._running:
             return
         self._running = True
+        self.restore()
         self._run_round()
 
     def stop(self):
@@ -220,7 +245,40 @@ class WriterMonitor:
 
     def unfence(self, target):
         """*target* was registered again: it may become the writer like any other."""
-        self.fenced.pop(target, None)
+        if self.fenced.pop(target, None) is not None:
+            self.log.info("former writer {t} registered again: no longer fenced", t=target.rds_resource_id)
+        self._persist()
+
+    # -- the decision on disk (failover/fencing.py) ----------------------------------------------------
+    def restore(self):
+        """Take back the writer and fences remembered by *fences* (see the class docstring)."""
+        if self.fences is None:
+            return
+        writer_id, fenced = self.fences.read()
+        by_id = {t.rds_resource_id: t for t in self.topology.targets}
+        for former, promoted in fenced.items():
+            if former in by_id:
+                self.fenced[by_id[former]] = by_id.get(promoted, promoted)
+        if self.fenced:
+            self.log.warn("former writer(s) {ids} fenced (remembered in the state file): not used as "
+                          "the writer until they answer as a standby or are registered again",
+                          ids=sorted(t.rds_resource_id for t in self.fenced))
+        writer = by_id.get(writer_id)
+        if writer is not None and writer not in self.fenced:
+            if writer is not self.topology.current_writer():
+                self.log.info("writer {t} (remembered in the state file)", t=writer.rds_resource_id)
+            self.topology.set_writer(writer)
+            self.last_writer = writer
+        elif self.topology.current_writer() in self.fenced:
+            self.topology.set_writer(None)  # the first round finds the writer
+            self.last_writer = None
+
+    def _persist(self):
+        if self.fences is None:
+            return
+        writer = self.last_writer.rds_resource_id if self.last_writer is not None else None
+        self.fences.save(writer, {t.rds_resource_id: getattr(p, "rds_resource_id", p)
+                                  for t, p in self.fenced.items()})
 
     # -- hooks for the pool --------------------------------------------------------------------
     def connection_failed(self, failure):
@@ -348,9 +406,10 @@ class WriterMonitor:
         self.topology.record_probe(target, result)
         if result.role == READ_WRITE and target in self.fenced:
             promoted = self.fenced[target]
+            promoted = getattr(promoted, "rds_resource_id", promoted)
             self.health.record_unavailable(
                 target, INVALID_REPLICATION_STATE,
-                f"former writer answers read-write after {promoted.rds_resource_id} was promoted in"
+                f"former writer answers read-write after {promoted} was promoted in"
                 f" its place; not used until it answers read-only or is registered again")
         else:
             verdict = self._verdict(target, result)
@@ -381,16 +440,22 @@ class WriterMonitor:
                 continue
             if roles.get(target) != READ_WRITE:
                 continue
-            if self.pool is not None and any(getattr(c, "target", None) is former
-                                             for c in self.pool.connections()):
+            if self._former_held(former):
                 continue  # sessions still on the former writer
             del self.promoted[target]
             self.health.end_promotion(target)
+
+    def _former_held(self, former):
+        if self.former_held is not None:
+            return self.former_held(former)
+        return self.pool is not None and any(getattr(c, "target", None) is former
+                                             for c in self.pool.connections())
 
     def _decide_and_tell(self, results):
         if not self._running:
             return
         self._decide(results)
+        self._persist()
         for listener in list(self.round_listeners):
             try:
                 listener(dict(results))
@@ -407,7 +472,7 @@ class WriterMonitor:
         for target, result in results.items():
             self._count_vanished(target, result)
         current = self.topology.current_writer()
-        if current is not None and roles.get(current) == READ_WRITE:
+        if current is not None and roles.get(current) == READ_WRITE and current not in self.fenced:
             others = [t.rds_resource_id for t, r in roles.items() if r == READ_WRITE and t is not current]
             if others:
                 self.log.warn("targets {others} answer read-write too; {t} stays the only writer",
@@ -430,6 +495,8 @@ class WriterMonitor:
             if roles.get(current) == READ_ONLY:
                 # made read-only while up: no transaction may start on it again
                 self._move_pool(current, None, "writer demoted")
+            elif current in self.fenced:
+                self._move_pool(current, None, "writer fenced")
             return
         # the last writer, when it answers read-write again, before any other (no move)
         new = self.last_writer if self.last_writer in candidates else candidates[0]

@@ -39,6 +39,7 @@ class ProxyContext:
         self.database_tls = None  # backend_tls.DatabaseTLS (the connector's); None: never TLS
         self.iam = None  # auth.iam.DbTokenVerifier (the registry's) for IAMAuth REQUIRED users
         self.monitor = None  # failover.monitor.WriterMonitor when the target group has several targets
+        self.fence_store = None  # failover.fencing.FenceStore where the monitor keeps its fences
         self.readers = None  # failover.readers.ReaderSet (endpoints.wire_readers)
         self.replica_pools = None  # pool.targets.TargetPools of the READ_ONLY endpoints
         self.sessions = set()

@@ -42,6 +42,9 @@ class WorkerIdentity:
     # {(address family, host, port): file descriptor}: listening sockets the parent opened and
     # handed down (after twistd dropped privileges, see listen.py), used instead of binding.
     inherited: tuple = ()
+    # True: the supervisor runs the one health monitor of every proxy and this worker applies
+    # its verdicts (workers/hub.py, failover/follower.py) instead of probing by itself.
+    shared_monitor: bool = False
 
     def first_id(self):
         return self.count + self.index
@@ -52,6 +55,9 @@ class WorkerIdentity:
 
     def peer_socket(self, index):
         return f"{self.rundir}/peer-{index}.sock"
+
+    def monitor_socket(self):
+        return f"{self.rundir}/monitor.sock"
 
     def admin_socket(self, index=None):
         return f"{self.rundir}/admin-{self.index if index is None else index}.sock"

@@ -5,8 +5,10 @@
   of the cap adds up to the proxy's) are summed; gauges that are not additive take the least
   (`*_percentage`, `target_available`) or the greatest (`*longest_wait*`) value; the `process_*`
   families keep one series per worker (label `worker`).  Added: `rdsproxy_workers`,
-  `rdsproxy_worker_up{worker}`, `rdsproxy_worker_restarts_total{worker}` and
-  `rdsproxy_worker_client_connections{worker,proxy_name}`.
+  `rdsproxy_worker_up{worker}`, `rdsproxy_worker_restarts_total{worker}`,
+  `rdsproxy_worker_client_connections{worker,proxy_name}`, and the supervisor's health monitor
+  (hub.py): `rdsproxy_health_check_rounds_total{proxy_name}` and
+  `rdsproxy_health_checks_total{proxy_name,target}`.
 - `/healthz`: the workers' answers summed per proxy, plus each worker's state.  200 "ok" when
   every worker listens, 200 "degraded" while some (not all) are down or restarting, 503 when
   none answers.
@@ -30,7 +32,6 @@ Every fetch from a worker is bounded by FETCH_TIMEOUT.
 """
 
 import json
-import signal
 import uuid
 from urllib.parse import parse_qs
 
@@ -205,7 +206,16 @@ def _worker_metrics(supervisor, texts):
                 for s in family.samples:
                     clients.add_sample("rdsproxy_worker_client_connections",
                                        dict(s.labels, worker=str(index)), s.value)
-    return [count, up, restarts, clients]
+    rounds = Metric("rdsproxy_health_check_rounds", "Health check rounds of the one monitor the "
+                    "supervisor runs for every worker.", "counter")
+    checks = Metric("rdsproxy_health_checks", "Health checks (logins) of each target made by that "
+                    "monitor.", "counter")
+    hub = getattr(supervisor, "hub", None)
+    for name, done, per_target in (hub.figures() if hub is not None else ()):
+        rounds.add_sample("rdsproxy_health_check_rounds_total", {"proxy_name": name}, done)
+        for target, made in sorted(per_target.items()):
+            checks.add_sample("rdsproxy_health_checks_total", {"proxy_name": name, "target": target}, made)
+    return [count, up, restarts, clients, rounds, checks]
 
 
 class _FromWorkers(resource.Resource):
@@ -494,7 +504,7 @@ class Forwarder(_FromWorkers):
             code, out_headers, data = result
             if change and 200 <= code < 300:
                 # Applied there and written into the file: the others re-read the file.
-                self.supervisor.signal_workers(signal.SIGHUP, but=target.index)
+                self.supervisor.file_changed(but=target.index)
             _pass_on(request, code, out_headers, data)
 
         return self.answer_with(request, d, answered)

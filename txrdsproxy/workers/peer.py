@@ -17,6 +17,10 @@ directory (mode 0700: only the proxy's user can reach it).  One request per conn
                          worker sends `KILL QUERY <n>` on its own connection (same proxy, same
                          user), as for a local session
 
+    b"V" + length (uint32) + JSON               a verdict of the supervisor's health monitor
+                                                (workers/hub.py): the worker applies it and
+                                                answers JSON (what its pool still holds)
+
 Every wait is bounded (`PEER_TIMEOUT`); a dead or restarting owner means a cancel is dropped
 (like a cancel with a wrong key: PostgreSQL never answers a CancelRequest) and a KILL is
 answered "UNKNOWN".
@@ -28,12 +32,14 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger
 
-__all__ = ["PeerFactory", "forward_cancel", "forward_kill", "PEER_TIMEOUT"]
+__all__ = ["PeerFactory", "forward_cancel", "forward_kill", "send_request", "PEER_TIMEOUT"]
 
 log = Logger()
 
 PEER_TIMEOUT = 10.0  # seconds a forwarded request may take, end to end
 MAX_REQUEST = 1 + 1 + 8 + 2 + 1024 + 2 + 1024
+MAX_VERDICT = 1 << 20  # a verdict names every target of one proxy: far below this
+_VLEN = struct.Struct("!I")
 _KEY = struct.Struct("!II")
 _KILL = struct.Struct("!BQ")
 _LEN = struct.Struct("!H")
@@ -78,12 +84,21 @@ class _Peer(protocol.Protocol):
         if self._buf is None:
             return
         self._buf += data
-        if len(self._buf) > MAX_REQUEST:
+        kind = self._buf[:1]
+        if len(self._buf) > (1 + _VLEN.size + MAX_VERDICT if kind == b"V" else MAX_REQUEST):
             self._buf = None
             self.transport.abortConnection()
             return
-        kind = self._buf[:1]
-        if kind == b"C":
+        if kind == b"V":
+            if len(self._buf) >= 1 + _VLEN.size:
+                (n,) = _VLEN.unpack_from(self._buf, 1)
+                if n > MAX_VERDICT:
+                    self._buf = None
+                    self.transport.abortConnection()
+                elif len(self._buf) >= 1 + _VLEN.size + n:
+                    payload, self._buf = self._buf[1 + _VLEN.size:1 + _VLEN.size + n], None
+                    self._verdict(payload)
+        elif kind == b"C":
             if len(self._buf) >= 1 + _KEY.size:
                 key, self._buf = _KEY.unpack(self._buf[1:1 + _KEY.size]), None
                 self._cancel(key)
@@ -104,6 +119,15 @@ class _Peer(protocol.Protocol):
         log.info("cancel request for {s} (passed on by another worker)", s=session)
         done = session.ctx.connector.send_cancel(session.lease.conn)
         done.addBoth(lambda _: self.transport.loseConnection())
+
+    def _verdict(self, payload):
+        try:
+            answer = self.factory.verdicts(payload)
+        except Exception:
+            log.failure("applying a verdict of the health monitor failed")
+            answer = b""
+        self.transport.write(answer)
+        self.transport.loseConnection()
 
     def _kill(self, query_only, session_id, proxy_name, user):
         answer = kill_locally(self.factory.contexts(), query_only, session_id, proxy_name, user)
@@ -137,27 +161,29 @@ def kill_locally(contexts, query_only, session_id, proxy_name, user):
 class PeerFactory(protocol.Factory):
     """Serves the peer socket of one worker; *cancel_registry* is the registry's (every PG
     proxy of the process), *contexts* a callable -> the ProxyContexts now (MySQL KILL),
-    *clock* bounds each request."""
+    *clock* bounds each request, *verdicts*(JSON bytes) -> answer bytes applies a verdict of the
+    health monitor (workers/hub.py receive_verdict)."""
 
     noisy = False
 
-    def __init__(self, cancel_registry, clock, contexts=lambda: ()):
+    def __init__(self, cancel_registry, clock, contexts=lambda: (), verdicts=lambda payload: b""):
         self.cancel_registry, self.clock, self.contexts = cancel_registry, clock, contexts
+        self.verdicts = verdicts
 
     def buildProtocol(self, addr):
         return _Peer(self)
 
 
 class _Sender(protocol.Protocol):
-    def __init__(self, payload, done):
-        self.payload, self.done = payload, done
+    def __init__(self, payload, done, limit=64):
+        self.payload, self.done, self.limit = payload, done, limit
         self.answer = b""
 
     def connectionMade(self):
         self.transport.write(self.payload)
 
     def dataReceived(self, data):
-        self.answer = (self.answer + data)[:64]
+        self.answer = (self.answer + data)[:self.limit]
 
     def connectionLost(self, reason=None):
         if not self.done.called:
@@ -167,17 +193,25 @@ class _Sender(protocol.Protocol):
 def _ask(worker, owner, payload, reactor):
     """Send *payload* to worker *owner*'s peer socket -> Deferred[bytes]: what it answered
     before closing (b"" when it could not be reached or after PEER_TIMEOUT).  Never fails."""
+    return send_request(worker.peer_socket(owner), payload, reactor, PEER_TIMEOUT, 64,
+                        f"worker {owner}")
+
+
+def send_request(path, payload, reactor, timeout, limit, who, quiet=False):
+    """Send *payload* to the UNIX socket *path* -> Deferred[bytes]: at most *limit* bytes of
+    what it answered before closing (b"" when it could not be reached, or after *timeout*
+    seconds).  Never fails; *quiet*: the caller logs failures itself."""
     done = defer.Deferred()
-    endpoint = UNIXClientEndpoint(reactor, worker.peer_socket(owner), timeout=PEER_TIMEOUT)
-    factory = protocol.Factory.forProtocol(lambda: _Sender(payload, done))
+    endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
+    factory = protocol.Factory.forProtocol(lambda: _Sender(payload, done, limit))
     factory.noisy = False  # no "Starting factory" log line per request passed on
     connecting = endpoint.connect(factory)
     connected = []
     connecting.addCallback(connected.append)
 
     def failed(failure):
-        log.info("request not passed on to worker {owner}: {why}", owner=owner,
-                 why=failure.getErrorMessage())
+        if not quiet:
+            log.info("request not passed on to {who}: {why}", who=who, why=failure.getErrorMessage())
         if not done.called:
             done.callback(b"")
 
@@ -190,7 +224,7 @@ def _ask(worker, owner, payload, reactor):
         if not done.called:
             done.callback(b"")
 
-    timer = reactor.callLater(PEER_TIMEOUT, timed_out)
+    timer = reactor.callLater(timeout, timed_out)
     done.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
     return done
 

@@ -167,11 +167,17 @@ class WorkerSupervisor(service.Service):
         self._reserved = []  # per proxy: [socket per worker] (root) or [the one reservation]
         self._reserved_euid = None  # who reserved the ports (twistd may drop privileges after)
         self.handed_down = False  # True: each worker accepts on its own reserved socket
+        # The one health monitor of every proxy (hub.py): the workers apply its verdicts.
+        from txrdsproxy.workers.hub import MonitorHub
+        self.hub = MonitorHub(config, self.config_path, reactor,
+                              live=lambda: [w.index for w in self.live()])
 
     # -- what workers are started with ---------------------------------------------------------------
     def worker_argv(self, index):
         argv = [sys.executable, "-m", "txrdsproxy.workers.worker", "--config", self.config_path,
                 "--index", str(index), "--count", str(self.count), "--rundir", self.rundir]
+        if self.hub is not None:
+            argv += ["--shared-monitor"]
         for name, listen in sorted(self.listens.items()):
             argv += ["--listen", f"{name}={listen}"]
         for fd in self.child_fds(index):
@@ -241,6 +247,8 @@ class WorkerSupervisor(service.Service):
                  how="handed down by the supervisor (privileges dropped)" if self.handed_down
                  else "shared with SO_REUSEPORT", dir=self.rundir)
         super().startService()
+        if self.hub is not None:
+            self.hub.start(self.rundir)  # listening before any worker asks it
         for state in self.workers:
             state.start()
 
@@ -252,6 +260,8 @@ class WorkerSupervisor(service.Service):
         d = defer.DeferredList([w.stop(timeout) for w in self.workers], consumeErrors=True)
 
         def cleanup(_):
+            if self.hub is not None:
+                self.hub.stop()
             for socks in self._reserved:
                 for sock in socks:
                     sock.close()
@@ -267,12 +277,21 @@ class WorkerSupervisor(service.Service):
         """SIGHUP: every worker re-reads the file (each applies the difference and logs it).
         `Workers` and `Admin` are read at start only.  -> Deferred[[str]]."""
         self.signal_workers(signal.SIGHUP)
+        if self.hub is not None:
+            self.hub.reload()
         return defer.succeed([f"reload passed on to {sum(1 for w in self.workers if w.process)} workers"])
 
     def signal_workers(self, signo, but=None):
         for state in self.workers:
             if state.index != but:
                 state.signal(signo)
+
+    def file_changed(self, but=None):
+        """A worker (*but*) wrote an API change into the file: the others and the health
+        monitor re-read it."""
+        self.signal_workers(signal.SIGHUP, but=but)
+        if self.hub is not None:
+            self.hub.reload()
 
     def live(self):
         """-> the WorkerStates that are up, lowest index first."""

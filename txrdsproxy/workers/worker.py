@@ -2,6 +2,7 @@
 
     python -m txrdsproxy.workers.worker --config FILE --index I --count N --rundir DIR
                                         [--listen NAME=ENDPOINT ...] [--inherit FD ...]
+                                        [--shared-monitor]
 
 It runs the ordinary proxy service (service.make_service) with:
 - its listeners bound with SO_REUSEPORT (listen.py); `--listen` gives the port the parent
@@ -9,7 +10,8 @@ It runs the ordinary proxy service (service.make_service) with:
   hands down when twistd dropped privileges (`--uid`), adopted instead of bound;
 - the admin endpoint, when the file has one, on `DIR/admin-I.sock` (the parent serves the
   public one and merges or forwards, see admin.py);
-- the peer socket `DIR/peer-I.sock` for cancel requests other workers pass on (peer.py);
+- the peer socket `DIR/peer-I.sock` for cancel requests other workers pass on, and the
+  verdicts of the supervisor's health monitor (`--shared-monitor`: peer.py, hub.py);
 - SIGHUP (reload) and SIGTERM (drain, exit 0) as twistd's process has (tap.SignalHandlers);
 - its stdin as a lifeline: when the parent is gone (EOF), it drains and exits.
 
@@ -85,6 +87,8 @@ def main(argv=None):
     parser.add_argument("--listen", action="append", default=[])
     parser.add_argument("--inherit", action="append", type=int, default=[],
                         help="a listening socket the parent opened (file descriptor)")
+    parser.add_argument("--shared-monitor", action="store_true",
+                        help="apply the supervisor's health monitor verdicts (workers/hub.py)")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([_observer], redirectStandardIO=False)
 
@@ -97,10 +101,12 @@ def main(argv=None):
     from txrdsproxy.service import make_service
     from txrdsproxy.tap import SignalHandlers
     from txrdsproxy.workers import WorkerIdentity
+    from txrdsproxy.workers.hub import receive_verdict
     from txrdsproxy.workers.peer import PeerFactory
 
     from txrdsproxy.workers.listen import inherited_sockets
-    worker = WorkerIdentity(args.index, args.count, args.rundir, inherited_sockets(args.inherit))
+    worker = WorkerIdentity(args.index, args.count, args.rundir, inherited_sockets(args.inherit),
+                            shared_monitor=args.shared_monitor)
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -116,7 +122,9 @@ def main(argv=None):
         top.startService()
         peer = bind_now(f"unix:{worker.peer_socket(worker.index)}:mode=600",
                         PeerFactory(top.registry.cancel_registry, reactor,
-                                    top.registry.contexts), reactor, "peer socket")
+                                    top.registry.contexts,
+                                    lambda payload: receive_verdict(top.registry.contexts, payload)),
+                        reactor, "peer socket")
     except ListenFailed as e:
         log.critical("worker {index}: cannot start: {error}", index=args.index, error=str(e))
         return EXIT_CANNOT_START
