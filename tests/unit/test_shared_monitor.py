@@ -459,7 +459,7 @@ def test_receive_verdict_applies_it_and_answers_what_the_pool_holds():
     lease, conn = worker.lend()
     answer = json.loads(receive_verdict(lambda: [Ctx], json.dumps(dict(hub.sent[-1], seq=2)).encode()))
     assert answer == {"holds": ["db-1"]}
-    assert receive_verdict(lambda: [Ctx], json.dumps({"proxy": "other"}).encode()) == b""
+    assert receive_verdict(lambda: [Ctx], json.dumps({"proxy": "other"}).encode()) == b'{"holds": []}'
 
 
 def test_the_hub_ends_promoted_only_when_no_worker_holds_the_former_writer(monkeypatch):

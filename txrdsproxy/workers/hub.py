@@ -67,11 +67,12 @@ def ask_monitor(worker, proxy_name, reactor):
 
 def receive_verdict(contexts, payload):
     """A verdict pushed by the hub (peer.py b"V"): -> the answer bytes (JSON: {"holds": [ids of
-    the targets the proxy's writer pool holds connections to]}, or b"" for an unknown proxy)."""
+    the targets the proxy's writer pool holds connections to]}; none for a proxy this worker
+    does not run (yet, or any more))."""
     verdict = json.loads(payload)
     ctx = next((c for c in contexts() if c.name == verdict.get("proxy")), None)
     if ctx is None:
-        return b""
+        return b'{"holds": []}'
     monitor = ctx.monitor
     if monitor is not None and getattr(monitor, "follows", False):
         monitor.apply(verdict)
