@@ -157,10 +157,13 @@ def test_one_monitor_for_two_workers_and_fencing_across_a_restart(pg_server_fact
                                    " SELECT inet_server_port(), pg_is_in_recovery() FROM w",
                                    (index,)).fetchone()
                 assert row == (standby.port, False), (index, row)
-            views = [worker_view(rundir, i) for i in (0, 1)]
-            assert views[0] == views[1], views
-            assert [v[:3] for v in views[0]] == [("pg-1", "READ_ONLY", "UNAVAILABLE"),
-                                                ("pg-2", "READ_WRITE", "AVAILABLE")], views
+            # Both workers hold the monitor's view (read one after the other, so a round ending
+            # PROMOTED may land between the two readings: read again until they agree).
+            views = []
+            wait_for(lambda: views.append([worker_view(rundir, i) for i in (0, 1)])
+                     or views[-1][0] == views[-1][1], timeout=30, what="the same view in both workers")
+            assert [v[:3] for v in views[-1][0]] == [("pg-1", "READ_ONLY", "UNAVAILABLE"),
+                                                    ("pg-2", "READ_WRITE", "AVAILABLE")], views
             # The supervisor answers the same view.
             described = targets(rds)
             assert {k: v[:2] for k, v in described.items()} == {
