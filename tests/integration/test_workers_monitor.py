@@ -2,8 +2,10 @@
 
 - every target is checked once per round, by the supervisor's monitor, not once per worker: the
   health-check logins PostgreSQL logged (log_connections) equal the monitor's own check counter;
-- when the primary stops and the standby is promoted, a session on each worker writes to the
-  promoted standby over the same client connection;
+- when the primary stops and the standby is promoted, a session on worker 0 writes to the
+  promoted standby over the same client connection, and worker 1, killed and restarted in the
+  middle of the failover, starts from the monitor's view (no writer, never the configured one)
+  and its new session writes to the promoted standby too;
 - DescribeDBProxyTargets gives the same Role and TargetHealth from the supervisor and from each
   worker's private admin socket;
 - the fencing of the former writer survives a restart: the proxy is stopped, the former primary
@@ -12,7 +14,9 @@
 """
 
 import http.client
+import os
 import re
+import signal
 import socket
 from pathlib import Path
 from urllib.parse import urlencode
@@ -91,6 +95,17 @@ def check_figures(port):
     return rounds, checks
 
 
+def healthz(port):
+    import json
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=15) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
 def logins(server):
     return len(CHECK_LOGIN.findall(Path(server.log_path).read_text(errors="replace")))
 
@@ -145,13 +160,28 @@ def test_one_monitor_for_two_workers_and_fencing_across_a_restart(pg_server_fact
             by_worker[0].execute("CREATE TABLE monitored (worker int)")
             wait_replicated(standby, "SELECT count(*) FROM monitored", "0")
 
-            # -- failover ---------------------------------------------------------------------------------
+            # -- failover, with worker 1 killed and restarted in the middle of it -----------------
             primary.stop()
             wait_for(lambda: (targets(rds) or {}).get("pg-1", ())[1:2] == ("UNAVAILABLE",), timeout=60,
                      what="pg-1 lost")
+            os.kill(healthz(admin)["workers"][1]["pid"], signal.SIGKILL)
+            wait_for(lambda: (lambda w: w["up"] and w["restarts"] == 1)(healthz(admin)["workers"][1]),
+                     timeout=STARTUP, what="worker 1 restarted")
+            # It asked the monitor as it started: no writer (not pg-1, the configuration's first).
+            wait_for(lambda: [v[:3] for v in worker_view(rundir, 1)] == [
+                ("pg-1", "READ_ONLY", "UNAVAILABLE"), ("pg-2", "READ_ONLY", "AVAILABLE")],
+                timeout=30, what="the restarted worker's view")
             standby.promote()
             wait_for(lambda: (targets(rds) or {}).get("pg-2", ())[:2] == ("READ_WRITE", "AVAILABLE"),
                      timeout=60, what="pg-2 the writer")
+            by_worker.pop(1).close()  # its worker was killed: a new session on the restarted one
+            for _ in range(64):
+                conn = psycopg.connect(dsn, autocommit=True)
+                conns.append(conn)
+                if conn.info.backend_pid % 2 == 1:
+                    by_worker[1] = conn
+                    break
+            assert 1 in by_worker, "64 connections, none accepted by the restarted worker"
             for index, conn in sorted(by_worker.items()):
                 row = conn.execute("WITH w AS (INSERT INTO monitored VALUES (%s) RETURNING 1)"
                                    " SELECT inet_server_port(), pg_is_in_recovery() FROM w",
