@@ -499,3 +499,60 @@ def test_the_hub_ends_promoted_only_when_no_worker_holds_the_former_writer(monke
     clock.advance(INTERVAL)
     assert h.health.health_of(S).reason is None
     assert central.seq["p"] == watched.last["seq"] == h.monitor.rounds
+
+
+# -- the hub follows the configuration file -------------------------------------------------------------
+def _hub_config(path, targets, name="p"):
+    import yaml
+    secrets = path.parent / "secrets.json"
+    secrets.write_text(json.dumps({"arn:s": {"username": "u", "password": "pw"}}))
+    os.chmod(secrets, 0o600)
+    path.write_text(yaml.safe_dump({
+        "Secrets": {"Backend": "file", "Path": "secrets.json"}, "Workers": 2,
+        "DBProxies": [{"DBProxyName": name, "EngineFamily": "POSTGRESQL", "Listen": "tcp:0",
+                       "HealthCheckInterval": 5,
+                       "Auth": [{"SecretArn": "arn:s"}],
+                       "TargetGroups": [{"TargetGroupName": "default", "Targets": [
+                           {"RdsResourceId": t, "Endpoint": "127.0.0.1", "Port": 5400 + i}
+                           for i, t in enumerate(targets)]}]}]}))
+
+
+def test_the_hub_follows_reloads_and_keeps_its_fences(tmp_path, logged, monkeypatch):
+    from txrdsproxy.config.load import load_config
+    from txrdsproxy.failover.checks import HealthChecks
+    from txrdsproxy.workers.hub import MonitorHub
+    answers = {"db-1": TargetUnreachable("refused"), "db-2": PRIMARY, "db-3": STANDBY}
+    monkeypatch.setattr(HealthChecks, "probe", lambda self, target: (
+        defer.fail(answers[target.rds_resource_id]) if isinstance(answers[target.rds_resource_id], Exception)
+        else defer.succeed(answers[target.rds_resource_id])))
+    path = tmp_path / "proxy.yaml"
+    _hub_config(path, ["db-1", "db-2"])
+    clock = Clock()
+    hub = MonitorHub(load_config(str(path)), str(path), clock)
+    hub.start(None)  # no run directory: nothing to push to, no socket (a Clock cannot listen)
+    watched = hub.proxies["p"]
+    assert watched.ctx.topology.current_writer().rds_resource_id == "db-2"  # db-1 refused
+    assert {t.rds_resource_id for t in watched.monitor.fenced} == {"db-1"}
+    assert hub.figures() == [("p", watched.monitor.rounds, watched.checks)]
+
+    hub.reload()  # the file did not change: the same monitor goes on
+    assert hub.proxies["p"] is watched
+    _hub_config(path, ["db-1", "db-2", "db-3"])  # a target registered (written by a worker)
+    hub.reload()
+    rebuilt = hub.proxies["p"]
+    assert rebuilt is not watched and not watched.monitor._running
+    assert [t.rds_resource_id for t in rebuilt.ctx.topology.targets] == ["db-1", "db-2", "db-3"]
+    # what was decided carries over (the state file): db-2 the writer, db-1 fenced
+    assert rebuilt.ctx.topology.current_writer().rds_resource_id == "db-2"
+    assert {t.rds_resource_id for t in rebuilt.monitor.fenced} == {"db-1"}
+    assert hub.seq.get("p", 0) >= watched.last["seq"]  # verdicts keep counting up
+
+    path.write_text("DBProxies: [")  # invalid: nothing changes
+    hub.reload()
+    assert hub.proxies["p"] is rebuilt
+    assert any("keeps checking the configuration it had" in t for t in texts(logged, LogLevel.error))
+
+    _hub_config(path, ["db-1"])  # one target: no monitor any more
+    hub.reload()
+    assert hub.proxies == {} and not rebuilt.monitor._running
+    hub.stop()
