@@ -198,12 +198,12 @@ FORMER_WRITER_DRAIN = 30.0  # seconds a pinned session's transaction on a former
 
 def end_pinned_sessions_on(ctx, target, why):
     """The writer moved off *target* (failover, or it was made read-only): a pinned session keeps
-    its database connection for its whole life, and the proxy cannot replay what pinned it (a
-    prepared statement, a temporary table, a lock, a SET: the state lives on *target*), so it
-    must not go on there.  Each one ends at its next transaction boundary (now when it stands
-    between two) with the engine's "writer changed" error (docs/errors.md); one still inside a
-    transaction after FORMER_WRITER_DRAIN seconds is closed.  Sessions that are not pinned are
-    not touched: their next transaction borrows a connection to the new writer.
+    its database connection for its whole life, so it must not go on there.  At its next
+    transaction boundary (now when it stands between two) each one is moved to the new writer
+    when what pinned it can be replayed there (proxy/pin_move.py), else ended with the engine's
+    "writer changed" error (docs/errors.md); one still inside a transaction after
+    FORMER_WRITER_DRAIN seconds is closed.  Sessions that are not pinned are not touched: their
+    next transaction borrows a connection to the new writer.
     -> the Deferred of drain_sessions, or None when no session was pinned there."""
     if target is None:
         return None
@@ -214,7 +214,14 @@ def end_pinned_sessions_on(ctx, target, why):
         return None
     log.warn("proxy {name}: ending {n} pinned session(s) on former writer {t} ({why}) at their "
              "next transaction boundary", name=ctx.name, n=len(pinned), t=target.rds_resource_id, why=why)
-    return drain_sessions(ctx, FORMER_WRITER_DRAIN, ctx.clock, pinned, why="writer changed")
+    return drain_sessions(ctx, FORMER_WRITER_DRAIN, ctx.clock, pinned, why="writer changed",
+                          moved=lambda s: _left_target(s, target))
+
+
+def _left_target(session, target):
+    """A pinned session holds no connection to *target* any more (it moved)."""
+    lease = getattr(session, "lease", None)
+    return lease is None or getattr(lease.conn, "target", None) is not target
 
 
 def _frontend_factory(ctx):
@@ -519,9 +526,10 @@ def _keep_endpoint_ports(old, new):
     return dataclasses.replace(new, endpoints=tuple(endpoints))
 
 
-def drain_sessions(ctx, timeout, clock, sessions=None, why=None):
+def drain_sessions(ctx, timeout, clock, sessions=None, why=None, moved=None):
     """End every session of *ctx* (or only *sessions*): between transactions now, inside one
-    when it ends or after *timeout* seconds.  -> Deferred[None] once they are all gone.
+    when it ends or after *timeout* seconds.  -> Deferred[None] once they are all gone (or
+    `moved(session)` is true for the rest: pinned sessions that moved off a former writer).
 
     A session's engine frontend may offer `drain()` (tell the client the server is shutting down
     with the engine's error, between transactions) and `busy_in_transaction()`; without them the
@@ -534,7 +542,7 @@ def drain_sessions(ctx, timeout, clock, sessions=None, why=None):
     state = {"timer": None, "poll": None}
 
     def remaining():
-        return [s for s in ctx.sessions if s in sessions]
+        return [s for s in ctx.sessions if s in sessions and not (moved is not None and moved(s))]
 
     def force():
         for s in remaining():

@@ -3,8 +3,9 @@
 A primary and a streaming standby behind one proxy.  The primary is made read-only for the whole
 server (ALTER SYSTEM default_transaction_read_only + reload), then the standby is promoted:
 - idle pooled connections to the demoted writer are closed at once, never lent again;
-- a pinned session between transactions is ended with the proxy's "writer changed" error, one
-  inside a transaction is ended right after it (no session goes on against the read-only server);
+- a pinned session between transactions whose pin cannot move (a temporary table) is ended with
+  the proxy's "writer changed" error, one inside a transaction is ended right after it (no
+  session goes on against the read-only server; pins that move: test_pg_pin_move.py);
 - a session that is not pinned keeps its client connection and its next transaction runs, and
   writes, on the new writer; one whose named prepared statements are tracked
   (EXCLUDE_PREPARED_STATEMENTS) has them prepared again there;
@@ -65,14 +66,15 @@ def _run(primary, standby, pg_proxy_factory):
     # named protocol statements, tracked (not pinned) under EXCLUDE_PREPARED_STATEMENTS
     prepared = psycopg.connect(proxy.dsn(primary), autocommit=True, prepare_threshold=0)
     try:
-        pinned.execute("SET work_mem = '8MB'")  # pins (no SessionPinningFilters)
-        pinned_in_txn.execute("SET work_mem = '4MB'")  # pins, and the transaction stays open
+        pinned.execute("CREATE TEMP TABLE t1 (x int)")  # pins, and cannot move
+        pinned_in_txn.execute("CREATE TEMP TABLE t2 (x int)")  # the same; the transaction stays open
+        pinned_in_txn.execute("SET work_mem = '4MB'")
         unpinned.execute("CREATE TABLE moved (x int)")
         unpinned.execute("INSERT INTO moved VALUES (1)")
         count = "SELECT count(*), inet_server_port() FROM moved WHERE x > %s"
         assert prepared.execute(count, (0,)).fetchone() == (1, primary.port)
         assert proxy.session_states().count("pinned") == 2
-        assert proxy.call(lambda: dict(ctx.pin_counts)) == {"set_variable": 2}  # the statement: tracked
+        assert proxy.call(lambda: dict(ctx.pin_counts)) == {"temporary_object": 2}  # the statement: tracked
         assert ("pg-1", "IDLE") in proxy.call(pool_by_target, ctx)  # the unpinned sessions' connection
         wait_replicated(standby, "SELECT count(*) FROM moved", "1")
 

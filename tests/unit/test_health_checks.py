@@ -270,7 +270,7 @@ def test_pg_pinned_session_ends_after_its_transaction_with_the_writer_changed_fa
     from txrdsproxy.wire.pg import messages as msg
     s = Harness()
     s.login()
-    s.send(msg.query("BEGIN; SET work_mem = '8MB'"))  # pins, inside a transaction
+    s.send(msg.query("BEGIN; CREATE TEMP TABLE t (x int)"))  # pins, inside a transaction; cannot move
     lease = s.pool.give()
     lease.conn.txn_status = b"T"  # what the backend connection reads from ReadyForQuery
     s.frontend.ready_for_query(b"T")

@@ -153,7 +153,7 @@ def test_a_pinned_session_on_a_former_writer_ends_at_commit_and_its_pipelined_re
         stream, answer_between):
     for chunks in every_split(stream):
         h = session()
-        rb.run(h, [msg.query("SET search_path TO app")])  # pins the session
+        rb.run(h, [msg.query("CREATE TEMP TABLE tt (x int)")])  # pins the session; cannot move
         assert h.frontend.pin_reason is not None
         old = in_transaction(h)
         h.ctx.pool.retired.add(old)

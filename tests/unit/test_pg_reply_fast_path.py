@@ -211,9 +211,10 @@ COMMIT_REPLY = be.command_complete("COMMIT") + msg.ready_for_query(b"I")
 
 
 def pinned_in_transaction():
-    """A session pinned by a SET, inside a transaction, asked to end because the writer changed."""
+    """A session pinned by a LISTEN (which does not move), inside a transaction, asked to end
+    because the writer changed."""
     h = session()
-    h.send(msg.query("SET work_mem = '4MB'"))  # pins
+    h.send(msg.query("LISTEN ch"))  # pins
     h.ctx.pool.step(lambda n: 0)
     h.send(msg.query("BEGIN"))
     h.ctx.pool.step(lambda n: 0)
@@ -248,7 +249,7 @@ def test_writer_changed_with_a_query_pipelined_after_the_commit(path):
     the COMMIT (ClientStream.gate) and never reaches the former writer; the client gets the
     COMMIT's reply, then the FATAL, then EOF -- on both reply paths."""
     h = session()
-    h.send(msg.query("SET work_mem = '4MB'"))
+    h.send(msg.query("LISTEN ch"))  # pins; does not move
     h.ctx.pool.step(lambda n: 0)
     h.send(msg.query("BEGIN"))
     h.ctx.pool.step(lambda n: 0)

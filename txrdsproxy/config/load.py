@@ -276,6 +276,7 @@ _PROXY_KEYS = {
     "HealthCheckInterval", "HealthCheck", "TLS", "ClientFirstPacketTimeout", "ClientAuthTimeout", "MaxCancelRate",
     "DatabaseConnectTimeout", "DatabaseOperationTimeout", "DatabaseTLS", "DBProxyResourceId", "Endpoint",
     "RoleArn", "VpcSubnetIds", "VpcSecurityGroupIds", "Endpoints", "MaxReplicaLag",
+    "MaxSessionReplaySize",
 }
 _ENDPOINT_KEYS = {"DBProxyEndpointName", "TargetRole", "Listen", "FallbackToWriter",
                   "VpcSubnetIds", "VpcSecurityGroupIds"}
@@ -349,6 +350,7 @@ def _proxy(node, base_dir="."):
         listen=listen,
         endpoints=_endpoints(node, listen),
         max_replica_lag=node.ranged("MaxReplicaLag", float, 0.0, 0, 86400),
+        max_session_replay_size=node.ranged("MaxSessionReplaySize", int, 65536, 0, 16 * 1024 * 1024),
         auth=auth,
         target_group=_target_group(groups[0], engine),
         require_tls=require_tls,

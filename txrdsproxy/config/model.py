@@ -179,6 +179,9 @@ class DBProxy:
     # Ours: a replica whose replay lag exceeds this many seconds leaves the reader set until it
     # has caught up (TargetHealth UNAVAILABLE, INVALID_REPLICATION_STATE); 0 = no bound.
     max_replica_lag: float = 0.0
+    # Ours: bytes a pinned session may record (its prepared statements) to be moved to a new
+    # writer at a switchover instead of being ended; 0 = pinned sessions are never moved.
+    max_session_replay_size: int = 65536
     # Kept for the RDS API's shapes (CreateDBProxy requires them); they change nothing here.
     role_arn: str = ""
     vpc_subnet_ids: Tuple[str, ...] = ()

@@ -197,11 +197,16 @@ class PgBackendConnection(BackendConnection):
         Fires with the DataRows' columns as [[str or None,...]] or fails with DatabaseError (the
         first error) / BackendGone.  The connection is idle again when it fires.
         """
+        return self.run_messages(msg.query(sql))
+
+    def run_messages(self, data):
+        """As `run_internal`, for *data*: encoded messages that get exactly one ReadyForQuery
+        (one Query, or extended-protocol messages ending with one Sync)."""
         if self._op is not None:
             return defer.fail(RuntimeError("internal operation already running"))
         d = defer.Deferred()
         self._op = [d, [], None]
-        self.transport.write(msg.query(sql))
+        self.transport.write(data)
         return self.bounded(d, "internal query")
 
     def _internal_scanned(self, kind, payload):

@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from txrdsproxy.auth.iam import AuthenticationFailed, TooManyAuthentications, verify_login
 from txrdsproxy.proxy.interfaces import IEngineSession, IPgSessionEvents
+from txrdsproxy.proxy import pg_move
 from txrdsproxy.proxy.limits import Refusal
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import READ_ONLY_KEY, BorrowFailure, ClientSession, Phase, SessionState
@@ -68,6 +69,7 @@ class PgFrontend(ClientSession):
         debug = (lambda text: ctx.debug_statement(self, text)) if ctx.debug_until else None
         self._stream = ClientStream(self._max, pool_config.exclude_variable_sets, self._stmts, debug)
         self._stream.reply = self._reply
+        self._stream.replay_limit = ctx.config.max_session_replay_size  # moving off a former writer
 
     @property
     def queries(self):
@@ -576,7 +578,12 @@ class PgFrontend(ClientSession):
     # -- getting a connection: ClientSession.borrow's engine hooks -----------------------------------
     def prepare_lease(self, conn):
         """The connection's session parameters must be this session's first (a Deferred of
-        sync_params); the client's messages wait in the stream meanwhile."""
+        sync_params); the client's messages wait in the stream meanwhile.  A pinned session
+        moving off a former writer has its state replayed there first (proxy/pin_move.py)."""
+        if self._move is not None:
+            move = self.take_move()
+            if move is not None:
+                return pg_move.replay(conn, move, self.desired)
         if conn.client_params == self.desired:
             return None
         return conn.sync_params(self.desired)
@@ -634,8 +641,9 @@ class PgFrontend(ClientSession):
     def _pin_if_unlexable(self, encoding):
         """SJIS, BIG5, GBK, ...: the proxy cannot split SQL sent in them (a multi-byte character
         may hold a quote or backslash byte), the server can.  Pinned, the session needs no
-        classifying (docs/security.md)."""
+        classifying (docs/security.md), and cannot move to another writer."""
         if encoding and pinning.unsafe_client_encoding(encoding):
+            self._stream.recorder = None
             self._stream.pin_reason = self._stream.pin_reason or pinning.PinReason.CLIENT_ENCODING
             if self.pin_reason is None:
                 self._pin(pinning.PinReason.CLIENT_ENCODING)
@@ -686,6 +694,25 @@ class PgFrontend(ClientSession):
             lease.release(clean=True, needs_reset=conn.too_many_statements)
         if self._stream.wants_connection:  # the next request has begun arriving
             self._after_input()
+
+    # -- moving off a former writer (proxy/pin_move.py; what moves: wire/pg/replay.py) ---------
+    def replay_log(self):
+        return self._stream.recorder
+
+    def detach_for_move(self, conn):
+        self._conn = None
+        self._detach(conn)
+        self._stream.detach()
+
+    def capture_state(self, conn, log):
+        return pg_move.capture(conn, log)
+
+    def after_move(self):
+        if self._stream.wants_connection:  # the next request has begun arriving
+            self._after_input()
+
+    def replay_failed(self, why):
+        self._fatal(errors.replay_failed(why))
 
     # -- ending -------------------------------------------------------------------------------------
     def _fatal(self, error):

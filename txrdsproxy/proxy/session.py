@@ -17,6 +17,7 @@ from txrdsproxy.proxy.connector import BackendGone, DatabaseRefused, enable_keep
 from txrdsproxy.proxy.relay import couple, uncouple
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.context import DEBUG_LOGGING_SECONDS, ProxyContext  # noqa: F401 (moved; old imports keep working)
+from txrdsproxy.proxy.pin_move import MOVING, PinMove, ReplayFailed
 
 READ_ONLY_KEY = "READ_ONLY"  # last element of a READ_ONLY endpoint's session keys (engines that need it)
 AUTH_TIMEOUT = 60.0  # default ClientAuthTimeout: seconds from connecting to the end of authentication
@@ -76,7 +77,7 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
-class ClientSession(protocol.Protocol):
+class ClientSession(PinMove, protocol.Protocol):
     """What every client session does the same way, whatever the engine.
 
     An engine's frontend subclasses this and supplies the wire: how it greets, authenticates and
@@ -106,7 +107,7 @@ class ClientSession(protocol.Protocol):
                  "pin_statement", "queries", "request_started", "_setup_failure_counted",
                  "_latency_series", "_db_latency_series", "last_active", "connected_at", "_phase",
                  "refusal", "_timer", "_first_timer", "_borrow_d", "_attaching", "_paused",
-                 "_coupled", "_draining", "_drain_why", "broken", "transport", "connected",
+                 "_coupled", "_draining", "_drain_why", "_move", "broken", "transport", "connected",
                  "endpoint", "route")
 
     def __init__(self, ctx, first_phase):
@@ -138,6 +139,9 @@ class ClientSession(protocol.Protocol):
         self._coupled = False  # transports coupled for backpressure (see relay.couple)
         self._draining = False  # drain() was asked: end at the next transaction boundary
         self._drain_why = None  # None: the proxy stops; "writer changed": pinned to a former writer
+        # A pinned session moving off a former writer: MOVING while its state is read there,
+        # then the engine's replay plan until a connection to the new writer is prepared with it.
+        self._move = None
         self.broken = False  # an unexpected error ended the session: its connection is not reused
 
     def __repr__(self):
@@ -364,6 +368,13 @@ class ClientSession(protocol.Protocol):
             self.lease = None
             if conn.state != ConnState.CLOSED:
                 self._detach(conn)
+        if failure.check(ReplayFailed):  # a moved pinned session: it cannot go on
+            lease.release(clean=False, reason="replaying a moved pinned session failed")
+            if self.state is not SessionState.CLOSED:
+                self.log.warn("{s}: replaying the pinned session on the new writer failed ({e}); ending it",
+                              s=self, e=failure.getErrorMessage())
+                self.replay_failed(failure.getErrorMessage())
+            return
         if failure.check(DatabaseRefused) and conn.state == ConnState.BORROWED:
             lease.release(clean=True, needs_reset=True)  # it answered: reset, then reuse
         else:
@@ -428,6 +439,8 @@ class ClientSession(protocol.Protocol):
         between transactions is ended (its connection is reset or closed by the pool)."""
         if self.state is SessionState.CLOSED or self._phase == Phase.CLOSING:
             return True
+        if self._move is MOVING:  # it ends in a move or in the end of the session
+            return why is not None
         self._draining = True
         if why is not None:
             self._drain_why = why
@@ -438,6 +451,8 @@ class ClientSession(protocol.Protocol):
             if lease is not None and self.transaction_open(lease.conn):
                 return False
         if self._drain_why is not None:
+            if self.lease is not None and self.pin_reason is not None and self._begin_move():
+                return True
             self.log.info("{s}: ending the session: {why}", s=self, why=self._drain_why)
             self.writer_changed_now()
             return True

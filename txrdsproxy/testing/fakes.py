@@ -180,9 +180,21 @@ class FakePgBackendConn:
         self.client_params = None  # never equal to a session's: sync_params is always asked
         self.sink = None
         self.synced = []
+        self.internal = []  # [(encoded messages, Deferred)] of run_internal / run_messages
 
     def attach(self, sink):
         self.sink = sink
+
+    def run_internal(self, sql):
+        from txrdsproxy.wire.pg import messages as msg
+        return self.run_messages(msg.query(sql))
+
+    def run_messages(self, data):
+        """An internal operation: recorded with its Deferred, which the test fires (rows:
+        [[str or None, ...]]) or fails."""
+        d = defer.Deferred()
+        self.internal.append((data, d))
+        return d
 
     def detach(self):
         self.sink = None

@@ -46,6 +46,16 @@ WRITER_CHANGED = error_response(
     "writer, and the writer changed (failover or switchover). Reconnect to continue on the new writer.")
 
 
+
+def replay_failed(why):
+    """A pinned session moved off a former writer, and making its state again on the new
+    writer failed (proxy/pin_move.py): the session ends."""
+    return error_response(
+        "08006", "The proxy ended this session: it was pinned to a database connection on the former "
+        f"writer, and replaying its session state on the new writer failed ({why}). Reconnect to "
+        "continue on the new writer.")
+
+
 def lost_during_request(why):
     """The database connection broke while a request waited for its answer (the session goes
     on; whether the request took effect is unknown)."""

@@ -27,6 +27,7 @@ import enum
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg import pinning
 from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring
+from txrdsproxy.wire.pg.replay import ReplayLog
 from txrdsproxy.wire.pg.scanner import DROP_HALT, HOLD, MessageScanner, limits_table
 from txrdsproxy.wire.pg.statements import NAMES_LIMIT, PIN, QUERY_LIMIT, mentions_proxy_names
 
@@ -57,7 +58,7 @@ class ClientStream:
 
     __slots__ = ("scanner", "outstanding", "unsynced", "requests", "pin_reason", "pin_text", "terminated",
                  "state", "conn", "tracker", "exclude_sets", "reply", "debug", "_refusal",
-                 "_batch_failed", "gate")
+                 "_batch_failed", "gate", "recorder", "replay_limit")
 
     def __init__(self, max_size, exclude_sets=False, tracker=None, debug=None):
         self.scanner = MessageScanner(SESSION_LIMITS, max_size, self._message, hold=True)
@@ -76,6 +77,10 @@ class ClientStream:
         self._refusal = None  # the ERROR sent for each refused request
         self._batch_failed = False
         self.gate = False  # hold a request behind an unanswered one (see the module docstring)
+        # Pinned and still movable to another writer: the replay.ReplayLog its statements go to
+        # (None otherwise: an unpinned session records nothing); MaxSessionReplaySize, 0: never.
+        self.recorder = None
+        self.replay_limit = 0
 
     # -- questions -------------------------------------------------------------------------------
     @property
@@ -113,6 +118,8 @@ class ClientStream:
         if self.pin_reason is None:
             sql = data[5:-1]
             self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()), sql)
+        elif self.recorder is not None:  # pinned, still movable: rare
+            self._record(data[5:-1])
         return True
 
     def take_batch(self, data):
@@ -148,21 +155,26 @@ class ClientStream:
                     if kind == _P:
                         name, at = cstring(body)
                         sql, _ = cstring(body, at)
-                        found.append((name, sql))
+                        found.append((name, sql, body))
                     else:
-                        found.append((cstring(body)[0], None))
+                        found.append((cstring(body)[0], None, None))
                 elif kind != _E and kind != _D:
                     return False
                 pos = stop
         except ProtocolViolation:
             return False  # feed finds it again and says so
-        for name, sql in found:
+        for name, sql, body in found:
             if self.pin_reason is not None:
-                break
+                if self.recorder is None:
+                    break
+                if sql is not None:  # pinned, still movable: rare
+                    self._record(sql, body if name else None)
+                continue
             if sql is None:
                 self._pin(pinning.classify_bind(name))
             else:
-                self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql)
+                self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql,
+                          body if name else None)
         self.outstanding += 1
         self.requests += 1
         return True
@@ -252,6 +264,8 @@ class ClientStream:
             sql = msg.query_text(body) if whole else body
             if self.pin_reason is None:
                 self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()), sql)
+            elif self.recorder is not None:  # pinned, still movable: rare
+                self._record(sql if whole else None)
             if self.debug is not None:
                 self.debug(sql)
             if tracker is not None:
@@ -260,6 +274,7 @@ class ClientStream:
                 out = tracker.message(self.conn, kind, body, whole)
                 if out is PIN:
                     self._pin(pinning.PinReason.PREPARED_STATEMENT)
+                    self.recorder = None
                     return None
                 return out
             return None
@@ -275,9 +290,13 @@ class ClientStream:
             return DROP_HALT
         if kind == _F:
             self.outstanding += 1
-            if self.pin_reason is None:  # a function called by OID: set_config, nextval, ...
+            if self.pin_reason is None or self.recorder is not None:  # by OID: set_config, nextval, ...
                 oid = int.from_bytes(body[:4], "big") if len(body) >= 4 else -1
-                self._pin(pinning.classify_function_call(oid))
+                reason = pinning.classify_function_call(oid)
+                if self.pin_reason is None:
+                    self._pin(reason)
+                elif reason is not None:
+                    self.recorder = None
             if tracker is not None:
                 tracker.message(self.conn, kind, body)
             return None
@@ -300,6 +319,7 @@ class ClientStream:
         if not whole:
             # Longer than the classifier reads: it pins anyway (RDS Proxy pins above 16 KB).
             self._pin(pinning.PinReason.STATEMENT_TOO_LARGE)
+            self.recorder = None
             if self.debug is not None:
                 self.debug(body)
             return
@@ -307,14 +327,17 @@ class ClientStream:
         sql, _ = cstring(body, pos)
         if self.debug is not None:
             self.debug(sql)
-        if self.pin_reason is not None:
-            return
         if self.tracker is not None:
-            if mentions_proxy_names(sql):
-                self._pin(pinning.PinReason.PREPARED_STATEMENT, sql)
-                return
             name = b""  # tracked by the StatementTracker: only the SQL may pin
-        self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql)
+        if self.pin_reason is not None:
+            if self.recorder is not None:  # pinned, still movable: rare
+                self._record(sql, body if name else None)
+            return
+        if self.tracker is not None and mentions_proxy_names(sql):
+            self._pin(pinning.PinReason.PREPARED_STATEMENT, sql)
+            return
+        self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql,
+                  body if name else None)
 
     def _scs(self):
         """standard_conforming_strings on the attached connection (as its server reported it):
@@ -324,13 +347,22 @@ class ClientStream:
         value = conn.server_params.get("standard_conforming_strings") if conn is not None else None
         return None if value is None else value == "on"
 
-    def _pin(self, reason, sql=None):
+    def _pin(self, reason, sql=None, body=None):
         """Pin for *reason* (None: no pin); *sql*: the statement that pinned, kept (its start)
-        for DescribeDBProxySessions, where it is shown with its literals masked."""
+        for DescribeDBProxySessions, where it is shown with its literals masked; *body*: a
+        named Parse's whole body.  With a `replay_limit`, recording for a move starts here."""
         if reason is not None and self.pin_reason is None:
             self.pin_reason = reason
             if sql is not None:
                 self.pin_text = bytes(sql[:PIN_TEXT_BYTES])
+            if self.replay_limit:
+                log = ReplayLog(self.replay_limit)
+                self.recorder = log if log.first(reason, sql, body, self._scs()) else None
+
+    def _record(self, sql, body=None):
+        """A statement of a pinned session that is still movable (replay.ReplayLog.record)."""
+        if not self.recorder.record(sql, body, self._scs()):
+            self.recorder = None
 
     def _refused(self, kind):
         """A message while refusing: answered here, never forwarded."""

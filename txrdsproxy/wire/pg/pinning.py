@@ -35,6 +35,8 @@ __all__ = [
     "classify_bind",
     "classify_function_call",
     "unsafe_client_encoding",
+    "statement_reasons",
+    "classify_tokens",
 ]
 
 MAX_STATEMENT_BYTES = 16384  # RDS Proxy pins on any statement text larger than 16 KB
@@ -388,6 +390,19 @@ def classify_query(
             _seen.clear()
         _seen[key] = reason
     return reason
+
+
+def statement_reasons(sql: bytes, exclude_variable_sets: bool, standard_conforming_strings: bool):
+    """-> [(tokens, reason or None)] for each statement of *sql*, in order (no cache, no
+    pre-filter: for the rare callers that must see every statement, not the first reason only:
+    the replay log of a pinned session, wire/pg/replay.py)."""
+    return [(tokens, _classify_statement(tokens, exclude_variable_sets))
+            for tokens in statements(bytes(sql), standard_conforming_strings)]
+
+
+def classify_tokens(tokens: List[Token], exclude_variable_sets: bool = False) -> Optional[PinReason]:
+    """The reason one statement's tokens (from ``lexer.statements``) pin, or None."""
+    return _classify_statement(tokens, exclude_variable_sets)
 
 
 def classify_parse(

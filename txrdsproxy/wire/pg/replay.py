@@ -1,0 +1,272 @@
+"""Moving a pinned PostgreSQL session to a new writer (switchover), sans-IO.
+
+A pinned session keeps its database connection for its whole life.  When the writer changes
+while the old one stays up, the session can go on on the new writer only if the state that
+pinned it can be made again there.  Three parts:
+
+- `ReplayLog`: recorded while the session is pinned (the pinning path only: an unpinned session
+  records nothing).  Each statement of a pinned session is classified again, statement by
+  statement, with every reason it has (not only the first): one that pins for a reason that
+  cannot be replayed (temporary objects, hold cursors, advisory locks, LISTEN, LOAD, DISCARD,
+  sequence state, procedural code, function calls by OID, anything not seen whole...) makes
+  the log refuse for good, and the session is ended at the switchover as before.  What is
+  kept: the text of each SQL ``PREPARE`` (sent as a query of its own) and the body of each
+  named protocol Parse, by statement name, within a byte budget (MaxSessionReplaySize).
+  ``SET``/``RESET``/``set_config`` values are not kept: they are read from the server.
+- `CAPTURE_SQL`: run at the transaction boundary on the old connection (still up, read-only).
+  It asks the server what the session holds: temporary objects, hold cursors, advisory locks
+  and LISTEN channels (each one forbids the move: this also catches state the classifier
+  cannot see, such as a function creating a temporary table), the settings whose source is
+  the session, and the prepared statements.  `ReplayLog.plan` checks it against the log:
+  every prepared statement must be one the log kept, with the same text.
+- `Replay`: what runs on the new connection before the client's next request: ``RESET ALL``
+  and one ``set_config`` per captured setting, the kept ``PREPARE`` texts, the kept Parse
+  messages (with their parameter types), then the capture again, which must show the same
+  settings and statements (`Replay.check`).
+
+Not moved, by decision: LISTEN (notifications sent on the new writer between the promotion
+and the move would be lost without the client knowing; ending the session tells it to
+re-read what it watches).
+"""
+
+import json
+
+from txrdsproxy.wire.pg import messages as msg
+from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring
+from txrdsproxy.wire.pg.lexer import IDENT, WORD
+from txrdsproxy.wire.pg.pinning import MAX_STATEMENT_BYTES, PinReason, classify_tokens, statement_reasons
+from txrdsproxy.wire.pg.statements import mentions_proxy_names
+
+__all__ = ["MOVABLE_REASONS", "CAPTURE_SQL", "NotMovable", "ReplayLog", "Replay", "quote_e"]
+
+# Pin reasons whose state can be made again on another connection (or that leave none at a
+# transaction boundary: a named portal dies with its transaction).
+MOVABLE_REASONS = frozenset({PinReason.SET_VARIABLE, PinReason.RESET, PinReason.PREPARED_STATEMENT,
+                             PinReason.NAMED_PORTAL})
+PROXY_PREFIX = "txrds_"  # statements.StatementTracker's server-side names: never the client's
+# Settings whose session value is not replayed: privileges (SET ROLE, SET SESSION AUTHORIZATION).
+UNMOVABLE_SETTINGS = frozenset({"role", "session_authorization"})
+
+_EQ = "OPERATOR(pg_catalog.=)"
+_TEMP = "pg_catalog.pg_my_temp_schema()"
+CAPTURE_SQL = (
+    "SELECT pg_catalog.json_build_object("
+    f"'temp', (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class WHERE relnamespace {_EQ} {_TEMP})"
+    f" OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc WHERE pronamespace {_EQ} {_TEMP})"
+    f" OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type WHERE typnamespace {_EQ} {_TEMP}),"
+    " 'cursors', (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable),"
+    " 'locks', (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks"
+    f" WHERE pid {_EQ} pg_catalog.pg_backend_pid() AND locktype {_EQ} 'advisory'),"
+    " 'listen', (SELECT pg_catalog.count(*) FROM pg_catalog.pg_listening_channels()),"
+    " 'settings', (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(name, setting) ORDER BY name)"
+    f" FROM pg_catalog.pg_settings WHERE source {_EQ} 'session'),"
+    " 'statements', (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(name, statement, from_sql)"
+    " ORDER BY name) FROM pg_catalog.pg_prepared_statements))"
+).encode()
+
+_CHECKS = (("temp", "temporary objects"), ("cursors", "WITH HOLD cursors"),
+           ("locks", "advisory locks"), ("listen", "LISTEN"))
+
+
+class NotMovable(Exception):
+    """The session holds state that cannot be made again on another connection (the text
+    says which)."""
+
+
+def quote_e(text):
+    """*text* as an E'' literal: read the same whatever standard_conforming_strings says."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _is_set(tokens, reason):
+    """A leading SET/RESET command (its value is read from the server, not replayed as text)."""
+    return (reason is PinReason.SET_VARIABLE or reason is PinReason.RESET) and tokens[0] in (
+        (WORD, b"set"), (WORD, b"reset"))
+
+
+def _prepare_parts(tokens):
+    """PREPARE name [(types)] AS statement -> (name as the server stores it, the statement's
+    tokens) or (None, None) when it is not that shape."""
+    if len(tokens) < 4 or tokens[1][0] not in (WORD, IDENT) or tokens[1][1] is None:
+        return None, None
+    for i in range(2, len(tokens)):
+        if tokens[i] == (WORD, b"as"):
+            return tokens[1][1], tokens[i + 1:]
+    return None, None
+
+
+class ReplayLog:
+    """What a pinned session recorded for a move (see the module docstring).  `why_not` is
+    None while the session is movable, else why not (for the log)."""
+
+    __slots__ = ("limit", "size", "kept", "why_not")
+
+    def __init__(self, limit):
+        self.limit = limit  # MaxSessionReplaySize: bytes of kept statements
+        self.size = 0
+        self.kept = {}  # (b"Q", name) -> PREPARE query text; (b"P", name) -> Parse body
+        self.why_not = None
+
+    @property
+    def movable(self):
+        return self.why_not is None
+
+    def refuse(self, why):
+        """-> False; the log is empty and refuses for good."""
+        if self.why_not is None:
+            self.why_not = why
+            self.kept = {}
+            self.size = 0
+        return False
+
+    def first(self, reason, sql, body, scs):
+        """The message that pinned the session: *reason*, its SQL text (None when there is
+        none: a Bind, a FunctionCall, an encoding), the body of a named Parse (else None).
+        -> whether the session is still movable."""
+        if reason not in MOVABLE_REASONS:
+            return self.refuse(f"pinned by {reason.value}")
+        if reason is PinReason.NAMED_PORTAL:
+            return True
+        if sql is None:
+            return self.refuse(f"pinned by {reason.value} in a message the proxy does not replay")
+        before = len(self.kept)
+        if not self.record(sql, body, scs):
+            return False
+        if reason is PinReason.PREPARED_STATEMENT and body is None and len(self.kept) == before:
+            return self.refuse("a prepared statement the proxy could not follow")
+        return True
+
+    def record(self, sql, body, scs):
+        """A statement of the pinned session: *sql*, a Query's text or a Parse's SQL (None:
+        not seen whole); *body*: the whole body of a named Parse whose statement the session
+        keeps (None otherwise: the text runs now).  *scs*: standard_conforming_strings on the
+        connection (None: unknown).  -> whether the session is still movable."""
+        if self.why_not is not None:
+            return False
+        if sql is None or len(sql) > MAX_STATEMENT_BYTES:
+            return self.refuse("a statement the proxy did not see whole")
+        if mentions_proxy_names(sql):
+            return self.refuse("a statement naming the proxy's own prepared statements")
+        if scs is None:
+            if b"\\" in sql:
+                return self.refuse("a backslash while standard_conforming_strings is unknown")
+            scs = True
+        found = statement_reasons(sql, True, scs)
+        for tokens, reason in found:
+            if reason is None or _is_set(tokens, reason):
+                continue
+            if body is None and reason is PinReason.PREPARED_STATEMENT and tokens[0] == (WORD, b"prepare"):
+                if len(found) != 1:
+                    return self.refuse("PREPARE sent together with other statements")
+                name, inner = _prepare_parts(tokens)
+                if name is None or classify_tokens(inner, True) is not None:
+                    return self.refuse("a PREPARE whose statement pins")
+                if not self._keep((b"Q", name), bytes(sql)):
+                    return False
+                continue
+            return self.refuse(f"pinned by {reason.value}")
+        if body is not None:
+            name, _ = cstring(body)
+            if name[:6].lower() == PROXY_PREFIX.encode():
+                return self.refuse("a statement named like the proxy's own")
+            return self._keep((b"P", name), bytes(body))
+        return True
+
+    def _keep(self, key, value):
+        old = self.kept.pop(key, None)
+        if old is not None:
+            self.size -= len(old) + len(key[1])
+        self.size += len(value) + len(key[1])
+        if self.size > self.limit:
+            return self.refuse(f"its replay log passed MaxSessionReplaySize ({self.limit} bytes)")
+        self.kept[key] = value
+        return True
+
+    def plan(self, captured):
+        """*captured*: the text CAPTURE_SQL returned on the old connection.  -> the Replay for
+        the new connection; raises NotMovable."""
+        if self.why_not is not None:
+            raise NotMovable(self.why_not)
+        state = _read_capture(captured)
+        for key, what in _CHECKS:
+            if state.get(key):
+                raise NotMovable(f"the session holds {what}")
+        settings = state.get("settings") or []
+        for name, _ in settings:
+            if name in UNMOVABLE_SETTINGS:
+                raise NotMovable(f"the session changed {name}")
+        statements = {}
+        for name, text, from_sql in state.get("statements") or []:
+            if name.startswith(PROXY_PREFIX):
+                continue  # the statement tracker's: it prepares them again where needed
+            key = (b"Q" if from_sql else b"P", name.encode())
+            kept = self.kept.get(key)
+            if kept is None or _kept_text(key[0], kept) != text.encode():
+                raise NotMovable(f"prepared statement {name!r} is not one the proxy recorded whole")
+            statements[key] = kept
+        return Replay(settings, statements)
+
+
+def _kept_text(kind, kept):
+    if kind == b"Q":
+        return kept
+    try:
+        _, at = cstring(kept)
+        return cstring(kept, at)[0]
+    except ProtocolViolation:
+        return None
+
+
+def _read_capture(captured):
+    if captured is None or "\ufffd" in captured:
+        raise NotMovable("the session state could not be read exactly")
+    try:
+        state = json.loads(captured)
+    except ValueError:
+        raise NotMovable("the session state could not be read") from None
+    if not isinstance(state, dict):
+        raise NotMovable("the session state could not be read")
+    return state
+
+
+class Replay:
+    """What runs on the new connection, in this order: `settings_sql`, `prepare_sql` (None
+    when no SQL PREPARE), `parse_messages` (Parse... Sync, or None), then CAPTURE_SQL, whose
+    answer `check` compares with what was captured on the old connection."""
+
+    __slots__ = ("settings", "statements", "client_params")
+
+    def __init__(self, settings, statements):
+        self.settings = [list(s) for s in settings]
+        self.statements = statements
+        self.client_params = None  # the old connection's client_params (the engine sets it)
+
+    @property
+    def settings_sql(self):
+        calls = ", ".join(f"pg_catalog.set_config({quote_e(n)}, {quote_e(v)}, false)" for n, v in self.settings)
+        return b"RESET ALL" + (f"; SELECT {calls}".encode() if calls else b"")
+
+    @property
+    def prepare_sql(self):
+        texts = [v for (kind, _), v in sorted(self.statements.items()) if kind == b"Q"]
+        # each text is one whole statement the server accepted; a newline ends a trailing comment
+        return b"\n;\n".join(texts) if texts else None
+
+    @property
+    def parse_messages(self):
+        parses = [msg.message(b"P", v) for (kind, _), v in sorted(self.statements.items()) if kind == b"P"]
+        return b"".join(parses) + msg.message(b"S") if parses else None
+
+    def check(self, captured):
+        """Raise NotMovable unless the new connection now holds the same settings and
+        statements (and nothing else of the session's)."""
+        state = _read_capture(captured)
+        for key, what in _CHECKS:
+            if state.get(key):
+                raise NotMovable(f"the new connection holds {what}")
+        if [list(s) for s in state.get("settings") or []] != self.settings:
+            raise NotMovable("the settings differ after the replay")
+        names = {(b"Q" if from_sql else b"P", name.encode())
+                 for name, _, from_sql in state.get("statements") or [] if not name.startswith(PROXY_PREFIX)}
+        if names != set(self.statements):
+            raise NotMovable("the prepared statements differ after the replay")
