@@ -95,13 +95,27 @@ def test_console_page_under_load(pg_server, tmp_path, browser):
             w.join(30)
         assert not errors, errors
 
-        # Quiet now (the load's sessions ended, the pinned one stays): after the next refresh, the
-        # page and /metrics agree.
+        # Quiet now (the load's sessions ended, the pinned one stays): the page and /metrics agree
+        # once the page shows data read after this point.  The page re-renders every 3 s, which
+        # would both race with a refresh whose data was read before the quiet point and replace
+        # elements under the checks below (stale elements): so the timed refreshes stop first
+        # (the one already scheduled or in flight renders once more and hands the page's refresh
+        # function to the no-op setTimeout), then one refresh of ours.
         proxy.wait_for(lambda: scrape.value("rdsproxy_client_connections", proxy_name="con-pg") == 1,
                        what="the load's sessions to end")
-        seen = browser.find_element(By.ID, "status").get_attribute("data-updated")
-        wait_for(lambda: browser.find_element(By.ID, "status").get_attribute("data-updated") != seen,
-              what="a refresh after the load")
+
+        def updated():
+            return browser.find_element(By.ID, "status").get_attribute("data-updated")
+
+        seen = browser.execute_script(  # atomic in the page: no render can slip in between
+            "window.setTimeout = function (again) { window.testRefresh = again; };"
+            " return document.getElementById('status').getAttribute('data-updated');")
+        wait_for(lambda: updated() != seen and browser.execute_script("return !!window.testRefresh;"),
+                 what="the last timed refresh")
+        seen = browser.execute_script(
+            "var seen = document.getElementById('status').getAttribute('data-updated');"
+            " window.testRefresh(); return seen;")
+        wait_for(lambda: updated() != seen, what="a refresh after the load")
         metrics = scrape.samples()
 
         def on_page(figure):
