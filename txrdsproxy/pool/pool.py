@@ -256,6 +256,11 @@ class BackendPool:
                 continue
             if not self._room_for_one():
                 if not self._evict_idle_other_than(key):
+                    if not self._idle_total():
+                        # No idle connection to lend or evict and no room to open one: no later
+                        # waiter can be served either (without this, every release walked the
+                        # whole queue: O(waiters) per release under contention).
+                        break
                     continue
             self._open(key)
 
