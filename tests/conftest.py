@@ -2,6 +2,17 @@
 
 import os
 
+from hypothesis import HealthCheck, settings
+
+# Property tests are part of `make test`: the same examples every run (a CI failure reproduces,
+# and a run never fails by the luck of its seed), no per-example deadline and no "too slow" data
+# generation check (both measure the machine's load, not the code).  A test's own @settings wins
+# for what it sets; `make fuzz` (TXRDSPROXY_FUZZ) sets derandomize=False on its tests for random
+# exploration.
+settings.register_profile("txrdsproxy", derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("txrdsproxy")
+
 
 def pytest_configure(config):
     config.addinivalue_line(
