@@ -422,3 +422,13 @@ def test_max_session_replay_size_in_the_configuration():
     assert proxy_config(MaxSessionReplaySize=0).max_session_replay_size == 0
     with pytest.raises(ConfigError, match="MaxSessionReplaySize: must be between 0 and 16777216"):
         proxy_config(MaxSessionReplaySize=-1)
+
+
+def test_a_pinned_session_s_ordinary_statements_go_through_the_classifier_cache():
+    from unittest import mock
+    from txrdsproxy.wire.pg import replay
+    log = pinned_log()
+    with mock.patch.object(replay, "statement_reasons", side_effect=AssertionError("lexed")):
+        assert log.record(b"SELECT * FROM t WHERE x = 1", None, True)
+        assert log.record(b"UPDATE t SET x = 2", None, True)
+    assert log.record(b"PREPARE p AS SELECT 1", None, True)  # a candidate: read statement by statement

@@ -34,7 +34,8 @@ import json
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring
 from txrdsproxy.wire.pg.lexer import IDENT, WORD
-from txrdsproxy.wire.pg.pinning import MAX_STATEMENT_BYTES, PinReason, classify_tokens, statement_reasons
+from txrdsproxy.wire.pg.pinning import (MAX_STATEMENT_BYTES, PinReason, classify_query, classify_tokens,
+                                        statement_reasons)
 from txrdsproxy.wire.pg.statements import mentions_proxy_names
 
 __all__ = ["MOVABLE_REASONS", "CAPTURE_SQL", "NotMovable", "ReplayLog", "Replay", "quote_e"]
@@ -151,7 +152,9 @@ class ReplayLog:
             if b"\\" in sql:
                 return self.refuse("a backslash while standard_conforming_strings is unknown")
             scs = True
-        found = statement_reasons(sql, True, scs)
+        # The common case, through the classifier's cache and pre-filter: nothing in the text
+        # pins when SETs are left aside (their values are read from the server).
+        found = [] if classify_query(sql, True, scs) is None else statement_reasons(sql, True, scs)
         for tokens, reason in found:
             if reason is None or _is_set(tokens, reason):
                 continue
