@@ -553,6 +553,11 @@ class MariaDBServer(_Process):
         self.log_path = self.base_dir / "mariadb.err"
         self.socket_path = self.base_dir / "mariadb.sock"
         self.pid_path = self.base_dir / "mariadb.pid"
+        # Its own tmpdir: mariadbd deletes every "#sql*" file of its tmpdir as it starts, so with
+        # the shared /tmp one server starting (of this run, a demo, another run on the machine)
+        # could delete the temporary tables of another's bootstrap (mariadb-install-db failed:
+        # "Error on delete of '/tmp/#sql-temptable-...'") or of its running queries.
+        self.tmp_dir = self.base_dir / "tmp"
         self.host = HOST
         self._auto_port = port is None
         self.port = port or find_free_port()
@@ -584,12 +589,14 @@ class MariaDBServer(_Process):
 
     def start(self):
         t0 = time.monotonic()
+        prepare_dir(self.tmp_dir, self.run_user)
         prepare_dir(self.base_dir, self.run_user)
         fresh = not self._initialized
         if fresh:
             check_output([self._bin("mariadb-install-db"), "--no-defaults",
                     "--datadir=%s" % self.data_dir, "--auth-root-authentication-method=normal",
-                    "--skip-test-db", "--skip-name-resolve"] + self._user_opt(),
+                    "--skip-test-db", "--skip-name-resolve",
+                    "--tmpdir=%s" % self.tmp_dir] + self._user_opt(),
                    cwd=str(self.base_dir), what="mariadb-install-db")
             self._initialized = True
         for attempt in range(3):
@@ -616,6 +623,7 @@ class MariaDBServer(_Process):
                 "--datadir=%s" % self.data_dir, "--port=%d" % self.port,
                 "--bind-address=%s" % self.host, "--socket=%s" % self.socket_path,
                 "--pid-file=%s" % self.pid_path, "--log-error=%s" % self.log_path,
+                "--tmpdir=%s" % self.tmp_dir,
                 "--max-connections=%d" % self.max_connections,
                 "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M",
                 "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0",
