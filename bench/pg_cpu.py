@@ -28,11 +28,15 @@ from pathlib import Path
 
 import run as bench  # noqa: E402  (bench/run.py: servers, Proxy, pgbench helpers)
 
+CONNECT_USER = "scram"  # --connect: whose logins (bench.PG_USERS key; --connect-user)
 
-def pgbench_count(pg, port, mode, per_client):
-    """pgbench -S -c 20 -j 2 -t *per_client*; -> transactions processed (0 on failure)."""
-    name, password, _ = bench.PG_USERS["scram"]
+
+def pgbench_count(pg, port, mode, per_client, connect=False):
+    """pgbench -S -c 20 -j 2 -t *per_client* (-C: a new connection per transaction);
+    -> transactions processed (0 on failure)."""
+    name, password, _ = bench.PG_USERS[CONNECT_USER if connect else "scram"]
     argv = [bench.find_binary("pgbench"), "-n", "-S", "-c", str(bench.CLIENTS), "-j", "2",
+            *(["-C"] if connect else []),
             "-t", str(per_client), "-M", mode, "-h", bench.HOST, "-p", str(port), "-U", name,
             bench.PG_DB]
     proc = subprocess.run(argv, capture_output=True, text=True, env=dict(pg._env(password)),
@@ -58,7 +62,7 @@ def sessions(pg):
     return int(out.strip() or 0)
 
 
-def one_run(root, pg, tree, mode, per_client, prof):
+def one_run(root, pg, tree, mode, per_client, prof, connect=False):
     env_before = os.environ.get("PYTHONPATH")
     repo_before = bench.REPO
     if tree is not None:
@@ -77,11 +81,11 @@ def one_run(root, pg, tree, mode, per_client, prof):
             else:
                 os.environ["PYTHONPATH"] = env_before
     try:
-        pgbench_count(pg, proxy.port, mode, 20)  # warm-up: logins, pool, caches
+        pgbench_count(pg, proxy.port, mode, 20, connect)  # warm-up: logins, pool, caches
         user0, sys0 = cpu_times(proxy.proc.pid)
         ctx = proxy.profiling() if prof else contextlib.nullcontext()
         with ctx:
-            count = pgbench_count(pg, proxy.port, mode, per_client)
+            count = pgbench_count(pg, proxy.port, mode, per_client, connect)
         user1, sys1 = cpu_times(proxy.proc.pid)
         cpu = (user1 - user0, sys1 - sys0)
     finally:
@@ -100,10 +104,16 @@ def main():
     parser.add_argument("--mode", default="simple", help="pgbench -M values, comma-separated")
     parser.add_argument("--tree", type=Path, action="append",
                         help="a checkout whose txrdsproxy the proxy runs (repeatable; default: this one)")
+    parser.add_argument("--connect", action="store_true",
+                        help="pgbench -C: a login per transaction (CPU per connection)")
+    parser.add_argument("--connect-user", choices=sorted(bench.PG_USERS), default="scram",
+                        help="whose logins with --connect (password method)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-dir", type=Path, help="keep the cProfile files here")
     args = parser.parse_args()
     trees = [t.resolve() for t in args.tree] if args.tree else [None]
+    global CONNECT_USER
+    CONNECT_USER = args.connect_user
     root = Path(tempfile.mkdtemp(prefix="txrdsproxy-pgcpu-"))
     results = {}
     with contextlib.ExitStack() as stack:
@@ -129,8 +139,8 @@ def main():
                         pdir.mkdir(parents=True, exist_ok=True)
                         prof = pdir / ("%s-%s-%d.prof" % (mode, tree.name if tree else "here", r))
                     count, cpu, opened = one_run(root / ("proxy-%d" % run_no), pg, tree, mode,
-                                                 args.transactions, prof)
-                    label = "%s %s" % (tree or "this tree", mode)
+                                                 args.transactions, prof, args.connect)
+                    label = "%s %s%s" % (tree or "this tree", mode, " -C" if args.connect else "")
                     if count:
                         us = sum(cpu) / count * 1e6
                         user = cpu[0] / count * 1e6

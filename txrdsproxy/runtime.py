@@ -24,7 +24,7 @@ from txrdsproxy.failover.monitor import TargetHealth, WriterMonitor
 from txrdsproxy.failover.topology import READ_WRITE, Topology
 from txrdsproxy.pool.janitor import PoolJanitor
 from txrdsproxy.pool.pool import BackendPool
-from txrdsproxy.proxy.connector import TargetUnreachable
+from txrdsproxy.proxy.connector import TargetUnreachable, tune_client_port
 from txrdsproxy.proxy.context import ProxyContext
 from txrdsproxy.proxy.limits import ConnectionRateLimiter
 
@@ -247,12 +247,31 @@ class ProxyRuntime:
         self.drain_timeout = DEFAULT_DRAIN_TIMEOUT  # the registry sets its own
         # How listeners are bound: bind_now; a worker of several binds with SO_REUSEPORT
         # (workers/listen.py).  Every listener of the proxy goes through it.
-        self.binder = bind_now
+        self._binder = bind_now
         self._running = False
         from txrdsproxy.endpoints import EndpointSet
         self.endpoints = EndpointSet(self)  # the extra DBProxyEndpoints (reader endpoints)
         for endpoint in config.endpoints:
             self.endpoints.build(endpoint)
+
+    @property
+    def binder(self):
+        """How the proxy's client listeners are bound: bind_now, or what the registry set (a
+        worker's SO_REUSEPORT binder); every port bound through it gets the client socket
+        options on its listening socket (connector.tune_client_port), which accepted sockets
+        inherit."""
+        raw = self._binder
+
+        def bind(*args, **kwargs):
+            port = raw(*args, **kwargs)
+            tune_client_port(port)
+            return port
+
+        return bind
+
+    @binder.setter
+    def binder(self, binder):
+        self._binder = binder
 
     @property
     def config(self):

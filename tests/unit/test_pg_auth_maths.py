@@ -490,3 +490,25 @@ def test_mutated_messages_only_raise_auth_error(rfc_verifier):
         client = _client_after_first()
         client.server_first(RFC_SERVER_FIRST)
         attempt(client.server_final, mutate(RFC_SERVER_FINAL))
+
+
+# -- the helpers written without per-byte / per-character Python loops ---------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.binary(max_size=48), st.binary(max_size=48))
+def test_xor_is_the_bytewise_xor_over_the_shorter_length(a, b):
+    assert auth._xor(a, b) == bytes(x ^ y for x, y in zip(a, b))
+
+
+@given(st.text(max_size=40))
+def test_a_valid_nonce_is_printable_ascii_without_comma(nonce):
+    expected = bool(nonce) and all("\x21" <= ch <= "\x7e" and ch != "," for ch in nonce)
+    assert auth._valid_nonce(nonce) is expected
+
+
+def test_nonce_edges():
+    for ch in map(chr, range(0x180)):
+        expected = "\x21" <= ch <= "\x7e" and ch != ","
+        assert auth._valid_nonce("ab" + ch) is expected, repr(ch)
+    assert auth._valid_nonce("") is False

@@ -46,7 +46,8 @@ class HistogramSeries:
 
     def observe(self, value):
         """Record *value* (seconds).  bisect_left: a value equal to a bound goes in that bucket
-        (Prometheus buckets are "less than or equal")."""
+        (Prometheus buckets are "less than or equal").  Done inline for a 0 s borrow
+        (BackendPool.try_borrow: the first bucket): change them together."""
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 

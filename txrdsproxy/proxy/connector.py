@@ -29,6 +29,7 @@ an engine that upgrades inside its handshake (MySQL) reads `conn.tls_plan` itsel
 """
 
 import socket
+import sys
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint
@@ -79,6 +80,44 @@ def enable_keepalive(transport, idle=KEEPALIVE_IDLE, interval=KEEPALIVE_INTERVAL
                 except OSError:
                     pass
     return True
+
+
+# Linux copies a listening socket's options to every socket it accepts (TCP_NODELAY, SO_KEEPALIVE
+# and the keepalive timers included; tests/unit/test_client_socket_options.py checks it on the
+# running kernel).  Elsewhere each accepted socket is set up on its own.
+INHERITS_SOCKET_OPTIONS = sys.platform.startswith("linux")
+
+
+def tune_client_port(port):
+    """Set on *port*'s listening socket what every client socket of the proxy gets (TCP_NODELAY,
+    keepalive with short timers), so that accepted sockets inherit it instead of paying five
+    setsockopt calls each (a login's work, for clients that connect per transaction).  Marks
+    the port `client_options_inherited` when done (sessions then skip their own setup; see
+    `client_socket_ready`).  A port without a TCP socket, or a platform that does not copy
+    options on accept, is left alone.  -> True when the port was tuned."""
+    handle = getattr(port, "socket", None)
+    if not INHERITS_SOCKET_OPTIONS or handle is None or handle.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+            handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except (OSError, AttributeError):
+        return False
+    port.client_options_inherited = True
+    return True
+
+
+def client_socket_ready(transport):
+    """A client connection was accepted: TCP_NODELAY and keepalive on its socket, unless it
+    inherited them from a port `tune_client_port` set up (the usual case on Linux)."""
+    if getattr(getattr(transport, "server", None), "client_options_inherited", False):
+        return
+    if hasattr(transport, "setTcpNoDelay"):
+        transport.setTcpNoDelay(True)
+    enable_keepalive(transport)
 
 
 class SingleUseFactory(protocol.ClientFactory):

@@ -516,8 +516,10 @@ class PgFrontend(ClientSession):
                 and (stream.take_query(data) or stream.take_batch(data))):
             # One whole simple Query, or one whole unnamed Parse/Bind/Execute/Sync batch, in
             # this read (the usual requests): counted and classified by the stream, sent as it
-            # came, in one write; nothing else can have changed.
-            self._write_db(data)
+            # came, in one write; nothing else can have changed.  (_write_db, inline)
+            conn = self._conn
+            if not direct_write(conn.transport, data):
+                self.write_queued(conn)
             if stream.pin_reason is not None and self.pin_reason is None:
                 self.pin_statement = stream.pin_text
                 self._pin(stream.pin_reason)

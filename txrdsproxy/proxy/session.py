@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from txrdsproxy.pool.pool import BorrowTimeout, PoolClosed
-from txrdsproxy.proxy.connector import BackendGone, DatabaseRefused, enable_keepalive
+from txrdsproxy.proxy.connector import BackendGone, DatabaseRefused, client_socket_ready
 from txrdsproxy.proxy.relay import couple, uncouple
 from txrdsproxy.pool.states import ConnState
 from txrdsproxy.proxy.context import DEBUG_LOGGING_SECONDS, ProxyContext  # noqa: F401 (moved; old imports keep working)
@@ -162,9 +162,7 @@ class ClientSession(PinMove, protocol.Protocol):
     def connectionMade(self):
         ctx = self.ctx
         ctx.sessions.add(self)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
-        enable_keepalive(self.transport)
+        client_socket_ready(self.transport)  # TCP_NODELAY, keepalive (inherited from the port on Linux)
         if ctx.metrics is not None:
             ctx.metrics.client_connections_received.inc(ctx.name)
         self.refusal = ctx.admission.admit(len(ctx.sessions))

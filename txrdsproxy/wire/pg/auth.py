@@ -79,7 +79,9 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b))
+    """a XOR b, byte by byte, over the shorter length (one integer XOR, not a Python loop)."""
+    n = min(len(a), len(b))
+    return (int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")).to_bytes(n, "big")
 
 
 def _b64(data: bytes) -> str:
@@ -144,7 +146,10 @@ def _expect_keys(attrs: List[Tuple[str, str]], keys: str, what: str) -> None:
 
 
 def _valid_nonce(nonce: str) -> bool:
-    return bool(nonce) and all("\x21" <= ch <= "\x7e" and ch != "," for ch in nonce)
+    """Printable ASCII without space or comma (RFC 5802 "printable"), at least one character;
+    checked with str methods rather than a loop per character (once per login)."""
+    return (bool(nonce) and nonce.isascii() and nonce.isprintable() and " " not in nonce
+            and "," not in nonce)
 
 
 def _parse_iterations(text: str, what: str) -> int:

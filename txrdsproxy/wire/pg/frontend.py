@@ -117,7 +117,9 @@ class ClientStream:
         self.requests += 1
         if self.pin_reason is None:
             sql = data[5:-1]
-            self._pin(pinning.classify_query(sql, self.exclude_sets, self._scs()), sql)
+            reason = pinning.classify_query(sql, self.exclude_sets, self._scs())
+            if reason is not None:
+                self._pin(reason, sql)
         elif self.recorder is not None:  # pinned, still movable: rare
             self._record(data[5:-1])
         return True
