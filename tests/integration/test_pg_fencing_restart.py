@@ -25,7 +25,9 @@ def test_a_restarted_proxy_keeps_refusing_a_fenced_former_writer(pg_server_facto
         proxy = InProcessProxy(config)
         try:
             ctx = proxy.ctx
-            proxy.wait_for(lambda: proxy.call(writer_id, ctx) == "pg-1", what="the first round")
+            proxy.wait_for(lambda: proxy.call(health_with_reasons, ctx) == {
+                "pg-1": ("AVAILABLE", None), "pg-2": ("AVAILABLE", None)}, what="the first round")
+            assert proxy.call(writer_id, ctx) == "pg-1"
             primary.stop()
             standby.promote()
             proxy.wait_for(lambda: proxy.call(writer_id, ctx) == "pg-2", timeout=30, what="the failover")
