@@ -170,11 +170,13 @@ def build_monitor(ctx):
     if worker is not None and worker.shared_monitor:
         # `Workers: N`: the supervisor's monitor decides for every worker (workers/monitor.py)
         from txrdsproxy.failover.follower import FollowerMonitor
-        from txrdsproxy.workers.hub import ask_monitor
+        from txrdsproxy.workers.hub import ask_monitor, tell_unfence
         monitor = FollowerMonitor(ctx.clock, ctx.name, ctx.topology, ctx.health,
                                   ctx.config.health_check_interval, pool=ctx.pool,
                                   database_errors=connector.database_error,
-                                  ask=lambda name: ask_monitor(worker, name, ctx.clock))
+                                  ask=lambda name: ask_monitor(worker, name, ctx.clock),
+                                  tell_unfence=lambda name, ident: tell_unfence(worker, name, ident,
+                                                                                ctx.clock))
         monitor.checks = HealthChecks(ctx)  # the reader set's own re-checks after trouble
         monitor.writer_listeners.append(lambda old, new, why: end_pinned_sessions_on(ctx, old, why))
         ctx.pool.failover = monitor

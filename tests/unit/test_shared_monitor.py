@@ -556,3 +556,43 @@ def test_the_hub_follows_reloads_and_keeps_its_fences(tmp_path, logged, monkeypa
     hub.reload()
     assert hub.proxies == {} and not rebuilt.monitor._running
     hub.stop()
+
+
+def test_a_target_registered_again_in_a_worker_is_unfenced_by_the_hub():
+    from txrdsproxy.workers.hub import MonitorHub, _Ask, _packed, _Watched
+    clock = Clock()
+    h = Hub(clock, {W: PRIMARY, S: STANDBY})
+    h.monitor.start()
+    h.probes.answers[W] = TargetUnreachable("connection refused")
+    h.probes.answers[S] = PRIMARY
+    clock.advance(INTERVAL)
+    retries_done(clock)
+    assert W in h.monitor.fenced
+
+    central = MonitorHub(parse_config({"DBProxies": []}), "x.yaml", clock)
+
+    class Ctx:
+        name, monitor = "p", h.monitor
+
+    central.proxies["p"] = _Watched(central, Ctx)
+    told = []
+    worker = Worker(clock, h)
+    worker.monitor.tell_unfence = lambda name, ident: told.append((name, ident))
+    worker.monitor.start()
+    worker.monitor.unfence(W)  # runtime._apply_target_group: W registered again
+    assert told == [("p", "db-1")]
+    # ... which reaches the hub's socket as b"U" + name + id, in pieces or whole
+    message = b"U" + _packed(*told[0])
+    for step in (1, len(message)):
+        proto = _Ask(central)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        for i in range(0, len(message), step):
+            proto.dataReceived(message[i:i + step])
+        assert transport.value() == b"OK"
+    assert W not in h.monitor.fenced
+    bad = _Ask(central)
+    transport = StringTransport()
+    bad.makeConnection(transport)
+    bad.dataReceived(b"X")
+    assert transport.disconnecting or transport.disconnected

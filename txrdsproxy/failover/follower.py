@@ -99,7 +99,7 @@ class FollowerMonitor:
     follows = True
 
     def __init__(self, clock, proxy_name, topology, health, interval=5.0, pool=None,
-                 database_errors=(), ask=None, stale_after=None):
+                 database_errors=(), ask=None, stale_after=None, tell_unfence=None):
         self.clock = clock
         self.proxy_name = proxy_name
         self.topology = topology
@@ -108,6 +108,7 @@ class FollowerMonitor:
         self.pool = pool
         self.database_errors = tuple(database_errors)
         self.ask = ask
+        self.tell_unfence = tell_unfence  # callable(proxy name, target id): registered again
         self._stale_after = stale_after
         self.retries = 0
         self.last_writer = None
@@ -156,8 +157,15 @@ class FollowerMonitor:
             asking.cancel()
 
     def unfence(self, target):
-        """Registered again: the monitor applies it when it re-reads the configuration."""
+        """*target* was registered again (in this worker: the API, or its reload of the file):
+        the monitor is told, which trusts it again (its own reload may not see the change when
+        it came with a deregistration between two of its reloads)."""
         self.fenced.pop(target, None)
+        if self.tell_unfence is not None:
+            try:
+                self.tell_unfence(self.proxy_name, target.rds_resource_id)
+            except Exception:
+                self.log.failure("telling the health monitor about {t} failed", t=target.rds_resource_id)
 
     def _arm(self):
         if self._timer is not None and self._timer.active():

@@ -17,6 +17,8 @@ supervisor's socket `<rundir>/monitor.sock`:
     b"P" + proxy name (uint16 length + UTF-8)   the hub runs a round as soon as it can and
                                                 answers its last verdict (JSON; {} when it
                                                 has none yet, or the proxy is unknown)
+    b"U" + proxy name + target id (each uint16     the worker registered that target again (the
+    length + UTF-8)                             API): the hub unfences it; answers b"OK"
 
 Every exchange is bounded (PUSH_TIMEOUT, ASK_TIMEOUT).  A worker that cannot be reached misses
 that verdict (the next round's, or its own request, brings the state again: a verdict is whole,
@@ -34,7 +36,8 @@ from twisted.logger import Logger
 
 from txrdsproxy.workers.peer import _VLEN, send_request
 
-__all__ = ["MonitorHub", "ask_monitor", "receive_verdict", "PUSH_TIMEOUT", "ASK_TIMEOUT"]
+__all__ = ["MonitorHub", "ask_monitor", "tell_unfence", "receive_verdict", "PUSH_TIMEOUT",
+           "ASK_TIMEOUT"]
 
 log = Logger()
 
@@ -50,8 +53,7 @@ def ask_monitor(worker, proxy_name, reactor):
     """Ask the supervisor's monitor for a round now -> Deferred[the last verdict (dict) or None].
     ({} before its first round).  Fails (RuntimeError) when it cannot be reached or its answer
     is not a verdict, after ASK_TIMEOUT at most."""
-    name = proxy_name.encode("utf-8")[:1024]
-    d = send_request(worker.monitor_socket(), b"P" + _LEN.pack(len(name)) + name, reactor,
+    d = send_request(worker.monitor_socket(), b"P" + _packed(proxy_name), reactor,
                      ASK_TIMEOUT, MAX_ANSWER, "the health monitor", quiet=True)
 
     def parsed(answer):
@@ -63,6 +65,14 @@ def ask_monitor(worker, proxy_name, reactor):
         return verdict
 
     return d.addCallback(parsed)
+
+
+def tell_unfence(worker, proxy_name, target_id, reactor):
+    """Tell the supervisor's monitor that *target_id* was registered again (deregister and
+    register: the operator trusts it) -> Deferred[bytes] (b"OK", or b"" when it could not be
+    reached: its reload of the file then decides), after ASK_TIMEOUT at most."""
+    return send_request(worker.monitor_socket(), b"U" + _packed(proxy_name, target_id), reactor,
+                        ASK_TIMEOUT, 16, "the health monitor")
 
 
 def receive_verdict(contexts, payload):
@@ -269,6 +279,17 @@ class MonitorHub:
         except (ValueError, AttributeError, TypeError):
             pass
 
+    def unfence(self, name, target_id):
+        """A worker registered *target_id* of proxy *name* again (the API): trusted again, even
+        when the hub's reload of the file sees no change (deregistered and registered between
+        two reloads) -> b"OK"."""
+        watched = self.proxies.get(name)
+        if watched is not None:
+            for target in list(watched.monitor.fenced):
+                if target.rds_resource_id == target_id:
+                    watched.monitor.unfence(target)
+        return b"OK"
+
     def answer(self, name):
         """A worker asks for proxy *name*: a round now, and the last verdict -> bytes."""
         watched = self.proxies.get(name)
@@ -281,6 +302,30 @@ class MonitorHub:
     def figures(self):
         """-> [(proxy name, rounds, {target id: checks})] of the monitors running now."""
         return [(name, w.monitor.rounds, dict(w.checks)) for name, w in self.proxies.items()]
+
+
+def _strings(buf, offset, count):
+    """-> *count* strings (uint16 length + UTF-8 each) from *buf* at *offset*, or None while
+    they are not whole."""
+    out = []
+    for _ in range(count):
+        if len(buf) < offset + _LEN.size:
+            return None
+        (n,) = _LEN.unpack_from(buf, offset)
+        offset += _LEN.size
+        if len(buf) < offset + n:
+            return None
+        out.append(bytes(buf[offset:offset + n]).decode("utf-8", "replace"))
+        offset += n
+    return out
+
+
+def _packed(*texts):
+    out = b""
+    for text in texts:
+        data = text.encode("utf-8")[:1024]
+        out += _LEN.pack(len(data)) + data
+    return out
 
 
 class _Ask(protocol.Protocol):
@@ -296,19 +341,17 @@ class _Ask(protocol.Protocol):
         if self._buf is None:
             return
         self._buf += data
-        if self._buf[:1] != b"P" or len(self._buf) > 1 + _LEN.size + 1024:
+        kind = self._buf[:1]
+        if kind not in (b"P", b"U") or len(self._buf) > 1 + 2 * (_LEN.size + 1024):
             self._buf = None
             self.transport.abortConnection()
             return
-        if len(self._buf) < 1 + _LEN.size:
-            return
-        (n,) = _LEN.unpack_from(self._buf, 1)
-        if len(self._buf) < 1 + _LEN.size + n:
-            return
-        name = self._buf[1 + _LEN.size:1 + _LEN.size + n].decode("utf-8", "replace")
+        fields = _strings(self._buf, 1, 1 if kind == b"P" else 2)
+        if fields is None:
+            return  # not whole yet
         self._buf = None
         try:
-            answer = self.hub.answer(name)
+            answer = self.hub.answer(fields[0]) if kind == b"P" else self.hub.unfence(*fields)
         except Exception:
             log.failure("health monitor: answering a worker failed")
             answer = b""
