@@ -2,10 +2,11 @@
 
 A primary and a read-only replica behind one MYSQL proxy:
 1. switchover: the primary gets `SET GLOBAL read_only = 1` and stays up: its idle pooled
-   connections are closed at once, a pinned session between transactions gets the proxy's
-   unsolicited "writer changed" ERR (1053, 08S01) and the close, a pinned session inside a
-   transaction is ended right after its COMMIT; then the replica is promoted and a session that
-   is not pinned writes there over its same client connection;
+   connections are closed at once, a pinned session between transactions whose pin cannot move
+   (a temporary table) gets the proxy's unsolicited "writer changed" ERR (1053, 08S01) and the
+   close, one inside a transaction is ended right after its COMMIT (pins that move:
+   test_mysql_pin_move.py); then the replica is promoted and a session that is not pinned writes
+   there over its same client connection;
 2. the old primary made writable again is not used while the promoted writer answers;
 3. the promoted writer stops (unreachable) and the old primary, now the only writer, takes over;
    the stopped one comes back read-write (it never learnt of the change): it is fenced, its
@@ -76,9 +77,10 @@ def _run(proxy, primary, replica, password):
     pinned = pymysql.connect(**login)
     pinned_in_txn = pymysql.connect(**login)
     try:
-        _run_sql(pinned, "SET @x = 1")  # pins (user variable)
+        _run_sql(pinned, "CREATE TEMPORARY TABLE t1 (n int)")  # pins, and cannot move
         _run_sql(pinned_in_txn, "BEGIN")
-        _run_sql(pinned_in_txn, "SET @y = 2")  # pins, inside a transaction
+        _run_sql(pinned_in_txn, "CREATE TEMPORARY TABLE t2 (n int)")  # the same, inside a transaction
+        _run_sql(pinned_in_txn, "SET @y = 2")
         _run_sql(unpinned, "CREATE TABLE switched (n int)")
         _run_sql(unpinned, "INSERT INTO switched VALUES (1)")
         assert proxy.session_states().count("pinned") == 2

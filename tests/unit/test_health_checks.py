@@ -241,7 +241,7 @@ def test_mysql_pinned_session_ends_after_its_transaction_with_the_writer_changed
     s.send(query("BEGIN"))
     lease = s.pool.give()
     lease.conn.respond(ok(AC | INTX))
-    s.send(query("SET @x = 1"))  # pins
+    s.send(query("CREATE TEMPORARY TABLE t (x int)"))  # pins; cannot move
     lease.conn.respond(ok(AC | INTX))
     s.packets()
     assert s.frontend.drain("writer changed") is False  # inside a transaction: not yet

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txrdsproxy.failover.readers import NoReaderAvailable
+from txrdsproxy.proxy import mysql_move
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.interfaces import IEngineSession, IMySQLSessionEvents
 from txrdsproxy.proxy.mysql_login import MAX_LOCAL_COMMAND, MySQLLogin
@@ -41,6 +42,7 @@ from txrdsproxy.wire.mysql import pinning
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
 from txrdsproxy.wire.mysql.lexer import version_id
 from txrdsproxy.wire.mysql.packets import ProtocolError
+from txrdsproxy.wire.mysql.replay import MOVABLE_REASONS, ReplayLog
 from txrdsproxy.wire.mysql.scanner import CommandScanner, StreamPosition
 
 PENDING_PAUSE = 4 * 1024 * 1024  # unforwarded client bytes past which reading pauses
@@ -70,7 +72,7 @@ class MySQLFrontend(MySQLLogin):
     __slots__ = ("desired", "charset_id", "client_caps", "_reader", "_auth", "_stream", "_wait",
                  "_relaying", "_statements", "_cmd", "_cmd_classified", "_server_caps",
                  "_before_tls", "_exclude_sets", "key_charset", "_unread", "_cmd_seq",
-                 "_answered", "_lost_infile")  # see ClientSession
+                 "_answered", "_lost_infile", "_replay")  # see ClientSession
 
     def __init__(self, ctx):
         super().__init__(ctx, Phase.GREETING)
@@ -89,6 +91,7 @@ class MySQLFrontend(MySQLLogin):
         self._cmd_seq = None     # sequence id of the command on the wire (one packet), else None
         self._answered = False   # some of the answer to the command on the wire was relayed
         self._lost_infile = None  # Wait.DISCARD: the lost connection's tracker, fed the client's packets
+        self._replay = None  # pinned and still movable to another writer: its wire.mysql.replay.ReplayLog
         self._server_caps = 0
         self._before_tls = bytearray()  # handshake bytes while an SSLRequest is possible
         self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
@@ -446,8 +449,25 @@ class MySQLFrontend(MySQLLogin):
         elif result is not None:
             if self.pin_reason is None:
                 self.pin_statement = bytes(sql[:1024])  # shown masked by DescribeDBProxySessions
-            self._pin(result)
+            self._pin(result, sql)
         return False
+
+    def _pin(self, reason, sql=None):
+        """Pin (ClientSession._pin), and keep the session's replay log (proxy/pin_move.py): a
+        first pin by variables in a query starts one, any later pin is recorded in it or, when
+        it is not a query (*sql* None: COM_STMT_PREPARE, a charset, ...), ends it.  Pinning
+        paths only."""
+        if self.pin_reason is None:
+            super()._pin(reason)
+            log = None
+            limit = self.ctx.config.max_session_replay_size
+            if sql is not None and limit and reason in MOVABLE_REASONS:
+                log = ReplayLog(limit)
+                if not log.record(sql, self._lexing()):
+                    log = None
+            self._replay = log
+        elif self._replay is not None and (sql is None or not self._replay.record(sql, self._lexing())):
+            self._replay = None
 
     def _set_here(self, tracked):
         """Whether a SET (classified *tracked*) is answered here, without a database: drivers
@@ -654,7 +674,12 @@ class MySQLFrontend(MySQLLogin):
 
     def prepare_lease(self, conn):
         """Bring the connection to the session's tracked values (database, character set,
-        variables); None when it has them already (no Deferred per command)."""
+        variables); None when it has them already (no Deferred per command).  A pinned
+        session moving off a former writer has its variables set there first (pin_move.py)."""
+        if self._move is not None:
+            move = self.take_move()
+            if move is not None:
+                return mysql_move.replay(conn, move, self._sync_moved)
         self._resolve_charset(conn)
         desired = self._sync_values(conn)
         if not conn.needs_sync(desired, self.database):
@@ -663,6 +688,14 @@ class MySQLFrontend(MySQLLogin):
             self._inline_sync = conn.sync_inline(desired, self.database)
             if self._inline_sync is not None:  # written with the command: no round trip
                 return None
+        return conn.sync(desired, self.database)
+
+    def _sync_moved(self, conn):
+        """The tracked values after a move's replay (never inline: the check follows)."""
+        self._resolve_charset(conn)
+        desired = self._sync_values(conn)
+        if not conn.needs_sync(desired, self.database):
+            return None
         return conn.sync(desired, self.database)
 
     def _sync_values(self, conn):
@@ -781,6 +814,24 @@ class MySQLFrontend(MySQLLogin):
             self.request_done(self.clock.seconds())
         self._maybe_release()
         self._pump_safely()
+
+    # -- moving off a former writer (proxy/pin_move.py; what moves: wire/mysql/replay.py) ------
+    def replay_log(self):
+        return self._replay
+
+    def detach_for_move(self, conn):
+        self._detach(conn)
+        self._wait = Wait.BORROW  # the client's next command waits for the new connection
+
+    def capture_state(self, conn, log):
+        return mysql_move.capture(conn, log)
+
+    def after_move(self):
+        self._wait = Wait.NOTHING
+        self._pump_safely()
+
+    def replay_failed(self, why):
+        self._fatal(errors.replay_failed(why), 0)
 
     def _maybe_release(self):
         """Give the connection back when nothing ties the session to it: no pin, no open

@@ -107,6 +107,15 @@ def compression_not_supported():
 ER_SERVER_SHUTDOWN = 1053
 
 
+def replay_failed(why):
+    """1053 (08S01): a pinned session moved off a former writer, and setting its variables again
+    on the new writer failed (proxy/pin_move.py): the session ends."""
+    return err_packet(ER_SERVER_SHUTDOWN, "08S01",
+                      "The proxy ended this session: it was pinned to a database connection on the "
+                      f"former writer, and replaying its session state on the new writer failed ({why})."
+                      " Reconnect to continue on the new writer.")
+
+
 def writer_changed():
     """1053 (08S01): a pinned session whose database connection is on a former writer is ended
     (failover or switchover); 08S01 makes drivers treat it as a lost connection and reconnect."""
