@@ -30,9 +30,9 @@ POOL_KEYS = frozenset(("MaxConnectionsPercent", "MaxIdleConnectionsPercent",
 
 
 def find_free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, outside the ephemeral range (see testing/servers.py)."""
+    from txrdsproxy.testing.servers import find_free_port
+    return find_free_port(HOST)
 
 
 def write_proxy_config(dir, pg_server, listen="tcp:0:interface=127.0.0.1", secrets=None,

@@ -6,7 +6,6 @@ faults, the file keeping the change, and DescribeDBProxies' Endpoint with its po
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +37,8 @@ def aws(endpoint, *args):
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    from txrdsproxy.testing.servers import find_free_port  # outside the ephemeral range
+    return find_free_port(HOST)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ via ``setpriv``, which execs in place: the ``Popen`` pid is the server's pid.
 import atexit
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -60,8 +61,33 @@ class MissingBinary(ServerError):
 # binaries, ports, users
 
 
+def _ephemeral_low():
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def find_free_port(host=HOST):
-    """Return a TCP port that is free on ``host`` right now."""
+    """Return a TCP port that is free on ``host`` right now.
+
+    Chosen at random below the kernel's ephemeral range when there is room there: a port of the
+    ephemeral range (what binding to port 0 gives) is also where every outgoing connection on the
+    machine takes its local port, so between this check and the bind of the process the port is
+    for (a twistd or a database starting takes seconds on a loaded machine) any connect() could
+    take it; below the range only an explicit bind can.
+    """
+    low = _ephemeral_low()
+    for _ in range(50 if low > 11000 else 0):
+        port = random.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
