@@ -278,8 +278,9 @@ def _reader_endpoint_scenario(proxy, rds, primary, s1, s2):
         # no lag (s2 replayed everything it received).
         runtime = proxy.call(proxy.service.registry.modify_proxy, proxy.ctx.name, max_replica_lag=1.0)
         assert runtime.config.max_replica_lag == 1.0
+        rounds = proxy.call(lambda: proxy.ctx.monitor.rounds)
         time.sleep(1.5)  # the primary idles past the bound: lag stays 0 on both standbys
-        proxy.wait_for(lambda: proxy.call(lambda: proxy.ctx.monitor.rounds) >= 2, what="rounds")
+        proxy.wait_for(lambda: proxy.call(lambda: proxy.ctx.monitor.rounds) >= rounds + 2, what="rounds")
         assert _readers(proxy) == ["pg-2", "pg-3"]
         s1.psql("SELECT pg_wal_replay_pause()")
         writer.execute("INSERT INTO t VALUES (-2)")

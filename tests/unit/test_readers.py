@@ -252,6 +252,10 @@ def test_a_promoted_replica_leaves_the_set_and_its_connections_are_retired():
 def test_a_lagging_replica_is_out_with_the_reason_in_target_health_until_it_catches_up():
     w = World(max_lag=10.0, answers={W: RW, R1: Answer(RO, 42.5), R2: Answer(RO, 0.0)})
     w.round()
+    assert w.readers.eligible() == (R1, R2)  # one check above the bound: not yet
+    assert w.health.health_of(R1).state == AVAILABLE
+    # the next check finds the same lag: confirmed
+    w.round()
     assert w.readers.eligible() == (R2,)
     record = w.health.health_of(R1)
     assert (record.state, record.reason) == (UNAVAILABLE, "INVALID_REPLICATION_STATE")
@@ -448,11 +452,32 @@ def test_the_reader_sets_own_recheck_of_a_silent_replica_is_bounded():
 
 
 # -- TargetHealth of a lagging replica: one owner, stable across rounds -------------------------------
+def test_one_check_above_the_bound_is_not_lag():
+    # PostgreSQL after an idle primary: the first WAL record to arrive reads the idle time as
+    # lag until it is replayed (milliseconds).  Only two checks in a row take a replica out.
+    w = World(max_lag=1.0, answers={W: RW, R1: Answer(RO, 0.0), R2: Answer(RO, 0.0)})
+    seen = []
+    w.health.listeners.append(lambda target, record: seen.append((target, record)))
+    for lag in (0.0, 30.0, 0.0, 31.0, 0.0, 0.0):
+        w.answers[R1] = Answer(RO, lag)
+        w.round()
+        assert w.readers.eligible() == (R1, R2), lag
+    assert {(r.state, r.reason) for t, r in seen if t is R1} == {(AVAILABLE, None)}
+    assert not w.left
+    w.answers[R1] = Answer(RO, 30.0)
+    w.round()
+    w.answers[R1] = Answer(RO, 30.5)
+    w.round()
+    assert w.readers.eligible() == (R2,) and [t for t, _ in w.left] == [R1]
+
+
 def test_a_lagging_replicas_target_health_never_flips_between_rounds():
     w = World(max_lag=10.0, answers={W: RW, R1: Answer(RO, 42.5), R2: Answer(RO, 0.0)})
+    w.round()  # the first check above the bound; the next ones confirm it
     seen = []
     w.health.listeners.append(lambda target, record: seen.append((target, record)))
     for _ in range(4):
+        w.answers[R1] = Answer(RO, 42.5)
         w.round()
         record = w.health.health_of(R1)
         assert (record.state, record.reason) == (UNAVAILABLE, "INVALID_REPLICATION_STATE")

@@ -596,3 +596,26 @@ def test_a_target_registered_again_in_a_worker_is_unfenced_by_the_hub():
     bad.makeConnection(transport)
     bad.dataReceived(b"X")
     assert transport.disconnecting or transport.disconnected
+
+
+def test_a_followers_reader_set_judges_lag_like_the_monitors():
+    from txrdsproxy.endpoints import attach_monitor
+    from txrdsproxy.failover.readers import ReaderSet
+    clock = Clock()
+    hub = Hub(clock, {W: PRIMARY, S: ProbeResult(RO, lag=0.0, replica=True)})
+    hub_readers = ReaderSet(hub.topology, hub.health, clock, max_lag=1.0)
+    attach_monitor(hub_readers, hub.monitor)
+    hub.monitor.round_listeners.remove(hub._round)
+    hub.monitor.round_listeners.append(hub._round)  # the verdict after the reader set's round
+    hub.monitor.start()
+    worker = Worker(clock, hub)
+    readers = ReaderSet(worker.topology, worker.health, clock, max_lag=1.0)
+    attach_monitor(readers, worker.monitor)
+    worker.monitor.start()
+    assert readers.eligible() == hub_readers.eligible() == (S,)
+    for lag, member in ((30.0, True), (0.0, True), (30.0, True), (31.0, False), (0.5, True)):
+        hub.probes.answers[S] = ProbeResult(RO, lag=lag, replica=True)
+        clock.advance(INTERVAL)
+        worker.monitor.apply(hub.last)
+        assert (S in readers.eligible()) is member is (S in hub_readers.eligible()), lag
+        assert worker.health.health_of(S) == hub.health.health_of(S)

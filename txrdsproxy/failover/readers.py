@@ -8,9 +8,13 @@ Engine-neutral.  A target is in the reader set when all of these hold:
   no writer, such as a demoted writer not yet pointed at the new one, would serve stale data);
 - no connection to it was refused or lost since (`trouble`; it is checked again on its own,
   every HealthCheckInterval, until it answers READ_ONLY);
-- its replay lag, when measured, is within MaxReplicaLag (when that is set): a lagging replica
-  is UNAVAILABLE in TargetHealth with Reason INVALID_REPLICATION_STATE and the lag in its
-  Description, until it has caught up.
+- its replay lag, when measured, is within MaxReplicaLag (when that is set): a replica whose
+  lag is above the bound in two checks in a row is UNAVAILABLE in TargetHealth with Reason
+  INVALID_REPLICATION_STATE and the lag in its Description, until a check finds it within.
+  One check is not enough: PostgreSQL's lag (failover/lag.py) is the age of the last replayed
+  transaction while WAL received is not replayed yet, so on a standby of a primary idle for
+  N s the first record to arrive (an INSERT, a checkpoint) reads N s for the few milliseconds
+  until it is replayed; a replica that really lags still does at the next check.
 
 A target that leaves the set has its replica pool retired (idle connections close now, lent
 ones when their transaction is over) and the pinned sessions holding one of its connections are
@@ -82,7 +86,9 @@ class ReaderSet:
         self.on_vanished = on_vanished  # callable(target, why): cut its replica pool's connections
         self.known = False  # a health check round has ended (or there is no monitor)
         self._suspect = {}  # target -> why: a connection to it failed since its last good check
-        self._lagging = {}  # target -> lag (seconds) above max_lag at its last check
+        self._lagging = {}  # target -> lag (seconds) above max_lag at its last two checks or more
+        self._over = {}  # target -> lag above max_lag at its last check only (not confirmed yet)
+        self._judged = set()  # targets whose answer this round the monitor's verdict judged
         self._rechecks = {}  # target -> IDelayedCall or Deferred of its own check
         self._timers = set()  # IDelayedCalls bounding those checks
         self._members = ()  # the set as last computed by `refresh` (to see who left)
@@ -122,8 +128,10 @@ class ReaderSet:
         for target, result in results.items():
             if isinstance(result, Failure):
                 self._lagging.pop(target, None)
-            else:
-                self._judge_lag(target, result)  # the same verdict again: no change, no log
+                self._over.pop(target, None)
+            elif target not in self._judged:
+                self._judge_lag(target, result)  # a follower's round: no verdict was asked
+        self._judged.clear()
         self.known = True
         self.refresh()
 
@@ -131,15 +139,23 @@ class ReaderSet:
         """`WriterMonitor.verdicts`: -> (INVALID_REPLICATION_STATE, why) for a replica whose
         replay lag exceeds MaxReplicaLag, recorded by the monitor as its TargetHealth instead of
         AVAILABLE; None otherwise.  Judged against the writer as it stands before the round's
-        decision (a replica promoted this round answers READ_WRITE: never lagging)."""
+        decision (a replica promoted this round answers READ_WRITE: never lagging).  Each
+        answer is judged once: `round_done` does not judge it again."""
+        self._judged.add(target)
         return self._judge_lag(target, result)
 
     def _judge_lag(self, target, result):
-        """-> the TargetHealth verdict (reason, description) for *result*, or None; notes
-        whether *target* lags (state only: TargetHealth is written by the caller)."""
+        """-> the TargetHealth verdict (reason, description) for *result*, one check more, or
+        None; notes whether *target* lags (state only: TargetHealth is written by the caller)."""
         lag = probe_lag(result)
         if (self.max_lag and lag is not None and probe_role(result) == READ_ONLY
                 and target is not self.topology.current_writer() and lag > self.max_lag):
+            if target not in self._lagging and self._over.pop(target, None) is None:
+                self._over[target] = lag  # the first check above the bound: confirmed by the next
+                self.log.info("replica {t} lag {lag:.1f} s above MaxReplicaLag {max:g} s at one check;"
+                              " out of the reader set if the next one says so too",
+                              t=target.rds_resource_id, lag=lag, max=self.max_lag)
+                return None
             if target not in self._lagging:
                 self.log.warn("replica {t} lags {lag:.1f} s (MaxReplicaLag {max:g} s): out of the"
                               " reader set until it catches up", t=target.rds_resource_id, lag=lag,
@@ -147,6 +163,7 @@ class ReaderSet:
             self._lagging[target] = lag
             return (INVALID_REPLICATION_STATE,
                     f"replica lag {lag:.1f} s exceeds MaxReplicaLag {self.max_lag:g} s")
+        self._over.pop(target, None)
         if self._lagging.pop(target, None) is not None:
             self.log.info("replica {t} caught up (lag {lag}): back in the reader set",
                           t=target.rds_resource_id, lag=lag)
@@ -249,6 +266,7 @@ class ReaderSet:
         """*target* left the target group."""
         self._suspect.pop(target, None)
         self._lagging.pop(target, None)
+        self._over.pop(target, None)
         pending = self._rechecks.pop(target, None)
         if pending is not None and hasattr(pending, "active") and pending.active():
             pending.cancel()
