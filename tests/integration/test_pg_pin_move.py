@@ -7,6 +7,8 @@ server and stays up, then the standby is promoted (issue 11 item 3).  With real 
   the SET still in effect (SHOW), and both prepared statements usable under their names;
 - a session pinned inside a transaction moves once the transaction has ended;
 - a session with a temporary table is ended with the "writer changed" error;
+- under EXCLUDE_PREPARED_STATEMENTS (named statements tracked by the proxy, not recorded) a
+  session pinned by a SET moves, and its tracked statement is prepared again on the new writer;
 - with MaxSessionReplaySize 0 nothing moves (the rule before this feature).
 """
 
@@ -63,11 +65,16 @@ def test_pg_pinned_sessions_move_to_the_new_writer_unless_they_hold_a_temp_table
         pg_server_factory, pg_proxy_factory, tmp_path):
     with pg_replicated(pg_server_factory, tmp_path, "move-pass") as (primary, [standby]):
         proxy = _start(pg_proxy_factory, primary, standby)
+        tracking = _start(pg_proxy_factory, primary, standby,
+                          SessionPinningFilters=["EXCLUDE_PREPARED_STATEMENTS"])
         dsn = proxy.dsn(primary)
         moving = _pinned_session(dsn)
         in_txn = psycopg.connect(dsn)  # not autocommit
         temp = psycopg.connect(dsn, autocommit=True)
+        tracked = psycopg.connect(tracking.dsn(primary), autocommit=True)
         try:
+            tracked.execute("SET work_mem = '16MB'")  # pins; the statement below does not
+            assert tracked.execute(ADD_ONE, (1,), prepare=True).fetchone() == (2,)
             in_txn.execute("SET search_path TO pg_catalog, public")
             in_txn.commit()
             in_txn.execute("SELECT 1")  # a transaction stays open across the demotion
@@ -76,6 +83,8 @@ def test_pg_pinned_sessions_move_to_the_new_writer_unless_they_hold_a_temp_table
             assert moving.execute("SELECT inet_server_port()").fetchone() == (primary.port,)
 
             _switchover(proxy, primary, standby)
+            tracking.wait_for(lambda: tracking.call(writer_id, tracking.ctx) == "pg-2",
+                              what="the other proxy's promoted writer")
             in_txn.commit()  # its boundary: it moves now
 
             # the moved session: same client connection, the new writer, its state there
@@ -91,16 +100,21 @@ def test_pg_pinned_sessions_move_to_the_new_writer_unless_they_hold_a_temp_table
             assert in_txn.execute("SELECT inet_server_port(), current_setting('search_path')").fetchone() == (
                 standby.port, "pg_catalog, public")
             in_txn.commit()
+            assert tracked.execute("SELECT inet_server_port(), current_setting('work_mem')").fetchone() == (
+                standby.port, "16MB")
+            assert tracked.execute(ADD_ONE, (2,), prepare=True).fetchone() == (3,)
 
             error = _ended(temp)
             assert error is not None and WRITER_CHANGED in error, error
-            assert proxy.session_states().count("pinned") == 2  # the moved ones, pinned again
+            # the moved ones, pinned again (the ended one leaves once its socket has closed)
+            proxy.wait_for(lambda: sorted(proxy.session_states()) == ["pinned", "pinned"],
+                           what="the moved sessions alone")
             # the old writer keeps no connection of the sessions (closing one takes a moment)
             proxy.wait_for(lambda: primary.psql("SELECT count(*) FROM pg_stat_activity"
                                                 " WHERE datname = 'appdb'").strip() == "0",
                            what="the former writer's connections to close")
         finally:
-            for conn in (moving, in_txn, temp):
+            for conn in (moving, in_txn, temp, tracked):
                 conn.close()
 
 
