@@ -179,10 +179,16 @@ class MonitorHub:
         for watched in list(self.proxies.values()):
             self._drop(watched)
         self.proxies = {}
+        self._stop_secrets()
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()
         return None
+
+    def _stop_secrets(self):
+        from twisted.application import service
+        if isinstance(self.secrets, service.Service) and self.secrets.running:
+            self.secrets.stopService()  # the aws store's background refresh
 
     def _secrets_store(self, config):
         from twisted.application import service
@@ -234,6 +240,7 @@ class MonitorHub:
         old, self.config = self.config, config
         rebuild_all = config.secrets != old.secrets
         if rebuild_all:
+            self._stop_secrets()
             self.secrets = self._secrets_store(config)
         else:
             from txrdsproxy.auth.secrets import config_secret_arns
