@@ -50,6 +50,7 @@ MESSAGES = st.one_of(
     st.sampled_from([DESCRIBE, EXECUTE, SYNC, FLUSH, msg.query("SELECT 1"), message(b"C", b"S\0"),
                      message(b"D", b"S"),  # unterminated name: not looked at, forwarded
                      message(b"P", b"unterminated"), message(b"B", b"unterminated"),
+                     message(b"P", b"\0SET a = 1"),  # named, its SQL unterminated in the message
                      b"P\0\0\0\x03", b"B\0\0\x01\0\0", b"E\0\0\0\x04", message(b"d", b"data")]),
 )
 
@@ -167,3 +168,17 @@ def test_release_boundary_server_answers_the_whole_batch():
     h.ctx.pool.step()
     assert rb.replies(h) == [b"1", b"2", b"n", b"C", b"Z"]
     assert struct.unpack_from("!I", PGBENCH, 1)[0] == len(PGBENCH[:PGBENCH.index(b"B")]) - 1
+
+
+def test_a_strings_nul_is_looked_for_only_inside_its_own_message():
+    """The SQL of a Parse ends at a NUL inside that Parse: a NUL in the next message (a Bind)
+    does not end it.  take_batch leaves such a batch to feed, which refuses it."""
+    for unterminated in (message(b"P", b"\0SET work_mem = '1MB'"), message(b"P", b"s1"),
+                         message(b"B", b"p1")):
+        data = unterminated + bind() + DESCRIBE + EXECUTE + SYNC
+        stream = ClientStream(1 << 20)
+        stream.attach(Conn(), [].append)
+        assert not stream.take_batch(data)
+        assert stream.outstanding == 0 and stream.pin_reason is None
+        assert outcome(b"", data, True) == outcome(b"", data, False)
+        assert outcome(b"", data, False)[6] is not None  # feed: a protocol violation

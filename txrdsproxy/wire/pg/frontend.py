@@ -142,41 +142,48 @@ class ClientStream:
         maxima = self.scanner.maxima
         end = n - 5
         pos = 0
-        found = []  # (kind, body) of each Parse and Bind, classified once all are known good
-        try:
-            while pos < end:
-                kind = data[pos]
-                length = int.from_bytes(data[pos + 1:pos + 5], "big")
-                stop = pos + 1 + length
-                if length < 4 or stop > end or length > maxima[kind]:
+        found = []  # (name, sql or None, body or None) of each Parse and Bind, classified once
+        # all are known good.  The C strings are found in *data* itself, within each message
+        # (framing.cstring on a copy of the body, without the copy and the call).
+        while pos < end:
+            kind = data[pos]
+            length = int.from_bytes(data[pos + 1:pos + 5], "big")
+            stop = pos + 1 + length
+            if length < 4 or stop > end or length > maxima[kind]:
+                return False
+            if kind == _P or kind == _B:
+                if length - 4 > NAMES_LIMIT:
                     return False
-                if kind == _P or kind == _B:
-                    if length - 4 > NAMES_LIMIT:
+                start = pos + 5
+                at = data.find(0, start, stop)  # the statement / portal name's NUL
+                if at < 0:
+                    return False  # unterminated: feed finds it again and says so
+                if kind == _P:
+                    nul = data.find(0, at + 1, stop)  # the SQL's NUL
+                    if nul < 0:
                         return False
-                    body = data[pos + 5:stop]
-                    if kind == _P:
-                        name, at = cstring(body)
-                        sql, _ = cstring(body, at)
-                        found.append((name, sql, body))
-                    else:
-                        found.append((cstring(body)[0], None, None))
-                elif kind != _E and kind != _D:
-                    return False
-                pos = stop
-        except ProtocolViolation:
-            return False  # feed finds it again and says so
+                    name = data[start:at]
+                    found.append((name, data[at + 1:nul], data[start:stop] if name else None))
+                else:
+                    found.append((data[start:at], None, None))
+            elif kind != _E and kind != _D:
+                return False
+            pos = stop
         for name, sql, body in found:
             if self.pin_reason is not None:
                 if self.recorder is None:
                     break
                 if sql is not None:  # pinned, still movable: rare
-                    self._record(sql, body if name else None)
+                    self._record(sql, body)
                 continue
             if sql is None:
-                self._pin(pinning.classify_bind(name))
+                reason = pinning.classify_bind(name)
+                if reason is not None:
+                    self._pin(reason)
             else:
-                self._pin(pinning.classify_parse(name, sql, self.exclude_sets, self._scs()), sql,
-                          body if name else None)
+                reason = pinning.classify_parse(name, sql, self.exclude_sets, self._scs())
+                if reason is not None:
+                    self._pin(reason, sql, body)
         self.outstanding += 1
         self.requests += 1
         return True
