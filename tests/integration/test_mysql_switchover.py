@@ -5,7 +5,7 @@ A primary and a read-only replica behind one MYSQL proxy:
    connections are closed at once, a pinned session between transactions whose pin cannot move
    (a temporary table) gets the proxy's unsolicited "writer changed" ERR (1053, 08S01) and the
    close, one inside a transaction is ended right after its COMMIT (pins that move:
-   test_mysql_pin_move.py); then the replica is promoted and a session that is not pinned writes
+   test_mysql_pin_move_live.py); then the replica is promoted and a session that is not pinned writes
    there over its same client connection;
 2. the old primary made writable again is not used while the promoted writer answers;
 3. the promoted writer stops (unreachable) and the old primary, now the only writer, takes over;

@@ -5,7 +5,7 @@ server (ALTER SYSTEM default_transaction_read_only + reload), then the standby i
 - idle pooled connections to the demoted writer are closed at once, never lent again;
 - a pinned session between transactions whose pin cannot move (a temporary table) is ended with
   the proxy's "writer changed" error, one inside a transaction is ended right after it (no
-  session goes on against the read-only server; pins that move: test_pg_pin_move.py);
+  session goes on against the read-only server; pins that move: test_pg_pin_move_live.py);
 - a session that is not pinned keeps its client connection and its next transaction runs, and
   writes, on the new writer; one whose named prepared statements are tracked
   (EXCLUDE_PREPARED_STATEMENTS) has them prepared again there;
