@@ -25,6 +25,7 @@ from txrdsproxy.testing.fakes import ClientTransport, FakePool, FakeSecrets
 from txrdsproxy.wire.mysql import auth as myauth
 from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
+from txrdsproxy.wire.mysql.statements import ConnStatements
 from txrdsproxy.wire.mysql.commands import ResponseTracker
 
 ARN = "arn:aws:secretsmanager:local:000000000000:secret:app"
@@ -82,6 +83,19 @@ class FakeConn:
         self.writes = []
         self.synced = []
         self.sync_error = None  # an ERR payload the next sync fails with
+        self.statements = ConnStatements()
+        self.prepares = []  # (key, sql, Deferred) of each prepare_statement: the test fires it
+
+    def prepare_statement(self, key, sql):
+        d = defer.Deferred()
+        self.prepares.append((key, bytes(sql), d))
+        return d
+
+    def remember_statement(self, key, server_id, params):
+        return self.statements.add(key, server_id, params)[0]
+
+    def cancel_inline_sync(self):
+        self.inline_cancelled = True
 
     def attach(self, sink):
         self._sink = sink

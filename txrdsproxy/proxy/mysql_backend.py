@@ -36,6 +36,8 @@ from txrdsproxy.wire.mysql import handshake as hs
 from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql.commands import ResponseTracker
 from txrdsproxy.wire.mysql.packets import ProtocolError
+from txrdsproxy.wire.mysql import statements as stmts
+from txrdsproxy.wire.mysql.statements import ConnStatements
 
 # Client capabilities that must be the same on both sides of the relay.
 CAPABILITY_PROFILE = (
@@ -124,6 +126,30 @@ class _InternalOp:
         return False
 
 
+class _PrepareOp:
+    """Reads the answer to an internal COM_STMT_PREPARE with the connection's tracker; fires
+    with (statement id, columns, params) or fails with the server's ERR."""
+
+    status = None
+
+    def __init__(self, deferred, tracker):
+        self.deferred = deferred
+        self.tracker = tracker
+        self.error = None
+        self.rows = None
+        self._first = True
+
+    def feed(self, payload, caps):
+        if self._first:
+            self._first = False
+            if payload[:1] == b"\xff":
+                self.error = bytes(payload)
+        done = self.tracker.feed(payload)
+        if done and self.error is None:
+            self.rows = self.tracker.last_prepare
+        return done
+
+
 def _text_row(payload):
     out = []
     pos = 0
@@ -177,6 +203,7 @@ class MySQLBackendConnection(BackendConnection):
         self._fbuf = bytearray()
         self._closing_reason = None
         self._inline = None  # {variable: value} of a SET sent ahead of a command, until its OK
+        self.statements = ConnStatements()  # prepared here for multiplexed sessions
         self._in_step = None  # (desired, current, baseline) last found needing no sync
 
     def __repr__(self):
@@ -302,6 +329,31 @@ class MySQLBackendConnection(BackendConnection):
     def query(self, sql):
         return self.command(P.COM_QUERY, sql)
 
+    def prepare_statement(self, key, sql):
+        """Prepare *sql* on this connection (not lent) for multiplexed sessions.  Fires with the
+        ConnStatement now kept under *key*, or fails with DatabaseError (the server's ERR) /
+        BackendGone."""
+        if self._op is not None:
+            return defer.fail(RuntimeError("internal command already running"))
+        if self.state is ConnState.CLOSED:
+            return defer.fail(BackendGone("connection closed"))
+        d = defer.Deferred()
+        self.tracker.last_error = None
+        self.tracker.expect(P.COM_STMT_PREPARE)
+        self._op = _PrepareOp(d, self.tracker)
+        self.transport.write(stmts.prepare_packet(sql))
+        d.addCallback(lambda prepared: self.remember_statement(key, prepared[0], prepared[2]))
+        return self.bounded(d, "statement prepare")
+
+    def remember_statement(self, key, server_id, params):
+        """A statement prepared here (by `prepare_statement` or a session's own prepare):
+        kept under *key*; the oldest ones past the bound are closed on the server (no answer
+        comes).  -> its ConnStatement."""
+        entry, closed = self.statements.add(key, server_id, params)
+        if closed:
+            self.transport.write(b"".join(stmts.close_packet(sid) for sid in closed))
+        return entry
+
     def _internal_packet(self, seq, payload):
         op = self._op
         if op is None:
@@ -354,6 +406,12 @@ class MySQLBackendConnection(BackendConnection):
         self._inline = target
         return P.encode_packet(bytes((P.COM_QUERY,)) + sql, 0)
 
+    def cancel_inline_sync(self):
+        """The command a `sync_inline` SET was to go with was answered by the proxy instead:
+        the SET is not sent (what the connection holds is unchanged: `current` learns a value
+        only from its answer)."""
+        self._inline = None
+
     def _inline_answer(self, buf):
         """Read the answer to an inline sync from the head of *buf*; -> False while it has not
         arrived (or when it closed the connection)."""
@@ -384,6 +442,7 @@ class MySQLBackendConnection(BackendConnection):
         connection) when the server refuses.
         """
         if self.session_dirty:
+            self.statements.clear()  # COM_RESET_CONNECTION closes them all
             d = self.command(P.COM_RESET_CONNECTION)
             d.addCallback(lambda _: self._read_state())
 

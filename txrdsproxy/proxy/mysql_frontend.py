@@ -34,11 +34,13 @@ from txrdsproxy.proxy import mysql_move
 from txrdsproxy.proxy import mysql_state as mstate
 from txrdsproxy.proxy.interfaces import IEngineSession, IMySQLSessionEvents
 from txrdsproxy.proxy.mysql_login import MAX_LOCAL_COMMAND, MySQLLogin
+from txrdsproxy.proxy.mysql_statements import PENDING_ID, SessionStatements, StatementRouting
 from txrdsproxy.proxy.relay import direct_write
 from txrdsproxy.proxy.session import BorrowFailure, Phase, SessionState
 from txrdsproxy.wire.mysql import errors
 from txrdsproxy.wire.mysql import packets as P
 from txrdsproxy.wire.mysql import pinning
+from txrdsproxy.wire.mysql.statements import with_statement_id
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE, UNSUPPORTED
 from txrdsproxy.wire.mysql.lexer import version_id
 from txrdsproxy.wire.mysql.packets import ProtocolError
@@ -62,17 +64,20 @@ class Wait(enum.Enum):
     BORROW = "borrow"      # a connection from the pool (and its sync)
     RESPONSE = "response"  # the database's answer to the command sent
     PEER = "peer"          # `Workers: N`: another worker's answer to a KILL (workers/peer.py)
+    PREPARE = "prepare"    # a statement prepared on the connection before the command naming it
     DISCARD = "discard"    # the rest of a LOCAL INFILE whose database connection was lost
 
 
 @implementer(IEngineSession, IMySQLSessionEvents)
-class MySQLFrontend(MySQLLogin):
+class MySQLFrontend(MySQLLogin, StatementRouting):
     log = Logger()
     SESSION_PHASE = Phase.COMMAND
+    WAIT_NOTHING, WAIT_PREPARE, PHASE_COMMAND = Wait.NOTHING, Wait.PREPARE, Phase.COMMAND
     __slots__ = ("desired", "charset_id", "client_caps", "_reader", "_auth", "_stream", "_wait",
                  "_relaying", "_statements", "_cmd", "_cmd_classified", "_server_caps",
                  "_before_tls", "_exclude_sets", "key_charset", "_unread", "_cmd_seq",
-                 "_answered", "_lost_infile", "_replay")  # see ClientSession
+                 "_answered", "_lost_infile", "_replay", "_ps", "_stmt", "_stmt_packet",
+                 "_stmt_id", "_prep_id")  # see ClientSession
 
     def __init__(self, ctx):
         super().__init__(ctx, Phase.GREETING)
@@ -94,7 +99,14 @@ class MySQLFrontend(MySQLLogin):
         self._replay = None  # pinned and still movable to another writer: its wire.mysql.replay.ReplayLog
         self._server_caps = 0
         self._before_tls = bytearray()  # handshake bytes while an SSLRequest is possible
-        self._exclude_sets = ctx.config.target_group.connection_pool_config.exclude_variable_sets
+        pool_config = ctx.config.target_group.connection_pool_config
+        self._exclude_sets = pool_config.exclude_variable_sets
+        # EXCLUDE_PREPARED_STATEMENTS: statements under ids of the proxy's (mysql_statements)
+        self._ps = SessionStatements() if pool_config.exclude_prepared_statements else None
+        self._stmt = None         # (Statement, command, pins) of the statement command at the head
+        self._stmt_packet = None  # that command as it goes to the connection (None: streamed)
+        self._stmt_id = None      # the statement's id on that connection
+        self._prep_id = None      # PENDING_ID: the answer to a prepare gets an id of ours
 
     # -- ClientSession's questions and actions ----------------------------------------------------
     @property
@@ -105,7 +117,7 @@ class MySQLFrontend(MySQLLogin):
             return True
         if self._wait is Wait.RESPONSE and not self._relaying:
             return not self.lease.conn.tracker.awaiting_client_data
-        return self._wait is Wait.PEER
+        return self._wait is Wait.PEER or self._wait is Wait.PREPARE
 
     def left_cleanly(self, conn):
         return (self._wait is Wait.NOTHING and not self._relaying and not _strayed(conn)
@@ -382,6 +394,8 @@ class MySQLFrontend(MySQLLogin):
             self._change_user(seq, payload[1:])
             return
         self._cmd_classified = None
+        if self._ps is not None:  # nothing of an earlier command's statement work applies
+            self._stmt = self._prep_id = self._ps.preparing = None
         if cmd == P.COM_QUERY or cmd == P.COM_STMT_EXECUTE:
             self.queries += 1  # QueryRequests
             self.request_started = self.last_active  # read at this data's arrival (latencies)
@@ -396,9 +410,17 @@ class MySQLFrontend(MySQLLogin):
             self._cmd_classified = pinning.TrackedSet(
                 {}, database=stream.peek(1, length).decode("utf-8", "replace"))
         elif cmd == P.COM_STMT_PREPARE:
-            self._pin(pinning.PinReason.PREPARED_STATEMENT)
+            if self._ps is None:
+                self._pin(pinning.PinReason.PREPARED_STATEMENT)
+            else:
+                if self._prepare_command(length, WHOLE_LIMIT):
+                    return
+                self._prep_id = PENDING_ID
         elif cmd == P.COM_SET_OPTION:
             self._pin(pinning.PinReason.SET_VARIABLE)
+        elif cmd in STATEMENT_COMMANDS and self._ps is not None:
+            if self._statement_command(cmd, length, WHOLE_LIMIT):
+                return
         elif cmd in STATEMENT_COMMANDS:
             b = stream.buf
             if length >= 5:  # (all here: see _pump)
@@ -544,6 +566,11 @@ class MySQLFrontend(MySQLLogin):
     def _dispatch(self):
         """Send the command at the head of the stream to the leased connection."""
         conn = self.lease.conn
+        stmt = self._stmt
+        if stmt is not None:
+            if not self._statement_ready(conn):
+                return  # prepared there first (Wait.PREPARE), or answered
+            self._stmt = None
         tracker = conn.tracker
         tracker.last_error = None
         if tracker.session_state_changes:
@@ -555,6 +582,8 @@ class MySQLFrontend(MySQLLogin):
         data = stream.take_if_whole()
         if data is not None:
             self._cmd_seq = seq  # one packet: a lost command can be answered in its place
+            if stmt is not None:
+                data = self._stmt_packet  # under the connection's id
         else:  # streamed: what is here now, the rest as it comes (_pump)
             self._cmd_seq = None
             stream.begin()
@@ -562,6 +591,8 @@ class MySQLFrontend(MySQLLogin):
             data = stream.take()
             if stream.at_boundary:
                 self._relaying = False
+            if stmt is not None:  # (_pump waited for its first 9 bytes)
+                data = with_statement_id(data, self._stmt_id)
         if self._inline_sync is not None:
             inline, self._inline_sync = self._inline_sync, None
             data = inline + data
@@ -752,6 +783,8 @@ class MySQLFrontend(MySQLLogin):
 
     # -- database -> client (called by the backend connection) ---------------------------------------
     def backend_data(self, data):
+        if self._prep_id is PENDING_ID:
+            data = self._prepare_reply(data)
         self._answered = True
         if not direct_write(self.transport, data) and self.lease is not None:
             self.write_queued(self.lease.conn)
@@ -765,6 +798,8 @@ class MySQLFrontend(MySQLLogin):
         usual read: a whole response, relayed and ended in one call)."""
         conn = self.lease.conn
         if data is not None:
+            if self._prep_id is PENDING_ID:
+                data = self._prepare_reply(data)
             self._answered = True
             if not direct_write(self.transport, data):
                 self.write_queued(conn)
@@ -806,8 +841,11 @@ class MySQLFrontend(MySQLLogin):
             self.database = conn.database = learned.database
         if learned.pin is not None:
             self._pin(learned.pin)
-        if self._cmd == P.COM_STMT_PREPARE and ok and tracker.last_prepare is not None:
-            self._statements.add(tracker.last_prepare[0])
+        if self._cmd == P.COM_STMT_PREPARE:
+            if self._ps is not None:
+                self._prepare_answered(conn, tracker, ok)
+            elif ok and tracker.last_prepare is not None:
+                self._statements.add(tracker.last_prepare[0])
         self._wait = Wait.NOTHING
         self._cmd = self._cmd_classified = None
         if self.request_started is not None:

@@ -252,6 +252,8 @@ class MySQLLogin(ClientSession):
         self.pin_reason = self.pin_statement = None
         self.desired = {}
         self._statements.clear()
+        if self._ps is not None:
+            self._ps.clear()
         self.charset_id = charset_id if charset_id is not None else self.key_charset
         self.set_state(SessionState.IDLE)
 

@@ -87,6 +87,32 @@ def unknown_statement(stmt_id, command):
                       % (stmt_id, _STMT_COMMAND_NAMES.get(command, "mysqld_stmt_execute")))
 
 
+ER_NEED_REPREPARE = 1615
+ER_MAX_PREPARED_STMT_COUNT_REACHED = 1461
+
+
+def too_many_statements(limit):
+    """1461 (42000), the server's own text: a multiplexed session holds *limit* prepared
+    statements (the server's default max_prepared_stmt_count) and prepares one more."""
+    return err_packet(ER_MAX_PREPARED_STMT_COUNT_REACHED, "42000",
+                      "Can't create more than max_prepared_stmt_count statements (current value: %d)"
+                      % limit)
+
+
+def statement_context_changed():
+    """1615 (HY000), the server's own error for a statement it cannot run as prepared: a
+    multiplexed session's statement must be prepared again on another database connection, but
+    the session changed its database, sql_mode or character set since it prepared it."""
+    return err_packet(ER_NEED_REPREPARE, "HY000", "Prepared statement needs to be re-prepared")
+
+
+def statement_types_unknown():
+    """1615 (HY000): a multiplexed session's COM_STMT_EXECUTE relies on parameter types the
+    proxy could not carry to the database connection serving it (bound by an execute too large
+    to read whole, or by a COM_STMT_BULK_EXECUTE, on another connection)."""
+    return err_packet(ER_NEED_REPREPARE, "HY000", "Prepared statement needs to be re-prepared")
+
+
 def requires_tls():
     """3159 (HY000): RequireTLS is on and the client did not start TLS."""
     return err_packet(ER_SECURE_TRANSPORT_REQUIRED, "HY000",
