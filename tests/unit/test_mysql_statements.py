@@ -1,6 +1,6 @@
 """Multiplexed prepared statements (SessionPinningFilters EXCLUDE_PREPARED_STATEMENTS, MySQL):
 the packet rewriting (wire/mysql/statements.py) and the session's id map over fake connections
-(proxy/mysql_statements.py).  Real drivers: tests/integration/test_mysql_statements.py."""
+(proxy/mysql_statements.py).  Real drivers: tests/integration/test_mysql_statements_live.py."""
 
 import struct
 
