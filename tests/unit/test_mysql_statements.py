@@ -243,6 +243,14 @@ def test_the_last_prepared_statement_id_names_the_sessions_last(s):
     lease = s.pool.give()
     [(_, sql, d)] = lease.conn.prepares
     assert sql == b"SELECT ?, ?"
+    d.errback(DatabaseError(P.err_packet(1146, "42S02", "gone")))
+    s.packets()
+    # a failed prepare (MariaDB's prepare-and-execute pipelines it with id -1): -1 names nothing
+    s.send(my.command(P.COM_STMT_PREPARE, b"SELECT nope"))
+    s.pool.give().conn.respond(P.err_packet(1054, "42S22", "Unknown column 'nope'"))
+    s.packets()
+    s.send(execute(0xFFFFFFFF))
+    assert my.err(s.packets()[0][1])[0] == 1243
 
 
 @pytest.mark.parametrize("command", ["cursor", "long data", "pinning text"])

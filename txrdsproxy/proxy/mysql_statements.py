@@ -101,6 +101,7 @@ class StatementRouting:
         ps.preparing = None
         stmt_id, self._prep_id = self._prep_id, None
         if not ok or tracker.last_prepare is None or stmt_id is None:
+            ps.last_id = None  # "the last prepared" names none after a failed prepare
             return
         server_id, columns, params = tracker.last_prepare
         key = S.prepare_key(sql, conn.database, conn.current) if sql is not None \
