@@ -432,3 +432,23 @@ def test_a_pinned_session_s_ordinary_statements_go_through_the_classifier_cache(
         assert log.record(b"SELECT * FROM t WHERE x = 1", None, True)
         assert log.record(b"UPDATE t SET x = 2", None, True)
     assert log.record(b"PREPARE p AS SELECT 1", None, True)  # a candidate: read statement by statement
+
+
+def test_a_moved_session_can_move_again_at_the_next_switchover():
+    h, lease = pinned_session()
+    moved(h, lease)
+    h.send(msg.query("SELECT 1"))
+    new = h.pool.give()
+    new.conn.client_params = {"application_name": "x"}
+    for op in new.conn.internal:
+        op[1].callback([[CAPTURED]] if op[0] == msg.query(CAPTURE_SQL) else [])
+    new.conn.internal.clear()
+    h.frontend.ready_for_query(b"I")  # the SELECT's answer
+    assert h.frontend.drain("writer changed") is True  # the writer changes back
+    [(sent, d)] = new.conn.internal
+    assert sent == msg.query(CAPTURE_SQL)
+    d.callback([[CAPTURED]])
+    assert new.released and h.frontend.state is SessionState.IDLE and not h.closed
+    h.send(msg.query("SELECT 2"))
+    third = h.pool.give()
+    assert third.conn.internal  # replayed there too, from what was recorded from the start
