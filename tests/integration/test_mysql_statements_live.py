@@ -81,6 +81,26 @@ def test_prepared_cursors_of_many_sessions_share_two_connections(ps_proxy, maria
         conn.close()
 
 
+def test_a_shared_statement_answers_with_each_sessions_own_values(ps_proxy, mariadb_server):
+    """Two sessions run the same statement text (one statement on the shared connections) with
+    different time zones and character sets of results: each sees its own, whichever connection
+    prepared the statement first."""
+    a, b = connector(ps_proxy), connector(ps_proxy)
+    acur = a.cursor()
+    acur.execute("SET time_zone = '+01:00'")
+    bcur = b.cursor()
+    bcur.execute("SET time_zone = '-07:00'")
+    sql = "SELECT @@session.time_zone, CONVERT_TZ('2020-01-01 00:00:00', '+00:00', @@session.time_zone), ?"
+    pa, pb = a.cursor(prepared=True), b.cursor(prepared=True)
+    for i in range(4):
+        pa.execute(sql, (i,))
+        pb.execute(sql, (i,))
+        assert [tuple(map(str, r)) for r in pa.fetchall()] == [("+01:00", "2020-01-01 01:00:00", str(i))]
+        assert [tuple(map(str, r)) for r in pb.fetchall()] == [("-07:00", "2019-12-31 17:00:00", str(i))]
+    a.close()
+    b.close()
+
+
 def test_a_transaction_of_prepared_statements_keeps_its_connection(ps_proxy, mariadb_server):
     conn = connector(ps_proxy)
     other = connector(ps_proxy)
