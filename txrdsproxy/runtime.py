@@ -510,6 +510,14 @@ class ProxyRuntime:
                      "their transactions", name=ctx.name, n=len(pinned))
             drain_sessions(ctx, self.drain_timeout, self.reactor, pinned)
         follower = getattr(ctx.monitor, "follows", False)  # Workers: N: the supervisor decides
+        if follower and len(topology.targets) < 2:
+            # The supervisor's monitor checks proxies of several targets only: with one left, its
+            # connections decide its health here, as for any proxy of one target.
+            ctx.monitor.stop()
+            ctx.monitor, ctx.pool.failover, follower = None, None, False
+            ctx.health.remote = False
+            if writer is not None and writer not in removed:
+                topology.set_writer(writer)
         if writer is not None and writer in removed:
             writers = [t for t in new.targets if topology.probed_role(t) == READ_WRITE
                        or t.role == READ_WRITE]

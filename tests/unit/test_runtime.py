@@ -442,3 +442,22 @@ def test_connections_made_under_the_old_database_tls_are_never_lent_again(runnin
     borrowed[0].release()
     assert first.closed_reason == "DatabaseTLS changed"
     assert pool.try_borrow(key) is None  # nothing of before is idle
+
+
+@pytest.mark.parametrize("removed", ["db-1", "db-2"])
+def test_a_worker_whose_proxy_drops_to_one_target_stops_following_the_supervisors_monitor(removed):
+    # Workers: N: the supervisor runs no monitor for a proxy of one target, so the worker's
+    # FollowerMonitor would wait for verdicts that never come (and, its writer removed, have no
+    # writer for ever): the worker goes back to what a proxy of one target does.
+    from txrdsproxy.workers import WorkerIdentity
+    reactor = Reactor()
+    registry = ProxyRegistry(reactor, FakeSecrets())
+    registry.worker = WorkerIdentity(0, 2, "/nowhere", shared_monitor=True)
+    registry.add_proxy(config(proxy(targets=(("db-1", 5432), ("db-2", 5433)))).proxies[0])
+    ctx = registry.get("p1").ctx
+    assert getattr(ctx.monitor, "follows", False) and ctx.pool.failover is ctx.monitor
+    ctx.health.remote = True  # as FollowerMonitor.start sets it
+    registry.deregister_targets("p1", [removed])
+    assert ctx.monitor is None and ctx.pool.failover is None and not ctx.health.remote
+    [left] = ctx.topology.targets
+    assert ctx.topology.current_writer() is left
