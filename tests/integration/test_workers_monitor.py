@@ -40,11 +40,12 @@ CHECK_LOGIN = re.compile(r"connection authorized: user=app_scram database=postgr
 
 def targets(rds):
     """{RdsResourceId: (Role, State, Reason)} as DescribeDBProxyTargets answers (None while no
-    worker is up to answer it)."""
+    worker is up to answer it: the supervisor's 503 is plain text, which botocore cannot parse)."""
     from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.parsers import ResponseParserError
     try:
         answer = rds.describe_db_proxy_targets(DBProxyName=NAME)["Targets"]
-    except (BotoCoreError, ClientError):
+    except (BotoCoreError, ClientError, ResponseParserError):
         return None
     return {t["RdsResourceId"]: (t.get("Role"), t["TargetHealth"]["State"],
                                  t["TargetHealth"].get("Reason")) for t in answer}
