@@ -9,15 +9,18 @@ server and stays up, then the standby is promoted (issue 11 item 3).  With real 
 - a session with a temporary table is ended with the "writer changed" error;
 - under EXCLUDE_PREPARED_STATEMENTS (named statements tracked by the proxy, not recorded) a
   session pinned by a SET moves, and its tracked statement is prepared again on the new writer;
-- with MaxSessionReplaySize 0 nothing moves (the rule before this feature).
+- with MaxSessionReplaySize 0 nothing moves (the rule before this feature);
+- asyncpg (its own named statements, `__asyncpg_stmt_N__`) with a SET moves the same way.
 """
 
 import psycopg  # test extras: a missing driver must fail, not skip
 
 try:
     from failover_util import health_with_reasons, pg_replicated, writer_id
+    from proxyutil import asyncpg, needs_asyncpg
 except ImportError:
     from tests.integration.failover_util import health_with_reasons, pg_replicated, writer_id
+    from tests.integration.proxyutil import asyncpg, needs_asyncpg
 
 WRITER_CHANGED = "The proxy ended this session: it was pinned to a database connection on the former writer"
 ADD_ONE = "SELECT %s::int + 1"
@@ -129,3 +132,25 @@ def test_pg_pinned_sessions_are_ended_when_moving_is_off(pg_server_factory, pg_p
             assert error is not None and WRITER_CHANGED in error, error
         finally:
             conn.close()
+
+
+@needs_asyncpg
+def test_asyncpg_session_with_a_set_and_prepared_statements_moves(pg_server_factory, pg_proxy_factory,
+                                                                  tmp_path):
+    import asyncio
+    loop = asyncio.new_event_loop()
+    with pg_replicated(pg_server_factory, tmp_path, "asyncpg-move") as (primary, [standby]):
+        proxy = _start(pg_proxy_factory, primary, standby)
+        conn = loop.run_until_complete(asyncpg.connect(
+            host=proxy.host, port=proxy.port, user="app_scram", password="asyncpg-move",
+            database="appdb", ssl=False))
+        try:
+            loop.run_until_complete(conn.execute("SET work_mem = '2MB'"))
+            stmt = loop.run_until_complete(conn.prepare("SELECT $1::int * 3, inet_server_port()"))
+            assert loop.run_until_complete(stmt.fetchrow(5)) == (15, primary.port)
+            _switchover(proxy, primary, standby)
+            assert loop.run_until_complete(stmt.fetchrow(7)) == (21, standby.port)
+            assert loop.run_until_complete(conn.fetchval("SHOW work_mem")) == "2MB"
+        finally:
+            loop.run_until_complete(conn.close())
+            loop.close()
