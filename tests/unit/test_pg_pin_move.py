@@ -452,3 +452,18 @@ def test_a_moved_session_can_move_again_at_the_next_switchover():
     h.send(msg.query("SELECT 2"))
     third = h.pool.give()
     assert third.conn.internal  # replayed there too, from what was recorded from the start
+
+
+def test_a_parse_body_in_a_bytearray_or_memoryview_is_kept_as_bytes():
+    _, body = parse(b"s1", b"SELECT 1")
+    for view in (bytearray(body), memoryview(body)):
+        log = pinned_log()
+        assert log.record(b"SELECT 1", view, True)
+        assert log.kept == {(b"P", b"s1"): body}
+
+
+def test_statement_text_in_a_memoryview_is_read_as_bytes():
+    assert pinned_log().record(memoryview(b"SELECT 'a\\'"), None, None) is False  # the backslash seen
+    log = pinned_log()
+    assert log.record(memoryview(b"PREPARE p AS SELECT 1"), None, True)
+    assert log.kept == {(b"Q", b"p"): b"PREPARE p AS SELECT 1"}

@@ -146,6 +146,8 @@ class ReplayLog:
             return False
         if sql is None or len(sql) > MAX_STATEMENT_BYTES:
             return self.refuse("a statement the proxy did not see whole")
+        if type(sql) is not bytes:
+            sql = bytes(sql)  # (a bytearray or memoryview of the client's bytes)
         if mentions_proxy_names(sql):
             return self.refuse("a statement naming the proxy's own prepared statements")
         if scs is None:
@@ -169,6 +171,7 @@ class ReplayLog:
                 continue
             return self.refuse(f"pinned by {reason.value}")
         if body is not None:
+            body = bytes(body)
             name, _ = cstring(body)
             if name[:6].lower() == PROXY_PREFIX.encode():
                 return self.refuse("a statement named like the proxy's own")
