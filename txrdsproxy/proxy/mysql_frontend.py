@@ -711,7 +711,8 @@ class MySQLFrontend(MySQLLogin, StatementRouting):
             move = self.take_move()
             if move is not None:
                 return mysql_move.replay(conn, move, self._sync_moved)
-        self._resolve_charset(conn)
+        if self.charset_id is not None:  # (the handshake's, resolved at the first borrow only)
+            self._resolve_charset(conn)
         desired = self._sync_values(conn)
         if not conn.needs_sync(desired, self.database):
             return None
