@@ -467,3 +467,14 @@ def test_statement_text_in_a_memoryview_is_read_as_bytes():
     log = pinned_log()
     assert log.record(memoryview(b"PREPARE p AS SELECT 1"), None, True)
     assert log.kept == {(b"Q", b"p"): b"PREPARE p AS SELECT 1"}
+
+
+@pytest.mark.parametrize("later", [b"SET search_path TO other", b"RESET ALL", b"SELECT set_config('DateStyle', 'SQL', false)"])
+def test_a_setting_changed_after_a_statement_was_prepared_refuses(later):
+    log = pinned_log()
+    assert log.record(b"SET search_path TO app", None, True)  # before any statement: fine
+    assert log.record(b"PREPARE p AS SELECT * FROM t", None, True)
+    assert log.record(b"SET LOCAL work_mem = '1MB'", None, True)  # the transaction's only
+    assert log.record(later, None, True) is False
+    _, body = parse(b"s1", b"SET search_path TO other")
+    assert pinned_log().record(b"SET search_path TO other", body, True) is False

@@ -11,7 +11,10 @@ pinned it can be made again there.  Three parts:
   sequence state, procedural code, function calls by OID, anything not seen whole...) makes
   the log refuse for good, and the session is ended at the switchover as before.  What is
   kept: the text of each SQL ``PREPARE`` (sent as a query of its own) and the body of each
-  named protocol Parse, by statement name, within a byte budget (MaxSessionReplaySize).
+  named protocol Parse, by statement name, within a byte budget (MaxSessionReplaySize).  A
+  setting changed after a statement was kept refuses too: the replay makes the final settings
+  first and prepares after them, so a statement prepared under an earlier search_path or
+  DateStyle would be read differently.
   ``SET``/``RESET``/``set_config`` values are not kept: they are read from the server.
 - `CAPTURE_SQL`: run at the transaction boundary on the old connection (still up, read-only).
   It asks the server what the session holds: temporary objects, hold cursors, advisory locks
@@ -154,6 +157,13 @@ class ReplayLog:
             if b"\\" in sql:
                 return self.refuse("a backslash while standard_conforming_strings is unknown")
             scs = True
+        if self.kept or body is not None:
+            # The replay sets the final settings first, then prepares: a setting changed after a
+            # statement was prepared (search_path, DateStyle...) could make it read differently.
+            changed = classify_query(sql, False, scs)
+            if changed is PinReason.SET_VARIABLE or changed is PinReason.RESET:
+                return self.refuse("a setting changed after a statement was prepared" if self.kept
+                                   else "a prepared statement that changes a setting")
         # The common case, through the classifier's cache and pre-filter: nothing in the text
         # pins when SETs are left aside (their values are read from the server).
         found = [] if classify_query(sql, True, scs) is None else statement_reasons(sql, True, scs)
