@@ -232,3 +232,27 @@ def test_an_execute_without_types_gets_the_sessions_types_on_another_connection(
     d.query("COMMIT")
     for raw in (a, b, d):
         raw.close()
+
+
+def test_a_statement_the_database_refuses_to_prepare_again_answers_its_execute(
+        ps_proxy, mariadb_server):
+    """The statement's table is dropped after the session prepared it; its next execute lands on
+    a connection without the statement: the database's error to the internal prepare answers the
+    execute, in sequence, and the session goes on."""
+    mariadb_server.mariadb("GRANT ALL ON appdb.* TO '%s'@'%%'" % USER)
+    mariadb_server.mariadb("CREATE TABLE IF NOT EXISTS appdb.ps_gone (id INT PRIMARY KEY)")
+    connect = lambda: RawMySQL(ps_proxy.host, ps_proxy.port, USER, PASSWORD, "appdb")  # noqa: E731
+    a, b = connect(), connect()
+    sa = prepare(a, b"SELECT id FROM ps_gone WHERE id = ?")
+    b.query("BEGIN")  # b holds the connection a prepared on
+    mariadb_server.mariadb("DROP TABLE appdb.ps_gone")
+    arg = sa.to_bytes(4, "little") + b"\x00\x01\x00\x00\x00\x00\x01" + bytes((LONGLONG, 0)) \
+        + (1).to_bytes(8, "little")
+    a.send(P.encode_packet(bytes((P.COM_STMT_EXECUTE,)) + arg, 0))
+    seq, payload = a.packet()
+    err = P.parse_err(payload)
+    assert (seq, err.code, err.sqlstate) == (1, 1146, "42S02")
+    assert a.query("SELECT 7") == [["7"]]  # the session goes on
+    b.query("COMMIT")
+    a.close()
+    b.close()
