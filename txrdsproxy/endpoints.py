@@ -94,7 +94,7 @@ def wire_readers(ctx, clock, metrics=None):
 
     def probe(target):
         # the monitor's checks (their credentials, HealthCheck), or the same kind without one
-        checks = getattr(ctx.monitor, "checks", None) or HealthChecks(ctx)
+        checks = (ctx.monitor.checks if ctx.monitor is not None else None) or HealthChecks(ctx)
         return checks.probe(target)
 
     def on_left(target, why):

@@ -509,7 +509,7 @@ class ProxyRuntime:
             log.info("proxy {name}: ending {n} pinned session(s) on deregistered targets after "
                      "their transactions", name=ctx.name, n=len(pinned))
             drain_sessions(ctx, self.drain_timeout, self.reactor, pinned)
-        follower = getattr(ctx.monitor, "follows", False)  # Workers: N: the supervisor decides
+        follower = ctx.monitor is not None and ctx.monitor.follows  # Workers: N: the supervisor decides
         if follower and len(topology.targets) < 2:
             # The supervisor's monitor checks proxies of several targets only: with one left, its
             # connections decide its health here, as for any proxy of one target.

@@ -619,3 +619,14 @@ def test_a_followers_reader_set_judges_lag_like_the_monitors():
         worker.monitor.apply(hub.last)
         assert (S in readers.eligible()) is member is (S in hub_readers.eligible()), lag
         assert worker.health.health_of(S) == hub.health.health_of(S)
+
+
+def test_both_monitors_provide_the_seam_the_pool_and_runtime_use():
+    from zope.interface.verify import verifyObject
+
+    from txrdsproxy.failover.interfaces import IWriterMonitor
+    clock = Clock()
+    hub = Hub(clock, {W: PRIMARY, S: STANDBY})
+    worker = Worker(clock, hub)
+    assert verifyObject(IWriterMonitor, hub.monitor) and not hub.monitor.follows
+    assert verifyObject(IWriterMonitor, worker.monitor) and worker.monitor.follows

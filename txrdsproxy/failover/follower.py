@@ -37,7 +37,9 @@ Every wait has an end:
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from txrdsproxy.failover.interfaces import IWriterMonitor
 from txrdsproxy.failover.monitor import HealthRecord
 from txrdsproxy.failover.topology import ProbeResult
 
@@ -86,6 +88,7 @@ def monitor_name(monitor):
     return getattr(monitor, "proxy_name", None)
 
 
+@implementer(IWriterMonitor)
 class FollowerMonitor:
     """A worker's stand-in for the WriterMonitor: applies the verdicts of the one monitor.
 
@@ -97,6 +100,7 @@ class FollowerMonitor:
 
     log = Logger()
     follows = True
+    checks = None  # failover.checks.HealthChecks, set by runtime.build_monitor
 
     def __init__(self, clock, proxy_name, topology, health, interval=5.0, pool=None,
                  database_errors=(), ask=None, stale_after=None, tell_unfence=None):

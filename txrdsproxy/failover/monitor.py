@@ -34,6 +34,9 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txrdsproxy.failover.interfaces import IWriterMonitor
 
 from txrdsproxy.failover.topology import READ_ONLY, READ_WRITE, NoWriter, ProbeResult
 
@@ -131,6 +134,7 @@ class ProbeTimeout(Exception):
     """A health check got no answer in time."""
 
 
+@implementer(IWriterMonitor)
 class WriterMonitor:
     """Finds the writer among several targets and moves the pool to it (failover).
 
@@ -191,6 +195,8 @@ class WriterMonitor:
     """
 
     log = Logger()
+    follows = False  # it decides (IWriterMonitor)
+    checks = None  # failover.checks.HealthChecks, set by runtime.build_monitor
     VANISHED_AFTER = 2  # rounds in a row without an answer before a target's connections are cut
 
     def __init__(self, clock, topology, health, probe, interval=5.0, pool=None,

@@ -84,7 +84,7 @@ def receive_verdict(contexts, payload):
     if ctx is None:
         return b'{"holds": []}'
     monitor = ctx.monitor
-    if monitor is not None and getattr(monitor, "follows", False):
+    if monitor is not None and monitor.follows:
         monitor.apply(verdict)
     holds = sorted({c.target.rds_resource_id for c in ctx.pool.connections()
                     if getattr(c, "target", None) is not None})
