@@ -189,3 +189,24 @@ def test_a_later_pin_that_is_not_a_query_stops_the_recording():
     s.send(mf.command(P.COM_STMT_PREPARE, b"SELECT 1"))  # a later pin that cannot move
     assert s.frontend.replay_log() is None
     s.packets()
+
+
+def test_a_command_pipelined_behind_commit_reaches_only_the_new_writer():
+    data = mf.query("COMMIT") + mf.query("SELECT @i")
+    for cut in range(len(data) + 1):
+        s, lease = pinned()
+        s.send(mf.query("BEGIN"))
+        lease.conn.respond(mf.ok(mf.AC | mf.INTX))
+        s.packets()
+        assert s.frontend.drain("writer changed") is False  # in a transaction: at its boundary
+        for piece in (data[:cut], data[cut:]):
+            if piece:
+                s.send(piece)
+        lease.conn.respond(mf.ok(mf.AC))  # COMMIT's answer: the boundary
+        answer_capture(lease.conn)
+        assert lease.conn.writes[-1] == mf.query("COMMIT"), cut  # nothing after it went there
+        new = s.pool.give()
+        new.conn.internal.pop(0)[1].callback([])
+        answer_capture(new.conn)
+        assert new.conn.writes == [mf.query("SELECT @i")], cut
+        assert [seq for seq, _ in s.packets()] == [1], cut  # COMMIT's OK only
