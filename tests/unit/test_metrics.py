@@ -19,7 +19,7 @@ from txrdsproxy.failover.topology import READ_ONLY, READ_WRITE, Topology
 from txrdsproxy.metrics import CLOSE_CATEGORIES, Metrics, close_category
 from txrdsproxy.metrics.availability import RoleAvailability
 from txrdsproxy.metrics.collector import proxy_figures, state_cloudwatch_names
-from txrdsproxy.metrics.instruments import Histogram
+from txrdsproxy.metrics.instruments import Histogram, HistogramSeries
 from txrdsproxy.proxy.interfaces import IBackendConnection
 from txrdsproxy.proxy.mysql_backend import MySQLBackendConnection
 from txrdsproxy.proxy.pg_backend import PgBackendConnection
@@ -211,6 +211,33 @@ def test_a_request_on_a_held_connection_records_both_latencies_alike():
     grew = [i for i, (a, b) in enumerate(zip(before[0], response.counts)) if a != b]
     assert grew == [i for i, (a, b) in enumerate(zip(before[1], database.counts)) if a != b]
     assert len(grew) == 1 and response.count == database.count == 2
+
+
+def test_a_request_on_a_connection_lent_at_once_records_both_latencies_alike(monkeypatch):
+    """An idle connection lent in the read that brought the request waited for nothing: its
+    database latency is the response latency, though the pool read its clock a moment after
+    the session did (real time moves within a turn), and one bisect records both."""
+    s = metered_session()
+    m = s.ctx.metrics
+    s.clock.advance(10)
+    lease = s.pool.new_lease(s.frontend.key)
+    lease.conn.client_params = dict(s.frontend.desired)  # nothing to sync: attached at once
+    lease.borrowed_at = s.clock.seconds() + 0.001  # the pool's own, later, clock reading
+    s.pool.idle.append(lease)
+    single = []
+    real_observe = HistogramSeries.observe
+    monkeypatch.setattr(HistogramSeries, "observe",
+                        lambda self, value: (single.append(value), real_observe(self, value)))
+    s.send(pg.msg.query("SELECT 1"))
+    assert s.frontend.lease is lease and s.pool.try_borrows == 1
+    s.clock.advance(0.5)
+    s.frontend.backend_data(pg.msg.ready_for_query(b"I"))
+    s.frontend.ready_for_query(b"I")
+    response = m.query_response_latency.series("app-pg")
+    database = m.query_database_response_latency.series("app-pg", "db-1")
+    assert (response.count, response.sum) == (database.count, database.sum) == (1, 0.5)
+    assert single == []  # observe_pair, not two observes
+    assert lease.released
 
 
 @pytest.mark.parametrize("value", [0.0, 0.0001, 0.005, 0.0051, 1.0, 1e9])

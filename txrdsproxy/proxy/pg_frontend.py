@@ -510,7 +510,11 @@ class PgFrontend(ClientSession):
                 and self._borrow_d is None and self._attaching is None and len(data) >= 5 and data[0] != _X):
             # Start of a transaction, the common case: an idle connection whose parameters
             # already match is attached now and *data* goes straight out, without queueing.
-            self.borrow_if_idle()
+            if self.borrow_if_idle() and self.lease is not None:
+                # Lent in this read's turn, so it waited for nothing: it starts at this read's
+                # clock reading (the pool read the clock again, a moment later), and
+                # request_done records both latencies alike, with one bisect.
+                self.lease.borrowed_at = now
         if (self._conn is not None and stream.state is StreamState.FORWARDING and not self._paused
                 and not (stream.outstanding and (self._draining or self.lease.retired))
                 and (stream.take_query(data) or stream.take_batch(data))):
