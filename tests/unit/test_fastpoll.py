@@ -189,16 +189,16 @@ def test_reads_on_real_sockets_go_inline_and_an_end_of_stream_is_connection_done
         endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
     connected = []
     d.addCallback(connected.append)
-    for _ in range(200):
+    for _ in range(3000):
         reactor.iterate(0.01)
         if connected and server.transport is not None:
             break
     assert connected and type(client.transport.protocol) is endpoints._WrappingProtocol
     server.transport.write(b"to the client")
     client.transport.write(b"to the server")
-    for _ in range(200):
+    for _ in range(3000):
         reactor.iterate(0.01)
-        if server.got and client.got:
+        if (server.got, client.got) == (b"to the server", b"to the client"):
             break
     assert (server.got, client.got) == (b"to the server", b"to the client")
     from twisted.internet import tcp
@@ -206,7 +206,7 @@ def test_reads_on_real_sockets_go_inline_and_an_end_of_stream_is_connection_done
     # both reads were done inline: no _doReadOrWrite for a connection's read event
     assert [(cls, e) for cls, e in calls if cls in (tcp.Server, tcp.Client) and e & reactor._POLL_IN] == []
     client.transport.loseConnection()
-    for _ in range(200):
+    for _ in range(3000):
         reactor.iterate(0.01)
         if server.lost and client.lost:
             break
