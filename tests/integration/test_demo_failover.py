@@ -102,13 +102,19 @@ def test_make_demo_starts_fails_over_and_stops(tmp_path):
     try:
         _wait_for_line(proc, "Press Ctrl-C", lines, timeout=180)
         out = "".join(lines)
-        pg_proxy = int(re.search(r'psql "host=127\.0\.0\.1 port=(\d+) user=app', out).group(1))
-        pg_reader = int(re.search(r'port=(\d+) user=app dbname=appdb"    # demo-pg-ro', out).group(1))
-        primary, standby = map(int, re.search(r"PostgreSQL primary 127\.0\.0\.1:(\d+), hot standby 127\.0\.0\.1:(\d+)",
-                                              out).groups())
-        my_proxy = int(re.search(r"mariadb -h 127\.0\.0\.1 -P (\d+) -u app", out).group(1))
-        m1, m2 = map(int, re.search(r"MariaDB primary 127\.0\.0\.1:(\d+), GTID replica 127\.0\.0\.1:(\d+)",
-                                    out).groups())
+
+        def found(pattern):
+            """The groups of *pattern* in the demo's output; a miss shows the whole output (why
+            a server did not start, e.g. "MariaDB did not start; going on without ...")."""
+            match = re.search(pattern, out)
+            assert match, "no %r in the demo's output:\n%s" % (pattern, out)
+            return [int(g) for g in match.groups()]
+
+        [pg_proxy] = found(r'psql "host=127\.0\.0\.1 port=(\d+) user=app')
+        [pg_reader] = found(r'port=(\d+) user=app dbname=appdb"    # demo-pg-ro')
+        primary, standby = found(r"PostgreSQL primary 127\.0\.0\.1:(\d+), hot standby 127\.0\.0\.1:(\d+)")
+        [my_proxy] = found(r"mariadb -h 127\.0\.0\.1 -P (\d+) -u app")
+        m1, m2 = found(r"MariaDB primary 127\.0\.0\.1:(\d+), GTID replica 127\.0\.0\.1:(\d+)")
         dsn = "host=127.0.0.1 user=app password=demo-test-pw dbname=appdb port=%d"
         pg = psycopg.connect(dsn % pg_proxy, autocommit=True)
         reader = psycopg.connect(dsn % pg_reader, autocommit=True)
