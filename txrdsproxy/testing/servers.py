@@ -70,6 +70,9 @@ def _ephemeral_low():
         return 32768
 
 
+_HANDED_OUT = set()  # ports find_free_port gave in this process
+
+
 def find_free_port(host=HOST):
     """Return a TCP port that is free on ``host`` right now.
 
@@ -82,11 +85,14 @@ def find_free_port(host=HOST):
     low = _ephemeral_low()
     for _ in range(50 if low > 11000 else 0):
         port = random.randrange(10000, low)
+        if port in _HANDED_OUT:  # two calls in a row (a proxy and its admin port) never get one port
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
