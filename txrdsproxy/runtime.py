@@ -214,8 +214,9 @@ def end_pinned_sessions_on(ctx, target, why):
               and getattr(s.lease.conn, "target", None) is target]
     if not pinned:
         return None
-    log.warn("proxy {name}: ending {n} pinned session(s) on former writer {t} ({why}) at their "
-             "next transaction boundary", name=ctx.name, n=len(pinned), t=target.rds_resource_id, why=why)
+    log.warn("proxy {name}: {n} pinned session(s) on former writer {t} ({why}): each moves to the "
+             "new writer at its next transaction boundary if its state can be replayed there, else "
+             "ends", name=ctx.name, n=len(pinned), t=target.rds_resource_id, why=why)
     return drain_sessions(ctx, FORMER_WRITER_DRAIN, ctx.clock, pinned, why="writer changed",
                           moved=lambda s: _left_target(s, target))
 
