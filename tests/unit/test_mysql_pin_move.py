@@ -57,8 +57,8 @@ def test_the_session_variables_it_set_are_kept_by_name_within_the_limit():
 # -- the capture and the replay ---------------------------------------------------------------------
 SYSTEM = [["CHARACTER_SET_CLIENT", "75746638", "ENUM"], ["DIV_PRECISION_INCREMENT", "37", "BIGINT UNSIGNED"],
           ["OPTIMIZER_SWITCH", "613D6F6666", "FLAGSET"], ["SQL_SELECT_LIMIT", None, "BIGINT UNSIGNED"]]
-USERS = [["b", "VARCHAR", "binary"], ["d", "DECIMAL", "latin1"], ["i", "INT", "latin1"],
-         ["n", "VARCHAR", "binary"], ["s", "VARCHAR", "utf8mb4"]]
+USERS = [["62", "VARCHAR", "binary"], ["64", "DECIMAL", "latin1"], ["69", "INT", "latin1"],
+         ["6E", "VARCHAR", "binary"], ["73", "VARCHAR", "utf8mb4"]]  # names as HEX(VARIABLE_NAME)
 VALUES = [["00FF", "binary", "\x00\xff", "0", "312E3530", "binary", "1.50", "0", "2D3432", "binary", "-42", "0",
            None, "binary", None, "1", "C3A9", "utf8mb4_bin", "\u00e9", "0"]]
 
@@ -77,12 +77,28 @@ def test_the_plan_sets_what_was_read_and_leaves_tracked_variables_to_the_sync():
         plan.check(SYSTEM, USERS[:-1], [VALUES[0][:-4]])
 
 
+@pytest.mark.parametrize("name", ["\u20ac`) AS a, 'x', 'y', (@pwn := 1) #", "\u00e9", "a\x00b", "tab\t"])
+def test_a_user_variable_name_that_is_not_printable_ascii_is_not_read(name):
+    """Sent as UTF-8 in the session's character_set_client (gbk: 0xAC swallows a backtick;
+    latin1: another variable), such a name is never put in a query: the session does not move."""
+    with pytest.raises(NotMovable):
+        value_query([[name.encode().hex(), "INT", "latin1"]])
+
+
 @pytest.mark.parametrize("system, users, values", [
     ([["TIMESTAMP", "31", "DOUBLE"]], [], []),  # a session-only variable
-    ([], [["r", "DOUBLE", "binary"]], [["40", "binary", "1.5", "0"]]),  # REAL: its text is not exact
-    ([], [["s", "VARCHAR", "utf8mb4"]], [["41", "x; DROP", "A", "0"]]),  # an odd collation name
-    ([], [["s", "VARCHAR", "utf8mb4"]], []),  # no values
-    ([], [["i", "INT", "latin1"]], [["31", "binary", "1 OR 1", "0"]]),
+    ([], [["72", "DOUBLE", "binary"]], [["40", "binary", "1.5", "0"]]),  # REAL: its text is not exact
+    ([], [["73", "VARCHAR", "utf8mb4"]], [["41", "x; DROP", "A", "0"]]),  # an odd collation name
+    ([], [["73", "VARCHAR", "utf8mb4"]], []),  # no values
+    ([], [["69", "INT", "latin1"]], [["31", "binary", "1 OR 1", "0"]]),
+    # names that are not printable ASCII: UTF-8 (read otherwise in latin1/gbk), control, not hex
+    ([], [["E282AC60", "INT", "latin1"]], [["31", "binary", "1", "0"]]),
+    ([], [["C3A9", "INT", "latin1"]], [["31", "binary", "1", "0"]]),
+    ([], [["610A", "INT", "latin1"]], [["31", "binary", "1", "0"]]),
+    ([], [["00", "INT", "latin1"]], [["31", "binary", "1", "0"]]),
+    ([], [["", "INT", "latin1"]], [["31", "binary", "1", "0"]]),
+    ([], [[None, "INT", "latin1"]], [["31", "binary", "1", "0"]]),
+    ([], [["s", "INT", "latin1"]], [["31", "binary", "1", "0"]]),
 ])
 def test_a_capture_that_cannot_be_replayed_exactly_is_refused(system, users, values):
     with pytest.raises(NotMovable):
@@ -90,7 +106,7 @@ def test_a_capture_that_cannot_be_replayed_exactly_is_refused(system, users, val
 
 
 def test_user_variable_names_are_quoted():
-    assert value_query([["we`ird", "INT", "latin1"]]) == (
+    assert value_query([[b"we`ird".hex(), "INT", "latin1"]]) == (
         b"SELECT HEX(@`we``ird`), COLLATION(@`we``ird`), CAST(@`we``ird` AS CHAR), @`we``ird` IS NULL")
     assert Plan([], [("we`ird", "INT", "latin1", "31", "binary", "1")]).replay_sql == b"SET @`we``ird` = 1"
 

@@ -138,6 +138,10 @@ def test_the_plan_replays_settings_prepares_and_parses_and_checks_them():
         plan.check(capture(settings[:1], statements))
     with pytest.raises(NotMovable):
         plan.check(capture(settings, statements[:1]))
+    for changed in (("p", "PREPARE p AS SELECT 1 ", True), ("s1", "SELECT $1::text", False)):
+        # the same names, a text the server read otherwise (e.g. in another client_encoding)
+        with pytest.raises(NotMovable, match="prepared statements differ"):
+            plan.check(capture(settings, [changed] + [s for s in statements if s[0] != changed[0]]))
 
 
 def test_quote_e_reads_the_same_under_either_standard_conforming_strings():

@@ -162,8 +162,25 @@ def system_query(names):
             f" OR VARIABLE_NAME IN (''{listed})) ORDER BY VARIABLE_NAME").encode()
 
 
-USER_QUERY = (b"SELECT VARIABLE_NAME, VARIABLE_TYPE, CHARACTER_SET_NAME FROM information_schema.USER_VARIABLES"
+# Names as hex: read in the session's character_set_results a name could come back as another
+# (latin1 '?' for what it cannot show) or as bytes that are not UTF-8.
+USER_QUERY = (b"SELECT HEX(VARIABLE_NAME), VARIABLE_TYPE, CHARACTER_SET_NAME FROM information_schema.USER_VARIABLES"
               b" ORDER BY VARIABLE_NAME")
+# A name the capture and the check can send in whatever character_set_client the session has:
+# printable ASCII reads the same in all of them, while UTF-8 sent on a gbk/sjis/big5 connection
+# can swallow the closing backtick (a name chosen so becomes SQL of the proxy's making) and on a
+# latin1 one names another variable.  Other names do not move (the session is ended as before).
+_ASCII_NAME = re.compile(r"[\x20-\x7e]+\Z")
+
+
+def _user_name(hexed):
+    try:
+        name = bytes.fromhex(hexed or "").decode("ascii")
+    except ValueError:
+        name = ""
+    if not _ASCII_NAME.match(name):
+        raise NotMovable("a user variable whose name is not printable ASCII")
+    return name
 
 
 def _quote_user(name):
@@ -171,11 +188,13 @@ def _quote_user(name):
 
 
 def value_query(user_rows):
-    """One row: for each user variable, its bytes (hex), collation, text and NULL-ness."""
+    """One row: for each user variable, its bytes (hex), collation, text and NULL-ness.
+    Raises NotMovable for a name `_user_name` refuses."""
     if not user_rows:
         return None
     cols = []
-    for name, _, _ in user_rows:
+    for hexed, _, _ in user_rows:
+        name = _user_name(hexed)
         v = _quote_user(name)
         cols.append(f"HEX({v}), COLLATION({v}), CAST({v} AS CHAR), {v} IS NULL")
     return ("SELECT " + ", ".join(cols)).encode("utf-8")
@@ -200,7 +219,8 @@ def _users(user_rows, value_rows):
         raise NotMovable("the user variables could not be read")
     row = value_rows[0]
     out = []
-    for i, (name, vtype, charset) in enumerate(user_rows):
+    for i, (hexed_name, vtype, charset) in enumerate(user_rows):
+        name = _user_name(hexed_name)
         hexed, collation, text, is_null = row[4 * i:4 * i + 4]
         out.append((name, vtype, charset, hexed if is_null != "1" else None, collation, text))
         if is_null == "1":

@@ -282,7 +282,9 @@ class Replay:
                 raise NotMovable(f"the new connection holds {what}")
         if [list(s) for s in state.get("settings") or []] != self.settings:
             raise NotMovable("the settings differ after the replay")
-        names = {(b"Q" if from_sql else b"P", name.encode())
-                 for name, _, from_sql in state.get("statements") or [] if not name.startswith(PROXY_PREFIX)}
-        if names != set(self.statements):
+        # names and texts: a kept text sent in another client_encoding than the client's own
+        # would be read otherwise by the server, under the same name
+        held = {(b"Q" if from_sql else b"P", name.encode()): text.encode()
+                for name, text, from_sql in state.get("statements") or [] if not name.startswith(PROXY_PREFIX)}
+        if held != {key: _kept_text(key[0], kept) for key, kept in self.statements.items()}:
             raise NotMovable("the prepared statements differ after the replay")
