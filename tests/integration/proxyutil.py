@@ -227,7 +227,7 @@ class InProcessProxy:
 
         self.service, self.contexts = self.call(start)
         self.ctx = self.contexts[0]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # against a hang (a loaded CI), not a promise of speed
         ports = []
         while time.monotonic() < deadline:
             ports = self.call(lambda: [r.port for r in self.service.registry])
