@@ -236,6 +236,30 @@ def test_a_session_holds_a_bounded_number_of_statements(s, monkeypatch):
     prepared(s, b"SELECT ?, ?, ?", params=3)  # one closed: room again
 
 
+def test_a_session_keeps_a_bounded_number_of_text_bytes_then_pins(s, monkeypatch):
+    """Texts kept to prepare elsewhere are bounded per session (not 16382 x 64 KiB): past the
+    budget the prepare goes to the connection and pins there, as a text too long to keep."""
+    from txrdsproxy.proxy import mysql_statements
+    monkeypatch.setattr(mysql_statements, "MAX_TEXT_BYTES", 20)
+    prepared(s, b"SELECT ?, 1")  # 11 bytes kept
+    s.send(my.command(P.COM_STMT_PREPARE, b"SELECT ?, 2"))  # 22 > 20: not kept, pins
+    lease = s.pool.give()
+    lease.conn.respond(my.prepare_ok(stmt_id=42, params=1), my.coldef(), seq=1)
+    [(seq, first)] = s.packets()[:1]
+    assert seq == 1 and first[0] == 0 and struct.unpack("<I", first[1:5])[0] == 2
+    assert s.frontend.pin_reason is PinReason.PREPARED_STATEMENT and not lease.released
+    assert s.frontend._ps.text_bytes == 11
+
+
+def test_closed_statements_give_their_text_bytes_back(s, monkeypatch):
+    from txrdsproxy.proxy import mysql_statements
+    monkeypatch.setattr(mysql_statements, "MAX_TEXT_BYTES", 20)
+    for n in range(4):
+        stmt_id, _ = prepared(s, b"SELECT ?, %d" % n)  # 11 bytes each, one held at a time
+        s.send(my.command(P.COM_STMT_CLOSE, struct.pack("<I", stmt_id)))
+    assert s.frontend.pin_reason is None and s.frontend._ps.text_bytes == 0
+
+
 def test_the_last_prepared_statement_id_names_the_sessions_last(s):
     prepared(s)
     second, _ = prepared(s, b"SELECT ?, ?", server_id=42, params=2)

@@ -31,6 +31,10 @@ from txrdsproxy.wire.mysql import statements as S
 from txrdsproxy.wire.mysql.commands import NO_RESPONSE
 
 MAX_PER_SESSION = 16382  # statements one session may hold (MariaDB's max_prepared_stmt_count default)
+# Bytes of statement texts one session keeps to prepare them elsewhere.  Without it a client
+# could make the proxy hold MAX_PER_SESSION texts of up to 64 KiB (1 GiB) while the server holds
+# 64 of them; past it the session's next prepare pins it, as a text too long to keep does.
+MAX_TEXT_BYTES = 1 << 20
 LAST_STATEMENT = 0xFFFFFFFF  # MariaDB: the statement prepared last on this connection
 PENDING_ID = object()  # MySQLFrontend._prep_id: the next PREPARE_OK relayed gets an id of ours
 UNKNOWN_TYPES = b"?"  # the types a large execute may have bound (not read): same on both sides
@@ -42,10 +46,11 @@ _PINNING_COMMANDS = (P.COM_STMT_FETCH, P.COM_STMT_SEND_LONG_DATA, P.COM_STMT_BUL
 class SessionStatements:
     """The statements of one multiplexed session: client id -> S.Statement."""
 
-    __slots__ = ("by_id", "next_id", "last_id", "preparing")
+    __slots__ = ("by_id", "next_id", "last_id", "preparing", "text_bytes")
 
     def __init__(self):
         self.by_id = {}
+        self.text_bytes = 0     # sum of the kept texts' lengths (MAX_TEXT_BYTES)
         self.next_id = 1
         self.last_id = None     # the id of the last successful prepare (LAST_STATEMENT)
         self.preparing = None   # (sql or None, pin) of the COM_STMT_PREPARE on the wire
@@ -58,6 +63,12 @@ class SessionStatements:
     def clear(self):
         self.by_id.clear()
         self.last_id = None
+        self.text_bytes = 0
+
+    def forget(self, stmt_id):
+        st = self.by_id.pop(stmt_id)
+        if st.sql is not None:
+            self.text_bytes -= len(st.sql)
 
 
 class StatementRouting:
@@ -72,7 +83,8 @@ class StatementRouting:
         if len(self._ps.by_id) >= MAX_PER_SESSION:
             self._fail_command(errors.too_many_statements(MAX_PER_SESSION))
             return True
-        if length > whole_limit:  # text too long to keep for a prepare elsewhere: stay here
+        if length > whole_limit or self._ps.text_bytes + length > MAX_TEXT_BYTES:
+            # text too long to keep for a prepare elsewhere (or past the session's budget): stay here
             self._ps.preparing = (None, None)
             self._pin(pinning.PinReason.PREPARED_STATEMENT)
             return False
@@ -107,6 +119,8 @@ class StatementRouting:
         key = S.prepare_key(sql, conn.database, conn.current) if sql is not None \
             else (None, server_id)  # kept on this (pinned) connection only
         ps.by_id[stmt_id] = S.Statement(sql, key, params, columns, verdict)
+        if sql is not None:
+            ps.text_bytes += len(sql)
         ps.last_id = stmt_id
         conn.remember_statement(key, server_id, params)
 
@@ -129,7 +143,7 @@ class StatementRouting:
                 self._fail_command(errors.unknown_statement(shown, cmd))
             return True
         if cmd == P.COM_STMT_CLOSE:
-            del self._ps.by_id[stmt_id]
+            self._ps.forget(stmt_id)
             self._drop_command()
             return True
         pin = None
