@@ -175,7 +175,10 @@ class ReaderSet:
         if target not in self.topology.targets:
             return
         if target not in self._suspect:
-            self.log.warn("replica {t} out of the reader set: {why}", t=target.rds_resource_id, why=why)
+            # Not "replica": the target may be a former writer, and a proxy without a READ_ONLY
+            # endpoint keeps the set too (an endpoint may be added while it runs).
+            self.log.warn("target {t} not used by reader endpoints until it answers a health check"
+                          " as a replica: {why}", t=target.rds_resource_id, why=why)
             self._suspect[target] = f"connection trouble: {why}"
             self.refresh()
         if target not in self._rechecks:

@@ -427,8 +427,13 @@ class BackendPool:
         closed once open.  Sessions that hold no connection are not touched: their next
         transaction borrows a new connection, to the new writer.  Waiters are served now.
         """
-        self.log.warn("pool {pool}: writer changed ({reason}); retiring {n} connection(s)",
-                      pool=self.name, reason=reason, n=len(self._all))
+        self.retire("writer changed", reason)
+
+    def retire(self, what, reason):
+        """Lend none of the connections held now again (see `retire_all`), and log *what*
+        happened: the writer changed, or (a replica pool) its target left the reader set."""
+        self.log.warn("pool {pool}: {what} ({reason}); retiring {n} connection(s)",
+                      pool=self.name, what=what, reason=reason, n=len(self._all))
         self._stalled = False
         self.retire_all(reason)
 

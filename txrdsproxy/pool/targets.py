@@ -103,7 +103,7 @@ class TargetPools:
         the transaction), ones being opened once open."""
         pool = self._pools.get(target)
         if pool is not None:
-            pool.writer_changed(reason)
+            pool.retire("replica pool retired", reason)
 
     def abandon(self, target, reason):
         """*target* vanished (the WriterMonitor's rule, failover/monitor.py): every connection
@@ -115,7 +115,7 @@ class TargetPools:
         if pool is None:
             return 0
         closed = pool.abandon_target(target, reason)
-        pool.writer_changed(reason)
+        pool.retire("replica pool cut", reason)
         return closed
 
     def drop(self, target, reason):
@@ -123,7 +123,7 @@ class TargetPools:
         return) and forget it."""
         pool = self._pools.pop(target, None)
         if pool is not None:
-            pool.writer_changed(reason)
+            pool.retire("replica pool closed", reason)
             pool.shutdown()
 
     def reconfigure(self, pool_config):
