@@ -155,17 +155,22 @@ class ReplayLog:
         return Plan(_system(system_rows), _users(user_rows, value_rows))
 
 
+# An explicit LIMIT: a session's sql_select_limit would otherwise cut the capture's lists (and
+# the check's, the same way: the variables past it would not move, silently).
+_ALL_ROWS = " LIMIT 18446744073709551615"
+
+
 def system_query(names):
     listed = "".join(f", '{n.upper()}'" for n in sorted(names))  # names: [a-z0-9_] only
     return ("SELECT VARIABLE_NAME, HEX(SESSION_VALUE), VARIABLE_TYPE FROM information_schema.SYSTEM_VARIABLES"
             " WHERE VARIABLE_SCOPE = 'SESSION' AND READ_ONLY = 'NO' AND (NOT (SESSION_VALUE <=> GLOBAL_VALUE)"
-            f" OR VARIABLE_NAME IN (''{listed})) ORDER BY VARIABLE_NAME").encode()
+            f" OR VARIABLE_NAME IN (''{listed})) ORDER BY VARIABLE_NAME{_ALL_ROWS}").encode()
 
 
 # Names as hex: read in the session's character_set_results a name could come back as another
 # (latin1 '?' for what it cannot show) or as bytes that are not UTF-8.
 USER_QUERY = (b"SELECT HEX(VARIABLE_NAME), VARIABLE_TYPE, CHARACTER_SET_NAME FROM information_schema.USER_VARIABLES"
-              b" ORDER BY VARIABLE_NAME")
+              b" ORDER BY VARIABLE_NAME" + _ALL_ROWS.encode())
 # A name the capture and the check can send in whatever character_set_client the session has:
 # printable ASCII reads the same in all of them, while UTF-8 sent on a gbk/sjis/big5 connection
 # can swallow the closing backtick (a name chosen so becomes SQL of the proxy's making) and on a
