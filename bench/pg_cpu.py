@@ -3,6 +3,8 @@ of the proxy process (/proc/<pid>/stat), so that the figure holds on a machine o
 
     .venv/bin/python bench/pg_cpu.py [-t TX_PER_CLIENT] [--rounds N] [--mode simple,extended]
                                      [--tree DIR ...] [--profile [--profile-dir DIR]]
+                                     [--connect [--connect-user scram|md5]]
+                                     [--venv-bin .venv-pypy3/bin --warmup N]
 
 Starts one PostgreSQL (pgbench -i -s 1) and, per round and per source tree, a proxy (RDS
 defaults but a pool of 20 of max_connections 100), then runs pgbench -S -c 20 -j 2 -t N through
@@ -11,7 +13,9 @@ several --tree folders (other checkouts of this repository, e.g. `git worktree a
 926e124`) the trees run alternately, round after round, so that a load change on the machine
 hits both alike; the summary gives each tree's minimum and median.  With --profile the proxy
 runs under cProfile (CPU time) and the top functions and the Python calls per transaction are
-printed.
+printed.  --connect makes each transaction a new client login (pgbench -C), so the figures are
+per login; --venv-bin runs the proxy as another venv's twistd (PyPy), after --warmup
+transactions per client.
 """
 
 import argparse
@@ -62,7 +66,7 @@ def sessions(pg):
     return int(out.strip() or 0)
 
 
-def one_run(root, pg, tree, mode, per_client, prof, connect=False):
+def one_run(root, pg, tree, mode, per_client, prof, connect=False, venv_bin=None, warmup=20):
     env_before = os.environ.get("PYTHONPATH")
     repo_before = bench.REPO
     if tree is not None:
@@ -72,7 +76,8 @@ def one_run(root, pg, tree, mode, per_client, prof, connect=False):
         bench.REPO = tree
     opened0 = sessions(pg)
     try:
-        proxy = bench.pg_proxy(root, pg, profile_path=prof).start()
+        extra = {} if venv_bin is None else {"venv_bin": venv_bin}
+        proxy = bench.pg_proxy(root, pg, profile_path=prof, **extra).start()
     finally:
         bench.REPO = repo_before
         if tree is not None:
@@ -81,7 +86,7 @@ def one_run(root, pg, tree, mode, per_client, prof, connect=False):
             else:
                 os.environ["PYTHONPATH"] = env_before
     try:
-        pgbench_count(pg, proxy.port, mode, 20, connect)  # warm-up: logins, pool, caches
+        pgbench_count(pg, proxy.port, mode, warmup, connect)  # warm-up: logins, pool, caches (a JIT)
         user0, sys0 = cpu_times(proxy.proc.pid)
         ctx = proxy.profiling() if prof else contextlib.nullcontext()
         with ctx:
@@ -108,9 +113,15 @@ def main():
                         help="pgbench -C: a login per transaction (CPU per connection)")
     parser.add_argument("--connect-user", choices=sorted(bench.PG_USERS), default="scram",
                         help="whose logins with --connect (password method)")
+    parser.add_argument("--venv-bin", type=Path,
+                        help="run the proxy as this venv's twistd (e.g. .venv-pypy3/bin; no --profile)")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="warm-up transactions per client before the measured run (PyPy: more)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-dir", type=Path, help="keep the cProfile files here")
     args = parser.parse_args()
+    if args.profile and args.venv_bin:
+        parser.error("--profile runs the proxy under this interpreter's cProfile: not with --venv-bin")
     trees = [t.resolve() for t in args.tree] if args.tree else [None]
     global CONNECT_USER
     CONNECT_USER = args.connect_user
@@ -139,7 +150,8 @@ def main():
                         pdir.mkdir(parents=True, exist_ok=True)
                         prof = pdir / ("%s-%s-%d.prof" % (mode, tree.name if tree else "here", r))
                     count, cpu, opened = one_run(root / ("proxy-%d" % run_no), pg, tree, mode,
-                                                 args.transactions, prof, args.connect)
+                                                 args.transactions, prof, args.connect,
+                                                 args.venv_bin and args.venv_bin.resolve(), args.warmup)
                     label = "%s %s%s" % (tree or "this tree", mode, " -C" if args.connect else "")
                     if count:
                         us = sum(cpu) / count * 1e6

@@ -159,6 +159,7 @@ class Recorder(protocol.Protocol):
         self.got, self.lost = b"", []
 
     def dataReceived(self, data):
+        assert type(data) is bytes  # as Twisted's doRead hands them (never a view of a buffer)
         self.got += data
 
     def connectionLost(self, reason):
@@ -177,9 +178,15 @@ def _counting_dispatch(reactor):
     return calls
 
 
-def test_reads_on_real_sockets_go_inline_and_an_end_of_stream_is_connection_done(reactor):
+@pytest.mark.parametrize("recv_into", [False, True], ids=["recv", "recv_into (PyPy's way)"])
+def test_reads_on_real_sockets_go_inline_and_an_end_of_stream_is_connection_done(reactor, recv_into):
     from twisted.internet import endpoints, error
     assert fastpoll.install(reactor)
+    assert hasattr(reactor, "_txrdsproxy_recv_buffer") is fastpoll._RECV_INTO
+    if recv_into:  # what install does on PyPy, here on any interpreter
+        reactor._txrdsproxy_recv_buffer = memoryview(bytearray(65536))
+    else:
+        reactor.__dict__.pop("_txrdsproxy_recv_buffer", None)
     calls = _counting_dispatch(reactor)
     server = Recorder()
     port = reactor.listenTCP(0, _OneProtocol(server), interface="127.0.0.1")
@@ -226,6 +233,13 @@ class FakeSocket:
             raise self.result
         return self.result
 
+    def recv_into(self, buffer):
+        assert len(buffer) == 65536
+        if isinstance(self.result, BaseException):
+            raise self.result
+        buffer[:len(self.result)] = self.result
+        return len(self.result)
+
 
 class FakeConn:
     bufferSize = 65536
@@ -261,7 +275,8 @@ class Boom(protocol.Protocol):
         raise ValueError("bug in a protocol")
 
 
-def test_inline_read_outcomes_are_those_of_twisteds_read(monkeypatch):
+@pytest.mark.parametrize("recv_into", [False, True], ids=["recv", "recv_into (PyPy's way)"])
+def test_inline_read_outcomes_are_those_of_twisteds_read(monkeypatch, recv_into):
     from twisted.internet import main
     logged = []
     monkeypatch.setattr(fastpoll, "log", Logger(observer=logged.append))
@@ -273,6 +288,8 @@ def test_inline_read_outcomes_are_those_of_twisteds_read(monkeypatch):
     fake = InlineReactor([(3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (8, 1), (9, 5), (10, 1)],
                          {3: data, 4: wrapped, 5: again, 6: reset, 7: done, 8: boom, 9: both,
                           10: "not a tcp connection"})
+    if recv_into:
+        fake._txrdsproxy_recv_buffer = memoryview(bytearray(65536))
     fastpoll._do_poll(fake, 0)
     assert data.protocol.got == b"abc"
     assert wrapped.protocol._wrappedProtocol.got == b"xyz"
