@@ -131,7 +131,7 @@ def test_the_plan_replays_settings_prepares_and_parses_and_checks_them():
     assert plan.settings_sql == (
         b"RESET ALL; SELECT pg_catalog.set_config(E'search_path', E'\"$user\", it\\'s\\\\here', false),"
         b" pg_catalog.set_config(E'work_mem', E'8192', false)")
-    assert plan.prepare_sql == b"PREPARE p AS SELECT 1"
+    assert plan.prepare_queries == [b"PREPARE p AS SELECT 1"]
     assert plan.parse_messages == raw + SYNC
     plan.check(capture(settings, statements))
     with pytest.raises(NotMovable):
@@ -482,3 +482,18 @@ def test_a_setting_changed_after_a_statement_was_prepared_refuses(later):
     assert log.record(later, None, True) is False
     _, body = parse(b"s1", b"SET search_path TO other")
     assert pinned_log().record(b"SET search_path TO other", body, True) is False
+
+
+def test_each_kept_prepare_is_replayed_as_a_query_of_its_own():
+    """pg_prepared_statements.statement is the whole query string a PREPARE came in: two texts
+    joined in one Query would each read as both, and the check (texts compared) would refuse."""
+    log = pinned_log()
+    assert log.record(b"PREPARE a AS SELECT 1", None, True)
+    assert log.record(b"PREPARE b AS SELECT 2 -- trailing", None, True)
+    statements = [("a", "PREPARE a AS SELECT 1", True), ("b", "PREPARE b AS SELECT 2 -- trailing", True)]
+    plan = log.plan(capture([("work_mem", "8192")], statements))
+    assert plan.prepare_queries == [b"PREPARE a AS SELECT 1", b"PREPARE b AS SELECT 2 -- trailing"]
+    plan.check(capture([("work_mem", "8192")], statements))
+    joined = "PREPARE a AS SELECT 1\n;\nPREPARE b AS SELECT 2 -- trailing"
+    with pytest.raises(NotMovable):
+        plan.check(capture([("work_mem", "8192")], [("a", joined, True), ("b", joined, True)]))

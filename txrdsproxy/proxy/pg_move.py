@@ -32,8 +32,8 @@ def replay(conn, plan, desired):
     with ReplayFailed whatever went wrong (the session ends)."""
     try:
         yield conn.run_internal(plan.settings_sql)
-        if plan.prepare_sql is not None:
-            yield conn.run_internal(plan.prepare_sql)
+        for query in plan.prepare_queries:
+            yield conn.run_internal(query)
         if plan.parse_messages is not None:
             yield conn.run_messages(plan.parse_messages)
         plan.check(_one_value((yield conn.run_internal(CAPTURE_SQL))))

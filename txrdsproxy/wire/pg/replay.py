@@ -246,8 +246,8 @@ def _read_capture(captured):
 
 
 class Replay:
-    """What runs on the new connection, in this order: `settings_sql`, `prepare_sql` (None
-    when no SQL PREPARE), `parse_messages` (Parse... Sync, or None), then CAPTURE_SQL, whose
+    """What runs on the new connection, in this order: `settings_sql`, each of `prepare_queries`
+    (one Query per SQL PREPARE), `parse_messages` (Parse... Sync, or None), then CAPTURE_SQL, whose
     answer `check` compares with what was captured on the old connection."""
 
     __slots__ = ("settings", "statements", "client_params")
@@ -263,10 +263,11 @@ class Replay:
         return b"RESET ALL" + (f"; SELECT {calls}".encode() if calls else b"")
 
     @property
-    def prepare_sql(self):
-        texts = [v for (kind, _), v in sorted(self.statements.items()) if kind == b"Q"]
-        # each text is one whole statement the server accepted; a newline ends a trailing comment
-        return b"\n;\n".join(texts) if texts else None
+    def prepare_queries(self):
+        # One Query each, as the client sent it: pg_prepared_statements.statement is the whole
+        # query string a PREPARE came in, so texts joined in one Query would each read as all of
+        # them (the check, and the next move's plan, compare it with the text kept).
+        return [v for (kind, _), v in sorted(self.statements.items()) if kind == b"Q"]
 
     @property
     def parse_messages(self):
