@@ -226,3 +226,18 @@ def test_a_command_pipelined_behind_commit_reaches_only_the_new_writer():
         answer_capture(new.conn)
         assert new.conn.writes == [mf.query("SELECT @i")], cut
         assert [seq for seq, _ in s.packets()] == [1], cut  # COMMIT's OK only
+
+
+def test_the_client_leaving_while_its_variables_are_replayed_leaves_none_to_the_next_session():
+    """The replay SET the session's variables on the new connection: a client that left
+    meanwhile must not hand them (user variables, foreign_key_checks...) to the next borrower."""
+    s, lease = pinned()
+    assert s.frontend.drain("writer changed") is True
+    answer_capture(lease.conn)
+    s.send(mf.query("SELECT @i"))
+    new = s.pool.give()
+    s.lose()
+    new.conn.internal.pop(0)[1].callback([])
+    answer_capture(new.conn)
+    assert new.released and new.conn.writes == []
+    assert new.release_args["clean"] is False or (new.release_args["needs_reset"] and new.conn.session_dirty)

@@ -497,3 +497,19 @@ def test_each_kept_prepare_is_replayed_as_a_query_of_its_own():
     joined = "PREPARE a AS SELECT 1\n;\nPREPARE b AS SELECT 2 -- trailing"
     with pytest.raises(NotMovable):
         plan.check(capture([("work_mem", "8192")], [("a", joined, True), ("b", joined, True)]))
+
+
+def test_the_client_leaving_while_its_state_is_replayed_leaves_no_state_to_the_next_session():
+    """The replay made the session's settings and statements on the new connection: a client
+    that left meanwhile must not hand them (search_path...) to whoever borrows it next."""
+    h, lease = pinned_session()
+    moved(h, lease)
+    h.send(msg.query("SHOW work_mem"))
+    new = h.pool.give()
+    h.lose()
+    ops = new.conn.internal
+    ops[0][1].callback([])
+    ops[1][1].callback([])
+    ops[2][1].callback([[CAPTURED]])
+    assert new.released
+    assert new.release_args["clean"] is False or (new.release_args["needs_reset"] and new.conn.session_dirty)

@@ -30,6 +30,7 @@ def capture(conn, log):
 def replay(conn, plan, sync):
     """Set *plan* on *conn* (the new writer's, this session's alone), then *sync*(conn) (the
     session's tracked values: a Deferred or None), then check.  Fails with ReplayFailed."""
+    conn.session_dirty = True  # the session's state goes on it: reset before anyone else gets it
     try:
         sql = plan.replay_sql
         if sql is not None:

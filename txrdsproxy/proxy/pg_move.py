@@ -30,6 +30,7 @@ def replay(conn, plan, desired):
     """Make *plan* on *conn* (a connection to the new writer, given to this session only), then
     check it took; finally bring the session parameters to *desired*.  Fires with None; fails
     with ReplayFailed whatever went wrong (the session ends)."""
+    conn.session_dirty = True  # the session's state goes on it: reset before anyone else gets it
     try:
         yield conn.run_internal(plan.settings_sql)
         for query in plan.prepare_queries:

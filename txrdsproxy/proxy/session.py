@@ -341,9 +341,11 @@ class ClientSession(PinMove, protocol.Protocol):
             return
         if self.state is SessionState.CLOSED:
             # The client left while its connection was being prepared: the preparation ended
-            # cleanly, so the connection is fit for another session.
+            # cleanly, so the connection is fit for another session (after a reset when it was
+            # a moved pinned session's replay: its settings and statements are on it).
             if lease is not self.lease:
-                lease.release(clean=True, needs_reset=self.transaction_open(lease.conn))
+                conn = lease.conn
+                lease.release(clean=True, needs_reset=self.transaction_open(conn) or conn.session_dirty)
             return
         self._attach_lease(lease, True)
 
