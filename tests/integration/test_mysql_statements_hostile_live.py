@@ -83,3 +83,32 @@ def test_statement_ids_name_only_the_sessions_own_statements(one_conn_proxy):
     assert value == (11).to_bytes(8, "little")
     a.close()
     b.close()
+
+
+def _two_ints(raw, stmt_id, a, b, types=True):
+    """EXECUTE `SELECT ? AS v, ? AS w` with two 8-byte integers (types sent or not)."""
+    bound = b"\x01" + bytes((LONGLONG, 0)) * 2 if types else b"\x00"
+    arg = stmt_id.to_bytes(4, "little") + b"\x00\x01\x00\x00\x00" + b"\x00" + bound \
+        + a.to_bytes(8, "little") + b.to_bytes(8, "little")
+    payloads = exchange(raw, P.COM_STMT_EXECUTE, arg)
+    assert payloads[0][0] != 0xFF, P.parse_err(payloads[0])
+    row = payloads[-2]
+    return row[2:10], row[10:18]
+
+
+def test_types_cut_short_leave_another_sessions_execute_alone(one_conn_proxy):
+    """An execute whose types stop after the first parameter: MariaDB binds that one and then
+    refuses the packet.  The statement the next session relies on (flag 0) must not keep it:
+    the proxy sends that session's types again."""
+    connect = lambda: RawMySQL(one_conn_proxy.host, one_conn_proxy.port, USER, PASSWORD, "appdb")  # noqa: E731
+    a, b = connect(), connect()
+    sql = b"SELECT ? AS v, ? AS w"
+    sb = prepare(b, sql)
+    sa = prepare(a, sql)
+    assert _two_ints(a, sa, 5, 6) == ((5).to_bytes(8, "little"), (6).to_bytes(8, "little"))
+    cut = sb.to_bytes(4, "little") + b"\x00\x01\x00\x00\x00" + b"\x00" + b"\x01" + bytes((VAR_STRING, 0))
+    payloads = exchange(b, P.COM_STMT_EXECUTE, cut)
+    assert payloads[0][0] == 0xFF
+    assert _two_ints(a, sa, 7, 8, types=False) == ((7).to_bytes(8, "little"), (8).to_bytes(8, "little"))
+    a.close()
+    b.close()
