@@ -34,7 +34,7 @@ def pool_by_target(ctx):
     return sorted((c.target.rds_resource_id, c.state.name) for c in ctx.pool.connections())
 
 
-def wait_replicated(standby, sql, expected, timeout=20):
+def wait_replicated(standby, sql, expected, timeout=60):  # a bound against a hang (loaded CI)
     """Poll *sql* on the PostgreSQL *standby* until it answers *expected* (bounded)."""
     deadline = time.monotonic() + timeout
     while True:

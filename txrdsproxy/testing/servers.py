@@ -812,7 +812,7 @@ class MariaDBServer(_Process):
         """This server's @@gtid_binlog_pos (what a replica must have applied to be in sync)."""
         return self.mariadb("SELECT @@global.gtid_binlog_pos").strip()
 
-    def sync_with(self, primary, timeout=30):
+    def sync_with(self, primary, timeout=60):  # a bound against a hang (loaded CI)
         """Wait (MASTER_GTID_WAIT) until this replica has applied everything *primary* wrote
         so far; ServerError after *timeout* seconds, with the replica's SHOW SLAVE STATUS."""
         position = primary.gtid_position()
