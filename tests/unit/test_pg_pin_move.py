@@ -513,3 +513,23 @@ def test_the_client_leaving_while_its_state_is_replayed_leaves_no_state_to_the_n
     ops[2][1].callback([[CAPTURED]])
     assert new.released
     assert new.release_args["clean"] is False or (new.release_args["needs_reset"] and new.conn.session_dirty)
+
+
+@pytest.mark.parametrize("sql", [
+    b"SET app.tenant = '42'", b"SET SESSION \"App\".x TO 1", b"SET LOCAL app . t = 1", b"RESET app.tenant",
+    b"SELECT set_config('app.tenant', '42', false)", b"SELECT pg_catalog.set_config($1, '1', false)",
+    b"SELECT pg_catalog.SET_CONFIG(name, 'x', false) FROM t",
+])
+def test_a_custom_setting_makes_the_log_refuse(sql):
+    """Placeholders of custom parameters are not in pg_settings: the capture would not see them
+    and the session would move without its app.tenant (row-level security often reads one)."""
+    log = pinned_log()
+    assert not log.record(sql, None, True) and "custom setting" in log.why_not
+
+
+@pytest.mark.parametrize("sql", [
+    b"SELECT set_config('search_path', 'a.b', false)", b"SET search_path = 'a.b'", b"SET work_mem = 1.5",
+    b"SELECT t.x FROM t",
+])
+def test_dots_elsewhere_keep_the_session_movable(sql):
+    assert pinned_log().record(sql, None, True)

@@ -36,7 +36,7 @@ import json
 
 from txrdsproxy.wire.pg import messages as msg
 from txrdsproxy.wire.pg.framing import ProtocolViolation, cstring
-from txrdsproxy.wire.pg.lexer import IDENT, WORD
+from txrdsproxy.wire.pg.lexer import IDENT, OP, STRING, WORD
 from txrdsproxy.wire.pg.pinning import (MAX_STATEMENT_BYTES, PinReason, classify_query, classify_tokens,
                                         statement_reasons)
 from txrdsproxy.wire.pg.statements import mentions_proxy_names
@@ -86,6 +86,29 @@ def _is_set(tokens, reason):
     """A leading SET/RESET command (its value is read from the server, not replayed as text)."""
     return (reason is PinReason.SET_VARIABLE or reason is PinReason.RESET) and tokens[0] in (
         (WORD, b"set"), (WORD, b"reset"))
+
+
+_DOT = (OP, b".")
+_NAME_ENDS = frozenset(((OP, b"="), (WORD, b"to")))
+
+
+def _sets_custom(tokens):
+    """Whether one statement sets or resets a custom (dotted) parameter, or calls set_config
+    with a name the proxy cannot read: placeholders of custom parameters are not in pg_settings
+    (GUC_NO_SHOW_ALL), so the capture would not see them and the move would drop them."""
+    if tokens[0] in ((WORD, b"set"), (WORD, b"reset")):
+        for token in tokens[1:]:
+            if token in _NAME_ENDS:
+                return False
+            if token == _DOT:
+                return True
+        return False
+    for i, token in enumerate(tokens):
+        if token == (WORD, b"set_config") and i + 2 < len(tokens) and tokens[i + 1] == (OP, b"("):
+            name = tokens[i + 2]
+            if name[0] != STRING or name[1] is None or b"." in name[1]:
+                return True
+    return False
 
 
 def _prepare_parts(tokens):
@@ -157,6 +180,10 @@ class ReplayLog:
             if b"\\" in sql:
                 return self.refuse("a backslash while standard_conforming_strings is unknown")
             scs = True
+        if b"." in sql or b"set_config" in sql.lower():  # (a custom name needs one or the other)
+            for tokens, _ in statement_reasons(sql, False, scs):
+                if tokens and _sets_custom(tokens):
+                    return self.refuse("a custom setting (not listed by pg_settings: not captured)")
         if self.kept or body is not None:
             # The replay sets the final settings first, then prepares: a setting changed after a
             # statement was prepared (search_path, DateStyle...) could make it read differently.
