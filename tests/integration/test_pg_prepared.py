@@ -197,6 +197,43 @@ def test_sql_execute_of_a_named_protocol_statement(pg_server, pg_proxy_factory):
     assert pins(proxy) == {}
 
 
+@needs_asyncpg
+def test_a_second_parse_under_a_taken_name_is_refused_as_directly(pg_server, pg_proxy_factory):
+    # asyncpg's test_prepare_explicitly_named: PostgreSQL refuses a Parse reusing the name of an
+    # existing statement (42P05, naming it) and keeps the first; on the connection that has it and
+    # on one that does not (the other session holds the first connection in a transaction).
+    proxy = pg_proxy_factory(MaxConnectionsPercent=2, MaxIdleConnectionsPercent=2, **TRACKED)
+
+    async def main():
+        kw = dict(host=proxy.host, port=proxy.port, user="app_scram",
+                  password=pg_server.users["app_scram"], database="appdb")
+        conn, other = await asyncpg.connect(**kw), await asyncpg.connect(**kw)
+        try:
+            foobar = await conn.prepare("select 1", name="foobar")
+            refused = 0
+            for hold in (False, True, False):
+                tr = other.transaction()
+                if hold:
+                    await tr.start()
+                    await other.fetchval("select 1")
+                try:
+                    await conn.prepare("select 2", name="foobar")
+                except asyncpg.DuplicatePreparedStatementError as e:
+                    assert 'prepared statement "foobar" already exists' in str(e)
+                    refused += 1
+                if hold:
+                    await tr.rollback()
+                assert await foobar.fetchval() == 1
+                assert await conn.fetchval("EXECUTE foobar") == 1
+            assert refused == 3
+        finally:
+            await conn.close()
+            await other.close()
+
+    asyncio.run(main())
+    assert pins(proxy) == {}
+
+
 def test_another_sessions_statement_cannot_be_dropped_or_used(pg_server, pg_proxy_factory):
     # Issue 6 item 8: session a's tracked statement lives on the shared connection under the
     # proxy's name txrds_<a>_0.  Session b names it directly: DEALLOCATE pins b (so what it does

@@ -243,3 +243,53 @@ def test_large_bind_is_renamed_on_its_prefix_and_the_rest_streams():
     out = b"".join(t.rewrite(conn, data[i:i + 8192]) for i in range(0, len(data), 8192))
     [(kind, body)] = messages(out)
     assert kind == b"B" and body.split(b"\0")[1] == b"txrds_3_0" and body.endswith(value + b"\0\0")
+
+
+def test_a_parse_reusing_the_name_of_an_existing_statement_is_refused_by_the_server():
+    # Directly, PostgreSQL answers 42P05 "prepared statement ... already exists" and the first
+    # statement stays; the tracker must not quietly map the name to a new server statement (the
+    # old one would stay prepared on its connections with nothing left to close it).
+    t, a, b = StatementTracker(8), Conn(), Conn()
+    t.rewrite(a, parse(b"foobar", b"select 1") + SYNC)
+    assert t.parse_completed(a) is False
+    t.ready()
+    out = messages(t.rewrite(a, parse(b"foobar", b"select 2") + SYNC))
+    assert out[0] == (b"P", b"txrds_8_0\0select 2\0\0\0")  # the same server name: the server refuses it
+    t.error(a)
+    t.ready()
+    assert t.statements[b"foobar"] == (b"txrds_8_0", b"select 1\0\0\0") and a.prepared == {b"txrds_8_0"}
+    # On a connection without the statement, it is prepared there first (swallowed), so the
+    # client's Parse fails there too.
+    out = messages(t.rewrite(b, parse(b"foobar", b"select 3") + SYNC))
+    assert out[:2] == [(b"P", b"txrds_8_0\0select 1\0\0\0"), (b"P", b"txrds_8_0\0select 3\0\0\0")]
+    assert t.parse_completed(b) is True
+    t.error(b)
+    t.ready()
+    assert b.prepared == {b"txrds_8_0"} and b.pending == set()
+
+
+def test_a_name_whose_parse_failed_or_was_closed_can_be_parsed_again():
+    t, conn = StatementTracker(9), Conn()
+    t.rewrite(conn, parse(b"s", b"selec oops") + SYNC)
+    t.error(conn)  # the server refused it: the name is free, as directly
+    t.ready()
+    out = messages(t.rewrite(conn, parse(b"s", b"select 1") + SYNC))
+    assert out[0] == (b"P", b"txrds_9_1\0select 1\0\0\0")
+    assert t.parse_completed(conn) is False
+    t.ready()
+    t.rewrite(conn, close(b"S", b"s") + SYNC)
+    t.ready()
+    out = messages(t.rewrite(conn, parse(b"s", b"select 2") + SYNC))
+    assert out[0] == (b"P", b"txrds_9_2\0select 2\0\0\0")
+
+
+def test_an_error_naming_a_server_statement_names_the_clients():
+    t, conn = StatementTracker(8), Conn()
+    t.rewrite(conn, parse(b"foobar", b"select 1") + SYNC)
+    t.parse_completed(conn)
+    t.ready()
+    body = b'SERROR\0C42P05\0Mprepared statement "txrds_8_0" already exists\0\0'
+    assert t.client_error(body) == b'SERROR\0C42P05\0Mprepared statement "foobar" already exists\0\0'
+    # Another session's names, and errors naming none, are left as they are.
+    assert t.client_error(body.replace(b"txrds_8_0", b"txrds_81_0")) is None
+    assert t.client_error(b"SERROR\0C42601\0Msyntax error\0\0") is None

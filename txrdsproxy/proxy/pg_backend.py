@@ -392,6 +392,10 @@ class PgBackendConnection(BackendConnection):
             tracker = self.statement_tracker
             if tracker is not None:
                 tracker.error(self)
+                if self._scanner.whole:
+                    named = tracker.client_error(body)
+                    if named is not None:
+                        return msg.message(b"E", named)
             return None
         # ParseComplete (inspected only with a statement tracker)
         if self._scanner.length != 4:

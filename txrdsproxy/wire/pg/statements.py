@@ -53,6 +53,9 @@ class StatementTracker:
     def __init__(self, session_id):
         self.prefix = f"txrds_{session_id}_".encode()
         self.statements = {}  # client name -> (server name, Parse body after the name or None)
+        # Server names whose client Parse the server completed: the client name is then taken,
+        # and a Parse reusing it must fail as PostgreSQL fails it (42P05), not replace it.
+        self._created = set()
         self._counter = 0
         self._batches = collections.deque([[]])  # per coming ReadyForQuery: [(server name, injected)]
         self._scanner = None
@@ -96,6 +99,9 @@ class StatementTracker:
                     return self._parse(conn, None, rest, injected=False)
                 self._batches[-1].append((None, False))
                 return None
+            found = self.statements.get(name)
+            if found is not None and found[0] in self._created:
+                return self._duplicate(conn, found, rest, whole, length, len(name))
             server = self.prefix + str(self._counter).encode()
             self._counter += 1
             if not whole:  # too large to keep: the session pins, the statement stays on its connection
@@ -138,8 +144,20 @@ class StatementTracker:
         if kind == _D:
             return self._ensure(conn, found) + message(b"D", b"S" + found[0] + b"\0")
         del self.statements[name]
+        self._created.discard(found[0])
         conn.prepared.discard(found[0])
         return message(b"C", b"S" + found[0] + b"\0")
+
+    def _duplicate(self, conn, found, rest, whole, length, name_len):
+        """A Parse under a client name whose statement exists: sent under that statement's server
+        name, where the connection has it (injected first if not), so the server refuses it with
+        42P05 and skips to Sync as it would directly; the statement is left as it was."""
+        server = found[0]
+        ensure = self._ensure(conn, found)
+        self._batches[-1].append((server, False))
+        if whole:
+            return ensure + message(b"P", server + b"\0" + rest)
+        return ensure + _header(b"P", length, len(server) - name_len) + server + b"\0" + rest
 
     def _ensure(self, conn, found):
         """An injected Parse when *conn* lacks the statement, else b''."""
@@ -168,6 +186,7 @@ class StatementTracker:
         sql = body[:-1] if body.endswith(b"\0") else body
         if _DISCARD_ALL.match(sql):  # drops every statement of the connection (it pins, too)
             self.statements.clear()
+            self._created.clear()
             conn.prepared.clear()
             return None
         rewritten = self._execute(conn, sql)
@@ -182,11 +201,13 @@ class StatementTracker:
         target = m.group(1)
         if target.lower() == b"all":
             self.statements.clear()
+            self._created.clear()
             conn.prepared.clear()
             return None
         found = self.statements.pop(_sql_name(target), None)
         if found is None:
             return PIN  # not this session's: it may be another's on this connection
+        self._created.discard(found[0])
         conn.prepared.discard(found[0])
         return message(b"Q", b"DEALLOCATE " + found[0] + b"\0")
 
@@ -210,6 +231,8 @@ class StatementTracker:
         if server is not None:
             conn.pending.discard(server)
             conn.prepared.add(server)
+            if not injected:
+                self._created.add(server)
         return injected
 
     def error(self, conn):
@@ -219,6 +242,15 @@ class StatementTracker:
             if server is not None:
                 conn.pending.discard(server)
         batch.clear()
+
+    def client_error(self, body):
+        """An ErrorResponse body that names this session's statements by their server names
+        (`prepared statement "txrds_8_0" already exists`) -> the body with the client's names,
+        as the client would read it directly; None when it names none."""
+        if self.prefix not in body:
+            return None
+        names = {server: name for name, (server, _) in self.statements.items()}
+        return re.sub(re.escape(self.prefix) + rb"[0-9]+", lambda m: names.get(m.group(0), m.group(0)), body)
 
     def ready(self):
         """A ReadyForQuery ends the oldest batch."""
