@@ -256,3 +256,35 @@ def test_a_failed_multi_statement_that_set_sql_mode_does_not_leak_it(mariadb_ser
         b.close()
     finally:
         proxy.stop()
+
+
+def test_an_error_with_autocommit_off_keeps_the_connection_until_the_transaction_ends(
+        proxy, mariadb_server):
+    # Found by mysql-connector's BugOra20653441 (a SELECT killed in its rows, autocommit off):
+    # an ERR carries no status, and the failed statement may have opened a transaction (here a
+    # duplicate-key INSERT as the first statement, whose lock stays).  The connection must stay
+    # with the session, never go to another one (or to the pool) inside that transaction.
+    setup = victim(proxy, mariadb_server)
+    with setup.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS err_tx (id INT PRIMARY KEY) ENGINE=InnoDB")
+        cur.execute("INSERT IGNORE INTO err_tx VALUES (1)")
+    setup.close()
+
+    def borrowed():
+        return proxy.call(lambda: sum(str(c.state) == "borrowed" for c in proxy.ctx.pool.connections()))
+
+    s1 = pymysql.connect(host=proxy.host, port=proxy.port, user=USER, password=mariadb_server.users[USER],
+                         database="appdb", autocommit=False)
+    try:
+        with s1.cursor() as cur:
+            with pytest.raises(pymysql.err.IntegrityError):
+                cur.execute("INSERT INTO err_tx VALUES (1)")
+        open_threads = mariadb_server.mariadb(
+            "SELECT trx_mysql_thread_id FROM information_schema.innodb_trx").split()
+        assert len(open_threads) == 1  # the server holds the transaction open
+        assert borrowed() == 1  # and the proxy keeps its connection with the session
+        assert one(s1, "SELECT CONNECTION_ID()")[0] == int(open_threads[0])
+        s1.rollback()
+        assert borrowed() == 0
+    finally:
+        s1.close()

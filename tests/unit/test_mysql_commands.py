@@ -162,6 +162,27 @@ def test_error_in_the_middle_of_rows():
     check_all_ways(CAPS_EOF, P.COM_QUERY, payloads)
 
 
+@pytest.mark.parametrize("caps", [CAPS_EOF, CAPS_NOEOF])
+def test_an_error_with_autocommit_off_counts_as_an_open_transaction(caps):
+    # mysql-connector's BugOra20653441 (KILL QUERY of a SELECT in its rows, autocommit off,
+    # CLIENT_DEPRECATE_EOF: no status before the ERR) left the server transaction open on a
+    # connection the proxy thought free.  An ERR has no status: with autocommit off the
+    # transaction the statement started may be open.
+    t = check_all_ways(caps, P.COM_QUERY, [ok(0)], status=0)  # SET autocommit=0
+    assert not t.in_transaction
+    t.expect(P.COM_QUERY)
+    rows = resultset(caps, 1, [text_row(b"1")], status=0)[:-1]
+    buf = bytearray(wire(rows + [P.err_packet(1317, "70100", "Query execution was interrupted")]))
+    assert t.consume(buf) == len(buf)
+    assert t.idle and t.in_transaction
+    t.expect(P.COM_QUERY)
+    assert t.feed(ok(0))  # ROLLBACK: the server says
+    assert t.idle and not t.in_transaction
+    # With autocommit on, a failed statement leaves no transaction behind.
+    t = check_all_ways(caps, P.COM_QUERY, [P.err_packet(1062, "23000", "Duplicate entry")])
+    assert not t.in_transaction
+
+
 def test_local_infile():
     t = C.ResponseTracker(CAPS_EOF)
     t.expect(P.COM_QUERY)

@@ -425,6 +425,8 @@ class MySQLBackendConnection(BackendConnection):
         target, self._inline = self._inline, None
         if payload[:1] == b"\x00" and length < P.MAX_PACKET_CHUNK:
             self.current.update(target)
+            if self.tracker is not None:  # the server status now has the new autocommit
+                self.tracker.status = P.parse_ok(payload, self.tracker.capabilities).status
             return True
         why = (DatabaseError(payload).args[0] if payload[:1] == b"\xff"
                else f"unexpected packet 0x{payload[:1].hex()}")

@@ -887,6 +887,12 @@ class MySQLFrontend(MySQLLogin, StatementRouting):
         tracker = lease.conn.tracker
         if tracker.idle and not tracker.in_transaction:
             self._release()
+        elif tracker.presumed_open and tracker.idle and self.desired.get("autocommit", "1") == "1":
+            # An ERR on a connection at autocommit=0 that this session never chose (its own
+            # `SET autocommit=0` failed on a connection another session left at 0): nothing of
+            # this session ran there as a transaction.
+            tracker.status &= ~P.SERVER_STATUS_IN_TRANS
+            self._release()
 
     def _release(self, needs_reset=False):
         lease, self.lease = self.lease, None

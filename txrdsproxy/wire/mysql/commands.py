@@ -92,6 +92,9 @@ class ResponseTracker:
         self.status = status
         self.session_state_changes = []
         self.last_error = None
+        # IN_TRANS set by an ERR under autocommit off (`_error`), not read from the server;
+        # cleared by the next status the server sends.
+        self.presumed_open = False
         self.last_prepare = None
         self.completed = 0
         self._state = IDLE
@@ -141,6 +144,7 @@ class ResponseTracker:
             return
         if command in UNSUPPORTED:
             raise UnsupportedCommand("command 0x%02x is not relayed" % command)
+        self.presumed_open = False
         if self._state != IDLE:
             self._queue.append(command)
         elif command == P.COM_QUERY or command == P.COM_STMT_EXECUTE:  # (_begin, inline)
@@ -421,4 +425,12 @@ class ResponseTracker:
 
     def _error(self, buf, start, length):
         self.last_error = P.parse_err(bytes(buf[start:start + length]))
+        # An ERR carries no status.  With autocommit off, the failed statement may have started
+        # a transaction that stays open (a query killed in its rows, a failed INSERT as the
+        # first statement); the status seen before it says nothing of that.  Count it as open
+        # until the next OK/EOF says otherwise, so the connection is neither released to
+        # another session nor returned to the pool without its ROLLBACK.
+        if not self.status & P.SERVER_STATUS_AUTOCOMMIT and not self.status & P.SERVER_STATUS_IN_TRANS:
+            self.status |= P.SERVER_STATUS_IN_TRANS
+            self.presumed_open = True
         self._complete()  # an ERR ends the whole response, more results or not
